@@ -1,0 +1,1 @@
+"""The shared transformer trunk over packed multimodal sequences (arrives with issue 4)."""

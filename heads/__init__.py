@@ -1,0 +1,1 @@
+"""Task heads: VQA, retrieval, captioning, segmentation (arrive with their issues)."""

@@ -1,0 +1,198 @@
+"""The ``omnimask`` command. ``main(argv)`` is callable from tests.
+
+Every subcommand exits non-zero with a one-line cause on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import OmnimaskError
+
+
+def _write_json(obj: dict, out: str | None) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        print(f"wrote {path}")
+    else:
+        sys.stdout.write(text)
+
+
+# -- data ------------------------------------------------------------------------------------
+def cmd_data_shapes(a: argparse.Namespace) -> int:
+    from .train.data.shapesworld import SPLITS, generate_shards
+
+    splits = [s.strip() for s in a.split.split(",")] if a.split != "all" else list(SPLITS)
+    for s in splits:
+        if s not in SPLITS:
+            raise OmnimaskError(f"--split: unknown split {s!r}; choose from {', '.join(SPLITS)}, all")
+    for name, v, lo in (("--num", a.num, 1), ("--shard-size", a.shard_size, 1),
+                        ("--image-size", a.image_size, 16)):
+        if v < lo:
+            raise OmnimaskError(f"{name} must be >= {lo}, got {v}")
+    for s in splits:
+        e = generate_shards(a.out, a.num, seed=a.seed, split=s, image_size=a.image_size,
+                            shard_size=a.shard_size, speech=not a.no_speech, workers=a.workers,
+                            progress=not a.quiet)
+        print(f"{s}: {e['num']} samples in {len(e['shards'])} shard(s) under {a.out} "
+              f"(keys: {', '.join(e['keys'])})")
+    return 0
+
+
+def cmd_data_inspect(a: argparse.Namespace) -> int:
+    from .train.data.inspect import format_report, inspect_shards
+
+    rep = inspect_shards(a.shards, workers=a.workers, progress=not a.quiet)
+    print(format_report(rep))
+    if a.json:
+        _write_json(rep, a.json)
+    return 1 if a.strict and (rep["bad"] or rep["lost"] or rep["problems"]) else 0
+
+
+def cmd_data_convert(a: argparse.Namespace) -> int:
+    from .registry import CONVERTERS
+    from .train.data import convert  # noqa: F401  (registers the converters)
+
+    kwargs = {"images": a.images, "captions": a.captions, "out": a.out, "split": a.split,
+              "shard_size": a.shard_size, "max_image_size": a.max_image_size,
+              "progress": not a.quiet}
+    if a.source == "coco":
+        kwargs.update(questions=a.questions, answers=a.answers)
+    e = CONVERTERS.create(a.source, **kwargs)
+    print(f"{a.split}: {e['num']} samples in {len(e['shards'])} shard(s) under {a.out}; "
+          f"{e['skipped']} skipped (unreadable images)")
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .train.data.bench import bench_data
+
+    res = bench_data(a.data or None, num=a.num, batch_size=a.batch_size, workers=a.workers,
+                     repeats=a.repeats, vs=None if a.vs == "none" else a.vs,
+                     progress=not a.quiet)
+    o, s = res["omnimask"], res["speech"]
+    print(f"image+text+masks: {o['one_core']['samples_per_s']:.0f} samples/s on one core; "
+          + ", ".join(f"{k}: {v['samples_per_s']:.0f}/s ({v['per_worker_samples_per_s']:.0f}/s per worker)"
+                      for k, v in o.items() if k != "one_core"))
+    print(f"speech path: {s['one_core']['samples_per_s']:.0f} samples/s on one core")
+    if "ratio" in res:
+        print(f"webdataset peer: {res['webdataset']['one_core']['samples_per_s']:.0f} samples/s "
+              f"on one core; ratio omnimask/webdataset = {res['ratio']:.2f}")
+    _write_json(res, a.out)
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .config import DemoConfig, load_config
+    from .demo import run_demo
+
+    values = {"out": a.out} if a.out else {}
+    cfg = load_config(DemoConfig, a.config, a.overrides, **values)
+    report = run_demo(cfg, quick=a.quick, progress=not a.quiet)
+    return 0 if all(s["status"] == "ok" for s in report["stages"].values()) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omnimask",
+                                description="omnimask: multimodal masked foundation models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    data = sub.add_parser("data", help="make, inspect and convert webdataset shards")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    sh = dsub.add_parser("shapes", parents=[quiet], help="generate ShapesWorld shards (procedural, exact labels)",
+                         description="Generate ShapesWorld samples into OUT/<split>-NNNNNN.tar "
+                                     "and update OUT/manifest.json. Same seed, same bytes.")
+    sh.add_argument("--out", required=True, help="output directory")
+    sh.add_argument("--num", type=int, default=1000, help="samples per split (default 1000)")
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--split", default="train",
+                    help="train, val, test, test-novel, a comma list, or all (default train)")
+    sh.add_argument("--image-size", type=int, default=64)
+    sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    sh.add_argument("--no-speech", action="store_true", help="skip the spoken caption")
+    sh.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    sh.set_defaults(fn=cmd_data_shapes)
+
+    ins = dsub.add_parser("inspect", parents=[quiet], help="decode every sample; count keys and bad samples",
+                          description="Read every sample, decode every member, compare with "
+                                      "the manifest (counts, SHA-256); list bad samples.")
+    ins.add_argument("shards", nargs="+", help="shard paths, globs, {000..009} patterns or dirs")
+    ins.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    ins.add_argument("--workers", type=int, default=1)
+    ins.add_argument("--strict", action="store_true", help="exit 1 if anything is bad")
+    ins.set_defaults(fn=cmd_data_inspect)
+
+    conv = dsub.add_parser("convert", help="convert real datasets to shards")
+    csub = conv.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    coco = csub.add_parser("coco", parents=[quiet], help="COCO captions JSON (+ VQA v2 questions/annotations)")
+    coco.add_argument("--images", required=True, help="folder with the images")
+    coco.add_argument("--captions", required=True, help="captions_*.json")
+    coco.add_argument("--questions", help="v2_OpenEnded_mscoco_*_questions.json")
+    coco.add_argument("--answers", help="v2_mscoco_*_annotations.json")
+    folder = csub.add_parser("folder", parents=[quiet], help="image folder + captions .csv/.tsv/.jsonl")
+    folder.add_argument("--images", required=True, help="folder with the images")
+    folder.add_argument("--captions", required=True,
+                        help="CSV/TSV with columns image,caption or JSONL {image, caption(s)}")
+    for c in (coco, folder):
+        c.add_argument("--out", required=True, help="output directory")
+        c.add_argument("--split", default="train")
+        c.add_argument("--shard-size", type=int, default=1000)
+        c.add_argument("--max-image-size", type=int, default=None,
+                       help="downscale so the longer side is at most this")
+        c.set_defaults(fn=cmd_data_convert)
+
+    bench = sub.add_parser("bench", help="benchmarks (results as JSON)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    bd = bsub.add_parser("data", parents=[quiet], help="read+decode+process throughput vs plain webdataset",
+                         description="Samples/s of the shard reader on one core and with "
+                                     "worker processes; the speech path separately.")
+    bd.add_argument("--data", nargs="*", help="shards (default: generate ShapesWorld)")
+    bd.add_argument("--num", type=int, default=2000, help="samples to generate if no --data")
+    bd.add_argument("--batch-size", type=int, default=64)
+    bd.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--vs", choices=["webdataset", "none"], default="webdataset")
+    bd.add_argument("--out", help="write the result JSON here")
+    bd.set_defaults(fn=cmd_bench)
+
+    demo = sub.add_parser("demo", parents=[quiet], help="the main job on ShapesWorld",
+                          description="Generate ShapesWorld, inspect it, read it through the "
+                                      "pipeline, and write report.md/json and PNGs.")
+    demo.add_argument("--out", help="run directory (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few hundred samples only")
+    demo.add_argument("--config", help="YAML with DemoConfig keys")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_train=500")
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except OmnimaskError as e:
+        print(f"omnimask: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnimask: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

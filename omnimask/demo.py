@@ -1,0 +1,209 @@
+"""``omnimask demo``: the main job on ShapesWorld, stage by stage, with a report.
+
+Stages so far: generate the data (all splits, with speech), inspect every shard, measure
+the dataset (objects, questions, answer priors, speech), read it through the resumable
+pipeline (throughput, and a mid-epoch resume that must continue with the same samples),
+and draw a contact sheet. Later issues add tokenizers, pretraining and tasks.
+Writes ``config.yaml``, ``report.json``, ``report.md``, ``report.html`` and PNGs.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+from .config import DataConfig, DemoConfig, save_config
+
+
+def _split_sizes(cfg: DemoConfig, quick: bool) -> dict[str, int]:
+    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test,
+             "test-novel": cfg.num_test_novel}
+    return {k: max(1, v // 10) for k, v in sizes.items()} if quick else sizes
+
+
+def _stage_data(cfg, run: Path, sizes, progress) -> dict:
+    from .train.data.shapesworld import generate_shards
+
+    out = {}
+    for split, n in sizes.items():
+        t0 = time.perf_counter()
+        e = generate_shards(run / "data", n, seed=cfg.seed, split=split, image_size=cfg.image_size,
+                            shard_size=cfg.shard_size, speech=True, workers=cfg.workers,
+                            progress=progress)
+        dt = time.perf_counter() - t0
+        out[split] = {"samples": e["num"], "shards": len(e["shards"]),
+                      "mbytes": round(sum(s["bytes"] for s in e["shards"]) / 2**20, 1),
+                      "samples_per_s": round(e["num"] / dt, 1)}
+    return out
+
+
+def _stage_inspect(run: Path, progress) -> dict:
+    from .train.data.inspect import inspect_shards
+
+    rep = inspect_shards([str(run / "data" / "*.tar")], workers=os.cpu_count() or 1,
+                         progress=progress)
+    return {k: rep[k] for k in ("shards", "samples", "bad", "lost", "keys", "splits",
+                                "schema_version")} | {"problems": len(rep["problems"])}
+
+
+def _stage_stats(run: Path) -> dict:
+    from .train.data.pipeline import ShardLoader
+    from .train.data.shapesworld.vocab import QA_TYPES
+
+    stats = {}
+    for split in ("train", "test-novel"):
+        cfg = DataConfig(shards=[str(run / "data" / f"{split}-*.tar")], batch_size=64,
+                         processors=["text", "qa", "meta", "speech"], shuffle_buffer=0)
+        objects, qtypes, novel_imgs, n = Counter(), Counter(), 0, 0
+        answers: dict[str, Counter] = {t: Counter() for t in QA_TYPES}
+        seconds = []
+        for b in ShardLoader(cfg, rank=0, world_size=1):
+            for meta, qa, wav in zip(b["meta"], b["qa"], b["speech"]):
+                n += 1
+                objects[len(meta["objects"])] += 1
+                novel_imgs += any(o["novel"] for o in meta["objects"])
+                seconds.append(len(wav) / 16000)
+                for q in qa:
+                    qtypes[q["type"]] += 1
+                    answers[q["type"]][q["answer"]] += 1
+        total_q = sum(qtypes.values())
+        prior = sum(c.most_common(1)[0][1] for c in answers.values() if c) / max(total_q, 1)
+        stats[split] = {
+            "images": n, "objects_per_image": dict(sorted(objects.items())),
+            "questions": total_q, "questions_by_type": dict(qtypes),
+            "prior_baseline": round(prior, 4),  # most frequent answer per question type
+            "images_with_novel_pair": novel_imgs,
+            "speech_seconds_mean": round(sum(seconds) / max(len(seconds), 1), 2)}
+    return stats
+
+
+def _stage_pipeline(cfg: DemoConfig, run: Path) -> dict:
+    from .train.data.pipeline import ShardLoader
+
+    dcfg = DataConfig(shards=[str(run / "data" / "train-*.tar")], batch_size=32,
+                      num_workers=min(2, os.cpu_count() or 1), shuffle_buffer=500,
+                      processors=["image", "masks", "text", "qa"], seed=cfg.seed)
+    t0 = time.perf_counter()
+    full = [k for b in ShardLoader(dcfg, 0, 1) for k in b["__key__"]]
+    rate = len(full) / (time.perf_counter() - t0)
+    first = ShardLoader(dcfg, 0, 1)
+    head: list[str] = []
+    for b in first:
+        head += b["__key__"]
+        if len(head) >= len(full) // 2:
+            break
+    state = first.state_dict()
+    second = ShardLoader(dcfg, 0, 1)
+    second.load_state_dict(state)
+    tail = [k for b in second for k in b["__key__"]]
+    return {"samples": len(full), "samples_per_s": round(rate, 1), "workers": dcfg.num_workers,
+            "resumed_after": len(head), "resume_exact": head + tail == full,
+            "bad": ShardLoader(dcfg, 0, 1).stats()["bad"]}
+
+
+def _stage_preview(run: Path) -> dict:
+    from .train.data.pipeline import ShardLoader
+    from .train.data.preview import contact_sheet
+
+    pngs = {}
+    for split, n in (("train", 12), ("test-novel", 8)):
+        cfg = DataConfig(shards=[str(run / "data" / f"{split}-*.tar")], batch_size=n,
+                         processors=["image", "masks", "text"], shuffle_buffer=0)
+        b = next(iter(ShardLoader(cfg, rank=0, world_size=1)))
+        samples = [{"image": b["image"][i].permute(1, 2, 0).numpy(), "seg": b["seg"][i].numpy(),
+                    "inst": b["inst"][i].numpy(), "caption": b["captions"][i][0]}
+                   for i in range(len(b["__key__"]))]
+        pngs[split] = str(contact_sheet(samples, run / f"samples_{split}.png").name)
+    return pngs
+
+
+def _write_reports(run: Path, report: dict) -> None:
+    (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# omnimask demo", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v['status']} | {v['seconds']:.1f} |" for k, v in report["stages"].items()]
+    m = report["metrics"]
+    if "data" in m:
+        lines += ["", "## Data", "", "| split | samples | shards | MB | generated/s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['samples']} | {v['shards']} | {v['mbytes']} | {v['samples_per_s']} |"
+                  for k, v in m["data"].items()]
+    if "inspect" in m:
+        i = m["inspect"]
+        lines += ["", f"Inspect: {i['samples']} samples in {i['shards']} shards, "
+                      f"{i['bad']} bad, {i['lost']} lost, schema v{i['schema_version']}."]
+    if "stats" in m:
+        lines += ["", "## Dataset", "", "| split | images | questions | prior baseline | "
+                  "novel-pair images | speech s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['images']} | {v['questions']} | {v['prior_baseline']:.3f} | "
+                  f"{v['images_with_novel_pair']} | {v['speech_seconds_mean']} |"
+                  for k, v in m["stats"].items()]
+    if "pipeline" in m:
+        p = m["pipeline"]
+        lines += ["", f"Pipeline: {p['samples']} samples at {p['samples_per_s']:.0f}/s with "
+                      f"{p['workers']} workers; resumed after {p['resumed_after']}: "
+                      f"{'exact' if p['resume_exact'] else 'NOT exact'}."]
+    for name in m.get("preview", {}).values():
+        lines += ["", f"![{name}]({name})"]
+    (run / "report.md").write_text("\n".join(lines) + "\n")
+    body = "".join(f"<p>{html.escape(ln)}</p>" if not ln.startswith("![") else
+                   f'<img src="{html.escape(ln[ln.index("(") + 1:-1])}">' for ln in lines if ln)
+    (run / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>omnimask demo"
+                                     f"</title><body style='font-family:sans-serif'>{body}</body>")
+
+
+def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dict:
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
+    sizes = _split_sizes(cfg, quick)
+    report: dict = {"run_dir": str(run), "quick": quick, "stages": {}, "metrics": {},
+                    "models": {}, "data": str(run / "data")}
+    stages = [("data", lambda: _stage_data(cfg, run, sizes, progress)),
+              ("inspect", lambda: _stage_inspect(run, progress)),
+              ("stats", lambda: _stage_stats(run)),
+              ("pipeline", lambda: _stage_pipeline(cfg, run)),
+              ("preview", lambda: _stage_preview(run))]
+    for name, fn in stages:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            report["metrics"][name] = fn()
+            status = "ok"
+        except Exception as e:  # noqa: BLE001 - a failed stage is reported, later ones still run
+            traceback.print_exc()
+            status = f"failed: {type(e).__name__}: {e}"
+        report["stages"][name] = {"status": status, "seconds": round(time.perf_counter() - t0, 2)}
+        _write_reports(run, report)
+    _print_summary(report)
+    return report
+
+
+def _print_summary(report: dict) -> None:
+    m = report["metrics"]
+    print("\n== summary")
+    print(f"{'stage':<10}{'status':<10}{'seconds':>8}")
+    for k, v in report["stages"].items():
+        print(f"{k:<10}{v['status'][:40]:<10}{v['seconds']:>8.1f}")
+    if "data" in m:
+        print("generated: " + ", ".join(f"{k} {v['samples']}" for k, v in m["data"].items()))
+    if "inspect" in m:
+        i = m["inspect"]
+        print(f"inspect: {i['samples']} samples, {i['bad']} bad, {i['lost']} lost, "
+              f"keys: {', '.join(f'{k}={v}' for k, v in i['keys'].items())}")
+    if "stats" in m:
+        t = m["stats"]["train"]
+        print(f"train: {t['questions']} questions {t['questions_by_type']}, prior baseline "
+              f"{t['prior_baseline']:.3f}, speech {t['speech_seconds_mean']} s/caption")
+        print(f"test-novel: {m['stats']['test-novel']['images_with_novel_pair']} of "
+              f"{m['stats']['test-novel']['images']} images hold a held-out colour-shape pair "
+              f"(train: {t['images_with_novel_pair']})")
+    if "pipeline" in m:
+        p = m["pipeline"]
+        print(f"pipeline: {p['samples_per_s']:.0f} samples/s ({p['workers']} workers), "
+              f"resume exact: {p['resume_exact']}")
+    print(f"report: {report['run_dir']}/report.md")

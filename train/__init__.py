@@ -1,0 +1,1 @@
+"""Training: data pipeline, objectives, trainer, checkpoints, SLURM launch."""
