@@ -60,7 +60,6 @@ def cmd_data_inspect(a: argparse.Namespace) -> int:
 
 def cmd_data_convert(a: argparse.Namespace) -> int:
     from .registry import CONVERTERS
-    from .train.data import convert  # noqa: F401  (registers the converters)
 
     kwargs = {"images": a.images, "captions": a.captions, "out": a.out, "split": a.split,
               "shard_size": a.shard_size, "max_image_size": a.max_image_size,

@@ -6,6 +6,7 @@ error that lists what is available.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -15,9 +16,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, concept: str) -> None:
+    def __init__(self, concept: str, modules: tuple[str, ...] = ()) -> None:
         self.concept = concept
         self._entries: dict[str, T] = {}
+        self._modules = modules  # imported on first lookup: their import registers entries
+        self._loaded = not modules
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for m in self._modules:
+                importlib.import_module(m)
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -29,6 +38,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        self._load()
         try:
             return self._entries[name]
         except KeyError:
@@ -39,9 +49,11 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **kwargs)  # type: ignore[operator]
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
@@ -49,6 +61,6 @@ class Registry(Generic[T]):
 
 
 # Modality processors: decoded sample -> model inputs for one modality (see omnimask.modalities).
-PROCESSORS: Registry[Callable[..., Any]] = Registry("processor")
+PROCESSORS: Registry[Callable[..., Any]] = Registry("processor", ("omnimask.modalities",))
 # Dataset converters: real datasets -> ShapesWorld-schema shards (see omnimask.train.data.convert).
-CONVERTERS: Registry[Callable[..., Any]] = Registry("converter")
+CONVERTERS: Registry[Callable[..., Any]] = Registry("converter", ("omnimask.train.data.convert",))

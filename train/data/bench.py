@@ -57,9 +57,9 @@ def _webdataset_peer(shards, batch_size, workers, repeats) -> dict:
     import webdataset as wds
 
     def to_tensors(s):
-        return {"image": torch.from_numpy(np.asarray(s["image.png"].convert("RGB"))).permute(2, 0, 1),
-                "seg": torch.from_numpy(np.asarray(s["seg.png"])),
-                "inst": torch.from_numpy(np.asarray(s["inst.png"])),
+        return {"image": torch.from_numpy(np.array(s["image.png"].convert("RGB"))).permute(2, 0, 1),
+                "seg": torch.from_numpy(np.array(s["seg.png"])),
+                "inst": torch.from_numpy(np.array(s["inst.png"])),
                 "captions": s["caption.txt"].splitlines(), "qa": s["qa.json"],
                 "refs": s["refs.json"], "meta": s["meta.json"]}
 

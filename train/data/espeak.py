@@ -41,10 +41,24 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
                              ctypes.c_void_p)
 
 
+_INSTANCE: Espeak | None = None
+
+
+def get_espeak() -> Espeak:
+    """The process's eSpeak NG. The library must be initialised once per process: a second
+    ``espeak_Initialize`` leaves it in a state where synthesis crashes."""
+    global _INSTANCE
+    if _INSTANCE is None:
+        _INSTANCE = Espeak()
+    return _INSTANCE
+
+
 class Espeak:
-    """One initialised eSpeak NG per process; :meth:`synth` returns int16 samples."""
+    """eSpeak NG, initialised; :meth:`synth` returns int16 samples. Use :func:`get_espeak`."""
 
     def __init__(self) -> None:
+        if _INSTANCE is not None:
+            raise RuntimeError("eSpeak NG is initialised already; use get_espeak()")
         import espeakng_loader
 
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import omnimask.modalities  # noqa: F401  (registers the processors)
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -139,6 +138,7 @@ class ShardDataset(IterableDataset):
         self.keys = tuple(sorted(needed | set(cfg.keys or ())))
         self.start_states: dict[int, dict] = {}
         self.epoch = 0
+        self.shift = 0  # DataLoader worker i plays logical worker (i + shift) % num_workers
 
     # -- stage 1: which shards this consumer reads, in which order --------------------------
     def _sequence(self, consumer: int, consumers: int, epoch: int):
@@ -249,6 +249,7 @@ class ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid = (wid + self.shift) % nworkers
         consumer, consumers = self.rank * nworkers + wid, self.world_size * nworkers
         if wid in self.start_states:
             st = StreamState.restore(self.start_states[wid])
@@ -289,6 +290,7 @@ class ShardLoader:
         self.dataset = ShardDataset(cfg, rank, world_size)
         self.epoch = 0
         self._states: dict[int, dict] = {}
+        self._next_worker = 0  # whose batch comes next in the DataLoader's round-robin
         self.records: list[dict] = []
 
     @property
@@ -299,8 +301,12 @@ class ShardLoader:
         if len(self._states) == self.num_consumers and all(s["done"] for s in self._states.values()):
             self.epoch += 1
             self._states = {}
+            self._next_worker = 0
         self.dataset.epoch = self.epoch
         self.dataset.start_states = dict(self._states)
+        # The DataLoader always asks its worker 0 first; rotate the roles so that the worker
+        # whose turn it was when the last batch was taken comes first again.
+        self.dataset.shift = self._next_worker
         nw = self.cfg.num_workers
         # collate_fn=_as_is: batches are already collated; torch's default_convert would walk
         # every nested dict of every sample again (it cost 45% of the time).
@@ -308,6 +314,7 @@ class ShardLoader:
                         prefetch_factor=4 if nw else None, persistent_workers=False)
         for kind, wid, data, state, records in dl:
             self._states[wid] = state
+            self._next_worker = (wid + 1) % self.num_consumers
             room = MAX_RECORDS - len(self.records)
             self.records.extend(records[:max(room, 0)])
             if kind == "batch":
@@ -324,6 +331,7 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "config": self._fingerprint(),
+                "next_worker": self._next_worker,
                 "workers": {int(k): v for k, v in self._states.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -335,6 +343,7 @@ class ShardLoader:
                 raise DataError(f"cannot resume the data stream: data.{k} was {v!r} in the "
                                 f"checkpoint and is {mine.get(k)!r} now")
         self.epoch = sd["epoch"]
+        self._next_worker = sd["next_worker"]
         self._states = {int(k): v for k, v in sd["workers"].items()}
 
     def stats(self) -> dict:

@@ -29,13 +29,11 @@ _state: dict = {}
 def _speech_tools():
     """Per-process eSpeak NG and resampler, made on first use."""
     if "espeak" not in _state:
-        import torch
         import torchaudio
 
-        from ..espeak import Espeak
+        from ..espeak import get_espeak
 
-        torch.set_num_threads(1)
-        tts = Espeak()
+        tts = get_espeak()
         _state["espeak"] = tts
         _state["resample"] = torchaudio.transforms.Resample(tts.sample_rate, SPEECH_SAMPLE_RATE)
     return _state["espeak"], _state["resample"]
@@ -97,6 +95,12 @@ def _work(args: tuple) -> dict:
     return make_sample(*args)
 
 
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+
+
 def generate_shards(out: str | os.PathLike, num: int, seed: int = 0, split: str = "train",
                     image_size: int = 64, shard_size: int = 1000, speech: bool = True,
                     workers: int = 0, progress: bool = True) -> dict:
@@ -122,7 +126,7 @@ def generate_shards(out: str | os.PathLike, num: int, seed: int = 0, split: str 
         else:
             # fork (like torch's DataLoader): no re-import of the caller's __main__; workers set
             # torch to one thread before they use it.
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
                 for sample in pool.imap(_work, jobs, chunksize=8):
                     sink.write(sample)
     return sink.entry

@@ -1,0 +1,75 @@
+"""The command line: help texts, the data commands end to end, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omnimask.cli import build_parser, main
+
+COMMANDS = [[], ["data"], ["data", "shapes"], ["data", "inspect"], ["data", "convert"],
+            ["data", "convert", "coco"], ["data", "convert", "folder"], ["bench"],
+            ["bench", "data"], ["demo"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "omnimask")
+def test_help_works_everywhere(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: omnimask" in capsys.readouterr().out
+
+
+def test_only_implemented_commands_exist():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert set(sub) == {"data", "bench", "demo"}
+
+
+def test_shapes_then_inspect(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "shapes", "--out", str(out), "--num", "12", "--seed", "2",
+                 "--split", "train,val", "--shard-size", "5", "--no-speech", "-q"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar",
+        "val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out / "*.tar"), "--strict", "--json",
+                 str(tmp_path / "r.json"), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "samples: 24" in text and "bad samples: 0" in text and "per split: train 12, val 12" in text
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["keys"]["image.png"] == 24 and "speech.flac" not in rep["keys"]
+    # a damaged shard makes --strict fail
+    p = out / "val-000001.tar"
+    p.write_bytes(p.read_bytes()[:3000])
+    assert main(["data", "inspect", str(out / "val-*.tar"), "--strict", "-q"]) == 1
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["data", "inspect", "/nonexistent/x.tar"], "shard not found: /nonexistent/x.tar"),
+    (["data", "shapes", "--out", "X", "--split", "dev"], "--split: unknown split 'dev'"),
+    (["data", "shapes", "--out", "X", "--num", "0"], "--num must be >= 1"),
+    (["data", "convert", "folder", "--images", "/nonexistent", "--captions", "c.csv", "--out", "o"],
+     "image folder not found"),
+    (["demo", "num_trian=5"], "num_trian"),
+])
+def test_bad_input_is_one_line_and_nonzero(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("omnimask: error:") and msg in err and "\n" not in err
+
+
+def test_bench_data_writes_contract_json(tmp_path, capsys):
+    d = tmp_path / "d"
+    main(["data", "shapes", "--out", str(d), "--num", "40", "--shard-size", "20", "-q"])
+    out = tmp_path / "bench.json"
+    assert main(["bench", "data", "--data", str(d / "*.tar"), "--repeats", "1", "--workers", "2",
+                 "--batch-size", "8", "--out", str(out), "-q"]) == 0
+    r = json.loads(out.read_text())
+    assert r["bench"] == "data" and r["device"] == "cpu" and r["machine"]["cores"] >= 1
+    for section in ("omnimask", "speech", "webdataset"):
+        assert r[section]["one_core"]["samples"] == 40, section
+        assert r[section]["workers_2"]["samples"] == 40, section
+        assert r[section]["one_core"]["samples_per_s"] > 0
+    assert r["ratio"] > 0

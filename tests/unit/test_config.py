@@ -1,0 +1,62 @@
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from omnimask.config import DataConfig, load_config, save_config
+from omnimask.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    layers: int = 4
+
+
+@dataclass
+class Root:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+
+
+def test_layers_defaults_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"name": "from-yaml", "inner": {"layers": 8}}))
+    cfg = load_config(Root, p, ["inner.lr=0.5", "tags=[a,b]"])
+    assert isinstance(cfg, Root) and isinstance(cfg.inner, Inner)
+    assert (cfg.name, cfg.inner.layers, cfg.inner.lr, cfg.tags) == ("from-yaml", 8, 0.5, ["a", "b"])
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inner:\n  layerz: 3\n")
+    with pytest.raises(ConfigError, match=r"inner\.layerz"):
+        load_config(Root, p)
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(Root, None, ["nope=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"inner\.layers"):
+        load_config(Root, None, ["inner.layers=many"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(DataConfig, None, ["batch_size=big"])
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Root, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Root, bad)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Root, None, ["justakey"])
+
+
+def test_resolved_config_written_and_reloadable(tmp_path):
+    cfg = load_config(Root, None, ["inner.layers=2"])
+    path = save_config(cfg, tmp_path / "run")
+    again = load_config(Root, path)
+    assert again == cfg
