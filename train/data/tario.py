@@ -34,6 +34,7 @@ class RawSample:
 class TarProblem:
     offset: int
     reason: str
+    cuts_sample: bool = False  # the tar ended inside a member or header
 
 
 def _octal(field_: bytes) -> int:
@@ -78,13 +79,17 @@ def iter_members(buf, start: int = 0) -> Iterator[tuple[int, str, bytes] | TarPr
     long_name: str | None = None
     first = pos  # offset of the first header belonging to the next member
     resyncing = False
+    closed = False  # seen the zero blocks that end an archive
     while True:
         if pos + BLOCK > end:
             if pos < end or resyncing:
-                yield TarProblem(pos, "tar ends in the middle of a header (truncated shard)")
+                yield TarProblem(pos, "tar ends in the middle of a header (truncated shard)", True)
+            elif not closed:
+                yield TarProblem(pos, "tar has no end-of-archive marker (truncated shard?)")
             return
         hdr = buf[pos:pos + BLOCK]
         if hdr == ZERO_BLOCK:
+            closed = True
             pos += BLOCK
             first = pos
             continue
@@ -97,9 +102,10 @@ def iter_members(buf, start: int = 0) -> Iterator[tuple[int, str, bytes] | TarPr
             pos += BLOCK
             first = pos
             continue
-        resyncing = False
+        resyncing = closed = False
         if pos + BLOCK + size > end:
-            yield TarProblem(pos, f"tar ends inside member {long_name or name!r} (truncated shard)")
+            yield TarProblem(pos, f"tar ends inside member {long_name or name!r} (truncated shard)",
+                             True)
             return
         data = buf[pos + BLOCK:pos + BLOCK + size]
         pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
@@ -141,7 +147,7 @@ def iter_samples(buf, start: int = 0, ordinal: int = 0, limit: int | None = None
     count = 0
     for item in iter_members(buf, start):
         if isinstance(item, TarProblem):
-            if cur is not None and "truncated" in item.reason:
+            if cur is not None and item.cuts_sample:
                 cur.problem = item.reason
             yield item
             continue
