@@ -83,6 +83,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     print(f"image+text+masks: {o['one_core']['samples_per_s']:.0f} samples/s on one core; "
           + ", ".join(f"{k}: {v['samples_per_s']:.0f}/s ({v['per_worker_samples_per_s']:.0f}/s per worker)"
                       for k, v in o.items() if k != "one_core"))
+    print(f"all labels (+qa, refs, meta): {res['all_labels']['one_core']['samples_per_s']:.0f} "
+          f"samples/s on one core")
     print(f"speech path: {s['one_core']['samples_per_s']:.0f} samples/s on one core")
     if "ratio" in res:
         print(f"webdataset peer: {res['webdataset']['one_core']['samples_per_s']:.0f} samples/s "

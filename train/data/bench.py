@@ -20,7 +20,8 @@ from omnimask.config import DataConfig
 from .pipeline import ShardLoader
 from .shards import expand_shards
 
-IMAGE_TEXT_MASKS = ["image", "masks", "text", "qa", "refs", "meta"]
+IMAGE_TEXT_MASKS = ["image", "masks", "text"]
+ALL_LABELS = ["image", "masks", "text", "qa", "refs", "meta"]
 
 
 def machine() -> dict:
@@ -53,6 +54,9 @@ def _time_loader(shards, processors, batch_size, workers, repeats) -> dict:
     return best
 
 
+_PEER_MEMBERS = (".image.png", ".seg.png", ".inst.png", ".caption.txt")
+
+
 def _webdataset_peer(shards, batch_size, workers, repeats) -> dict:
     import webdataset as wds
 
@@ -60,14 +64,15 @@ def _webdataset_peer(shards, batch_size, workers, repeats) -> dict:
         return {"image": torch.from_numpy(np.array(s["image.png"].convert("RGB"))).permute(2, 0, 1),
                 "seg": torch.from_numpy(np.array(s["seg.png"])),
                 "inst": torch.from_numpy(np.array(s["inst.png"])),
-                "captions": s["caption.txt"].splitlines(), "qa": s["qa.json"],
-                "refs": s["refs.json"], "meta": s["meta.json"]}
+                "captions": s["caption.txt"].splitlines()}
 
     best = None
     for _ in range(repeats):
         ds = (wds.WebDataset(shards, shardshuffle=False, nodesplitter=wds.split_by_node,
-                             workersplitter=wds.split_by_worker, empty_check=False)
-              .shuffle(1000).decode("pil").map(to_tensors)
+                             workersplitter=wds.split_by_worker, empty_check=False,
+                             select_files=lambda f: f.endswith(_PEER_MEMBERS))
+              .shuffle(1000).decode("pil", only=["image.png", "seg.png", "inst.png", "caption.txt"])
+              .map(to_tensors)
               .batched(batch_size, collation_fn=_collate_like_ours))
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                          collate_fn=_as_is)
@@ -108,11 +113,13 @@ def bench_data(shards=None, num: int = 2000, batch_size: int = 64, workers: int 
         result = {"bench": "data", "device": "cpu", "machine": machine(),
                   "config": {"shards": len(shards), "batch_size": batch_size,
                              "shuffle_buffer": 1000, "repeats": repeats,
-                             "path": "image+text+masks: " + ",".join(IMAGE_TEXT_MASKS)},
-                  "omnimask": {}, "speech": {}}
+                             "paths": {"omnimask": IMAGE_TEXT_MASKS, "all_labels": ALL_LABELS,
+                                       "speech": ["speech"], "webdataset": IMAGE_TEXT_MASKS}},
+                  "omnimask": {}, "all_labels": {}, "speech": {}}
         for w in sorted({0, workers}):
             label = "one_core" if w == 0 else f"workers_{w}"
             result["omnimask"][label] = _time_loader(shards, IMAGE_TEXT_MASKS, batch_size, w, repeats)
+            result["all_labels"][label] = _time_loader(shards, ALL_LABELS, batch_size, w, repeats)
             result["speech"][label] = _time_loader(shards, ["speech"], batch_size, w, repeats)
         if vs == "webdataset":
             result["webdataset"] = {}

@@ -56,9 +56,13 @@ class StreamState:
     emitted: int = 0  # samples delivered in this epoch
     bad: dict[str, int] = field(default_factory=dict)  # skipped samples by kind of fault
     lost: int = 0  # samples the manifest lists that could not be read at all
+    generator: np.random.Generator | None = field(default=None, repr=False, compare=False)
 
     def snapshot(self) -> dict:
         d = dict(self.__dict__)
+        gen = d.pop("generator")
+        if gen is not None:  # read the shuffle RNG only now: cheaper than after every draw
+            d["rng"] = gen.bit_generator.state
         d["buffer"] = np.asarray(self.buffer, dtype=np.int64).reshape(-1, 3)
         d["bad"] = dict(self.bad)
         return d
@@ -105,11 +109,11 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _shard_items(path: str, offset: int, ordinal: int, tally: _Tally | None):
+def _shard_items(path: str, offset: int, ordinal: int, tally: _Tally | None, keys):
     """Samples of one shard from ``offset``; an unreadable file is one reported problem."""
     try:
         with open_shard(path) as buf:
-            yield from iter_samples(buf, offset, ordinal)
+            yield from iter_samples(buf, offset, ordinal, keys=keys)
     except OSError as e:
         if tally is not None:
             tally.problem(path, f"cannot read shard: {e}")
@@ -163,7 +167,8 @@ class ShardDataset(IterableDataset):
             reports = mine is None or st.shard_pos % consumers == consumer
             last = st.ordinal if st.taken else -1
             skip = st.taken
-            for item in _shard_items(path, st.offset, st.ordinal, tally if reports else None):
+            for item in _shard_items(path, st.offset, st.ordinal, tally if reports else None,
+                                     self.keys):
                 if isinstance(item, TarProblem):
                     if reports:
                         tally.problem(path, f"at byte {item.offset}: {item.reason}")
@@ -189,7 +194,8 @@ class ShardDataset(IterableDataset):
         out = []
         for pos, off, ordinal in locs:
             with open_shard(seq(pos)) as buf:
-                got = [s for s in iter_samples(buf, off, ordinal, limit=1) if isinstance(s, RawSample)]
+                got = [s for s in iter_samples(buf, off, ordinal, limit=1, keys=self.keys)
+                       if isinstance(s, RawSample)]
             if not got:
                 raise DataError(f"cannot resume: no sample at byte {off} of {seq(pos)}; "
                                 f"was the shard rewritten since the checkpoint?")
@@ -207,6 +213,7 @@ class ShardDataset(IterableDataset):
         rng = np.random.default_rng([self.cfg.seed, st.epoch, consumer, 2])
         if st.rng is not None:
             rng.bit_generator.state = st.rng
+        st.generator = rng
         locs = st.buffer  # kept in step with `items`: the state always says what is buffered
         items = self._reread(st, consumer, consumers, locs) if locs else []
         for loc, s in raw:
@@ -216,7 +223,6 @@ class ShardDataset(IterableDataset):
                 continue
             i = int(rng.integers(size))
             out, items[i], locs[i] = items[i], s, loc
-            st.rng = rng.bit_generator.state
             yield out
         while items:
             i = int(rng.integers(len(items)))
@@ -224,7 +230,6 @@ class ShardDataset(IterableDataset):
             items[i], locs[i] = items[-1], locs[-1]
             items.pop()
             locs.pop()
-            st.rng = rng.bit_generator.state
             yield out
 
     # -- stage 4 and 5: decode, then modality processors -----------------------------------

@@ -76,6 +76,7 @@ def _png_op():
 
 
 _PNG_OP = _png_op()
+_RGB, _ANY = ImageReadMode.RGB.value, ImageReadMode.UNCHANGED.value
 
 
 def decode_png_pil(data: bytes, rgb: bool = False) -> torch.Tensor:
@@ -95,8 +96,7 @@ def decode_png(data: bytes, rgb: bool = False) -> torch.Tensor:
     check_png(data)
     if _PNG_OP is None:
         return decode_png_pil(data, rgb)
-    t = _PNG_OP(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                ImageReadMode.RGB.value if rgb else ImageReadMode.UNCHANGED.value, False)
+    t = _PNG_OP(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB if rgb else _ANY, False)
     return t if rgb or t.shape[0] != 1 else t[0]
 
 

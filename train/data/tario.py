@@ -69,10 +69,12 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
-def iter_members(buf, start: int = 0) -> Iterator[tuple[int, str, bytes] | TarProblem]:
+def iter_members(buf, start: int = 0, keep=None
+                 ) -> Iterator[tuple[int, str, bytes | None] | TarProblem]:
     """Yield ``(header_offset, name, data)`` for regular files, or :class:`TarProblem`.
 
     ``buf`` is the whole shard as a bytes-like object (an ``mmap`` in the reader).
+    ``keep(name)`` says whose bytes to copy out; the others yield ``None`` as data.
     """
     end = len(buf)
     pos = start
@@ -107,16 +109,19 @@ def iter_members(buf, start: int = 0) -> Iterator[tuple[int, str, bytes] | TarPr
             yield TarProblem(pos, f"tar ends inside member {long_name or name!r} (truncated shard)",
                              True)
             return
-        data = buf[pos + BLOCK:pos + BLOCK + size]
+        data_at = pos + BLOCK
         pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-        if kind in (b"x", b"L"):  # pax or GNU long name for the next member
+        if kind in (b"x", b"L"):
+            data = buf[data_at:data_at + size]  # pax or GNU long name for the next member
             long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
             continue
         if kind == b"g":
             first = pos
             continue
         if kind in (b"0", b"\0", b"7"):
-            yield first, long_name or name, data
+            name = long_name or name
+            keep_it = keep is None or keep(name)
+            yield first, name, buf[data_at:data_at + size] if keep_it else None
         long_name = None
         first = pos
 
@@ -136,16 +141,24 @@ def open_shard(path: str):
             mm.close()
 
 
-def iter_samples(buf, start: int = 0, ordinal: int = 0, limit: int | None = None
-                 ) -> Iterator[RawSample | TarProblem]:
+def iter_samples(buf, start: int = 0, ordinal: int = 0, limit: int | None = None,
+                 keys=None) -> Iterator[RawSample | TarProblem]:
     """Group consecutive members by key into samples (webdataset's convention).
 
     Starts at byte ``start`` (a sample boundary) whose sample has index ``ordinal``; stops
-    after ``limit`` samples when given.
+    after ``limit`` samples when given. With ``keys`` (e.g. ``{"image.png"}``) only those
+    members are copied out; the others are skipped without reading their bytes.
     """
+    keep = None
+    if keys is not None:
+        wanted = tuple("." + k for k in keys)
+
+        def keep(name: str) -> bool:
+            return name.endswith(wanted)
+
     cur: RawSample | None = None
     count = 0
-    for item in iter_members(buf, start):
+    for item in iter_members(buf, start, keep):
         if isinstance(item, TarProblem):
             if cur is not None and item.cuts_sample:
                 cur.problem = item.reason
@@ -165,6 +178,7 @@ def iter_samples(buf, start: int = 0, ordinal: int = 0, limit: int | None = None
                 return
         if cur is None:
             cur = RawSample(key=key, offset=off, ordinal=ordinal + count)
-        cur.files[ext] = data
+        if data is not None:
+            cur.files[ext] = data
     if cur is not None:
         yield cur
