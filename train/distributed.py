@@ -1,4 +1,10 @@
-"""Environment detection in one place: rank and world size (SLURM, torchrun, or one process)."""
+"""Environment detection in one place: rank and world size.
+
+torch.distributed when initialised, else the ``RANK``/``WORLD_SIZE`` variables that
+torchrun (and our SLURM launcher, when it arrives) set, else a single process. Raw
+``SLURM_*`` variables are deliberately not read here: inside an ``sbatch`` script without
+``srun`` they describe the allocation, not this process.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ import os
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world_size): torch.distributed if initialised, else torchrun, else SLURM, else (0, 1)."""
     try:
         import torch.distributed as dist
 
@@ -14,7 +19,6 @@ def rank_and_world() -> tuple[int, int]:
             return dist.get_rank(), dist.get_world_size()
     except ImportError:  # pragma: no cover
         pass
-    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if r in os.environ and w in os.environ:
-            return int(os.environ[r]), int(os.environ[w])
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1

@@ -136,3 +136,14 @@ def test_unknown_processor_fails_before_work(small_shards):
 
     with pytest.raises(OmnimaskError, match="unknown processor 'pixels'"):
         ShardLoader(_cfg(small_shards, processors=["pixels"]), 0, 1)
+
+
+def test_drop_last_and_rank_from_environment(small_shards, monkeypatch):
+    loader = ShardLoader(_cfg(small_shards, batch_size=7, drop_last=True), 0, 1)
+    batches = list(loader)
+    assert [len(b["__key__"]) for b in batches] == [7] * 8 and loader.stats()["samples"] == 56
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    other = ShardLoader(_cfg(small_shards))
+    assert (other.dataset.rank, other.dataset.world_size) == (1, 2)
+    assert len(_keys(other)) == 30

@@ -276,6 +276,8 @@ class ShardDataset(IterableDataset):
                 batch = []
         if batch and not self.cfg.drop_last:
             yield "batch", wid, collate(batch), st.snapshot(), tally.flush()
+        elif batch:
+            st.emitted -= len(batch)  # dropped, not delivered
         st.done = True
         yield "end", wid, None, st.snapshot(), tally.flush()
 
