@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -35,20 +35,6 @@ class DataConfig:
     resampled: bool = False  # True: an endless stream of shards drawn with replacement
     seed: int = 0
     image_size: int | None = None  # resize images to this side; None keeps the stored size
-
-
-@dataclass
-class ShapesConfig:
-    """The ShapesWorld generator (``omnimask data shapes``)."""
-
-    out: str = MISSING
-    num: int = 1000
-    seed: int = 0
-    split: str = "train"  # train | val | test | test-novel
-    image_size: int = 64
-    shard_size: int = 1000
-    speech: bool = True
-    workers: int = 0  # 0: one process per core
 
 
 @dataclass

@@ -89,7 +89,8 @@ def _stage_pipeline(cfg: DemoConfig, run: Path) -> dict:
                       num_workers=min(2, os.cpu_count() or 1), shuffle_buffer=500,
                       processors=["image", "masks", "text", "qa"], seed=cfg.seed)
     t0 = time.perf_counter()
-    full = [k for b in ShardLoader(dcfg, 0, 1) for k in b["__key__"]]
+    unbroken = ShardLoader(dcfg, 0, 1)
+    full = [k for b in unbroken for k in b["__key__"]]
     rate = len(full) / (time.perf_counter() - t0)
     first = ShardLoader(dcfg, 0, 1)
     head: list[str] = []
@@ -103,7 +104,7 @@ def _stage_pipeline(cfg: DemoConfig, run: Path) -> dict:
     tail = [k for b in second for k in b["__key__"]]
     return {"samples": len(full), "samples_per_s": round(rate, 1), "workers": dcfg.num_workers,
             "resumed_after": len(head), "resume_exact": head + tail == full,
-            "bad": ShardLoader(dcfg, 0, 1).stats()["bad"]}
+            "bad": unbroken.stats()["bad"]}
 
 
 def _stage_preview(run: Path) -> dict:

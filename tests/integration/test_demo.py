@@ -19,7 +19,8 @@ def test_quick_demo(tmp_path, capsys):
     assert m["inspect"]["samples"] == 60 and m["inspect"]["lost"] == 0
     assert m["stats"]["test-novel"]["images_with_novel_pair"] == 10
     assert m["stats"]["train"]["images_with_novel_pair"] == 0
-    assert m["pipeline"]["resume_exact"] is True
+    assert m["pipeline"]["resume_exact"] is True and m["pipeline"]["bad"] == 0
+    assert m["pipeline"]["samples"] == 30
     assert 0 < m["stats"]["train"]["prior_baseline"] < 1
     for f in ("config.yaml", "report.md", "report.html", "samples_train.png", "samples_test-novel.png"):
         assert (run / f).is_file(), f
