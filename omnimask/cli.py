@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     e = CONVERTERS.create(a.source, **kwargs)
     print(f"{a.split}: {e['num']} samples in {len(e['shards'])} shard(s) under {a.out}; "
           f"{e['skipped']} skipped (unreadable images)")
+    return 0
+
+
+# -- tokenizer ------------------------------------------------------------------------------
+def cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from .registry import TOKENIZERS
+
+    res = TOKENIZERS.get(a.kind).train(a.data, a.out, a.overrides, progress=not a.quiet)
+    print(", ".join(f"{k}: {v}" for k, v in res.items()))
+    return 0
+
+
+def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
+    from .registry import TOKENIZERS
+
+    res = TOKENIZERS.get(a.kind).evaluate(a.tokenizer, a.data, progress=not a.quiet)
+    res = {"task": f"tokenizer-{a.kind}", "tokenizer": a.tokenizer, "data": a.data, "metrics": res}
+    _write_json(res, a.out)
+    if a.out:
+        print(", ".join(f"{k}: {v}" for k, v in res["metrics"].items()))
     return 0
 
 
@@ -156,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="downscale so the longer side is at most this")
         c.set_defaults(fn=cmd_data_convert)
 
+    tk = sub.add_parser("tokenizer", help="train and evaluate the per-modality tokenizers")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+    tt = tsub.add_parser("train", parents=[quiet], help="train a tokenizer on shards",
+                         description="Train a tokenizer; key=value overrides set its config "
+                                     "(text: vocab_size, min_frequency, num_sentinels, "
+                                     "from_file=tokenizer.json to reuse an existing one).")
+    tt.add_argument("kind", choices=["text"], help="which modality")
+    tt.add_argument("--data", nargs="+", required=True, help="training shards")
+    tt.add_argument("--out", required=True, help="output directory")
+    tt.add_argument("overrides", nargs="*", help="key=value config overrides")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+    te = tsub.add_parser("eval", parents=[quiet], help="evaluate a tokenizer on held-out shards")
+    te.add_argument("kind", choices=["text"], help="which modality")
+    te.add_argument("--tokenizer", required=True, help="directory written by tokenizer train")
+    te.add_argument("--data", nargs="+", required=True, help="held-out shards")
+    te.add_argument("--out", help="write the metrics JSON here (default: print it)")
+    te.set_defaults(fn=cmd_tokenizer_eval)
+
     bench = sub.add_parser("bench", help="benchmarks (results as JSON)")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bd = bsub.add_parser("data", parents=[quiet], help="read+decode+process throughput vs plain webdataset",
@@ -181,9 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may stand anywhere (argparse would bind them too early)
+    overrides = [t for t in argv if OVERRIDE.match(t)]
+    args = parser.parse_args([t for t in argv if not OVERRIDE.match(t)])
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
+    elif overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

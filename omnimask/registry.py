@@ -64,3 +64,5 @@ class Registry(Generic[T]):
 PROCESSORS: Registry[Callable[..., Any]] = Registry("processor", ("omnimask.modalities",))
 # Dataset converters: real datasets -> ShapesWorld-schema shards (see omnimask.train.data.convert).
 CONVERTERS: Registry[Callable[..., Any]] = Registry("converter", ("omnimask.train.data.convert",))
+# Tokenizers per modality: objects with train(data, out, overrides) and evaluate(tokenizer, data).
+TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.train",))

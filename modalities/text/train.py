@@ -1,0 +1,77 @@
+"""``omnimask tokenizer train|eval text``: corpus from shards, training, evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from omnimask.config import DataConfig, load_config
+from omnimask.errors import OmnimaskError
+from omnimask.registry import TOKENIZERS
+
+from .tokenizer import TextTokenizer, TextTokenizerConfig
+
+
+def iter_texts(shards: list[str]) -> Iterator[str]:
+    """Captions, questions, answers and referring expressions of every sample, in order."""
+    from omnimask.train.data.pipeline import ShardLoader
+    from omnimask.train.data.shards import expand_shards, manifest_entries
+
+    paths = expand_shards(shards)
+    keys = set.intersection(*[set(r.get("keys", [])) for r in manifest_entries(paths).values()]
+                            or [set()])
+    procs = ["text"] + [p for p, k in (("qa", "qa.json"), ("refs", "refs.json")) if k in keys]
+    cfg = DataConfig(shards=paths, processors=procs, batch_size=256, shuffle_buffer=0,
+                     shuffle_shards=False)
+    for b in ShardLoader(cfg, rank=0, world_size=1):
+        for i in range(len(b["__key__"])):
+            yield from b["captions"][i]
+            for q in b.get("qa", [[]] * len(b["__key__"]))[i]:
+                yield q["question"]
+                yield str(q["answer"])
+            for r in b.get("refs", [[]] * len(b["__key__"]))[i]:
+                yield r["expression"]
+
+
+@TOKENIZERS.register("text")
+class TextTokenizerOps:
+    config = TextTokenizerConfig
+
+    @staticmethod
+    def train(data: list[str], out: str, overrides=(), progress: bool = True) -> dict:
+        cfg = load_config(TextTokenizerConfig, None, overrides)
+        if cfg.from_file:
+            tok = TextTokenizer.from_file(cfg.from_file, cfg.num_sentinels)
+        else:
+            texts = list(iter_texts(data))
+            if not texts:
+                raise OmnimaskError("no text found in the shards")
+            tok = TextTokenizer.train(texts, cfg)
+        tok.save(out)
+        tok.vocab().save(Path(out) / "vocab.json")
+        return {"kind": "text", "out": str(out), "vocab_size": tok.vocab_size}
+
+    @staticmethod
+    def evaluate(tokenizer: str, data: list[str], progress: bool = True) -> dict:
+        tok = TextTokenizer.load(tokenizer)
+        unk = tok.roles["unk"]
+        n_text = n_tok = n_unk = exact = n_caps = cap_tokens = 0
+        for kind_text in iter_texts(data):
+            ids = tok.encode(kind_text)
+            n_text += 1
+            n_tok += len(ids)
+            n_unk += sum(i == unk for i in ids)
+            exact += tok.decode(ids) == kind_text
+        from omnimask.train.data.pipeline import ShardLoader
+
+        cfg = DataConfig(shards=data, processors=["text"], batch_size=256, shuffle_buffer=0)
+        for b in ShardLoader(cfg, rank=0, world_size=1):
+            for caps in b["captions"]:
+                for c in caps:
+                    n_caps += 1
+                    cap_tokens += len(tok.encode(c))
+        return {"kind": "text", "vocab_size": tok.vocab_size, "texts": n_text,
+                "tokens_per_caption": round(cap_tokens / max(n_caps, 1), 3),
+                "tokens_per_text": round(n_tok / max(n_text, 1), 3),
+                "unknown_rate": n_unk / max(n_tok, 1),
+                "roundtrip_exact": exact / max(n_text, 1)}

@@ -1,0 +1,108 @@
+"""Text tokenizer: lossless round trip, transformers compatibility, foreign tokenizers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from omnimask.cli import main
+from omnimask.errors import OmnimaskError
+from omnimask.modalities.text.tokenizer import TextTokenizer, TextTokenizerConfig
+from omnimask.modalities.text.train import iter_texts
+from omnimask.train.data.shapesworld import generate_shards
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes_dir):
+    out = tmp_path_factory.mktemp("tok") / "text"
+    assert main(["tokenizer", "train", "text", "--data", str(shapes_dir / "train-*.tar"),
+                 "--out", str(out), "vocab_size=600", "num_sentinels=8", "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    d = tmp_path_factory.mktemp("heldout")
+    generate_shards(d, 40, seed=99, split="val", shard_size=40, speech=False, progress=False)
+    return d
+
+
+def test_roundtrip_on_heldout_text(trained, heldout):
+    tok = TextTokenizer.load(trained)
+    texts = list(iter_texts([str(heldout / "*.tar")]))
+    assert len(texts) > 200  # captions, questions, answers, expressions
+    assert all(tok.decode(tok.encode(t)) == t for t in texts)
+    odd = "Ünïcode, emoji 🙂, tabs\tand\nnewlines  "
+    assert tok.decode(tok.encode(odd)) == odd  # byte-level: nothing is unknown
+
+
+def test_specials_and_sentinels(trained):
+    tok = TextTokenizer.load(trained)
+    assert [f"mask:{i}" in tok.roles for i in range(8)] == [True] * 8 and "mask:8" not in tok.roles
+    for role in ("pad", "cls", "sep", "mask", "bos", "eos", "image", "/image", "speech", "/speech"):
+        i = tok.roles[role]
+        assert tok.is_special(i) and tok.encode(tok.decode([i])) == [i]  # one token, not split
+    assert len(set(tok.roles.values())) == len(tok.roles)
+
+
+def test_loads_with_transformers_autotokenizer(trained, heldout):
+    from transformers import AutoTokenizer
+
+    ours = TextTokenizer.load(trained)
+    hf = AutoTokenizer.from_pretrained(str(trained))
+    for t in list(iter_texts([str(heldout / "*.tar")]))[:50]:
+        assert hf(t, add_special_tokens=False)["input_ids"] == ours.encode(t)
+    assert hf.mask_token_id == ours.roles["mask"] and hf.pad_token_id == ours.roles["pad"]
+    assert hf.convert_tokens_to_ids("<mask:3>") == ours.roles["mask:3"]
+
+
+def test_eval_json(trained, heldout, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["tokenizer", "eval", "text", "--tokenizer", str(trained), "--data",
+                 str(heldout / "*.tar"), "--out", str(out), "-q"]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["roundtrip_exact"] == 1.0 and m["unknown_rate"] == 0.0
+    assert 3 < m["tokens_per_caption"] < 40 and m["vocab_size"] == TextTokenizer.load(trained).vocab_size
+
+
+def test_existing_wordpiece_tokenizer_gets_omnimask_specials(tmp_path):
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red",
+                                         "circle", "##s"])}
+    wp = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "text", "--data", "unused.tar", "--out", str(out),
+                 f"from_file={tmp_path / 'tokenizer.json'}", "-q"]) == 0
+    tok = TextTokenizer.load(out)
+    assert tok.roles["pad"] == 0 and tok.roles["mask"] == 4 and tok.roles["unk"] == 1
+    assert tok.roles["image"] >= 9 and tok.roles["mask:15"] >= 9  # added after the vocabulary
+    assert tok.encode("a red circles") == [5, 6, 7, 8]
+    assert tok.encode("zebra") == [1]
+
+
+def test_bad_tokenizer_inputs(tmp_path, trained):
+    with pytest.raises(OmnimaskError, match="tokenizer file not found"):
+        TextTokenizer.from_file(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(OmnimaskError, match="not a Hugging Face tokenizer.json"):
+        TextTokenizer.from_file(tmp_path / "bad.json")
+    with pytest.raises(OmnimaskError, match="not an omnimask text tokenizer"):
+        TextTokenizer.load(tmp_path)
+    # a tokenizer.json edited after saving is refused
+    edited = tmp_path / "edited"
+    TextTokenizer.load(trained).save(edited)
+    data = json.loads((edited / "tokenizer.json").read_text())
+    data["model"]["vocab"]["zzzz"] = len(data["model"]["vocab"]) + 100
+    (edited / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(OmnimaskError, match="changed after it was saved"):
+        TextTokenizer.load(edited)
+
+
+def test_config_rejects_unknown_keys(shapes_dir, tmp_path, capsys):
+    assert main(["tokenizer", "train", "text", "--data", str(shapes_dir / "train-*.tar"),
+                 "--out", str(tmp_path / "t"), "vocab_sise=10"]) == 2
+    assert "vocab_sise" in capsys.readouterr().err
+    assert TextTokenizerConfig().num_sentinels == 16
