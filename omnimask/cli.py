@@ -77,7 +77,10 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
 def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     from .registry import TOKENIZERS
 
-    res = TOKENIZERS.get(a.kind).train(a.data, a.out, a.overrides, progress=not a.quiet)
+    overrides = list(a.overrides) + ([f"kind={a.codebook}"] if a.codebook else [])
+    if a.codebook and a.kind != "speech":
+        raise OmnimaskError("--kind (bestrq|kmeans) applies to speech tokenizers only")
+    res = TOKENIZERS.get(a.kind).train(a.data, a.out, overrides, progress=not a.quiet)
     print(", ".join(f"{k}: {v}" for k, v in res.items()))
     return 0
 
@@ -182,14 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     tt = tsub.add_parser("train", parents=[quiet], help="train a tokenizer on shards",
                          description="Train a tokenizer; key=value overrides set its config "
                                      "(text: vocab_size, min_frequency, num_sentinels, "
-                                     "from_file=tokenizer.json to reuse an existing one).")
-    tt.add_argument("kind", choices=["text"], help="which modality")
+                                     "from_file=tokenizer.json to reuse an existing one; speech: "
+                                     "codebook_size, stack, seed, iterations, max_frames).")
+    tt.add_argument("kind", choices=["text", "speech"], help="which modality")
+    tt.add_argument("--kind", dest="codebook", choices=["bestrq", "kmeans"],
+                    help="speech codebook: frozen BEST-RQ projection or k-means units")
     tt.add_argument("--data", nargs="+", required=True, help="training shards")
     tt.add_argument("--out", required=True, help="output directory")
     tt.add_argument("overrides", nargs="*", help="key=value config overrides")
     tt.set_defaults(fn=cmd_tokenizer_train)
     te = tsub.add_parser("eval", parents=[quiet], help="evaluate a tokenizer on held-out shards")
-    te.add_argument("kind", choices=["text"], help="which modality")
+    te.add_argument("kind", choices=["text", "speech"], help="which modality")
     te.add_argument("--tokenizer", required=True, help="directory written by tokenizer train")
     te.add_argument("--data", nargs="+", required=True, help="held-out shards")
     te.add_argument("--out", help="write the metrics JSON here (default: print it)")

@@ -65,4 +65,5 @@ PROCESSORS: Registry[Callable[..., Any]] = Registry("processor", ("omnimask.moda
 # Dataset converters: real datasets -> ShapesWorld-schema shards (see omnimask.train.data.convert).
 CONVERTERS: Registry[Callable[..., Any]] = Registry("converter", ("omnimask.train.data.convert",))
 # Tokenizers per modality: objects with train(data, out, overrides) and evaluate(tokenizer, data).
-TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.train",))
+TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.train",
+                                                   "omnimask.modalities.speech.tokenizer"))
