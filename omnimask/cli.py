@@ -88,7 +88,10 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> int:
 def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
     from .registry import TOKENIZERS
 
-    res = TOKENIZERS.get(a.kind).evaluate(a.tokenizer, a.data, progress=not a.quiet)
+    kwargs = {}
+    if a.kind == "image":  # the reconstruction grid goes beside the JSON
+        kwargs["grid"] = str(Path(a.out).with_suffix("")) + "_recon.png" if a.out else None
+    res = TOKENIZERS.get(a.kind).evaluate(a.tokenizer, a.data, progress=not a.quiet, **kwargs)
     res = {"task": f"tokenizer-{a.kind}", "tokenizer": a.tokenizer, "data": a.data, "metrics": res}
     _write_json(res, a.out)
     if a.out:
@@ -97,6 +100,19 @@ def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
 
 
 # -- bench -----------------------------------------------------------------------------------
+def cmd_bench_tokenizer(a: argparse.Namespace) -> int:
+    from .bench_tokenizer import bench_tokenizer
+
+    res = bench_tokenizer(a.data or None, a.image_tokenizer, num=a.num, repeats=a.repeats,
+                          progress=not a.quiet)
+    print(f"image VQ encode: {res['image_vq_encode']['images_per_s']:.0f} images/s, decode: "
+          f"{res['image_vq_decode']['images_per_s']:.0f} images/s; speech encode: BEST-RQ "
+          f"{res['speech_bestrq_encode']['audio_seconds_per_s']:.0f}, k-means "
+          f"{res['speech_kmeans_encode']['audio_seconds_per_s']:.0f} s of audio per s")
+    _write_json(res, a.out)
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .train.data.bench import bench_data
 
@@ -186,8 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train a tokenizer; key=value overrides set its config "
                                      "(text: vocab_size, min_frequency, num_sentinels, "
                                      "from_file=tokenizer.json to reuse an existing one; speech: "
-                                     "codebook_size, stack, seed, iterations, max_frames).")
-    tt.add_argument("kind", choices=["text", "speech"], help="which modality")
+                                     "codebook_size, stack, seed, iterations, max_frames; image: "
+                                     "max_minutes, max_steps, batch_size, lr, vq.codebook_size, "
+                                     "vq.channels, vq.ema, ...). Image training resumes from "
+                                     "OUT/checkpoints when present.")
+    tt.add_argument("kind", choices=["text", "image", "speech"], help="which modality")
     tt.add_argument("--kind", dest="codebook", choices=["bestrq", "kmeans"],
                     help="speech codebook: frozen BEST-RQ projection or k-means units")
     tt.add_argument("--data", nargs="+", required=True, help="training shards")
@@ -195,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("overrides", nargs="*", help="key=value config overrides")
     tt.set_defaults(fn=cmd_tokenizer_train)
     te = tsub.add_parser("eval", parents=[quiet], help="evaluate a tokenizer on held-out shards")
-    te.add_argument("kind", choices=["text", "speech"], help="which modality")
+    te.add_argument("kind", choices=["text", "image", "speech"], help="which modality")
     te.add_argument("--tokenizer", required=True, help="directory written by tokenizer train")
     te.add_argument("--data", nargs="+", required=True, help="held-out shards")
     te.add_argument("--out", help="write the metrics JSON here (default: print it)")
@@ -214,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--vs", choices=["webdataset", "none"], default="webdataset")
     bd.add_argument("--out", help="write the result JSON here")
     bd.set_defaults(fn=cmd_bench)
+    btk = bsub.add_parser("tokenizer", parents=[quiet], help="tokenizer encode throughput",
+                          description="VQ encode/decode images/s and speech encode seconds of "
+                                      "audio per second (BEST-RQ and k-means).")
+    btk.add_argument("--data", nargs="*", help="shards with images and speech (default: "
+                                               "generate ShapesWorld)")
+    btk.add_argument("--image-tokenizer", help="a trained image tokenizer (default: untrained)")
+    btk.add_argument("--num", type=int, default=200, help="samples to generate if no --data")
+    btk.add_argument("--repeats", type=int, default=3)
+    btk.add_argument("--out", help="write the result JSON here")
+    btk.set_defaults(fn=cmd_bench_tokenizer)
 
     demo = sub.add_parser("demo", parents=[quiet], help="the main job on ShapesWorld",
                           description="Generate ShapesWorld, inspect it, read it through the "

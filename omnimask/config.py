@@ -50,6 +50,8 @@ class DemoConfig:
     num_test_novel: int = 200
     shard_size: int = 500
     workers: int = 0
+    vq_minutes: float = 6.0  # image tokenizer training budget (quick: a tenth)
+    speech_units: int = 500  # k-means units
 
 
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:

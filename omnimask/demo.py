@@ -3,7 +3,8 @@
 Stages so far: generate the data (all splits, with speech), inspect every shard, measure
 the dataset (objects, questions, answer priors, speech), read it through the resumable
 pipeline (throughput, and a mid-epoch resume that must continue with the same samples),
-and draw a contact sheet. Later issues add tokenizers, pretraining and tasks.
+draw a contact sheet, and train and evaluate the tokenizers (text BPE, k-means speech
+units, VQ image codes with a reconstruction grid). Later issues add pretraining and tasks.
 Writes ``config.yaml``, ``report.json``, ``report.md``, ``report.html`` and PNGs.
 """
 
@@ -107,6 +108,27 @@ def _stage_pipeline(cfg: DemoConfig, run: Path) -> dict:
             "bad": unbroken.stats()["bad"]}
 
 
+def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
+    from .registry import TOKENIZERS
+
+    train = [str(run / "data" / "train-*.tar")]
+    val = [str(run / "data" / "val-*.tar")]
+    tok = run / "tokenizers"
+    out: dict = {}
+    plans = [("text", [], {}),
+             ("speech", ["kind=kmeans", f"codebook_size={cfg.speech_units}"], {}),
+             ("image", [f"max_minutes={cfg.vq_minutes / (10 if quick else 1)}"],
+              {"grid": str(run / "vq_reconstructions.png")})]
+    for kind, overrides, eval_kwargs in plans:
+        t0 = time.perf_counter()
+        ops = TOKENIZERS.get(kind)
+        ops.train(train, str(tok / kind), overrides, progress=progress)
+        m = ops.evaluate(str(tok / kind), val, progress=progress, **eval_kwargs)
+        m["train_and_eval_seconds"] = round(time.perf_counter() - t0, 1)
+        out[kind] = m
+    return out
+
+
 def _stage_preview(run: Path) -> dict:
     from .train.data.pipeline import ShardLoader
     from .train.data.preview import contact_sheet
@@ -150,6 +172,26 @@ def _write_reports(run: Path, report: dict) -> None:
                       f"{'exact' if p['resume_exact'] else 'NOT exact'}."]
     for name in m.get("preview", {}).values():
         lines += ["", f"![{name}]({name})"]
+    if "tokenizers" in m:
+        t = m["tokenizers"]
+        lines += ["", "## Tokenizers (trained on train, measured on val)", "",
+                  "| tokenizer | size | metrics | seconds |", "|---|---|---|---|"]
+        if "text" in t:
+            x = t["text"]
+            lines.append(f"| text BPE | {x['vocab_size']} | {x['tokens_per_caption']} tokens/caption, "
+                         f"round trip {x['roundtrip_exact']:.0%}, unknown {x['unknown_rate']:.1%} | "
+                         f"{x['train_and_eval_seconds']} |")
+        if "speech" in t:
+            x = t["speech"]
+            lines.append(f"| speech k-means | {x['size']} | usage {x['usage']:.0%}, perplexity "
+                         f"{x['perplexity']:.0f}, {x['units_per_second']} units/s | "
+                         f"{x['train_and_eval_seconds']} |")
+        if "image" in t:
+            x = t["image"]
+            lines.append(f"| image VQ | {x['size']} | PSNR {x['psnr_db']:.1f} dB, usage "
+                         f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image | "
+                         f"{x['train_and_eval_seconds']} |")
+            lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     (run / "report.md").write_text("\n".join(lines) + "\n")
     body = "".join(f"<p>{html.escape(ln)}</p>" if not ln.startswith("![") else
                    f'<img src="{html.escape(ln[ln.index("(") + 1:-1])}">' for ln in lines if ln)
@@ -168,7 +210,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
               ("inspect", lambda: _stage_inspect(run, progress)),
               ("stats", lambda: _stage_stats(run)),
               ("pipeline", lambda: _stage_pipeline(cfg, run)),
-              ("preview", lambda: _stage_preview(run))]
+              ("preview", lambda: _stage_preview(run)),
+              ("tokenizers", lambda: _stage_tokenizers(cfg, run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -179,6 +222,9 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
             traceback.print_exc()
             status = f"failed: {type(e).__name__}: {e}"
         report["stages"][name] = {"status": status, "seconds": round(time.perf_counter() - t0, 2)}
+        if name == "tokenizers" and status == "ok":
+            report["models"].update({f"tokenizer_{k}": str(run / "tokenizers" / k)
+                                     for k in report["metrics"]["tokenizers"]})
         _write_reports(run, report)
     _print_summary(report)
     return report
@@ -207,4 +253,10 @@ def _print_summary(report: dict) -> None:
         p = m["pipeline"]
         print(f"pipeline: {p['samples_per_s']:.0f} samples/s ({p['workers']} workers), "
               f"resume exact: {p['resume_exact']}")
+    t = m.get("tokenizers", {})
+    if t:
+        print(f"tokenizers on val: text {t['text']['tokens_per_caption']} tokens/caption "
+              f"(round trip {t['text']['roundtrip_exact']:.0%}); speech k-means usage "
+              f"{t['speech']['usage']:.0%}; image VQ PSNR {t['image']['psnr_db']:.1f} dB, "
+              f"usage {t['image']['usage']:.0%}")
     print(f"report: {report['run_dir']}/report.md")

@@ -66,4 +66,5 @@ PROCESSORS: Registry[Callable[..., Any]] = Registry("processor", ("omnimask.moda
 CONVERTERS: Registry[Callable[..., Any]] = Registry("converter", ("omnimask.train.data.convert",))
 # Tokenizers per modality: objects with train(data, out, overrides) and evaluate(tokenizer, data).
 TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.train",
-                                                   "omnimask.modalities.speech.tokenizer"))
+                                                   "omnimask.modalities.speech.tokenizer",
+                                                   "omnimask.modalities.image.tokenizer"))

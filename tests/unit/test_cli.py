@@ -10,7 +10,7 @@ from omnimask.cli import build_parser, main
 
 COMMANDS = [[], ["data"], ["data", "shapes"], ["data", "inspect"], ["data", "convert"],
             ["data", "convert", "coco"], ["data", "convert", "folder"], ["bench"],
-            ["bench", "data"], ["demo"], ["tokenizer"], ["tokenizer", "train"],
+            ["bench", "data"], ["bench", "tokenizer"], ["demo"], ["tokenizer"], ["tokenizer", "train"],
             ["tokenizer", "eval"]]
 
 
@@ -74,3 +74,14 @@ def test_bench_data_writes_contract_json(tmp_path, capsys):
         assert r[section]["workers_2"]["samples"] == 40, section
         assert r[section]["one_core"]["samples_per_s"] > 0
     assert r["ratio"] > 0
+
+
+def test_bench_tokenizer_json(shapes_dir, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "tokenizer", "--data", str(shapes_dir / "test-novel-*.tar"),
+                 "--repeats", "1", "--out", str(out), "-q"]) == 0
+    r = json.loads(out.read_text())
+    assert r["bench"] == "tokenizer" and r["config"]["images"] == 30
+    assert r["image_vq_encode"]["images_per_s"] > 0 and r["image_vq_encode"]["tokens_per_image"] == 64
+    assert r["speech_bestrq_encode"]["audio_seconds_per_s"] > 0
+    assert r["speech_kmeans_encode"]["units_per_second"] == 25.0

@@ -1,0 +1,179 @@
+"""VQ image tokenizer: a small convolutional VQ-VAE with a factorised, l2-normalised codebook.
+
+Encoder: three stride-2 convolutions (64 -> 8) with residual blocks; a 1x1 projection to a
+low-dimensional code space where vectors and codes are l2-normalised (ViT-VQGAN / BEiT-v2
+"factorised codes"), so matching is by cosine. The codebook is updated by EMA (decay
+0.99) or by gradients (straight-through with a commitment loss), initialised by k-means
+on the first batch of latents, and codes unused for a while are restarted at random
+latents of the current batch. Decoder: the mirror image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kmeans import kmeans
+
+
+@dataclass
+class VQConfig:
+    image_size: int = 64
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # per stride-2 stage
+    code_dim: int = 32
+    codebook_size: int = 1024
+    ema: bool = True
+    decay: float = 0.99
+    commitment: float = 0.25
+    dead_after: int = 30  # training steps without use after which a code is restarted
+
+    @property
+    def tokens_side(self) -> int:
+        return self.image_size // 8
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.c2(F.silu(self.c1(F.silu(x))))
+
+
+class Quantizer(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        code = F.normalize(torch.randn(cfg.codebook_size, cfg.code_dim), dim=-1)
+        if cfg.ema:
+            self.register_buffer("codebook", code)
+            self.register_buffer("ema_count", torch.ones(cfg.codebook_size))
+            self.register_buffer("ema_sum", code.clone())
+        else:
+            self.codebook = nn.Parameter(code)
+            self.register_buffer("ema_count", torch.ones(cfg.codebook_size))
+        self.register_buffer("idle", torch.zeros(cfg.codebook_size, dtype=torch.long))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.codes())
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [N, d] l2-normalised -> ids [N] (largest cosine)."""
+        return (z @ self.codes().T).argmax(-1)
+
+    @torch.no_grad()
+    def init_kmeans(self, z: torch.Tensor, seed: int = 0) -> None:
+        c, _ = kmeans(z, self.cfg.codebook_size, iterations=10, seed=seed)
+        c = F.normalize(c, dim=-1)
+        self.codebook.data.copy_(c)
+        if self.cfg.ema:
+            self.ema_sum.copy_(c)
+        self.initialised.fill_(True)
+
+    def forward(self, z: torch.Tensor):
+        """z: [N, d] -> (quantised with straight-through [N, d], ids [N], losses dict)."""
+        z = F.normalize(z, dim=-1)
+        ids = self.nearest(z.detach())
+        q = self.lookup(ids)
+        losses = {"commit": self.cfg.commitment * F.mse_loss(z, q.detach())}
+        if not self.cfg.ema:
+            losses["codebook"] = F.mse_loss(q, z.detach())
+        if self.training:
+            self._update(z.detach(), ids)
+        return z + (q - z).detach(), ids, losses
+
+    @torch.no_grad()
+    def _update(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        k, d = self.cfg.codebook_size, self.cfg.decay
+        onehot_count = torch.bincount(ids, minlength=k).float()
+        self.ema_count.mul_(d).add_(onehot_count, alpha=1 - d)
+        if self.cfg.ema:
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, z)
+            self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
+            self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
+        self.idle.add_(1).masked_fill_(onehot_count > 0, 0)
+        dead = self.idle >= self.cfg.dead_after
+        n = int(dead.sum())
+        if n:  # restart dead codes at random latents of this batch
+            pick = z[torch.randint(z.shape[0], (n,), device=z.device)]
+            self.codebook.data[dead] = pick
+            if self.cfg.ema:
+                self.ema_sum[dead] = pick
+            self.ema_count[dead] = self.ema_count.mean()
+            self.idle[dead] = 0
+        self.restarts = n
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        if cfg.image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8, got {cfg.image_size}")
+        self.cfg = cfg
+        c1, c2, c3 = cfg.channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, c1, 4, 2, 1), ResBlock(c1), nn.Conv2d(c1, c2, 4, 2, 1), ResBlock(c2),
+            nn.Conv2d(c2, c3, 4, 2, 1), ResBlock(c3), ResBlock(c3), nn.SiLU(),
+            nn.Conv2d(c3, cfg.code_dim, 1))
+        self.quantizer = Quantizer(cfg)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(cfg.code_dim, c3, 1), ResBlock(c3), ResBlock(c3), nn.SiLU(),
+            nn.ConvTranspose2d(c3, c2, 4, 2, 1), ResBlock(c2), nn.SiLU(),
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), ResBlock(c1), nn.SiLU(),
+            nn.ConvTranspose2d(c1, 3, 4, 2, 1))
+
+    @staticmethod
+    def to_input(images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float in [-1, 1]."""
+        return images.float() / 127.5 - 1.0
+
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def _check(self, images: torch.Tensor) -> None:
+        s = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (s, s):
+            raise ValueError(f"expected images of shape [B, 3, {s}, {s}], got {tuple(images.shape)}")
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] float -> [B * h * w, code_dim] (unnormalised)."""
+        z = self.encoder(x)
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+    def decode_codes(self, q: torch.Tensor, b: int) -> torch.Tensor:
+        s = self.cfg.tokens_side
+        return self.decoder(q.reshape(b, s, s, -1).permute(0, 3, 1, 2))
+
+    def forward(self, x: torch.Tensor):
+        b = x.shape[0]
+        q, ids, losses = self.quantizer(self.latents(x))
+        recon = self.decode_codes(q, b)
+        losses["recon"] = F.mse_loss(recon, x)
+        return recon, ids.reshape(b, -1), losses
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> code ids [B, (H/8) * (W/8)] in raster order."""
+        self._check(images)
+        z = F.normalize(self.latents(self.to_input(images)), dim=-1)
+        return self.quantizer.nearest(z).reshape(images.shape[0], -1)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """code ids [B, tokens] -> uint8 images [B, 3, H, W]."""
+        if ids.ndim != 2 or ids.shape[1] != self.cfg.tokens_side ** 2:
+            raise ValueError(f"expected ids of shape [B, {self.cfg.tokens_side ** 2}], got "
+                             f"{tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.codebook_size:
+            raise ValueError(f"code ids must be in [0, {self.cfg.codebook_size})")
+        return self.to_uint8(self.decode_codes(self.quantizer.lookup(ids.reshape(-1)), ids.shape[0]))
