@@ -127,3 +127,13 @@ def test_psnr():
     b[1] += 10
     p = psnr(a, b)
     assert p[0] > 90 and abs(float(p[1]) - 10 * np.log10(255 ** 2 / 100)) < 1e-4
+
+
+def test_straight_through_codebook_gets_gradients():
+    m = VQVAE(VQConfig(channels=[8, 16, 16], codebook_size=16, code_dim=4, ema=False))
+    assert isinstance(m.quantizer.codebook, torch.nn.Parameter)
+    x = m.to_input(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    _, _, losses = m(x)
+    assert set(losses) == {"recon", "commit", "codebook"}
+    sum(losses.values()).backward()
+    assert m.quantizer.codebook.grad.abs().sum() > 0 and m.encoder[0].weight.grad.abs().sum() > 0

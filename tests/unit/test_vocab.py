@@ -49,3 +49,23 @@ def test_save_load_and_mismatch(tmp_path):
         v.special("cls")
     with pytest.raises(ValueError, match="outside the text range"):
         Vocab(text_size=5, specials={"pad": 7})
+
+
+def test_tokenizers_assemble_and_mismatch_fails(tmp_path, shapes_dir):
+    from omnimask.cli import main
+    from omnimask.modalities.tokenizers import build_vocab, check_tokenizers
+
+    data = str(shapes_dir / "train-*.tar")
+    for name, extra in (("t1", ["vocab_size=400"]), ("t2", ["vocab_size=300"])):
+        assert main(["tokenizer", "train", "text", "--data", data, "--out",
+                     str(tmp_path / name), *extra, "-q"]) == 0
+    assert main(["tokenizer", "train", "speech", "--data", data, "--out", str(tmp_path / "s"),
+                 "codebook_size=256", "-q"]) == 0
+    v = build_vocab(tmp_path / "t1", speech_dir=tmp_path / "s")
+    assert v.speech_units == 256 and v.image_codes == 0 and v.size == v.text_size + 256
+    saved = Vocab.load(v.save(tmp_path / "model" / "vocab.json"))  # as a model would keep it
+    check_tokenizers(saved, tmp_path / "t1", speech_dir=tmp_path / "s")
+    with pytest.raises(VocabMismatch, match="text_size"):
+        check_tokenizers(saved, tmp_path / "t2", speech_dir=tmp_path / "s")
+    with pytest.raises(VocabMismatch, match="speech_units"):
+        check_tokenizers(saved, tmp_path / "t1")
