@@ -1,0 +1,147 @@
+"""Padding-free packing of multimodal samples (the trunk's input format).
+
+A sample is a list of :class:`Segment` (a caption, an image's VQ codes or patch features,
+a spoken caption's units or frames). :func:`pack` concatenates every segment of every
+sample into one sequence of ``T`` positions and describes it with flat tensors; ``cu_seqlens``
+marks where each sample starts, so attention never crosses samples. Everything here is a
+pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omnimask.modalities.vocab import MODALITIES
+
+IGNORE = -100  # target of a position that is not predicted
+
+
+@dataclass
+class Segment:
+    modality: str  # "text" | "image" | "speech"
+    ids: torch.Tensor | None = None  # [n] token ids (in the shared vocabulary)
+    features: torch.Tensor | None = None  # [n, d] continuous inputs (patches, frames)
+    grid: tuple[int, int] | None = None  # (rows, cols) for 2-D positions; rows * cols == n
+    targets: torch.Tensor | None = None  # [n] ids to predict, IGNORE elsewhere
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}; known: {', '.join(MODALITIES)}")
+        if (self.ids is None) == (self.features is None):
+            raise ValueError("a segment has either ids or features, not both or neither")
+        n = len(self)
+        if n == 0:
+            raise ValueError(f"empty {self.modality} segment")
+        if self.features is not None and self.features.ndim != 2:
+            raise ValueError(f"features must be [n, d], got {tuple(self.features.shape)}")
+        if self.grid is not None and self.grid[0] * self.grid[1] != n:
+            raise ValueError(f"grid {self.grid} does not hold {n} positions")
+        if self.targets is not None and self.targets.shape != (n,):
+            raise ValueError(f"targets must be [{n}], got {tuple(self.targets.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.ids) if self.ids is not None else self.features.shape[0]
+
+
+@dataclass
+class PackedBatch:
+    ids: torch.Tensor  # [T] long; -1 where the input is a feature vector
+    modality: torch.Tensor  # [T] long, index into MODALITIES
+    segment: torch.Tensor  # [T] long, segment number within its sample
+    position: torch.Tensor  # [T] long, index within its segment
+    position_2d: torch.Tensor  # [T, 2] long (row, col) on grids, (-1, -1) elsewhere
+    targets: torch.Tensor  # [T] long, IGNORE where nothing is predicted
+    cu_seqlens: torch.Tensor  # [B + 1] int32, sample boundaries
+    max_seqlen: int
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [n_m, d_m]
+    feature_index: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [n_m]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+    @property
+    def target_positions(self) -> torch.Tensor:
+        return (self.targets != IGNORE).nonzero(as_tuple=True)[0]
+
+    def sample_index(self) -> torch.Tensor:
+        return sample_index(self.cu_seqlens)
+
+
+def pack(samples: list[list[Segment]]) -> PackedBatch:
+    """Concatenate every segment of every sample, in order, with no padding."""
+    if not samples or any(not s for s in samples):
+        raise ValueError("pack needs at least one sample and every sample a segment")
+    ids, mod, seg, pos, pos2, tgt, lens = [], [], [], [], [], [], []
+    feats: dict[str, list[torch.Tensor]] = {}
+    fidx: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for sample in samples:
+        length = 0
+        for k, s in enumerate(sample):
+            n = len(s)
+            ar = torch.arange(n)
+            if s.ids is not None:
+                ids.append(s.ids.long())
+            else:
+                ids.append(torch.full((n,), -1, dtype=torch.long))
+                feats.setdefault(s.modality, []).append(s.features)
+                fidx.setdefault(s.modality, []).append(ar + offset + length)
+            mod.append(torch.full((n,), MODALITIES.index(s.modality), dtype=torch.long))
+            seg.append(torch.full((n,), k, dtype=torch.long))
+            pos.append(ar)
+            if s.grid is not None:
+                pos2.append(torch.stack([ar // s.grid[1], ar % s.grid[1]], 1))
+            else:
+                pos2.append(torch.full((n, 2), -1, dtype=torch.long))
+            tgt.append(s.targets.long() if s.targets is not None
+                       else torch.full((n,), IGNORE, dtype=torch.long))
+            length += n
+        lens.append(length)
+        offset += length
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return PackedBatch(
+        ids=torch.cat(ids), modality=torch.cat(mod), segment=torch.cat(seg),
+        position=torch.cat(pos), position_2d=torch.cat(pos2), targets=torch.cat(tgt),
+        cu_seqlens=cu, max_seqlen=max(lens),
+        features={m: torch.cat(v) for m, v in feats.items()},
+        feature_index={m: torch.cat(v) for m, v in fidx.items()})
+
+
+def sample_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[T] index of the sample each packed position belongs to."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lens)), lens)
+
+
+def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """Split a packed [T, ...] tensor back into per-sample tensors."""
+    if x.shape[0] != int(cu_seqlens[-1]):
+        raise ValueError(f"tensor has {x.shape[0]} positions, cu_seqlens says {int(cu_seqlens[-1])}")
+    return list(torch.split(x, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()))
+
+
+def pack_to_budget(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sample indices into bins of at most ``budget`` tokens (first-fit decreasing),
+    for static shapes: every bin then packs to at most ``budget`` positions."""
+    too_long = [i for i, n in enumerate(lengths) if n > budget]
+    if too_long:
+        raise ValueError(f"samples {too_long[:5]} are longer than the budget of {budget} tokens")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
+        if j is None:
+            bins.append([i])
+            room.append(budget - lengths[i])
+        else:
+            bins[j].append(i)
+            room[j] -= lengths[i]
+    return [sorted(b) for b in bins]
