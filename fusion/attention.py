@@ -1,0 +1,169 @@
+"""Attention over packed sequences, behind one function, with a runtime-probed backend.
+
+``attention(q, k, v, cu_seqlens, max_seqlen, mask)`` with q/k/v of shape ``[T, heads, dim]``
+(all samples concatenated, see ``fusion/packing.py``). Masks never cross sample
+boundaries. Kinds: ``bidirectional``; ``causal``; ``prefix`` (bidirectional over each
+sample's first ``prefix_len[i]`` positions, causal after: captioning with an image
+prefix); ``cm3`` (a CM3 document is already rearranged by the data transform, so its
+attention is causal).
+
+Backends: ``sdpa`` (PyTorch scaled_dot_product_attention on per-sample padded blocks with
+a boolean mask; CPU and everywhere), ``varlen`` (``torch.nn.attention.varlen.varlen_attn``,
+CUDA, no padding), ``xformers`` (``memory_efficient_attention`` with block-diagonal
+masks, CUDA; its kernels only load with the torch it was built for). ``auto`` probes
+the candidates once per (device, dtype, mask) on a tiny problem against a float64
+reference, keeps those that agree, and picks the fastest; the choice is logged. A
+missing or broken xformers never breaks an import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("omnimask.attention")
+MASKS = ("bidirectional", "causal", "prefix", "cm3")
+BACKENDS = ("auto", "sdpa", "varlen", "xformers")
+_CHOICE: dict[tuple, str] = {}
+
+
+def _lengths(cu: torch.Tensor) -> list[int]:
+    return (cu[1:] - cu[:-1]).tolist()
+
+
+def block_mask(lengths: list[int], mask: str, prefix_len=None, device=None) -> torch.Tensor:
+    """[B, 1, L, L] boolean (True = may attend) for per-sample padded blocks."""
+    if mask not in MASKS:
+        raise ValueError(f"unknown mask {mask!r}; known: {', '.join(MASKS)}")
+    L = max(lengths)
+    lens = torch.tensor(lengths, device=device)
+    i = torch.arange(L, device=device)
+    valid = i[None] < lens[:, None]  # [B, L]
+    m = valid[:, :, None] & valid[:, None, :]
+    if mask in ("causal", "cm3", "prefix"):
+        causal = i[:, None] >= i[None, :]
+        if mask == "prefix":
+            if prefix_len is None:
+                raise ValueError("mask='prefix' needs prefix_len (one length per sample)")
+            p = torch.as_tensor(prefix_len, device=device)
+            causal = causal[None] | (i[None, None, :] < p[:, None, None])
+        m = m & causal
+    # padded query rows attend to themselves only (keeps softmax finite; they are dropped)
+    m = m | (~valid[:, :, None] & torch.eye(L, dtype=torch.bool, device=device)[None])
+    return m[:, None]
+
+
+def _sdpa(q, k, v, cu, mask, prefix_len, scale):
+    lengths = _lengths(cu)
+    B, L, H = len(lengths), max(lengths), q.shape[1]
+    idx = torch.cat([torch.arange(n, device=q.device) + b * L for b, n in enumerate(lengths)])
+
+    def pad(x):
+        out = x.new_zeros(B * L, H, x.shape[-1])
+        out[idx] = x
+        return out.view(B, L, H, -1).transpose(1, 2)  # [B, H, L, D]
+
+    m = block_mask(lengths, mask, prefix_len, q.device)
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=m, scale=scale)
+    return o.transpose(1, 2).reshape(B * L, H, -1)[idx]
+
+
+def _varlen(q, k, v, cu, mask, prefix_len, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw = {"scale": scale}
+    if mask in ("causal", "cm3"):
+        if "window_size" not in inspect.signature(varlen_attn).parameters:
+            raise NotImplementedError("this torch's varlen_attn has no causal mode")
+        kw["window_size"] = (-1, 0)
+    elif mask == "prefix":
+        raise NotImplementedError("varlen_attn has no prefix-LM mask")
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    n = int(max(_lengths(cu)))
+    return varlen_attn(q, k, v, cu, cu, n, n, **kw)
+
+
+def _xformers(q, k, v, cu, mask, prefix_len, scale):
+    from xformers.ops import fmha
+
+    lens = _lengths(cu)
+    if mask == "bidirectional":
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lens)
+    elif mask in ("causal", "cm3"):
+        bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lens)
+    else:
+        raise NotImplementedError("xformers has no block-diagonal prefix-LM mask")
+    return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
+                                           scale=scale)[0]
+
+
+_IMPL = {"sdpa": _sdpa, "varlen": _varlen, "xformers": _xformers}
+
+
+def reference(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None) -> torch.Tensor:
+    """Each sample alone, explicit mask, float64 softmax: the ground truth for tests/probe."""
+    outs = []
+    lengths = _lengths(cu)
+    for b, n in enumerate(lengths):
+        s, e = int(cu[b]), int(cu[b + 1])
+        qs, ks, vs = (x[s:e].double().transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        att = qs @ ks.transpose(1, 2) * (scale or 1 / math.sqrt(q.shape[-1]))
+        m = block_mask([n], mask, None if prefix_len is None else [prefix_len[b]], q.device)[0, 0]
+        att = att.masked_fill(~m, float("-inf")).softmax(-1)
+        outs.append((att @ vs).transpose(0, 1))
+    return torch.cat(outs).to(q.dtype)
+
+
+def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 17, 24], dtype=torch.int32)
+    q, k, v = (torch.randn(24, 2, 16, generator=g).to(device, dtype) for _ in range(3))
+    pre = [2, 4, 3] if mask == "prefix" else None
+    want = reference(q, k, v, cu, mask, pre).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    candidates = ["sdpa"] if device.type != "cuda" else ["varlen", "xformers", "sdpa"]
+    timed = {}
+    for name in candidates:
+        try:
+            got = _IMPL[name](q, k, v, cu, mask, pre, None).float()
+            if not torch.allclose(got, want, atol=tol, rtol=tol):
+                raise RuntimeError(f"max error {(got - want).abs().max():.2e}")
+            t0 = time.perf_counter()
+            for _ in range(3):
+                _IMPL[name](q, k, v, cu, mask, pre, None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timed[name] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - any failure means: not this backend here
+            log.info("attention backend %s unusable on %s/%s/%s: %s", name, device.type, dtype,
+                     mask, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if not timed:  # sdpa always works; this would be a torch bug
+        raise RuntimeError("no attention backend passed the probe")
+    return min(timed, key=timed.get)
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, mask: str) -> str:
+    key = (device.type, dtype, mask)
+    if key not in _CHOICE:
+        _CHOICE[key] = _probe(device, dtype, mask)
+        log.warning("attention backend for %s/%s/%s: %s", device.type, str(dtype).split(".")[-1],
+                    mask, _CHOICE[key])
+    return _CHOICE[key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+              max_seqlen: int | None = None, mask: str = "bidirectional", prefix_len=None,
+              backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """[T, H, D] x3 -> [T, H, D]; see the module docstring."""
+    if mask not in MASKS:
+        raise ValueError(f"unknown mask {mask!r}; known: {', '.join(MASKS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = choose_backend(q.device, q.dtype, mask)
+    return _IMPL[backend](q, k, v, cu_seqlens, mask, prefix_len, scale)
