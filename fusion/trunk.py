@@ -1,0 +1,286 @@
+"""The shared transformer trunk over packed multimodal sequences.
+
+Options: pre-LN or post-LN (BERT), LayerNorm or RMSNorm, GELU or SwiGLU, QK-norm,
+clipped softmax (Bondarenko et al. 2023: ``clip((zeta - gamma) * softmax + gamma, 0, 1)``;
+gamma=0, zeta=1 is the softmax), gated attention (each head's output times
+``sigmoid(G(x))``, bias initialised to logit(pi)), multiway FFN experts per modality
+(BEiT-3: shared attention, one FFN per modality), learned modality embeddings,
+activation checkpointing. Output heads gather the target positions before projecting.
+``Trunk.from_hf_bert`` loads a transformers ``BertModel``/``BertForMaskedLM``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from omnimask.modalities.vocab import MODALITIES
+
+from .attention import _lengths, attention, block_mask
+from .packing import PackedBatch
+
+
+@dataclass
+class TrunkConfig:
+    vocab_size: int = 8192
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    ffn_dim: int = 1024
+    max_positions: int = 512
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-12
+    prenorm: bool = True  # False: post-LN (BERT)
+    activation: str = "gelu"  # gelu | swiglu
+    qk_norm: bool = False
+    clip_gamma: float = 0.0  # clipped softmax; (0, 1) is the plain softmax
+    clip_zeta: float = 1.0
+    gated_attention: bool = False
+    gate_init_prob: float = 0.25
+    multiway: bool = False  # one FFN per modality
+    modality_embeddings: bool = True
+    token_type_embedding: bool = False  # BERT's (type 0) embedding, for imported models
+    embed_norm: bool = False  # LayerNorm after the embeddings (BERT)
+    dropout: float = 0.0
+    attention_backend: str = "auto"
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.norm not in ("layernorm", "rmsnorm") or self.activation not in ("gelu", "swiglu"):
+            raise ValueError("norm must be layernorm|rmsnorm and activation gelu|swiglu")
+
+    @property
+    def plain_softmax(self) -> bool:
+        return self.clip_gamma == 0.0 and self.clip_zeta == 1.0
+
+
+def _norm(cfg: TrunkConfig, dim: int) -> nn.Module:
+    return (nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm"
+            else nn.RMSNorm(dim, eps=cfg.norm_eps))
+
+
+def clipped_softmax(scores: torch.Tensor, mask: torch.Tensor, gamma: float, zeta: float):
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.clamp((zeta - gamma) * p + gamma, 0.0, 1.0).masked_fill(~mask, 0.0)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TrunkConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = _norm(cfg, self.head_dim), _norm(cfg, self.head_dim)
+        if cfg.gated_attention:
+            self.gate = nn.Linear(cfg.dim, cfg.heads)
+            nn.init.zeros_(self.gate.weight)
+            p = cfg.gate_init_prob
+            nn.init.constant_(self.gate.bias, math.log(p / (1 - p)))
+
+    def _clipped(self, q, k, v, cu, mask, prefix_len):
+        """Explicit attention on padded blocks (the fused kernels only do softmax)."""
+        lengths = _lengths(cu)
+        B, L, H = len(lengths), max(lengths), q.shape[1]
+        idx = torch.cat([torch.arange(n, device=q.device) + b * L for b, n in enumerate(lengths)])
+
+        def pad(x):
+            out = x.new_zeros(B * L, H, x.shape[-1])
+            out[idx] = x
+            return out.view(B, L, H, -1).transpose(1, 2)
+
+        m = block_mask(lengths, mask, prefix_len, q.device)
+        s = pad(q) @ pad(k).transpose(-1, -2) / math.sqrt(self.head_dim)
+        p = clipped_softmax(s, m, self.cfg.clip_gamma, self.cfg.clip_zeta)
+        return (p @ pad(v)).transpose(1, 2).reshape(B * L, H, -1)[idx]
+
+    def forward(self, x, cu, max_seqlen, mask, prefix_len):
+        T = x.shape[0]
+        q, k, v = self.qkv(x).view(T, 3, self.cfg.heads, self.head_dim).unbind(1)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.plain_softmax:
+            o = attention(q, k, v, cu, max_seqlen, mask, prefix_len, self.cfg.attention_backend)
+        else:
+            o = self._clipped(q, k, v, cu, mask, prefix_len)
+        if self.cfg.gated_attention:
+            o = o * torch.sigmoid(self.gate(x))[..., None]
+        return self.out(o.reshape(T, -1))
+
+
+class FFN(nn.Module):
+    def __init__(self, cfg: TrunkConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        self.up = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.swiglu else 1))
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.swiglu:
+            a, b = h.chunk(2, dim=-1)
+            return self.down(F.silu(a) * b)
+        return self.down(F.gelu(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TrunkConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn = Attention(cfg)
+        self.ffn = nn.ModuleList([FFN(cfg) for _ in (MODALITIES if cfg.multiway else [0])])
+        self.norm1, self.norm2 = _norm(cfg, cfg.dim), _norm(cfg, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _ffn(self, x, modality):
+        if len(self.ffn) == 1:
+            return self.ffn[0](x)
+        out = torch.empty_like(x)
+        for m, ffn in enumerate(self.ffn):  # each token through its modality's expert
+            sel = (modality == m).nonzero(as_tuple=True)[0]
+            if sel.numel():
+                out[sel] = ffn(x[sel])
+        return out
+
+    def forward(self, x, modality, cu, max_seqlen, mask, prefix_len):
+        if self.cfg.prenorm:
+            x = x + self.drop(self.attn(self.norm1(x), cu, max_seqlen, mask, prefix_len))
+            return x + self.drop(self._ffn(self.norm2(x), modality))
+        x = self.norm1(x + self.drop(self.attn(x, cu, max_seqlen, mask, prefix_len)))
+        return self.norm2(x + self.drop(self._ffn(x, modality)))
+
+
+class MLMHead(nn.Module):
+    """Dense-GELU-norm, then a projection tied to the word embeddings (+ own bias)."""
+
+    def __init__(self, cfg: TrunkConfig, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.norm = _norm(cfg, cfg.dim)
+        self.embedding = embedding
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h):
+        return F.linear(self.norm(F.gelu(self.dense(h))), self.embedding.weight, self.bias)
+
+
+class Trunk(nn.Module):
+    def __init__(self, cfg: TrunkConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos = nn.Embedding(cfg.max_positions, cfg.dim)
+        if cfg.token_type_embedding:
+            self.token_type = nn.Parameter(torch.zeros(cfg.dim))
+        if cfg.modality_embeddings:
+            self.modality = nn.Embedding(len(MODALITIES), cfg.dim)
+            nn.init.zeros_(self.modality.weight)
+        self.embed_norm = _norm(cfg, cfg.dim) if cfg.embed_norm else None
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
+        self.final_norm = _norm(cfg, cfg.dim) if cfg.prenorm else None
+        self.mlm = MLMHead(cfg, self.tok)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def embed(self, batch: PackedBatch, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings; positions are indices within each sample. ``features``: [T, dim]
+        already-projected continuous inputs, used where ``batch.ids == -1``."""
+        cu = batch.cu_seqlens.to(batch.ids.device)
+        starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+        pos = torch.arange(batch.num_tokens, device=batch.ids.device) - starts
+        if int(pos.max()) >= self.cfg.max_positions:
+            raise ValueError(f"a sample is longer than max_positions={self.cfg.max_positions}")
+        is_feat = batch.ids < 0
+        x = self.tok(batch.ids.clamp_min(0))
+        if is_feat.any():
+            if features is None:
+                raise ValueError("the batch holds feature positions but no features were given")
+            x = torch.where(is_feat[:, None], features, x)
+        x = x + self.pos(pos)
+        if self.cfg.token_type_embedding:
+            x = x + self.token_type
+        if self.cfg.modality_embeddings:
+            x = x + self.modality(batch.modality)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return self.drop(x)
+
+    def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, dim] of the packed batch."""
+        x = self.embed(batch, features)
+        cu = batch.cu_seqlens
+        for blk in self.blocks:
+            if self.cfg.checkpointing and self.training:
+                x = checkpoint(blk, x, batch.modality, cu, batch.max_seqlen, mask, prefix_len,
+                               use_reentrant=False)
+            else:
+                x = blk(x, batch.modality, cu, batch.max_seqlen, mask, prefix_len)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits at ``positions`` only: gather first, then project (no logits elsewhere)."""
+        return self.mlm(hidden[positions])
+
+    def mlm_loss(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self(batch) if hidden is None else hidden
+        pos = batch.target_positions
+        return F.cross_entropy(self.mlm_logits(hidden, pos), batch.targets[pos])
+
+    # -- Hugging Face BERT ---------------------------------------------------------------
+    @classmethod
+    def from_hf_bert(cls, model_or_path, **overrides) -> Trunk:
+        """A transformers ``BertModel``/``BertForMaskedLM`` (object or path) as a post-LN trunk."""
+        from transformers import BertForMaskedLM, BertModel
+
+        hf = model_or_path
+        if isinstance(hf, str):
+            hf = BertForMaskedLM.from_pretrained(hf)
+        bert = hf.bert if hasattr(hf, "bert") else hf
+        if not isinstance(bert, BertModel):
+            raise TypeError(f"expected a BertModel or BertForMaskedLM, got {type(hf).__name__}")
+        c = bert.config
+        if c.hidden_act != "gelu":
+            raise ValueError(f"only BERT with hidden_act='gelu' maps exactly, got {c.hidden_act!r}")
+        cfg = TrunkConfig(vocab_size=c.vocab_size, dim=c.hidden_size, layers=c.num_hidden_layers,
+                          heads=c.num_attention_heads, ffn_dim=c.intermediate_size,
+                          max_positions=c.max_position_embeddings, norm_eps=c.layer_norm_eps,
+                          prenorm=False, modality_embeddings=False, token_type_embedding=True,
+                          embed_norm=True, **overrides)
+        t = cls(cfg)
+        e = bert.embeddings
+        sd = {"tok.weight": e.word_embeddings.weight, "pos.weight": e.position_embeddings.weight,
+              "token_type": e.token_type_embeddings.weight[0],
+              "embed_norm.weight": e.LayerNorm.weight, "embed_norm.bias": e.LayerNorm.bias}
+        for i, layer in enumerate(bert.encoder.layer):
+            a, p = layer.attention.self, f"blocks.{i}."
+            sd[p + "attn.qkv.weight"] = torch.cat([a.query.weight, a.key.weight, a.value.weight])
+            sd[p + "attn.qkv.bias"] = torch.cat([a.query.bias, a.key.bias, a.value.bias])
+            o = layer.attention.output
+            sd.update({p + "attn.out.weight": o.dense.weight, p + "attn.out.bias": o.dense.bias,
+                       p + "norm1.weight": o.LayerNorm.weight, p + "norm1.bias": o.LayerNorm.bias,
+                       p + "ffn.0.up.weight": layer.intermediate.dense.weight,
+                       p + "ffn.0.up.bias": layer.intermediate.dense.bias,
+                       p + "ffn.0.down.weight": layer.output.dense.weight,
+                       p + "ffn.0.down.bias": layer.output.dense.bias,
+                       p + "norm2.weight": layer.output.LayerNorm.weight,
+                       p + "norm2.bias": layer.output.LayerNorm.bias})
+        if hasattr(hf, "cls"):
+            tr = hf.cls.predictions.transform
+            sd.update({"mlm.dense.weight": tr.dense.weight, "mlm.dense.bias": tr.dense.bias,
+                       "mlm.norm.weight": tr.LayerNorm.weight, "mlm.norm.bias": tr.LayerNorm.bias,
+                       "mlm.bias": hf.cls.predictions.bias})
+        missing, unexpected = t.load_state_dict({k: v.detach().clone() for k, v in sd.items()},
+                                                strict=False)
+        allowed = {"mlm.dense.weight", "mlm.dense.bias", "mlm.norm.weight", "mlm.norm.bias",
+                   "mlm.bias", "mlm.embedding.weight"}
+        if unexpected or set(missing) - allowed:
+            raise RuntimeError(f"BERT import mismatch: missing {missing}, unexpected {unexpected}")
+        return t

@@ -1,0 +1,138 @@
+"""The trunk: BERT parity, packing invariance, and each option's defining property."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from omnimask.fusion.packing import IGNORE, Segment, pack
+from omnimask.fusion.trunk import Trunk, TrunkConfig, clipped_softmax
+
+
+def _batch(lengths, vocab=100, seed=0, modality=None):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        tgt = torch.where(torch.rand(n, generator=g) < 0.3, ids, torch.full((n,), IGNORE))
+        segs = [Segment(modality or "text", ids=ids, targets=tgt)]
+        samples.append(segs)
+    return pack(samples)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hf_bert_parity_packed_vs_padded(seed):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=40,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = BertForMaskedLM(cfg).eval()
+    ours = Trunk.from_hf_bert(hf, attention_backend="sdpa").eval()
+    lengths = [5, 17, 11, 3]
+    b = _batch(lengths, vocab=97, seed=seed)
+    L = max(lengths)
+    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    att = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(b.cu_seqlens[:-1].tolist(), lengths)):
+        ids[i, :n], att[i, :n] = b.ids[s:s + n], 1
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=att, output_hidden_states=True)
+        h = ours(b)
+        logits = ours.mlm_logits(h, torch.arange(b.num_tokens))
+    for i, (s, n) in enumerate(zip(b.cu_seqlens[:-1].tolist(), lengths)):
+        torch.testing.assert_close(h[s:s + n], out.hidden_states[-1][i, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[s:s + n], out.logits[i, :n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [{}, {"prenorm": False}, {"norm": "rmsnorm", "activation": "swiglu",
+                                                           "qk_norm": True},
+                                  {"multiway": True}, {"gated_attention": True},
+                                  {"clip_gamma": -0.03, "clip_zeta": 1.0}])
+@pytest.mark.parametrize("mask", ["bidirectional", "causal"])
+def test_packed_batch_equals_each_sample_alone(opts, mask):
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=50, dim=32, heads=4, layers=2, ffn_dim=48,
+                          attention_backend="sdpa", **opts)).eval()
+    lengths = [4, 9, 1, 6]
+    b = _batch(lengths, vocab=50)
+    with torch.no_grad():
+        h = t(b, mask)
+        for i, n in enumerate(lengths):
+            s = int(b.cu_seqlens[i])
+            alone = pack([[Segment("text", ids=b.ids[s:s + n])]])
+            torch.testing.assert_close(h[s:s + n], t(alone, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_clipped_softmax_property():
+    s = torch.randn(2, 3, 5, 5)
+    m = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    torch.testing.assert_close(clipped_softmax(s, m, 0.0, 1.0), s.softmax(-1))
+    # gamma < 0 lets a head put exactly zero weight on tokens: exact zeros appear
+    s2 = s.clone()
+    s2[..., 0] = 10.0  # a head that wants to attend to one token only
+    p = clipped_softmax(s2, m, -0.025, 1.0)
+    assert (p == 0).any() and (p >= 0).all() and (p <= 1).all()
+    assert (s2.softmax(-1) > 0).all()  # the plain softmax can never give exact zeros
+
+
+def test_gated_attention_initial_gate_and_effect():
+    torch.manual_seed(0)
+    cfg = TrunkConfig(vocab_size=20, dim=16, heads=2, layers=1, ffn_dim=16, gated_attention=True,
+                      gate_init_prob=0.25, attention_backend="sdpa")
+    t = Trunk(cfg)
+    x = torch.randn(7, 16)
+    assert torch.allclose(torch.sigmoid(t.blocks[0].attn.gate(x)), torch.full((7, 2), 0.25))
+    b = _batch([7], vocab=20)
+    attn = t.blocks[0].attn
+    with torch.no_grad():
+        attn.gate.bias.fill_(-1e4)  # gates shut: attention contributes only its output bias
+        o = attn(x, b.cu_seqlens, 7, "bidirectional", None)
+    torch.testing.assert_close(o, attn.out.bias.expand(7, 16))
+
+
+def test_multiway_routes_tokens_to_their_modality_expert():
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=30, dim=16, heads=2, layers=1, ffn_dim=16, multiway=True,
+                          attention_backend="sdpa")).eval()
+    blk = t.blocks[0]
+    x = torch.randn(6, 16)
+    mod = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = blk._ffn(x, mod)
+    for i, m in enumerate(mod.tolist()):
+        torch.testing.assert_close(out[i], blk.ffn[m](x[i:i + 1])[0])
+    with torch.no_grad():  # changing the image expert leaves text tokens alone
+        blk.ffn[1].down.bias.add_(1.0)
+    out2 = blk._ffn(x, mod)
+    assert torch.equal(out[:2], out2[:2]) and not torch.equal(out[2:4], out2[2:4])
+
+
+def test_qk_norm_bounds_logits():
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=20, dim=16, heads=2, layers=1, ffn_dim=16, qk_norm=True,
+                          norm="rmsnorm", attention_backend="sdpa"))
+    attn = t.blocks[0].attn
+    x = torch.randn(5, 16) * 1000  # huge activations
+    q, k, _ = attn.qkv(x).view(5, 3, 2, 8).unbind(1)
+    qn, kn = attn.q_norm(q), attn.k_norm(k)
+    assert (qn.pow(2).mean(-1).sqrt() - 1).abs().max() < 1e-3  # unit RMS per head
+    assert (qn * kn).sum(-1).abs().max() <= 8 + 1e-3  # |q.k| <= head_dim
+
+
+def test_mlm_logits_only_at_targets_and_training_step():
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=40, dim=32, heads=4, layers=2, ffn_dim=64,
+                          attention_backend="sdpa", checkpointing=True))
+    b = _batch([8, 12], vocab=40)
+    h = t(b)
+    logits = t.mlm_logits(h, b.target_positions)
+    assert logits.shape == (len(b.target_positions), 40)
+    opt = torch.optim.AdamW(t.parameters(), 1e-2)
+    losses = []
+    for _ in range(30):  # it learns to reconstruct the masked tokens of a fixed batch
+        loss = t.mlm_loss(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
