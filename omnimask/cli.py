@@ -113,6 +113,19 @@ def cmd_bench_tokenizer(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_trunk(a: argparse.Namespace) -> int:
+    from .bench_trunk import bench_trunk
+
+    res = bench_trunk(a.layers, a.dim, a.heads, a.ffn, a.vocab, a.batch, a.min_len, a.max_len,
+                      a.steps, a.warmup, a.device)
+    print(f"variable lengths [{a.min_len}, {a.max_len}]: omnimask "
+          f"{res['omnimask']['tokens_per_s']:.0f} vs transformers {res['hf']['tokens_per_s']:.0f} "
+          f"real tokens/s, ratio {res['ratio']:.2f}; full length: ratio "
+          f"{res['full_length']['ratio']:.2f}")
+    _write_json(res, a.out)
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .train.data.bench import bench_data
 
@@ -233,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--vs", choices=["webdataset", "none"], default="webdataset")
     bd.add_argument("--out", help="write the result JSON here")
     bd.set_defaults(fn=cmd_bench)
+    btr = bsub.add_parser("trunk", parents=[quiet], help="MLM training step vs transformers",
+                          description="Tokens/s of an MLM training step (fwd, bwd, AdamW) of the "
+                                      "trunk and of transformers' BertForMaskedLM (SDPA), same "
+                                      "sizes and batches, alternating in one process.")
+    btr.add_argument("--vs", choices=["hf"], default="hf", help="the peer (transformers BERT)")
+    for flag, default in (("--layers", 4), ("--dim", 256), ("--heads", 4), ("--ffn", 1024),
+                          ("--vocab", 8192), ("--batch", 16), ("--min-len", 32),
+                          ("--max-len", 256), ("--steps", 10), ("--warmup", 2)):
+        btr.add_argument(flag, type=int, default=default)
+    btr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    btr.add_argument("--out", help="write the result JSON here")
+    btr.set_defaults(fn=cmd_bench_trunk)
     btk = bsub.add_parser("tokenizer", parents=[quiet], help="tokenizer encode throughput",
                           description="VQ encode/decode images/s and speech encode seconds of "
                                       "audio per second (BEST-RQ and k-means).")

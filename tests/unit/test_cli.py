@@ -10,7 +10,7 @@ from omnimask.cli import build_parser, main
 
 COMMANDS = [[], ["data"], ["data", "shapes"], ["data", "inspect"], ["data", "convert"],
             ["data", "convert", "coco"], ["data", "convert", "folder"], ["bench"],
-            ["bench", "data"], ["bench", "tokenizer"], ["demo"], ["tokenizer"], ["tokenizer", "train"],
+            ["bench", "data"], ["bench", "tokenizer"], ["bench", "trunk"], ["demo"], ["tokenizer"], ["tokenizer", "train"],
             ["tokenizer", "eval"]]
 
 
@@ -85,3 +85,14 @@ def test_bench_tokenizer_json(shapes_dir, tmp_path):
     assert r["image_vq_encode"]["images_per_s"] > 0 and r["image_vq_encode"]["tokens_per_image"] == 64
     assert r["speech_bestrq_encode"]["audio_seconds_per_s"] > 0
     assert r["speech_kmeans_encode"]["units_per_second"] == 25.0
+
+
+def test_bench_trunk_json(tmp_path):
+    out = tmp_path / "t.json"
+    assert main(["bench", "trunk", "--layers", "1", "--dim", "32", "--heads", "2", "--ffn", "64",
+                 "--vocab", "100", "--batch", "3", "--min-len", "4", "--max-len", "16",
+                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out), "-q"]) == 0
+    r = json.loads(out.read_text())
+    assert r["bench"] == "trunk" and r["device"] == "cpu"
+    assert r["omnimask"]["tokens_per_s"] > 0 and r["hf"]["tokens_per_s"] > 0
+    assert r["ratio"] > 0 and r["full_length"]["ratio"] > 0
