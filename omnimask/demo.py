@@ -233,9 +233,9 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
 def _print_summary(report: dict) -> None:
     m = report["metrics"]
     print("\n== summary")
-    print(f"{'stage':<10}{'status':<10}{'seconds':>8}")
+    print(f"{'stage':<12}{'status':<10}{'seconds':>8}")
     for k, v in report["stages"].items():
-        print(f"{k:<10}{v['status'][:40]:<10}{v['seconds']:>8.1f}")
+        print(f"{k:<12}{v['status'][:40]:<10}{v['seconds']:>8.1f}")
     if "data" in m:
         print("generated: " + ", ".join(f"{k} {v['samples']}" for k, v in m["data"].items()))
     if "inspect" in m:
