@@ -58,19 +58,45 @@ def block_mask(lengths: list[int], mask: str, prefix_len=None, device=None) -> t
     return m[:, None]
 
 
+def _blocks(lengths: list[int], device) -> tuple[torch.Tensor, int, int]:
+    """Row of each packed position in a [B * L] per-sample padded layout."""
+    L = max(lengths)
+    idx = torch.cat([torch.arange(n, device=device) + b * L for b, n in enumerate(lengths)])
+    return idx, len(lengths), L
+
+
+def to_blocks(x: torch.Tensor, idx: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """Packed [T, H, D] -> padded [B, H, L, D]."""
+    out = x.new_zeros(B * L, *x.shape[1:])
+    out[idx] = x
+    return out.view(B, L, *x.shape[1:]).transpose(1, 2)
+
+
+def from_blocks(o: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Padded [B, H, L, D] -> packed [T, H, D]."""
+    B, H, L, D = o.shape
+    return o.transpose(1, 2).reshape(B * L, H, D)[idx]
+
+
+def math_attention(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None, probs=None):
+    """Explicit attention on padded blocks; ``probs(scores, allowed)`` replaces the softmax
+    (the trunk's clipped softmax uses this: fused kernels only do softmax)."""
+    lengths = _lengths(cu)
+    idx, B, L = _blocks(lengths, q.device)
+    m = block_mask(lengths, mask, prefix_len, q.device)
+    s = to_blocks(q, idx, B, L) @ to_blocks(k, idx, B, L).transpose(-1, -2)
+    s = s * (scale or 1 / math.sqrt(q.shape[-1]))
+    p = probs(s, m) if probs is not None else s.masked_fill(~m, float("-inf")).softmax(-1)
+    return from_blocks(p @ to_blocks(v, idx, B, L), idx)
+
+
 def _sdpa(q, k, v, cu, mask, prefix_len, scale):
     lengths = _lengths(cu)
-    B, L, H = len(lengths), max(lengths), q.shape[1]
-    idx = torch.cat([torch.arange(n, device=q.device) + b * L for b, n in enumerate(lengths)])
-
-    def pad(x):
-        out = x.new_zeros(B * L, H, x.shape[-1])
-        out[idx] = x
-        return out.view(B, L, H, -1).transpose(1, 2)  # [B, H, L, D]
-
+    idx, B, L = _blocks(lengths, q.device)
     m = block_mask(lengths, mask, prefix_len, q.device)
-    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=m, scale=scale)
-    return o.transpose(1, 2).reshape(B * L, H, -1)[idx]
+    o = F.scaled_dot_product_attention(to_blocks(q, idx, B, L), to_blocks(k, idx, B, L),
+                                       to_blocks(v, idx, B, L), attn_mask=m, scale=scale)
+    return from_blocks(o, idx)
 
 
 def _varlen(q, k, v, cu, mask, prefix_len, scale):

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from omnimask.modalities.vocab import MODALITIES
 
-from .attention import _lengths, attention, block_mask
+from .attention import attention, math_attention
 from .packing import PackedBatch
 
 
@@ -86,22 +86,6 @@ class Attention(nn.Module):
             p = cfg.gate_init_prob
             nn.init.constant_(self.gate.bias, math.log(p / (1 - p)))
 
-    def _clipped(self, q, k, v, cu, mask, prefix_len):
-        """Explicit attention on padded blocks (the fused kernels only do softmax)."""
-        lengths = _lengths(cu)
-        B, L, H = len(lengths), max(lengths), q.shape[1]
-        idx = torch.cat([torch.arange(n, device=q.device) + b * L for b, n in enumerate(lengths)])
-
-        def pad(x):
-            out = x.new_zeros(B * L, H, x.shape[-1])
-            out[idx] = x
-            return out.view(B, L, H, -1).transpose(1, 2)
-
-        m = block_mask(lengths, mask, prefix_len, q.device)
-        s = pad(q) @ pad(k).transpose(-1, -2) / math.sqrt(self.head_dim)
-        p = clipped_softmax(s, m, self.cfg.clip_gamma, self.cfg.clip_zeta)
-        return (p @ pad(v)).transpose(1, 2).reshape(B * L, H, -1)[idx]
-
     def forward(self, x, cu, max_seqlen, mask, prefix_len):
         T = x.shape[0]
         q, k, v = self.qkv(x).view(T, 3, self.cfg.heads, self.head_dim).unbind(1)
@@ -110,7 +94,9 @@ class Attention(nn.Module):
         if self.cfg.plain_softmax:
             o = attention(q, k, v, cu, max_seqlen, mask, prefix_len, self.cfg.attention_backend)
         else:
-            o = self._clipped(q, k, v, cu, mask, prefix_len)
+            c = self.cfg
+            o = math_attention(q, k, v, cu, mask, prefix_len, probs=lambda s, m: clipped_softmax(
+                s, m, c.clip_gamma, c.clip_zeta))
         if self.cfg.gated_attention:
             o = o * torch.sigmoid(self.gate(x))[..., None]
         return self.out(o.reshape(T, -1))

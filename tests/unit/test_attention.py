@@ -98,3 +98,11 @@ def test_gradients_match_reference(mask):
         grads.append([x.grad for x in xs])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask", A.MASKS)
+def test_math_attention_equals_reference(mask):
+    q, k, v, cu = _problem([3, 8, 1])
+    pre = [2, 3, 1] if mask == "prefix" else None
+    torch.testing.assert_close(A.math_attention(q, k, v, cu, mask, pre), A.reference(q, k, v, cu, mask, pre),
+                               atol=1e-5, rtol=1e-5)
