@@ -182,6 +182,23 @@ def choose_backend(device: torch.device, dtype: torch.dtype, mask: str) -> str:
     return _CHOICE[key]
 
 
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    allowed: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Queries [Tq, H, D] over keys/values [Tk, H, D] with a per-query mask ``allowed``
+    ([Tq, Tk] or [H, Tq, Tk], True = may attend), as in Mask2Former/SEEM masked attention:
+    a query whose row is fully blocked attends everywhere instead (never NaN)."""
+    if allowed is not None:
+        allowed = allowed.bool()
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # unblock fully blocked rows
+        if allowed.ndim == 2:
+            allowed = allowed[None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                       v.transpose(0, 1)[None],
+                                       attn_mask=None if allowed is None else allowed[None],
+                                       scale=scale)
+    return o[0].transpose(0, 1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
               max_seqlen: int | None = None, mask: str = "bidirectional", prefix_len=None,
               backend: str = "auto", scale: float | None = None) -> torch.Tensor:

@@ -106,3 +106,18 @@ def test_math_attention_equals_reference(mask):
     pre = [2, 3, 1] if mask == "prefix" else None
     torch.testing.assert_close(A.math_attention(q, k, v, cu, mask, pre), A.reference(q, k, v, cu, mask, pre),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_per_query_masks():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g)
+    allowed = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0] * 6, [1] * 6], dtype=torch.bool)
+    out = A.cross_attention(q, k, v, allowed)
+    assert torch.isfinite(out).all()
+    for i in range(4):
+        keep = allowed[i] if allowed[i].any() else torch.ones(6, dtype=torch.bool)
+        att = (q[i][:, None] * k.transpose(0, 1)).sum(-1) / 8 ** 0.5  # [H, Tk]
+        att = att.masked_fill(~keep, float("-inf")).softmax(-1)
+        want = (att[..., None] * v.transpose(0, 1)).sum(1)  # [H, D]
+        torch.testing.assert_close(out[i], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], v[5])  # one allowed key: its value exactly

@@ -136,3 +136,12 @@ def test_mlm_logits_only_at_targets_and_training_step():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=50, dim=32, heads=4, layers=2, ffn_dim=48,
+                          attention_backend="sdpa")).eval()
+    b = _batch([5, 9, 3], vocab=50)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(t)(b), t(b), atol=1e-5, rtol=1e-5)
