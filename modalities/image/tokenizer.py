@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from omnimask.config import DataConfig, load_config, save_config
 from omnimask.errors import OmnimaskError
 from omnimask.registry import TOKENIZERS
 
+from ..artifacts import code_stats, load_artifact, save_artifact
 from .vq import VQVAE, VQConfig
 
 META = "image_tokenizer.json"
@@ -98,21 +98,15 @@ class ImageTokenizer:
         return self.model.decode(ids)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(d / WEIGHTS))
-        (d / META).write_text(json.dumps({"vq": asdict(self.model.cfg), "stats": self.stats,
-                                          "size": self.size}, indent=2) + "\n")
-        return d
+        return save_artifact(directory, META, {"vq": asdict(self.model.cfg), "stats": self.stats,
+                                               "size": self.size},
+                             WEIGHTS, self.model.state_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ImageTokenizer:
-        d = Path(directory)
-        if not (d / META).is_file() or not (d / WEIGHTS).is_file():
-            raise OmnimaskError(f"{d} is not an image tokenizer (needs {META} and {WEIGHTS})")
-        info = json.loads((d / META).read_text())
+        info, tensors = load_artifact(directory, META, WEIGHTS, "an image tokenizer")
         model = VQVAE(VQConfig(**info["vq"]))
-        model.load_state_dict(load_file(str(d / WEIGHTS)))
+        model.load_state_dict(tensors)
         return cls(model, info.get("stats"))
 
 
@@ -276,8 +270,6 @@ class ImageTokenizerOps:
             ids.append(c)
             recon.append(tok.model.decode(c))
         ids, recon = torch.cat(ids), torch.cat(recon)
-        from omnimask.modalities.speech.quantizers import code_stats
-
         p = psnr(images, recon)
         mse = (images.float() - recon.float()).pow(2).mean()
         path = Path(grid) if grid else Path(tokenizer) / "eval_recon.png"

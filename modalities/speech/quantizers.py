@@ -56,11 +56,3 @@ class KMeansUnits(torch.nn.Module):
             progress: bool = True) -> tuple[KMeansUnits, dict]:
         centroids, stats = kmeans(x, k, iterations, seed, progress=progress)
         return cls(centroids), stats
-
-
-def code_stats(ids: torch.Tensor, size: int) -> dict:
-    """Usage (fraction of codes used) and perplexity (exp of the code entropy)."""
-    counts = torch.bincount(ids.flatten(), minlength=size).float()
-    p = counts / counts.sum().clamp_min(1)
-    ent = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"usage": float((counts > 0).float().mean()), "perplexity": float(ent.exp())}

@@ -6,21 +6,21 @@ Saved as a directory: ``speech_tokenizer.json`` (config and fit statistics) and
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from omnimask.config import DataConfig, load_config
 from omnimask.errors import OmnimaskError
 from omnimask.registry import TOKENIZERS
 
+from ..artifacts import code_stats, load_artifact, save_artifact
+from ..kmeans import assign
 from .features import features
-from .quantizers import BestRQ, KMeansUnits, assign, code_stats
+from .quantizers import BestRQ, KMeansUnits
 
 META = "speech_tokenizer.json"
 WEIGHTS = "quantizer.safetensors"
@@ -65,22 +65,14 @@ class SpeechTokenizer:
         return self.quantizer(self.features(wave, sr, name))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.quantizer.state_dict().items()},
-                  str(d / WEIGHTS))
-        (d / META).write_text(json.dumps({"config": asdict(self.cfg), "stats": self.stats,
-                                          "size": self.size}, indent=2) + "\n")
-        return d
+        return save_artifact(directory, META, {"config": asdict(self.cfg), "stats": self.stats,
+                                               "size": self.size},
+                             WEIGHTS, self.quantizer.state_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SpeechTokenizer:
-        d = Path(directory)
-        if not (d / META).is_file() or not (d / WEIGHTS).is_file():
-            raise OmnimaskError(f"{d} is not a speech tokenizer (needs {META} and {WEIGHTS})")
-        info = json.loads((d / META).read_text())
+        info, tensors = load_artifact(directory, META, WEIGHTS, "a speech tokenizer")
         cfg = SpeechTokenizerConfig(**info["config"])
-        tensors = load_file(str(d / WEIGHTS))
         if cfg.kind == "bestrq":
             q = BestRQ(cfg.num_mel_bins * cfg.stack, cfg.codebook_size, cfg.code_dim, cfg.seed)
             q.load_state_dict(tensors)

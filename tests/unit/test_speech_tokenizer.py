@@ -10,8 +10,10 @@ import torch
 
 from omnimask.cli import main
 from omnimask.errors import OmnimaskError
+from omnimask.modalities.artifacts import code_stats
+from omnimask.modalities.kmeans import assign
 from omnimask.modalities.speech.features import fbank, features, prepare_wave
-from omnimask.modalities.speech.quantizers import BestRQ, KMeansUnits, assign, code_stats
+from omnimask.modalities.speech.quantizers import BestRQ, KMeansUnits
 from omnimask.modalities.speech.tokenizer import SpeechTokenizer
 from omnimask.train.data.espeak import Voice, get_espeak
 
