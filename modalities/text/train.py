@@ -14,6 +14,11 @@ from .tokenizer import TextTokenizer, TextTokenizerConfig
 
 def iter_texts(shards: list[str]) -> Iterator[str]:
     """Captions, questions, answers and referring expressions of every sample, in order."""
+    return (text for _, text in iter_labelled_texts(shards))
+
+
+def iter_labelled_texts(shards: list[str]) -> Iterator[tuple[str, str]]:
+    """``(kind, text)`` with kind caption, question, answer or expression."""
     from omnimask.train.data.pipeline import ShardLoader
     from omnimask.train.data.shards import expand_shards, manifest_entries
 
@@ -25,12 +30,13 @@ def iter_texts(shards: list[str]) -> Iterator[str]:
                      shuffle_shards=False)
     for b in ShardLoader(cfg, rank=0, world_size=1):
         for i in range(len(b["__key__"])):
-            yield from b["captions"][i]
+            for c in b["captions"][i]:
+                yield "caption", c
             for q in b.get("qa", [[]] * len(b["__key__"]))[i]:
-                yield q["question"]
-                yield str(q["answer"])
+                yield "question", q["question"]
+                yield "answer", str(q["answer"])
             for r in b.get("refs", [[]] * len(b["__key__"]))[i]:
-                yield r["expression"]
+                yield "expression", r["expression"]
 
 
 @TOKENIZERS.register("text")
@@ -56,20 +62,15 @@ class TextTokenizerOps:
         tok = TextTokenizer.load(tokenizer)
         unk = tok.roles["unk"]
         n_text = n_tok = n_unk = exact = n_caps = cap_tokens = 0
-        for kind_text in iter_texts(data):
-            ids = tok.encode(kind_text)
+        for kind, text in iter_labelled_texts(data):  # one pass over the shards
+            ids = tok.encode(text)
             n_text += 1
             n_tok += len(ids)
             n_unk += sum(i == unk for i in ids)
-            exact += tok.decode(ids) == kind_text
-        from omnimask.train.data.pipeline import ShardLoader
-
-        cfg = DataConfig(shards=data, processors=["text"], batch_size=256, shuffle_buffer=0)
-        for b in ShardLoader(cfg, rank=0, world_size=1):
-            for caps in b["captions"]:
-                for c in caps:
-                    n_caps += 1
-                    cap_tokens += len(tok.encode(c))
+            exact += tok.decode(ids) == text
+            if kind == "caption":
+                n_caps += 1
+                cap_tokens += len(ids)
         return {"kind": "text", "vocab_size": tok.vocab_size, "texts": n_text,
                 "tokens_per_caption": round(cap_tokens / max(n_caps, 1), 3),
                 "tokens_per_text": round(n_tok / max(n_text, 1), 3),

@@ -17,7 +17,7 @@ import torch
 
 from omnimask.config import DataConfig
 
-from .pipeline import ShardLoader
+from .pipeline import ShardLoader, as_is, collate
 from .shards import expand_shards
 
 IMAGE_TEXT_MASKS = ["image", "masks", "text"]
@@ -73,9 +73,9 @@ def _webdataset_peer(shards, batch_size, workers, repeats) -> dict:
                              select_files=lambda f: f.endswith(_PEER_MEMBERS))
               .shuffle(1000).decode("pil", only=["image.png", "seg.png", "inst.png", "caption.txt"])
               .map(to_tensors)
-              .batched(batch_size, collation_fn=_collate_like_ours))
+              .batched(batch_size, collation_fn=collate))
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
-                                         collate_fn=_as_is)
+                                         collate_fn=as_is)
         t0 = time.perf_counter()
         n = sum(len(b["captions"]) for b in dl)
         dt = time.perf_counter() - t0
@@ -84,16 +84,6 @@ def _webdataset_peer(shards, batch_size, workers, repeats) -> dict:
     best["workers"] = workers
     best["per_worker_samples_per_s"] = round(best["samples_per_s"] / max(workers, 1), 1)
     return best
-
-
-def _as_is(item):
-    return item
-
-
-def _collate_like_ours(samples):
-    from .pipeline import collate
-
-    return collate(samples)
 
 
 def bench_data(shards=None, num: int = 2000, batch_size: int = 64, workers: int | None = None,

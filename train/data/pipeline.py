@@ -119,7 +119,8 @@ def _shard_items(path: str, offset: int, ordinal: int, tally: _Tally | None, key
             tally.problem(path, f"cannot read shard: {e}")
 
 
-def _as_is(item):
+def as_is(item):
+    """Identity collate: batches are already collated in the workers."""
     return item
 
 
@@ -315,9 +316,9 @@ class ShardLoader:
         # whose turn it was when the last batch was taken comes first again.
         self.dataset.shift = self._next_worker
         nw = self.cfg.num_workers
-        # collate_fn=_as_is: batches are already collated; torch's default_convert would walk
+        # collate_fn=as_is: batches are already collated; torch's default_convert would walk
         # every nested dict of every sample again (it cost 45% of the time).
-        dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, collate_fn=_as_is,
+        dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, collate_fn=as_is,
                         prefetch_factor=4 if nw else None, persistent_workers=False)
         for kind, wid, data, state, records in dl:
             self._states[wid] = state
