@@ -10,7 +10,9 @@ attention is causal).
 Backends: ``sdpa`` (PyTorch scaled_dot_product_attention on per-sample padded blocks with
 a boolean mask; CPU and everywhere), ``varlen`` (``torch.nn.attention.varlen.varlen_attn``,
 CUDA, no padding), ``xformers`` (``memory_efficient_attention`` with block-diagonal
-masks, CUDA; its kernels only load with the torch it was built for). ``auto`` probes
+masks, CUDA; its kernels only load with the torch it was built for), ``flex``
+(FlexAttention over the packed sequence with a document ``mask_mod``: no padding and
+every mask kind, prefix-LM included; compiled on CUDA; on CPU unfused and forward only). ``auto`` probes
 the candidates once per (device, dtype, mask) on a tiny problem against a float64
 reference, keeps those that agree, and picks the fastest; the choice is logged. A
 missing or broken xformers never breaks an import.
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("omnimask.attention")
 MASKS = ("bidirectional", "causal", "prefix", "cm3")
-BACKENDS = ("auto", "sdpa", "varlen", "xformers")
+BACKENDS = ("auto", "sdpa", "varlen", "xformers", "flex")
 _CHOICE: dict[tuple, str] = {}
 
 
@@ -128,7 +130,62 @@ def _xformers(q, k, v, cu, mask, prefix_len, scale):
                                            scale=scale)[0]
 
 
-_IMPL = {"sdpa": _sdpa, "varlen": _varlen, "xformers": _xformers}
+_FLEX: dict = {"compiled": None, "key": None, "mask": None}
+
+
+def _flex_mask(cu: torch.Tensor, mask: str, prefix_len, device):
+    """A FlexAttention BlockMask for the packed layout; reused while the batch is the same
+    (every layer of one forward asks for the same mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = _lengths(cu)
+    key = (tuple(lengths), mask, None if prefix_len is None else tuple(
+        int(p) for p in prefix_len), str(device))
+    if _FLEX["key"] == key:
+        return _FLEX["mask"]
+    lens = torch.tensor(lengths, device=device)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
+    local = torch.arange(doc.numel(), device=device) - (torch.cumsum(lens, 0) - lens)[doc]
+    if mask == "bidirectional":
+        def mod(b, h, qi, ki):
+            return doc[qi] == doc[ki]
+    elif mask in ("causal", "cm3"):
+        def mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+    else:
+        if prefix_len is None:
+            raise ValueError("mask='prefix' needs prefix_len (one length per sample)")
+        pre = torch.as_tensor(prefix_len, device=device)
+
+        def mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & ((qi >= ki) | (local[ki] < pre[doc[ki]]))
+    T = doc.numel()
+    _FLEX["key"], _FLEX["mask"] = key, create_block_mask(mod, None, None, T, T, device=device)
+    return _FLEX["mask"]
+
+
+def _flex(q, k, v, cu, mask, prefix_len, scale):
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+            x.requires_grad for x in (q, k, v)):
+        raise NotImplementedError("FlexAttention has no backward on CPU (inference only); "
+                                  "use attention_backend=sdpa or auto to train on CPU")
+    fn = flex_attention
+    if q.device.type == "cuda":
+        if _FLEX["compiled"] is None:
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=True)
+        fn = _FLEX["compiled"]
+    bm = _flex_mask(cu, mask, prefix_len, q.device)
+    with warnings.catch_warnings():  # the unfused path warns once; it is still exact
+        warnings.simplefilter("ignore", UserWarning)
+        o = fn(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=bm, scale=scale)
+    return o[0].transpose(0, 1)
+
+
+_IMPL = {"sdpa": _sdpa, "varlen": _varlen, "xformers": _xformers, "flex": _flex}
 
 
 def reference(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None) -> torch.Tensor:
@@ -152,7 +209,7 @@ def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
     pre = [2, 4, 3] if mask == "prefix" else None
     want = reference(q, k, v, cu, mask, pre).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    candidates = ["sdpa"] if device.type != "cuda" else ["varlen", "xformers", "sdpa"]
+    candidates = ["sdpa"] if device.type != "cuda" else ["varlen", "xformers", "flex", "sdpa"]
     timed = {}
     for name in candidates:
         try:

@@ -44,6 +44,8 @@ class TrunkConfig:
     gate_init_prob: float = 0.25
     multiway: bool = False  # one FFN per modality
     modality_embeddings: bool = True
+    grid_positions: bool = True  # learned row + column embeddings on 2-D grids (images)
+    max_grid: int = 64
     token_type_embedding: bool = False  # BERT's (type 0) embedding, for imported models
     embed_norm: bool = False  # LayerNorm after the embeddings (BERT)
     dropout: float = 0.0
@@ -55,6 +57,11 @@ class TrunkConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.norm not in ("layernorm", "rmsnorm") or self.activation not in ("gelu", "swiglu"):
             raise ValueError("norm must be layernorm|rmsnorm and activation gelu|swiglu")
+        from .attention import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of "
+                             f"{', '.join(BACKENDS)}")
 
     @property
     def plain_softmax(self) -> bool:
@@ -82,8 +89,13 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = _norm(cfg, self.head_dim), _norm(cfg, self.head_dim)
         if cfg.gated_attention:
             self.gate = nn.Linear(cfg.dim, cfg.heads)
+            self.init_gate()
+
+    def init_gate(self) -> None:
+        """Zero weights, bias logit(pi): every head starts open by pi."""
+        if self.cfg.gated_attention:
             nn.init.zeros_(self.gate.weight)
-            p = cfg.gate_init_prob
+            p = self.cfg.gate_init_prob
             nn.init.constant_(self.gate.bias, math.log(p / (1 - p)))
 
     def forward(self, x, cu, max_seqlen, mask, prefix_len):
@@ -169,11 +181,27 @@ class Trunk(nn.Module):
         if cfg.modality_embeddings:
             self.modality = nn.Embedding(len(MODALITIES), cfg.dim)
             nn.init.zeros_(self.modality.weight)
+        if cfg.grid_positions:
+            self.row = nn.Embedding(cfg.max_grid, cfg.dim)
+            self.col = nn.Embedding(cfg.max_grid, cfg.dim)
         self.embed_norm = _norm(cfg, cfg.dim) if cfg.embed_norm else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
         self.final_norm = _norm(cfg, cfg.dim) if cfg.prenorm else None
         self.mlm = MLMHead(cfg, self.tok)
         self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init)
+        if cfg.modality_embeddings:
+            nn.init.zeros_(self.modality.weight)
+        for blk in self.blocks:
+            blk.attn.init_gate()
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        """BERT's initialisation: N(0, 0.02) weights, zero biases."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def embed(self, batch: PackedBatch, features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings; positions are indices within each sample. ``features``: [T, dim]
@@ -194,6 +222,14 @@ class Trunk(nn.Module):
             x = x + self.token_type
         if self.cfg.modality_embeddings:
             x = x + self.modality(batch.modality)
+        if self.cfg.grid_positions:
+            rc = batch.position_2d.to(x.device)
+            on = rc[:, 0] >= 0
+            if on.any():
+                if int(rc.max()) >= self.cfg.max_grid:
+                    raise ValueError(f"an image grid is larger than max_grid={self.cfg.max_grid}")
+                rc = rc.clamp_min(0)
+                x = x + (self.row(rc[:, 0]) + self.col(rc[:, 1])) * on[:, None]
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         return self.drop(x)
@@ -238,7 +274,8 @@ class Trunk(nn.Module):
         cfg = TrunkConfig(vocab_size=c.vocab_size, dim=c.hidden_size, layers=c.num_hidden_layers,
                           heads=c.num_attention_heads, ffn_dim=c.intermediate_size,
                           max_positions=c.max_position_embeddings, norm_eps=c.layer_norm_eps,
-                          prenorm=False, modality_embeddings=False, token_type_embedding=True,
+                          prenorm=False, modality_embeddings=False, grid_positions=False,
+                          token_type_embedding=True,
                           embed_norm=True, **overrides)
         t = cls(cfg)
         e = bert.embeddings

@@ -7,7 +7,7 @@ import torch
 
 from omnimask.fusion import attention as A
 
-BACKENDS = ["sdpa"] + (["varlen", "xformers"] if torch.cuda.is_available() else [])
+BACKENDS = ["sdpa", "flex"] + (["varlen", "xformers"] if torch.cuda.is_available() else [])
 
 
 def _problem(lengths, h=3, d=8, seed=0):
@@ -87,11 +87,17 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("mask", ["bidirectional", "prefix"])
-def test_gradients_match_reference(mask):
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_gradients_match_reference(mask, backend):
     q, k, v, cu = _problem([2, 5, 4])
     pre = [1, 2, 4] if mask == "prefix" else None
+    if backend == "flex" and not torch.cuda.is_available():
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        with pytest.raises(NotImplementedError, match="no backward on CPU"):
+            A.attention(*xs, cu, 5, mask, pre, backend="flex")
+        return
     grads = []
-    for fn in (lambda *x: A.attention(*x, cu, 5, mask, pre, backend="sdpa"),
+    for fn in (lambda *x: A.attention(*x, cu, 5, mask, pre, backend=backend),
                lambda *x: A.reference(*x, cu, mask, pre)):
         xs = [t.clone().requires_grad_() for t in (q, k, v)]
         (fn(*xs) * torch.arange(xs[0].numel()).view_as(xs[0]).sin()).sum().backward()

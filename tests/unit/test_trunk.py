@@ -145,3 +145,53 @@ def test_torch_compile_matches_eager():
     b = _batch([5, 9, 3], vocab=50)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(t)(b), t(b), atol=1e-5, rtol=1e-5)
+
+
+def test_grid_positions_add_row_and_column_embeddings():
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=30, dim=16, heads=2, layers=1, ffn_dim=16,
+                          attention_backend="sdpa")).eval()
+    ids = torch.arange(8)
+    text = Segment("text", ids=torch.tensor([1, 2, 3]))
+    wide = pack([[text, Segment("image", ids=ids, grid=(2, 4))]])
+    tall = pack([[text, Segment("image", ids=ids, grid=(4, 2))]])
+    with torch.no_grad():
+        e = t.embed(wide)
+        t.cfg.grid_positions = False
+        flat = t.embed(wide)
+        t.cfg.grid_positions = True
+        # text positions carry no grid term; image positions carry row[r] + col[c] exactly
+        torch.testing.assert_close(e[:3], flat[:3])
+        r, c = torch.arange(8) // 4, torch.arange(8) % 4
+        torch.testing.assert_close(e[3:] - flat[3:], t.row(r) + t.col(c))
+        # the same codes laid out on another grid embed differently (position (0, 0) alike)
+        e2 = t.embed(tall)
+        torch.testing.assert_close(e2[3], e[3])
+        assert not torch.allclose(e2[4:], e[4:])
+    big = pack([[Segment("image", ids=torch.zeros(65, dtype=torch.long), grid=(1, 65))]])
+    with pytest.raises(ValueError, match="max_grid"):
+        t.embed(big)
+
+
+def test_mixed_modalities_on_grids_packed_equals_alone_flex_and_sdpa():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    samples = [[Segment("image", ids=torch.randint(0, 40, (n * n,), generator=g), grid=(n, n)),
+                Segment("text", ids=torch.randint(0, 40, (m,), generator=g))]
+               for n, m in [(2, 5), (3, 1), (1, 7)]]
+    b = pack(samples)
+    outs = {}
+    for backend in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        t = Trunk(TrunkConfig(vocab_size=40, dim=32, heads=4, layers=2, ffn_dim=48,
+                              attention_backend=backend)).eval()
+        with torch.no_grad():
+            outs[backend] = h = t(b, "prefix", prefix_len=[4, 9, 1])
+            for i, s in enumerate(samples):
+                lo, hi = int(b.cu_seqlens[i]), int(b.cu_seqlens[i + 1])
+                torch.testing.assert_close(h[lo:hi], t(pack([s]), "prefix",
+                                                       prefix_len=[len(s[0])]),
+                                           atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["sdpa"], outs["flex"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_backend"):
+        TrunkConfig(attention_backend="flash9")
