@@ -25,6 +25,7 @@ class Segment:
     features: torch.Tensor | None = None  # [n, d] continuous inputs (patches, frames)
     grid: tuple[int, int] | None = None  # (rows, cols) for 2-D positions; rows * cols == n
     targets: torch.Tensor | None = None  # [n] ids to predict, IGNORE elsewhere
+    rc: torch.Tensor | None = None  # [n, 2] explicit (row, col), -1 off-grid (CM3 reorders)
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -38,6 +39,8 @@ class Segment:
             raise ValueError(f"features must be [n, d], got {tuple(self.features.shape)}")
         if self.grid is not None and self.grid[0] * self.grid[1] != n:
             raise ValueError(f"grid {self.grid} does not hold {n} positions")
+        if self.rc is not None and (self.grid is not None or self.rc.shape != (n, 2)):
+            raise ValueError(f"rc must be [{n}, 2] and exclusive with grid")
         if self.targets is not None and self.targets.shape != (n,):
             raise ValueError(f"targets must be [{n}], got {tuple(self.targets.shape)}")
 
@@ -73,6 +76,14 @@ class PackedBatch:
     def sample_index(self) -> torch.Tensor:
         return sample_index(self.cu_seqlens)
 
+    def to(self, device) -> PackedBatch:
+        """The same batch with every tensor on ``device`` (``cu_seqlens`` included)."""
+        mv = {k: getattr(self, k).to(device) for k in (
+            "ids", "modality", "segment", "position", "position_2d", "targets", "cu_seqlens")}
+        return PackedBatch(**mv, max_seqlen=self.max_seqlen,
+                           features={m: v.to(device) for m, v in self.features.items()},
+                           feature_index={m: v.to(device) for m, v in self.feature_index.items()})
+
 
 def pack(samples: list[list[Segment]]) -> PackedBatch:
     """Concatenate every segment of every sample, in order, with no padding."""
@@ -96,7 +107,9 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
             mod.append(torch.full((n,), MODALITIES.index(s.modality), dtype=torch.long))
             seg.append(torch.full((n,), k, dtype=torch.long))
             pos.append(ar)
-            if s.grid is not None:
+            if s.rc is not None:
+                pos2.append(s.rc.long())
+            elif s.grid is not None:
                 pos2.append(torch.stack([ar // s.grid[1], ar % s.grid[1]], 1))
             else:
                 pos2.append(torch.full((n, 2), -1, dtype=torch.long))

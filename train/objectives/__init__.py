@@ -1,0 +1,1 @@
+"""Pretraining objectives: data-side masking transforms and losses on target positions."""
