@@ -157,6 +157,24 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if all(s["status"] == "ok" for s in report["stages"].values()) else 1
 
 
+# -- pretrain --------------------------------------------------------------------------------
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.pretrain import PretrainConfig, Pretraining, summary_table
+
+    values = {"out": a.out} if a.out else {}
+    cfg = load_config(PretrainConfig, a.config, a.overrides, **values)
+    summary = Pretraining(cfg, progress=not a.quiet).fit()
+    print(f"{summary['status']} at step {summary['step']} in {summary['elapsed_s']:.0f} s of "
+          f"training; checkpoint {summary['checkpoint']}")
+    print(summary_table(summary))
+    caps = summary.get("samples", {}).get("captions", [])
+    for c in caps[:4]:
+        print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})")
+    print(cfg.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnimask",
                                 description="omnimask: multimodal masked foundation models.")
@@ -268,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     btk.add_argument("--repeats", type=int, default=3)
     btk.add_argument("--out", help="write the result JSON here")
     btk.set_defaults(fn=cmd_bench_tokenizer)
+
+    pt = sub.add_parser("pretrain", parents=[quiet], help="pretrain the trunk (UNITER, CM3, "
+                        "speech units) on shards", description="Multi-task pretraining; "
+                        "prints the run directory last. Resumes from its newest complete "
+                        "checkpoint (trainer.resume=auto).")
+    pt.add_argument("--config", required=True, help="YAML with PretrainConfig keys")
+    pt.add_argument("--out", help="run directory (overrides the config's out)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
+    pt.set_defaults(fn=cmd_pretrain)
 
     demo = sub.add_parser("demo", parents=[quiet], help="the main job on ShapesWorld",
                           description="Generate ShapesWorld, inspect it, read it through the "

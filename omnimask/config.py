@@ -50,8 +50,9 @@ class DemoConfig:
     num_test_novel: int = 200
     shard_size: int = 500
     workers: int = 0
-    vq_minutes: float = 6.0  # image tokenizer training budget (quick: a tenth)
+    vq_minutes: float = 5.0  # image tokenizer training budget (quick: a tenth)
     speech_units: int = 500  # k-means units
+    pretrain_minutes: float = 3.0  # multi-task pretraining budget (quick: 10 steps)
 
 
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -96,6 +97,8 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise _wrap(e, "config") from None
+    except ValueError as e:  # a dataclass's own check (__post_init__)
+        raise ConfigError(f"config error: {e}") from None
 
 
 def to_yaml(cfg: Any) -> str:

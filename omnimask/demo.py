@@ -129,6 +129,41 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
     return out
 
 
+def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
+    """``configs/pretrain/shapes_tiny.yaml`` on the demo's data and tokenizers, on the
+    demo's time budget (the schedule is shortened with it)."""
+    from .config import load_config
+    from .train.pretrain import PretrainConfig, Pretraining
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "shapes_tiny.yaml"
+    tok = run / "tokenizers"
+    over = [f"out={run / 'pretrain'}", "prepare=false",
+            f"data.train=[{run / 'data' / 'train-*.tar'}]",
+            f"data.val=[{run / 'data' / 'val-*.tar'}]",
+            f"tokenizers.text={tok / 'text'}", f"tokenizers.image={tok / 'image'}",
+            f"tokenizers.speech={tok / 'speech'}"]
+    base = load_config(PretrainConfig, tiny)
+    if quick:
+        over += ["trainer.max_steps=10", "trainer.batch_size=8", "trainer.eval_every=0",
+                 "trainer.warmup_steps=2", "data.val_batch_size=8", "generate.captions=2",
+                 "generate.images=2", "model.trunk.dim=32", "model.trunk.ffn_dim=64"]
+    else:
+        scale = cfg.pretrain_minutes / base.trainer.max_minutes
+        steps = max(20, int(base.trainer.max_steps * scale))
+        over += [f"trainer.max_minutes={cfg.pretrain_minutes}", f"trainer.max_steps={steps}",
+                 f"trainer.eval_every={max(10, steps // 4)}",
+                 f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}"]
+    pcfg = load_config(PretrainConfig, tiny, over)
+    s = Pretraining(pcfg, progress=progress).fit()
+    samples = s.get("samples", {})
+    return {"steps": s["step"], "train_seconds": s["elapsed_s"], "status": s["status"],
+            "val": s["val"], "checkpoint": s["checkpoint"],
+            "captions": samples.get("captions", [])[:4],
+            "captions_naming_every_object": samples.get("captions_naming_every_object"),
+            "caption_object_precision": samples.get("caption_object_precision"),
+            "generated_images": samples.get("images_png")}
+
+
 def _stage_preview(run: Path) -> dict:
     from .train.data.pipeline import ShardLoader
     from .train.data.preview import contact_sheet
@@ -192,6 +227,18 @@ def _write_reports(run: Path, report: dict) -> None:
                          f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image | "
                          f"{x['train_and_eval_seconds']} |")
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
+    if "pretrain" in m:
+        x = m["pretrain"]
+        lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
+                  "| objective | val loss at step 0 | final | final / step 0 |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |"
+                  for k, v in x["val"].items()]
+        for c in x["captions"]:
+            lines += ["", f"CM3 caption: \"{c['generated']}\" (reference: \"{c['reference']}\")"]
+        if x.get("generated_images"):
+            rel = Path(x["generated_images"]).relative_to(run)
+            lines += ["", "Generated images (top: VQ reconstructions of val images; bottom: "
+                          "drawn from their captions):", "", f"![{rel}]({rel})"]
     (run / "report.md").write_text("\n".join(lines) + "\n")
     body = "".join(f"<p>{html.escape(ln)}</p>" if not ln.startswith("![") else
                    f'<img src="{html.escape(ln[ln.index("(") + 1:-1])}">' for ln in lines if ln)
@@ -211,7 +258,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
               ("stats", lambda: _stage_stats(run)),
               ("pipeline", lambda: _stage_pipeline(cfg, run)),
               ("preview", lambda: _stage_preview(run)),
-              ("tokenizers", lambda: _stage_tokenizers(cfg, run, quick, progress))]
+              ("tokenizers", lambda: _stage_tokenizers(cfg, run, quick, progress)),
+              ("pretrain", lambda: _stage_pretrain(cfg, run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -225,6 +273,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
         if name == "tokenizers" and status == "ok":
             report["models"].update({f"tokenizer_{k}": str(run / "tokenizers" / k)
                                      for k in report["metrics"]["tokenizers"]})
+        if name == "pretrain" and status == "ok":
+            report["models"]["pretrained"] = report["metrics"]["pretrain"]["checkpoint"]
         _write_reports(run, report)
     _print_summary(report)
     return report
@@ -259,4 +309,8 @@ def _print_summary(report: dict) -> None:
               f"(round trip {t['text']['roundtrip_exact']:.0%}); speech k-means usage "
               f"{t['speech']['usage']:.0%}; image VQ PSNR {t['image']['psnr_db']:.1f} dB, "
               f"usage {t['image']['usage']:.0%}")
+    if "pretrain" in m:
+        x = m["pretrain"]
+        print(f"pretrain: {x['steps']} steps in {x['train_seconds']:.0f} s; val loss final/step 0: "
+              + ", ".join(f"{k} {v['ratio']}" for k, v in x["val"].items()))
     print(f"report: {report['run_dir']}/report.md")

@@ -13,7 +13,8 @@ def test_quick_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "== summary" in out and "resume exact: True" in out
     rep = json.loads((run / "report.json").read_text())
-    assert set(rep["stages"]) == {"data", "inspect", "stats", "pipeline", "preview", "tokenizers"}
+    assert set(rep["stages"]) == {"data", "inspect", "stats", "pipeline", "preview", "tokenizers",
+                                  "pretrain"}
     assert all(s["status"] == "ok" for s in rep["stages"].values())
     m = rep["metrics"]
     assert m["data"]["train"]["samples"] == 30 and m["inspect"]["bad"] == 0
@@ -30,4 +31,9 @@ def test_quick_demo(tmp_path, capsys):
     t = m["tokenizers"]
     assert t["text"]["roundtrip_exact"] == 1.0 and t["speech"]["size"] == 32
     assert t["image"]["images"] == 10 and (run / "vq_reconstructions.png").is_file()
-    assert set(rep["models"]) == {"tokenizer_text", "tokenizer_speech", "tokenizer_image"}
+    assert set(rep["models"]) == {"tokenizer_text", "tokenizer_speech", "tokenizer_image",
+                                  "pretrained"}
+    p = m["pretrain"]
+    assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech"}
+    assert (run / "pretrain" / "generated_images.png").is_file()
+    assert "## Pretraining" in (run / "report.md").read_text()

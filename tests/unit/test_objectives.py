@@ -1,0 +1,227 @@
+"""Each pretraining objective's defining property, on a synthetic corpus (no shards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnimask.fusion.packing import IGNORE
+from omnimask.fusion.trunk import TrunkConfig
+from omnimask.modalities.text.tokenizer import special_tokens
+from omnimask.modalities.vocab import Vocab
+from omnimask.model import ModelConfig, PretrainModel
+from omnimask.train.corpus import Corpus
+from omnimask.train.objectives.base import OBJECTIVES, Context, ObjectivesConfig
+from omnimask.train.objectives.cm3 import cm3_invert
+
+TEXT, CODES, UNITS, P = 60, 32, 16, 16  # text vocab, VQ codes, speech units, patches (4x4)
+
+
+def _vocab() -> Vocab:
+    roles = list(special_tokens(16))
+    return Vocab(text_size=TEXT, image_codes=CODES, speech_units=UNITS,
+                 specials={r: i for i, r in enumerate(roles)})
+
+
+def _corpus(n: int = 12, seed: int = 0) -> Corpus:
+    g = torch.Generator().manual_seed(seed)
+    nspec = len(special_tokens(16))
+    caps = [[torch.randint(nspec, TEXT, (int(torch.randint(3, 9, (1,), generator=g)),),
+                           generator=g).tolist() for _ in range(2)] for _ in range(n)]
+    lat = F.normalize(torch.randn(n, P, 8, generator=g), dim=-1)
+    lens = [int(torch.randint(6, 20, (1,), generator=g)) for _ in range(n)]
+    return Corpus(keys=[f"s{i}" for i in range(n)], captions=caps, spoken=[1] * n,
+                  codes=torch.randint(0, CODES, (n, P), generator=g), latents=lat.half(),
+                  features=lat.half(), grid=(4, 4),
+                  speech=[torch.randn(k, 12, generator=g).half() for k in lens],
+                  units=[torch.randint(0, UNITS, (k,), generator=g) for k in lens])
+
+
+def _ctx(**kw) -> Context:
+    g = torch.Generator().manual_seed(1)
+    return Context(vocab=_vocab(), codebook=F.normalize(torch.randn(CODES, 8, generator=g), dim=-1),
+                   word_start=torch.rand(TEXT, generator=g) < 0.5, cfg=ObjectivesConfig(**kw))
+
+
+def _model(ctx: Context) -> PretrainModel:
+    torch.manual_seed(0)
+    return PretrainModel(ModelConfig(
+        trunk=TrunkConfig(vocab_size=ctx.vocab.size, dim=32, layers=2, heads=4, ffn_dim=64,
+                          attention_backend="sdpa"),
+        image_feature_dim=8, speech_feature_dim=12, image_codes=CODES, speech_units=UNITS))
+
+
+def _batch(name, ctx, corpus, seed=0, idx=None):
+    g = torch.Generator().manual_seed(seed)
+    return OBJECTIVES.create(name, ctx).batch(corpus, idx or list(range(8)), g)
+
+
+def test_mlm_conditional_masking_text_only():
+    ctx, c = _ctx(), _corpus()
+    b = _batch("mlm", ctx, c)["packed"]
+    tgt = b.targets != IGNORE
+    assert tgt.any() and (b.modality[tgt] == 0).all()  # targets in text only
+    assert not b.features["image"].isnan().any()
+    for s, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist()):
+        assert tgt[s:e].sum() >= 1  # at least one per example
+    assert torch.equal(b.features["image"], c.features[:8].float().reshape(-1, 8))
+
+
+@pytest.mark.parametrize("name", ["mrfr", "mrc", "mim"])
+def test_region_objectives_mask_image_only(name):
+    ctx, c = _ctx(), _corpus()
+    b = _batch(name, ctx, c)
+    p, m = b["packed"], b["masked"]["image"]
+    assert (p.targets == IGNORE).all() and ctx.sp("mask") not in p.ids.tolist()
+    per = m.view(8, P).sum(1)
+    assert (per >= 1).all()
+    if name == "mim":  # BEiT: code ids of the masked patches in the shared vocabulary
+        want = torch.cat([c.codes[i][m.view(8, P)[i]] for i in range(8)]) + ctx.vocab.image_offset
+        assert torch.equal(b["target"], want)
+
+
+def test_mrfr_head_is_tied_to_the_image_projection_and_regresses_features():
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx)
+    b = _batch("mrfr", ctx, c)
+    out = OBJECTIVES.create("mrfr", ctx).loss(model, b)
+    out["loss"].backward()
+    assert model.image_in.weight.grad is not None and model.image_in.weight.grad.abs().sum() > 0
+    h = torch.randn(3, 32)
+    want = model.mrfr(h) @ model.image_in.weight + model.mrfr_bias
+    torch.testing.assert_close(model.mrfr_features(h), want)
+    masked_feats = b["packed"].features["image"][b["masked"]["image"]]
+    assert torch.equal(b["target"], masked_feats)
+
+
+def test_mrc_kl_is_kl_target_to_model():
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx)
+    b = _batch("mrc", ctx, c)
+    t = b["target"]
+    torch.testing.assert_close(t.sum(-1), torch.ones(len(t)))
+    out = OBJECTIVES.create("mrc", ctx).loss(model, b)
+    p, m = b["packed"], b["masked"]
+    with torch.no_grad():
+        h = model.encode(p, masked=m)[p.feature_index["image"][m["image"]]]
+        logp = model.mrc(h).log_softmax(-1)
+    want = (t * (t.log() - logp)).sum(-1).mean()  # KL(target || model), per region
+    torch.testing.assert_close(out["mrc"], want, atol=1e-5, rtol=1e-5)
+    # its minimum is the target itself: a model predicting the target has zero loss
+    assert F.kl_div(t.log(), t, reduction="batchmean").abs() < 1e-6
+
+
+def test_itm_negatives_are_other_images_and_loss_adds_wra():
+    ctx, c = _ctx(), _corpus(n=40)
+    obj = OBJECTIVES.create("itm", ctx)
+    negs = 0
+    for seed in range(20):
+        b = obj.batch(c, list(range(40)), torch.Generator().manual_seed(seed))
+        assert all(o != i for o, i in zip(b["other"], b["idx"]))
+        negs += int(b["neg"].sum())
+    assert 0.4 < negs / 800 < 0.6
+    model = _model(ctx)
+    out = obj.loss(model, b)
+    torch.testing.assert_close(out["loss"].detach(), out["itm"] + 0.1 * out["wra"])
+    assert ctx.sp("mask") not in obj._pairs(model, b)[0].ids.tolist()  # ITM masks nothing
+
+
+def test_itm_hard_negatives_follow_itc_similarity():
+    ctx, c = _ctx(itm_hard_negatives=True, itm_neg_prob=1.0), _corpus(n=10)
+    obj = OBJECTIVES.create("itm", ctx)
+    model = _model(ctx)
+    b = obj.batch(c, list(range(10)), torch.Generator().manual_seed(0))
+    hard = obj._hard(model, b)
+    assert len(hard) == 10 and all(h != i for h, i in zip(hard, b["idx"]))
+
+
+def test_itc_is_symmetric_info_nce():
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx)
+    from omnimask.train.objectives.itc import embed_pairs, info_nce
+
+    b = _batch("itc", ctx, c)
+    t, v = embed_pairs(model, ctx, c, b["idx"], b["caps"])
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(8))
+    s = model.logit_scale.exp() * t @ v.T
+    want = (F.cross_entropy(s, torch.arange(8)) + F.cross_entropy(s.T, torch.arange(8))) / 2
+    torch.testing.assert_close(info_nce(t, v, model.logit_scale), want)
+    out = OBJECTIVES.create("itc", ctx).loss(model, b)
+    out["loss"].backward()
+    assert model.logit_scale.grad is not None  # the temperature is learned
+    torch.testing.assert_close(out["temperature"], torch.tensor(0.07))
+
+
+def test_cm3_documents_invert_and_never_predict_sentinels():
+    ctx, c = _ctx(), _corpus()
+    obj = OBJECTIVES.create("cm3", ctx)
+    sent = obj.sentinels
+    for seed in range(10):
+        g1, g2 = (torch.Generator().manual_seed(seed) for _ in range(2))
+        doc = obj.document(c, 3, g1)
+        segs = obj.sample(c, 3, g2)
+        ids = torch.cat([s.ids for s in segs]).tolist()
+        tgt = torch.cat([s.targets for s in segs]).tolist()
+        assert cm3_invert(ids, sent, ctx.sp("eos"), ctx.sp("eod")) == doc
+        assert not set(tgt) & set(sent)  # zero weight on predicting sentinels
+        assert any(t in sent for t in ids)
+        # image tokens keep the (row, col) of where they were in the image
+        lo = ctx.vocab.image_offset
+        codes = (c.codes[3] + lo).tolist()
+        for s in segs:
+            if s.modality == "image":
+                for tok, (r, col) in zip(s.ids.tolist(), s.rc.tolist()):
+                    assert codes[r * 4 + col] == tok
+
+
+def test_speech_targets_only_at_masked_frames():
+    ctx, c = _ctx(speech_start_prob=0.1, speech_span=3), _corpus()
+    obj = OBJECTIVES.create("speech", ctx)
+    model = _model(ctx)
+    b1 = obj.batch(c, list(range(8)), torch.Generator().manual_seed(0))
+    m = b1["masked"]["speech"]
+    assert m.any() and not m.all()
+    # change every unit at unmasked frames: same targets, same loss (HuBERT's property)
+    c2 = _corpus()
+    off = 0
+    for i in range(8):
+        n = len(c2.units[i])
+        keep = m[off:off + n]
+        c2.units[i] = torch.where(keep, c2.units[i], (c2.units[i] + 1) % UNITS)
+        off += n
+    b2 = obj.batch(c2, list(range(8)), torch.Generator().manual_seed(0))
+    assert torch.equal(b1["target"], b2["target"])
+    torch.testing.assert_close(obj.loss(model, b1)["loss"], obj.loss(model, b2)["loss"])
+    # HuBERT logits: cosine / 0.1
+    h = torch.randn(5, 32)
+    want = F.cosine_similarity(model.unit_proj(h)[:, None], model.unit_embed[None], dim=-1) / 0.1
+    torch.testing.assert_close(model.unit_logits(h), want, atol=1e-5, rtol=1e-5)
+
+
+def test_speech_crop_and_cross_modal_text():
+    ctx, c = _ctx(speech_max_units=7, speech_with_text=1.0), _corpus()
+    b = _batch("speech", ctx, c)
+    p = b["packed"]
+    n_speech = (p.modality == 2).view(-1)
+    lens = [int(n_speech[s:e].sum()) for s, e in zip(p.cu_seqlens[:-1], p.cu_seqlens[1:])]
+    assert max(lens) <= 7
+    assert (p.modality == 0).sum() > 0  # the caption comes first in every sample
+    assert all(int(p.modality[s]) == 0 for s in p.cu_seqlens[:-1].tolist())
+
+
+@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "mim", "itm", "itc", "cm3", "speech"])
+def test_every_objective_learns_a_fixed_batch(name):
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx)
+    obj = OBJECTIVES.create(name, ctx)
+    b = obj.batch(c, list(range(8)), torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    first = None
+    for _ in range(100):
+        out = obj.loss(model, b)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else float(out[name])
+    assert float(obj.loss(model, b)[name]) < 0.7 * first

@@ -1,0 +1,163 @@
+"""Pretraining corpus: the shards read once and tokenised into tensors held in memory.
+
+Every sample becomes: its captions as text ids, the index of the spoken caption, the
+image's VQ codes (raster order), its patch features (the VQ encoder's l2-normalised
+latents, or a timm patch encoder's tokens), and, when the shards have speech, the stacked
+fbank frames (float16) with their speech-tokenizer units. Batches are then drawn from
+memory, so a step costs only the model, and the data order is a pure function of
+(seed, step): exact resume needs no reader state. This fits datasets up to a few hundred
+thousand samples (ShapesWorld: 2000 samples, ~110 MB); larger ones want the streaming
+reader (``train/data/pipeline.py``), which the corpus is built from.
+
+The corpus is cached as ``corpus-<split>.pt`` in the run directory with a fingerprint of
+its inputs; a cache whose fingerprint differs is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from omnimask.config import DataConfig
+from omnimask.errors import OmnimaskError
+
+log = logging.getLogger("omnimask.corpus")
+
+
+@dataclass
+class Corpus:
+    keys: list[str]
+    captions: list[list[list[int]]]  # sample -> captions -> text ids (no specials)
+    spoken: list[int]  # index of the spoken caption (0 when unknown)
+    codes: torch.Tensor  # [N, P] long, VQ code ids (raster order)
+    latents: torch.Tensor  # [N, P, code_dim] float16, l2-normalised VQ latents (soft targets)
+    features: torch.Tensor  # [N, P, feat_dim] float16, the trunk's image input features
+    grid: tuple[int, int]
+    speech: list[torch.Tensor] | None = None  # sample -> [n, frame_dim] float16
+    units: list[torch.Tensor] | None = None  # sample -> [n] long
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def has_speech(self) -> bool:
+        return self.speech is not None
+
+
+def _fingerprint(shards: list[str], parts: dict) -> str:
+    from omnimask.train.data.shards import manifest_entries
+
+    entries = manifest_entries(shards)
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    for p in shards:
+        st = os.stat(p)
+        h.update(f"{p}:{st.st_size}:{entries.get(p, {}).get('sha256', '')}".encode())
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_id(directory: str | None) -> str:
+    if not directory:
+        return ""
+    h = hashlib.sha256()
+    for p in sorted(Path(directory).glob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
+                 features: str = "vq", patch_encoder: str = "vit_tiny_patch16_224",
+                 progress: bool = True) -> Corpus:
+    """Read ``shards`` once (shard order) and tokenise every modality."""
+    from omnimask.train.data.pipeline import ShardLoader
+    from omnimask.train.data.shards import expand_shards, manifest_entries
+
+    paths = expand_shards(shards)
+    keys_present = set.intersection(*[set(r.get("keys", [])) for r in
+                                      manifest_entries(paths).values()] or [set()])
+    want_speech = speech_tok is not None and "speech.flac" in keys_present
+    procs = ["image", "text"] + (["speech", "meta"] if want_speech else [])
+    size = image_tok.model.cfg.image_size
+    cfg = DataConfig(shards=paths, processors=procs, batch_size=64, shuffle_buffer=0,
+                     shuffle_shards=False, image_size=size)
+    pe = None
+    if features == "patch_encoder":
+        from omnimask.modalities.image.patch_encoder import PatchEncoder  # imports timm: slow
+
+        pe = PatchEncoder(patch_encoder, image_size=size, patch_size=8).eval()
+    elif features != "vq":
+        raise OmnimaskError(f"corpus features must be vq or patch_encoder, got {features!r}")
+    vq = image_tok.model
+    out = {"keys": [], "captions": [], "spoken": [], "codes": [], "latents": [], "features": [],
+           "speech": [], "units": []}
+    bar = tqdm(desc="tokenising corpus", unit="sample", disable=not progress)
+    with torch.no_grad():
+        for b in ShardLoader(cfg, rank=0, world_size=1):
+            n = len(b["__key__"])
+            z = F.normalize(vq.latents(vq.to_input(image_tok.prepare(b["image"]))), dim=-1)
+            z = z.view(n, -1, z.shape[-1])
+            out["codes"].append(vq.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(n, -1))
+            out["latents"].append(z.half())
+            out["features"].append((pe(b["image"]) if pe is not None else z).half())
+            for i in range(n):
+                out["keys"].append(b["__key__"][i])
+                out["captions"].append(text_tok.tok.encode_batch(
+                    b["captions"][i], add_special_tokens=False))
+                out["captions"][-1] = [e.ids for e in out["captions"][-1]]
+                if want_speech:
+                    sp = b["meta"][i].get("speech", {})
+                    out["spoken"].append(int(sp.get("caption_index", 0)))
+                    wav = b["speech"][i]
+                    feats = speech_tok.features(wav, 16000, b["__key__"][i])
+                    out["speech"].append(feats.half())
+                    out["units"].append(speech_tok.quantizer(feats))
+                else:
+                    out["spoken"].append(0)
+            bar.update(n)
+    bar.close()
+    if not out["keys"]:
+        raise OmnimaskError(f"no samples in {shards}")
+    side = vq.cfg.tokens_side
+    return Corpus(keys=out["keys"], captions=out["captions"], spoken=out["spoken"],
+                  codes=torch.cat(out["codes"]), latents=torch.cat(out["latents"]),
+                  features=torch.cat(out["features"]), grid=(side, side),
+                  speech=out["speech"] if want_speech else None,
+                  units=out["units"] if want_speech else None)
+
+
+def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[str, str | None],
+                  loaded: dict, features: str = "vq", patch_encoder: str = "vit_tiny_patch16_224",
+                  progress: bool = True) -> Corpus:
+    """The cached corpus at ``path`` if its fingerprint matches, else build and cache it."""
+    from omnimask.train.data.shards import expand_shards
+
+    paths = expand_shards(shards)
+    if not paths:
+        raise OmnimaskError(f"no shards match {shards}")
+    fp = _fingerprint(paths, {"tokenizers": {k: _tokenizer_id(v) for k, v in tokenizers.items()},
+                              "features": features, "patch_encoder": patch_encoder,
+                              "version": 1})
+    p = Path(path)
+    if p.is_file():
+        try:
+            blob = torch.load(p, weights_only=False)
+            if blob.get("fingerprint") == fp:
+                return blob["corpus"]
+            log.warning("corpus cache %s was built from other inputs; rebuilding", p)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            log.warning("corpus cache %s unreadable (%s); rebuilding", p, e)
+    c = build_corpus(paths, loaded["text"], loaded["image"], loaded.get("speech"), features,
+                     patch_encoder, progress)
+    tmp = p.with_suffix(".tmp")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fingerprint": fp, "corpus": c}, tmp)
+    os.replace(tmp, p)
+    return c

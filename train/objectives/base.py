@@ -1,0 +1,87 @@
+"""What every objective shares: its settings, the context it reads, and sample builders.
+
+An objective is a class registered in ``OBJECTIVES`` with two methods:
+``batch(corpus, indices, gen) -> dict`` (the data side: which positions are masked or
+corrupted, packed into a :class:`PackedBatch`; all randomness from ``gen``) and
+``loss(model, batch) -> dict`` (``"loss"`` is what is optimised; the objective's own
+name keys its main loss, the one validation tracks; other keys are logged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omnimask.fusion.packing import IGNORE, Segment
+from omnimask.modalities.vocab import Vocab
+from omnimask.registry import Registry
+
+OBJECTIVES: Registry = Registry("objective", ("omnimask.train.objectives.uniter",
+                                              "omnimask.train.objectives.itc",
+                                              "omnimask.train.objectives.cm3_lm",
+                                              "omnimask.train.objectives.speech_units"))
+
+
+@dataclass
+class ObjectivesConfig:
+    """Settings of every objective; defaults from ``../shared/objectives.md``."""
+
+    mix: dict[str, float] = field(default_factory=lambda: {
+        "mlm": 2.0, "itm": 2.0, "mrfr": 1.0, "mrc": 1.0, "mim": 1.0, "itc": 1.0, "cm3": 3.0,
+        "speech": 1.0})
+    mlm_prob: float = 0.15
+    mlm_max_ngram: int = 1  # > 1: ERNIE-Gram n-gram masking
+    mlm_whole_word: bool = False
+    mrm_prob: float = 0.15  # UNITER: each region masked with p=0.15, at least one
+    mrc_temperature: float = 0.1  # soft target: softmax(cos(latent, codes) / t)
+    mim_ratio: float = 0.4  # BEiT blockwise masking
+    mim_min_block: int = 4
+    itm_neg_prob: float = 0.5
+    itm_hard_negatives: bool = False  # negatives sampled by ITC similarity (ALBEF style)
+    wra_weight: float = 0.1
+    ot_beta: float = 0.5
+    ot_iterations: int = 50
+    cm3_max_spans: int = 16
+    cm3_poisson: float = 1.0
+    cm3_image_first: float = 0.5  # probability that a document puts the image before the text
+    cm3_speech: float = 0.0  # probability that a document also holds the spoken caption's units
+    speech_start_prob: float = 0.08  # HuBERT span masking
+    speech_span: int = 10
+    speech_with_text: float = 0.5  # probability of conditioning on the caption (cross-modal)
+    speech_max_units: int = 0  # > 0: a random crop of at most this many frames (HuBERT crops)
+
+
+@dataclass
+class Context:
+    vocab: Vocab
+    codebook: torch.Tensor  # [K, code_dim], l2-normalised VQ codes (MRC soft targets)
+    word_start: torch.Tensor  # [text_size] bool, token begins a word (whole-word masking)
+    cfg: ObjectivesConfig
+
+    def sp(self, role: str) -> int:
+        return self.vocab.special(role)
+
+
+def pick_caption(corpus, i: int, gen: torch.Generator) -> list[int]:
+    caps = corpus.captions[i]
+    return caps[int(torch.randint(len(caps), (1,), generator=gen))]
+
+
+def text_segment(ctx: Context, ids: list[int] | torch.Tensor, targets=None) -> Segment:
+    """``<cls>`` + caption ids, as UNITER's text input (the pooler reads the ``<cls>``)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    full = torch.cat([torch.tensor([ctx.sp("cls")]), ids])
+    tgt = None
+    if targets is not None:
+        tgt = torch.cat([torch.tensor([IGNORE]), torch.as_tensor(targets, dtype=torch.long)])
+    return Segment("text", ids=full, targets=tgt)
+
+
+def image_segment(corpus, i: int) -> Segment:
+    return Segment("image", features=corpus.features[i].float(), grid=corpus.grid)
+
+
+def masked_by_modality(masks: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-sample feature masks concatenated in packing order (one tensor per modality)."""
+    return {m: torch.cat(v) for m, v in masks.items() if v}

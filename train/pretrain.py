@@ -1,0 +1,304 @@
+"""``omnimask pretrain``: corpus, model, objectives, mixing, trainer, validation, samples.
+
+One objective per optimizer step, drawn by the configured ratios from a generator seeded
+by (seed, step) alone, so every rank draws the same one (UNITER's ``MetaLoader``);
+each rank then draws its own samples. Validation: every objective on fixed val batches
+(same samples and masks every time), logged per objective. At the end the CM3 model
+writes captions for val images, images for val captions (decoded by the VQ decoder) and
+an infilled caption; they go to ``samples.json`` and ``generated_images.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omnimask.config import save_config
+from omnimask.errors import ConfigError, OmnimaskError
+from omnimask.model import ModelConfig, PretrainModel
+
+from .objectives.base import OBJECTIVES, Context, ObjectivesConfig
+from .trainer import Trainer, TrainerConfig, seed_everything, step_seed
+
+log = logging.getLogger("omnimask.pretrain")
+
+
+@dataclass
+class PretrainData:
+    train: list[str] = field(default_factory=list)  # shard paths / globs
+    val: list[str] = field(default_factory=list)
+    features: str = "vq"  # image input features: vq (tokenizer latents) | patch_encoder (timm)
+    patch_encoder: str = "vit_tiny_patch16_224"
+    val_batches: int = 2  # per objective
+    val_batch_size: int = 64
+
+
+@dataclass
+class TokenizerPaths:
+    text: str = ""
+    image: str = ""
+    speech: str | None = None
+
+
+@dataclass
+class GenerateConfig:
+    captions: int = 8  # val images to caption at the end
+    images: int = 8  # val captions to draw
+    temperature: float = 1.0  # image sampling
+    top_k: int = 20
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    prepare: bool = False  # create missing ShapesWorld shards/tokenizers like the demo does
+    data: PretrainData = field(default_factory=PretrainData)
+    tokenizers: TokenizerPaths = field(default_factory=TokenizerPaths)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def load_tokenizers(paths: TokenizerPaths) -> dict:
+    from omnimask.modalities.image.tokenizer import ImageTokenizer
+    from omnimask.modalities.speech.tokenizer import SpeechTokenizer
+    from omnimask.modalities.text.tokenizer import TextTokenizer
+
+    for key in ("text", "image"):
+        if not getattr(paths, key) or not Path(getattr(paths, key)).is_dir():
+            raise ConfigError(f"tokenizers.{key}: no tokenizer directory at "
+                              f"{getattr(paths, key)!r}")
+    if paths.speech and not Path(paths.speech).is_dir():
+        raise ConfigError(f"tokenizers.speech: no tokenizer directory at {paths.speech!r}")
+    return {"text": TextTokenizer.load(paths.text), "image": ImageTokenizer.load(paths.image),
+            "speech": SpeechTokenizer.load(paths.speech) if paths.speech else None}
+
+
+def word_starts(text_tok) -> torch.Tensor:
+    """[text vocab] bool: the byte-level BPE token begins a word ('Ġ' prefix) or is special."""
+    n = text_tok.vocab_size
+    out = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        t = text_tok.tok.id_to_token(i) or ""
+        out[i] = t.startswith("Ġ") or text_tok.is_special(i)
+    return out
+
+
+class Pretraining:
+    """Everything ``omnimask pretrain`` builds, usable from Python and tests."""
+
+    def __init__(self, cfg: PretrainConfig, progress: bool = True) -> None:
+        from .corpus import load_or_build
+
+        self.cfg, self.progress = cfg, progress
+        self.run = Path(cfg.out)
+        self.run.mkdir(parents=True, exist_ok=True)
+        if cfg.prepare:
+            prepare_shapes(cfg, progress)
+        self.toks = load_tokenizers(cfg.tokenizers)
+        text, image, speech = self.toks["text"], self.toks["image"], self.toks["speech"]
+        self.vocab = text.vocab(image.size, speech.size if speech else 0)
+        tk = {"text": cfg.tokenizers.text, "image": cfg.tokenizers.image,
+              "speech": cfg.tokenizers.speech}
+        self.train = load_or_build(self.run / "corpus-train.pt", cfg.data.train, tk, self.toks,
+                                   cfg.data.features, cfg.data.patch_encoder, progress)
+        self.val = load_or_build(self.run / "corpus-val.pt", cfg.data.val, tk, self.toks,
+                                 cfg.data.features, cfg.data.patch_encoder, progress)
+        mix = {k: float(v) for k, v in cfg.objectives.mix.items() if float(v) > 0}
+        if not mix:
+            raise ConfigError("objectives.mix: no objective has a positive ratio")
+        for name in mix:
+            if name not in OBJECTIVES:
+                raise ConfigError(f"objectives.mix.{name}: unknown objective; known: "
+                                  f"{', '.join(OBJECTIVES.names())}")
+        if "speech" in mix and not self.train.has_speech:
+            raise ConfigError("objectives.mix.speech > 0 but the training shards have no "
+                              "speech or tokenizers.speech is not set")
+        self.ctx = Context(vocab=self.vocab, codebook=image.model.quantizer.codes().detach(),
+                           word_start=word_starts(text), cfg=cfg.objectives)
+        self.names = sorted(mix)
+        self.weights = torch.tensor([mix[n] for n in self.names])
+        self.objectives = {n: OBJECTIVES.create(n, self.ctx) for n in self.names}
+        mc = cfg.model
+        mc.trunk.vocab_size = self.vocab.size
+        mc.image_feature_dim = int(self.train.features.shape[-1])
+        mc.image_codes = image.size
+        if self.train.has_speech:
+            mc.speech_feature_dim = int(self.train.speech[0].shape[-1])
+            mc.speech_units = speech.size
+        seed_everything(cfg.trainer.seed)  # the initial weights are a function of the seed
+        self.model = PretrainModel(mc)
+        self.vocab.save(self.run / "vocab.json")
+        save_config(cfg, self.run)
+        self._val_batches = self._fixed_val_batches()
+
+    # -- data --------------------------------------------------------------------------------
+    def make_batch(self, step: int, micro: int) -> tuple[str, dict]:
+        from omnimask.train.distributed import rank_and_world
+
+        seed = self.cfg.trainer.seed
+        g = torch.Generator().manual_seed(step_seed(seed, step, micro))
+        name = self.names[int(torch.multinomial(self.weights, 1, generator=g))]
+        rank, _ = rank_and_world()
+        gd = torch.Generator().manual_seed(step_seed(seed + 7919 * (rank + 1), step, micro))
+        n = min(self.cfg.trainer.batch_size, len(self.train))
+        idx = torch.randperm(len(self.train), generator=gd)[:n].tolist()
+        return name, self.objectives[name].batch(self.train, idx, gd)
+
+    def _fixed_val_batches(self) -> dict[str, list[dict]]:
+        out = {}
+        n = min(self.cfg.data.val_batch_size, len(self.val))
+        for k, name in enumerate(self.names):
+            out[name] = []
+            for j in range(self.cfg.data.val_batches):
+                g = torch.Generator().manual_seed(1_000_000 + 1000 * k + j)
+                idx = torch.randperm(len(self.val), generator=g)[:n].tolist()
+                out[name].append(self.objectives[name].batch(self.val, idx, g))
+        return out
+
+    def loss(self, name: str, batch: dict) -> dict:
+        b = {k: (v.to(self.device) if hasattr(v, "to") and not isinstance(v, list) else v)
+             for k, v in batch.items()} if self.device.type != "cpu" else batch
+        return self.objectives[name].loss(self.model, b)
+
+    def evaluate(self, model) -> dict:
+        losses, extra = {}, {}
+        for name, batches in self._val_batches.items():
+            outs = [self.loss(name, b) for b in batches]
+            losses[name] = round(sum(float(o[name]) for o in outs) / len(outs), 5)
+            for key in outs[0]:
+                if key not in ("loss", name, "tokens"):
+                    extra[key] = round(sum(float(o[key]) for o in outs) / len(outs), 5)
+        return {"losses": losses, "metrics": extra}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- run ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        t0 = time.perf_counter()
+        trainer = Trainer(self.cfg.trainer, self.run, self.model, self.make_batch, self.loss,
+                          self.evaluate, self.progress)
+        summary = trainer.fit()
+        summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+        summary["val"] = val_history(self.run / "metrics.jsonl")
+        if not summary["status"].startswith("interrupted"):
+            summary["samples"] = self.samples()
+        (self.run / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def samples(self) -> dict:
+        from .objectives.cm3_lm import caption_image, image_from_caption, infill
+
+        if "cm3" not in self.objectives:
+            return {}
+        g, text = self.cfg.generate, self.toks["text"]
+        self.model.eval()
+        caps = []
+        for i in range(min(g.captions, len(self.val))):
+            out = caption_image(self.model, self.ctx, text, self.val.codes[i])
+            ref = text.decode(self.val.captions[i][0])
+            caps.append({"key": self.val.keys[i], "generated": out, "reference": ref,
+                         **object_match(out, [text.decode(c) for c in self.val.captions[i]])})
+        gen = torch.Generator().manual_seed(0)
+        n = min(g.images, len(self.val))
+        codes = torch.stack([image_from_caption(
+            self.model, self.ctx, self.val.captions[i][0], self.val.codes.shape[1],
+            self.val.grid[1], g.temperature, g.top_k, gen) for i in range(n)])
+        png = self._image_grid(codes, n)
+        d = [self.ctx.sp("bos"), *self.val.captions[0][0]]
+        s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
+        filled = infill(self.model, self.ctx, text, d, s, e)
+        matched = sum(c["names_all"] for c in caps)
+        return {"captions": caps, "captions_naming_every_object": matched,
+                "caption_object_precision": round(
+                    sum(c["precision"] for c in caps) / max(1, len(caps)), 3),
+                "images_png": str(png), "image_captions": [text.decode(
+                    self.val.captions[i][0]) for i in range(n)],
+                "infill": {"text": text.decode(self.val.captions[0][0]),
+                           "hidden": text.decode(d[s:e]), "generated": filled}}
+
+    def _image_grid(self, codes: torch.Tensor, n: int) -> Path:
+        from PIL import Image
+
+        vq = self.toks["image"].model
+        real = vq.decode(self.val.codes[:n])
+        fake = vq.decode(codes)
+        rows = torch.cat([torch.cat(list(real), 2), torch.cat(list(fake), 2)], 1)
+        path = self.run / "generated_images.png"
+        Image.fromarray(rows.permute(1, 2, 0).numpy()).resize(
+            (rows.shape[2] * 2, rows.shape[1] * 2), Image.NEAREST).save(path)
+        return path
+
+
+def object_match(generated: str, references: list[str]) -> dict:
+    """ShapesWorld: the (colour, shape) pairs a caption names, against the references'."""
+    from .data.shapesworld.vocab import COLOR_NAMES, PLURAL, SHAPES
+
+    words = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
+
+    def pairs(text: str) -> set[tuple[str, str]]:
+        toks = text.lower().replace(".", " ").replace(",", " ").split()
+        out, colour = set(), None
+        for t in toks:
+            if t in COLOR_NAMES:
+                colour = t
+            elif t in words and colour is not None:
+                out.add((colour, words[t]))
+                colour = None
+        return out
+
+    got = pairs(generated)
+    want = set().union(*(pairs(r) for r in references)) if references else set()
+    hit = len(got & want)
+    return {"precision": round(hit / len(got), 3) if got else 0.0,
+            "recall": round(hit / len(want), 3) if want else 0.0,
+            "names_all": bool(want) and want <= got}
+
+
+def val_history(metrics: Path) -> dict:
+    """First and last validation losses per objective, and their ratio."""
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    vals = [r for r in rows if r.get("split") == "val"]
+    if not vals:
+        return {}
+    first, last = vals[0]["losses"], vals[-1]["losses"]
+    return {k: {"step0": first[k], "final": last[k],
+                "ratio": round(last[k] / first[k], 3) if first[k] else None}
+            for k in first if k in last}
+
+
+def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
+    """Create the ShapesWorld shards and tokenizers a config names, where missing, the way
+    ``omnimask demo`` does (its ``runs/demo`` layout)."""
+    from omnimask.config import DemoConfig
+    from omnimask.demo import _split_sizes, _stage_data, _stage_tokenizers
+    from omnimask.train.data.shards import expand_shards
+
+    run = Path(cfg.tokenizers.text).parent.parent
+    demo = DemoConfig(out=str(run))
+    try:
+        have_data = bool(expand_shards(cfg.data.train)) and bool(expand_shards(cfg.data.val))
+    except OmnimaskError:
+        have_data = False
+    if not have_data:
+        log.warning("preparing ShapesWorld shards under %s", run / "data")
+        _stage_data(demo, run, _split_sizes(demo, False), progress)
+    if not all(Path(p).is_dir() for p in (cfg.tokenizers.text, cfg.tokenizers.image,
+                                          cfg.tokenizers.speech or cfg.tokenizers.text)):
+        log.warning("preparing tokenizers under %s", run / "tokenizers")
+        _stage_tokenizers(demo, run, False, progress)
+
+
+def summary_table(summary: dict) -> str:
+    lines = ["| objective | val loss at step 0 | final | final / step 0 |", "|---|---|---|---|"]
+    for k, v in summary.get("val", {}).items():
+        lines.append(f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |")
+    return "\n".join(lines)
