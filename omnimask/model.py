@@ -4,13 +4,14 @@ small heads the objectives need.
 Inputs reach the trunk as one :class:`~omnimask.fusion.packing.PackedBatch`: token ids
 (text, VQ codes, speech units: one shared vocabulary) go through the trunk's embedding;
 continuous inputs (image patch features, stacked speech fbank frames) through a linear
-projection and a LayerNorm per modality (UNITER's image embedding). A masked feature position gets its feature zeroed and a learned
+projection and a LayerNorm per modality (UNITER's image embedding); speech frames then get
+wav2vec2/HuBERT's convolutional position embedding, per utterance. A masked feature position gets its feature zeroed and a learned
 mask embedding added (UNITER MRM; HuBERT replaces masked frames by a learned vector).
 
 Heads (``../shared/objectives.md``): UNITER's pooler (Linear + tanh on the first token),
 ITM (Linear(H, 2)), MRFR (Linear-GELU-LN, then the image input projection transposed +
-own bias), MRC (Linear-GELU-LN-Linear to the VQ codes), ITC projections with a learnable
-temperature, and HuBERT's unit head (cosine between a projection of the output and unit
+own bias), MRC (Linear-GELU-LN-Linear to a code vector scored against the VQ codebook),
+ITC projections without bias and a learnable temperature, and HuBERT's unit head (cosine between a projection of the output and unit
 embeddings, divided by 0.1). MLM, masked VQ-code prediction and CM3 use the trunk's
 vocabulary head, tied to the token embeddings.
 """
@@ -39,6 +40,17 @@ class ModelConfig:
     itc_temperature: float = 0.07  # initial; learnable, clamped at 1/100
     unit_dim: int = 64  # HuBERT final_dim
     unit_temperature: float = 0.1
+    speech_conv_kernel: int = 15  # wav2vec2/HuBERT convolutional position embedding; 0: off
+    speech_conv_groups: int = 16
+    code_dim: int = 32  # VQ code vectors (set from the image tokenizer)
+    mrc_temperature: float = 0.1  # MRC logits: cos(predicted latent, codes) / t
+
+
+def _isometry(n_in: int, n_out: int, g: torch.Generator) -> torch.Tensor:
+    """[n_in, n_out] random map that keeps inner products when n_out >= n_in (orthonormal
+    rows), else a random orthogonal projection."""
+    q, _ = torch.linalg.qr(torch.randn(max(n_in, n_out), min(n_in, n_out), generator=g))
+    return q.T if n_out >= n_in else q
 
 
 def _mlp_ln(dim: int, eps: float) -> nn.Sequential:
@@ -58,13 +70,22 @@ class PretrainModel(nn.Module):
         # embeddings, and contrastive/matching objectives stalled in our runs
         self.input_norm = nn.ModuleDict({"image": nn.LayerNorm(d, eps=eps),
                                          "speech": nn.LayerNorm(d, eps=eps)})
+        k = cfg.speech_conv_kernel
+        if k and k % 2 == 0:
+            raise ValueError(f"model.speech_conv_kernel must be odd, got {k}")
+        self.speech_conv = (nn.Conv1d(d, d, k, padding=k // 2, groups=cfg.speech_conv_groups)
+                            if k else None)
         self.mask_embed = nn.ParameterDict({"image": nn.Parameter(torch.zeros(d)),
                                             "speech": nn.Parameter(torch.zeros(d))})
         self.pooler = nn.Linear(d, d)
         self.itm = nn.Linear(d, 2)
         self.mrfr = _mlp_ln(d, eps)
         self.mrfr_bias = nn.Parameter(torch.zeros(cfg.image_feature_dim))
-        self.mrc = nn.Sequential(_mlp_ln(d, eps), nn.Linear(d, cfg.image_codes))
+        # MRC classifies into VQ codes whose vectors are known: the head predicts a latent
+        # and scores it against the (frozen) codebook, as the soft target is built
+        self.mrc = nn.Sequential(_mlp_ln(d, eps), nn.Linear(d, cfg.code_dim))
+        self.register_buffer("codebook", F.normalize(torch.randn(cfg.image_codes, cfg.code_dim),
+                                                     dim=-1))
         # no bias (CLIP): a bias lets both towers collapse onto one direction, which ITC
         # did within 25 steps in our runs
         self.itc_text = nn.Linear(d, cfg.itc_dim, bias=False)
@@ -99,8 +120,21 @@ class PretrainModel(nn.Module):
                 h = norm(proj(feats.masked_fill(mk, 0.0))) + mk * self.mask_embed[m]
             else:
                 h = norm(proj(feats))
+            if m == "speech" and self.speech_conv is not None:
+                h = h + self._conv_per_segment(h, batch, batch.feature_index[m])
             out = out.index_copy(0, batch.feature_index[m].to(dev), h.to(out.dtype))
         return out
+
+    def _conv_per_segment(self, h: torch.Tensor, batch: PackedBatch, index: torch.Tensor
+                          ) -> torch.Tensor:
+        """wav2vec2's convolutional position embedding (GELU(conv(x)), added), over each
+        contiguous run of frames alone: it never mixes two utterances. Masked frames get
+        their neighbours' content through it, as in HuBERT."""
+        run = batch.sample_index().to(index.device)[index] * 4096 + batch.segment.to(
+            index.device)[index]  # one id per (sample, segment)
+        cuts = (torch.nonzero(run[1:] != run[:-1]).flatten() + 1).tolist()
+        parts = torch.tensor_split(h, cuts)
+        return torch.cat([F.gelu(self.speech_conv(x.T[None])[0].T) for x in parts])
 
     def encode(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
                masked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -118,6 +152,29 @@ class PretrainModel(nn.Module):
 
     def mrfr_features(self, h: torch.Tensor) -> torch.Tensor:
         return self.mrfr(h) @ self.image_in.weight + self.mrfr_bias
+
+    def mrc_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mrc(h), dim=-1) @ self.codebook.T / self.cfg.mrc_temperature
+
+    @torch.no_grad()
+    def init_from_tokenizers(self, codebook: torch.Tensor, vocab, features_are_latents: bool,
+                             unit_centroids: torch.Tensor | None = None, seed: int = 0) -> None:
+        """Start from what the tokenizers know: the VQ codebook (the MRC classifier; image-code
+        embeddings = the code vectors through one random isometry, scaled to the embedding
+        init; the image input projection through the same isometry when the features are
+        the VQ latents) and the k-means speech centroids (unit embeddings). Similar codes
+        then start with similar embeddings and logits."""
+        g = torch.Generator().manual_seed(seed)
+        d = self.cfg.trunk.dim
+        q = _isometry(codebook.shape[1], d, g).T  # [d, code_dim]
+        self.codebook.copy_(F.normalize(codebook, dim=-1))
+        lo, hi = vocab.ranges()["image"]
+        self.trunk.tok.weight[lo:hi] = self.codebook @ q.T * (0.02 * math.sqrt(d))
+        if features_are_latents:
+            self.image_in.weight.copy_(q)
+        if unit_centroids is not None:
+            c = F.normalize(unit_centroids.float(), dim=-1)
+            self.unit_embed.copy_(c @ _isometry(c.shape[1], self.cfg.unit_dim, g))
 
     def unit_logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.unit_proj(h), dim=-1) @ F.normalize(

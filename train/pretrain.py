@@ -57,6 +57,7 @@ class GenerateConfig:
 class PretrainConfig:
     out: str = "runs/pretrain"
     prepare: bool = False  # create missing ShapesWorld shards/tokenizers like the demo does
+    init_from_tokenizers: bool = True  # code/unit embeddings and MRC codes from the tokenizers
     data: PretrainData = field(default_factory=PretrainData)
     tokenizers: TokenizerPaths = field(default_factory=TokenizerPaths)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,11 +130,18 @@ class Pretraining:
         mc.trunk.vocab_size = self.vocab.size
         mc.image_feature_dim = int(self.train.features.shape[-1])
         mc.image_codes = image.size
+        mc.code_dim = int(self.ctx.codebook.shape[1])
+        mc.mrc_temperature = cfg.objectives.mrc_temperature
         if self.train.has_speech:
             mc.speech_feature_dim = int(self.train.speech[0].shape[-1])
             mc.speech_units = speech.size
         seed_everything(cfg.trainer.seed)  # the initial weights are a function of the seed
         self.model = PretrainModel(mc)
+        if cfg.init_from_tokenizers:
+            q = speech.quantizer if speech is not None else None
+            self.model.init_from_tokenizers(self.ctx.codebook, self.vocab,
+                                            cfg.data.features == "vq",
+                                            getattr(q, "centroids", None), cfg.trainer.seed)
         self.vocab.save(self.run / "vocab.json")
         save_config(cfg, self.run)
         self._val_batches = self._fixed_val_batches()

@@ -49,7 +49,8 @@ def _model(ctx: Context) -> PretrainModel:
     return PretrainModel(ModelConfig(
         trunk=TrunkConfig(vocab_size=ctx.vocab.size, dim=32, layers=2, heads=4, ffn_dim=64,
                           attention_backend="sdpa"),
-        image_feature_dim=8, speech_feature_dim=12, image_codes=CODES, speech_units=UNITS))
+        image_feature_dim=8, speech_feature_dim=12, image_codes=CODES, speech_units=UNITS,
+        code_dim=8))
 
 
 def _batch(name, ctx, corpus, seed=0, idx=None):
@@ -105,7 +106,7 @@ def test_mrc_kl_is_kl_target_to_model():
     p, m = b["packed"], b["masked"]
     with torch.no_grad():
         h = model.encode(p, masked=m)[p.feature_index["image"][m["image"]]]
-        logp = model.mrc(h).log_softmax(-1)
+        logp = model.mrc_logits(h).log_softmax(-1)
     want = (t * (t.log() - logp)).sum(-1).mean()  # KL(target || model), per region
     torch.testing.assert_close(out["mrc"], want, atol=1e-5, rtol=1e-5)
     # its minimum is the target itself: a model predicting the target has zero loss
@@ -225,3 +226,50 @@ def test_every_objective_learns_a_fixed_batch(name):
         opt.step()
         first = first if first is not None else float(out[name])
     assert float(obj.loss(model, b)[name]) < 0.7 * first
+
+
+def test_init_from_tokenizers_keeps_the_codebook_geometry():
+    ctx = _ctx()
+    model = _model(ctx)
+    cents = torch.randn(UNITS, 12)
+    model.init_from_tokenizers(ctx.codebook, ctx.vocab, True, cents, seed=0)
+    lo, hi = ctx.vocab.ranges()["image"]
+    e = model.trunk.tok.weight[lo:hi].detach()
+    scale = (0.02 * 32 ** 0.5) ** 2
+    torch.testing.assert_close(e @ e.T, ctx.codebook @ ctx.codebook.T * scale, atol=1e-5, rtol=1e-4)
+    # the image input projection maps a latent onto its code's embedding direction
+    z = ctx.codebook[:5]
+    torch.testing.assert_close(F.normalize(z @ model.image_in.weight.T, dim=-1),
+                               F.normalize(e[:5], dim=-1), atol=1e-5, rtol=1e-4)
+    u = F.normalize(model.unit_embed.detach(), dim=-1)
+    c = F.normalize(cents, dim=-1)
+    assert torch.corrcoef(torch.stack([(u @ u.T).flatten(), (c @ c.T).flatten()]))[0, 1] > 0.5
+    # MRC scores against the tokenizer's codebook: a latent's own code scores highest
+    torch.testing.assert_close(model.codebook, F.normalize(ctx.codebook, dim=-1))
+
+
+def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
+    from omnimask.train.objectives.cm3_lm import _banned
+
+    assert _banned([1, 2, 3, 1, 2], 3) == {3}
+    assert _banned([1, 2, 1, 4, 1], 2) == {2, 4}
+    assert _banned([5, 6], 3) == set()
+    assert _banned([7, 7, 7], 1) == {7}
+
+
+def test_speech_conv_never_mixes_two_utterances():
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx).eval()
+    from omnimask.fusion.packing import Segment, pack
+
+    a, b = c.speech[0].float(), c.speech[1].float()
+    both = pack([[Segment("speech", features=a)], [Segment("speech", features=b)]])
+    alone = pack([[Segment("speech", features=a)]])
+    with torch.no_grad():
+        fa = model.input_features(both)[: len(a)]
+        torch.testing.assert_close(fa, model.input_features(alone))
+        # and it does mix neighbours within one utterance: changing frame 3 moves frame 4
+        a2 = a.clone()
+        a2[3] += 5
+        f2 = model.input_features(pack([[Segment("speech", features=a2)]]))
+        assert not torch.allclose(f2[4], fa[4])

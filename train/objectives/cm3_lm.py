@@ -116,9 +116,12 @@ class CM3:
 @torch.no_grad()
 def generate(model, ctx: Context, prompt: list[int], max_new: int, allowed: torch.Tensor,
              stop: set[int] = frozenset(), cols: int = 8, temperature: float = 0.0,
-             top_k: int = 0, gen: torch.Generator | None = None) -> list[int]:
+             top_k: int = 0, gen: torch.Generator | None = None,
+             no_repeat_ngram: int = 0) -> list[int]:
     """Continue ``prompt`` token by token (causal trunk, no cache: prompts are short).
-    ``allowed``: [vocab] bool, the ids that may be produced; greedy when temperature=0."""
+    ``allowed``: [vocab] bool, the ids that may be produced; greedy when temperature=0;
+    ``no_repeat_ngram=n`` forbids repeating an n-gram of the generated part (fairseq's
+    ``--no-repeat-ngram-size``)."""
     model.eval()
     tokens = list(prompt)
     dev = next(model.parameters()).device
@@ -127,6 +130,9 @@ def generate(model, ctx: Context, prompt: list[int], max_new: int, allowed: torc
         h = model.encode(p, mask="causal")
         logits = model.vocab_logits(h, torch.tensor([len(tokens) - 1], device=dev))[0].float()
         logits = logits.masked_fill(~allowed.to(dev), float("-inf"))
+        if no_repeat_ngram:
+            for t in _banned(tokens[len(prompt):], no_repeat_ngram):
+                logits[t] = float("-inf")
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -139,6 +145,14 @@ def generate(model, ctx: Context, prompt: list[int], max_new: int, allowed: torc
         if nxt in stop:
             break
     return tokens[len(prompt):]
+
+
+def _banned(out: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in ``out``."""
+    if len(out) < n:
+        return set()
+    head = tuple(out[len(out) - n + 1:]) if n > 1 else ()
+    return {out[i + n - 1] for i in range(len(out) - n + 1) if tuple(out[i:i + n - 1]) == head}
 
 
 def _text_allowed(ctx: Context, tokenizer) -> torch.Tensor:
@@ -157,7 +171,7 @@ def caption_image(model, ctx: Context, tokenizer, codes: torch.Tensor, max_new: 
     prompt = [ctx.sp("bos"), ctx.sp("image"), *ctx.vocab.from_image(codes).tolist(),
               ctx.sp("/image")]
     out = generate(model, ctx, prompt, max_new, _text_allowed(ctx, tokenizer),
-                   stop={ctx.sp("eod"), ctx.sp("eos")})
+                   stop={ctx.sp("eod"), ctx.sp("eos")}, no_repeat_ngram=3)
     return tokenizer.decode([t for t in out if not tokenizer.is_special(t)])
 
 

@@ -107,7 +107,7 @@ class MRC(_MaskedRegions):
         return {"target": soft}
 
     def loss(self, model, b) -> dict:
-        logits = model.mrc(self._hidden_at_masked(model, b)).float()
+        logits = model.mrc_logits(self._hidden_at_masked(model, b)).float()
         loss = F.kl_div(logits.log_softmax(-1), b["target"].to(logits.device),
                         reduction="batchmean")
         return {"loss": loss, "mrc": loss.detach(), "tokens": b["packed"].num_tokens}
