@@ -109,9 +109,8 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
             out["features"].append((pe(b["image"]) if pe is not None else z).half())
             for i in range(n):
                 out["keys"].append(b["__key__"][i])
-                out["captions"].append(text_tok.tok.encode_batch(
-                    b["captions"][i], add_special_tokens=False))
-                out["captions"][-1] = [e.ids for e in out["captions"][-1]]
+                out["captions"].append([e.ids for e in text_tok.tok.encode_batch(
+                    b["captions"][i], add_special_tokens=False)])
                 if want_speech:
                     sp = b["meta"][i].get("speech", {})
                     out["spoken"].append(int(sp.get("caption_index", 0)))

@@ -390,7 +390,7 @@ class Trainer:
                     self.run_eval()
                 if self.step % cfg.checkpoint_every == 0 and self.step < total:
                     last_good = self.save()
-            bar.close()
+            bar.close()  # before the final evaluation prints anything
             if not status.startswith("interrupted"):
                 self.run_eval()
             last_good = self.save()

@@ -68,12 +68,11 @@ class _MaskedRegions(_Base):
         return region_mask(r * c, gen, self.cfg.mrm_prob)
 
     def batch(self, corpus, idx, gen) -> dict:
-        samples, masks, rows = [], {"image": []}, []
-        for i in idx:
+        samples, masks, rows = [], {"image": []}, list(idx)
+        for i in rows:
             samples.append([text_segment(self.ctx, pick_caption(corpus, i, gen)),
                             image_segment(corpus, i)])
             masks["image"].append(self._masks(corpus, gen))
-            rows.append(i)
         p = pack(samples)
         return {"packed": p, "masked": masked_by_modality(masks), "rows": torch.tensor(rows),
                 **self._targets(corpus, rows, masks["image"])}
