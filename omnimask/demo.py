@@ -228,11 +228,11 @@ def _write_reports(run: Path, report: dict) -> None:
                          f"{x['train_and_eval_seconds']} |")
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
+        from .train.pretrain import summary_table
+
         x = m["pretrain"]
         lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
-                  "| objective | val loss at step 0 | final | final / step 0 |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |"
-                  for k, v in x["val"].items()]
+                  summary_table(x)]
         for c in x["captions"]:
             lines += ["", f"CM3 caption: \"{c['generated']}\" (reference: \"{c['reference']}\")"]
         if x.get("generated_images"):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 
 
-def rank_and_world() -> tuple[int, int]:
+def group_rank_and_world() -> tuple[int, int]:
+    """(rank, size) of the initialised process group; (0, 1) without one (collectives such
+    as all-gather need a real group, not just the launcher's variables)."""
     try:
         import torch.distributed as dist
 
@@ -19,6 +21,13 @@ def rank_and_world() -> tuple[int, int]:
             return dist.get_rank(), dist.get_world_size()
     except ImportError:  # pragma: no cover
         pass
+    return 0, 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    rank, size = group_rank_and_world()
+    if size > 1:
+        return rank, size
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1

@@ -22,6 +22,7 @@ from omnimask.config import save_config
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig, PretrainModel
 
+from .distributed import rank_and_world
 from .objectives.base import OBJECTIVES, Context, ObjectivesConfig
 from .trainer import Trainer, TrainerConfig, seed_everything, step_seed
 
@@ -148,8 +149,6 @@ class Pretraining:
 
     # -- data --------------------------------------------------------------------------------
     def make_batch(self, step: int, micro: int) -> tuple[str, dict]:
-        from omnimask.train.distributed import rank_and_world
-
         seed = self.cfg.trainer.seed
         g = torch.Generator().manual_seed(step_seed(seed, step, micro))
         name = self.names[int(torch.multinomial(self.weights, 1, generator=g))]

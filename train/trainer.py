@@ -356,6 +356,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="pretrain", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         t_start, tok_window, t_window = time.perf_counter() - self.elapsed, 0, time.perf_counter()
+        kill_at = int(os.environ.get("OMNIMASK_TEST_SIGKILL_AT", "-1"))  # tests: a preemption
         try:
             while self.step < total:
                 if self._signal:
@@ -384,7 +385,7 @@ class Trainer:
                                     tok_s=f"{row['tokens_per_s']:.0f}")
                 self.log_row(row)
                 bar.update(1)
-                if os.environ.get("OMNIMASK_TEST_SIGKILL_AT") == str(self.step):
+                if kill_at == self.step:
                     os.kill(os.getpid(), signal.SIGKILL)  # tests: die like a preempted node
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
                     self.run_eval()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimask.fusion.packing import Segment, pack
+from omnimask.train.distributed import group_rank_and_world
 
 from .base import OBJECTIVES, Context, image_segment, pick_caption, text_segment
 
@@ -35,17 +36,8 @@ def embed_pairs(model, ctx: Context, corpus, idx, caps, with_tokens: bool = Fals
     return (t, v, p.num_tokens) if with_tokens else (t, v)
 
 
-def world() -> tuple[int, int]:
-    """(rank, size) of the initialised process group, (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    rank, size = world()
+    rank, size = group_rank_and_world()
     if size == 1:
         return x
     import torch.distributed.nn.functional as dist_fn
@@ -55,7 +47,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def info_nce(t: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE; rows of this rank's block are its positives."""
-    rank, _ = world()
+    rank, _ = group_rank_and_world()
     tt, vv = gather_with_grad(t), gather_with_grad(v)
     scale = logit_scale.exp().clamp(max=100.0)
     labels = torch.arange(len(t), device=t.device) + rank * len(t)

@@ -185,12 +185,9 @@ class ITM(_Base):
             txt.append(h[s + 1:e][seg[s + 1:e] == 0])
             img.append(h[s:e][seg[s:e] == 1])
         T, V = (torch.nn.utils.rnn.pad_sequence(x, batch_first=True) for x in (txt, img))
-        tpad = torch.nn.utils.rnn.pad_sequence(
-            [torch.zeros(len(x), dtype=torch.bool) for x in txt], batch_first=True,
-            padding_value=True).to(h.device)
-        vpad = torch.nn.utils.rnn.pad_sequence(
-            [torch.zeros(len(x), dtype=torch.bool) for x in img], batch_first=True,
-            padding_value=True).to(h.device)
+        tpad, vpad = (torch.arange(P.shape[1], device=h.device)[None]
+                      >= torch.tensor([len(x) for x in xs], device=h.device)[:, None]
+                      for P, xs in ((T, txt), (V, img)))
         return wra_loss(T.float(), V.float(), tpad, vpad, pos.to(h.device),
                         beta=self.cfg.ot_beta, iterations=self.cfg.ot_iterations)
 
