@@ -168,9 +168,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     print(f"{summary['status']} at step {summary['step']} in {summary['elapsed_s']:.0f} s of "
           f"training; checkpoint {summary['checkpoint']}")
     print(summary_table(summary))
-    caps = summary.get("samples", {}).get("captions", [])
-    for c in caps[:4]:
+    samples = summary.get("samples", {})
+    for c in samples.get("captions", [])[:4]:
         print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})")
+    if "grounding" in samples:
+        g = samples["grounding"]
+        print("CM3 grounding (val loss, own vs another sample's): image tokens given caption "
+              f"{g['image_given_caption']:.3f} vs {g['image_given_other_caption']:.3f}; caption "
+              f"given image {g['caption_given_image']:.3f} vs {g['caption_given_other_image']:.3f}")
     print(cfg.out)
     return 0
 

@@ -138,7 +138,10 @@ class PretrainModel(nn.Module):
 
     def encode(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
                masked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Hidden states [T, dim]."""
+        """Hidden states [T, dim] (the batch moves to the model's device when elsewhere)."""
+        dev = self.image_in.weight.device
+        if batch.ids.device != dev:
+            batch = batch.to(dev)
         return self.trunk(batch, mask, prefix_len, features=self.input_features(batch, masked))
 
     # -- heads -------------------------------------------------------------------------------

@@ -52,6 +52,15 @@ class GenerateConfig:
     images: int = 8  # val captions to draw
     temperature: float = 1.0  # image sampling
     top_k: int = 20
+    guidance: float = 1.0  # classifier-free guidance scale for images (1: none)
+    candidates: int = 1  # images sampled per caption; the best by `rerank` is kept
+    rerank: str = "itc"  # itc | itm: the model's own head scores the candidates
+
+    def __post_init__(self) -> None:
+        if self.rerank not in ("itc", "itm"):
+            raise ValueError(f"generate.rerank must be itc or itm, got {self.rerank!r}")
+        if self.candidates < 1:
+            raise ValueError(f"generate.candidates must be >= 1, got {self.candidates}")
 
 
 @dataclass
@@ -202,29 +211,38 @@ class Pretraining:
         return summary
 
     def samples(self) -> dict:
-        from .objectives.cm3_lm import caption_image, image_from_caption, infill
+        from .objectives import cm3_generate as cg
 
         if "cm3" not in self.objectives:
             return {}
-        g, text = self.cfg.generate, self.toks["text"]
+        g, text, ctx = self.cfg.generate, self.toks["text"], self.ctx
         self.model.eval()
+        nc = min(g.captions, len(self.val))
         caps = []
-        for i in range(min(g.captions, len(self.val))):
-            out = caption_image(self.model, self.ctx, text, self.val.codes[i])
-            ref = text.decode(self.val.captions[i][0])
-            caps.append({"key": self.val.keys[i], "generated": out, "reference": ref,
-                         **object_match(out, [text.decode(c) for c in self.val.captions[i]])})
-        gen = torch.Generator().manual_seed(0)
+        for i, out in enumerate(cg.caption_images(self.model, ctx, text, self.val.codes[:nc])):
+            refs = [text.decode(c) for c in self.val.captions[i]]
+            caps.append({"key": self.val.keys[i], "generated": out, "reference": refs[0],
+                         **object_match(out, refs)})
         n = min(g.images, len(self.val))
-        codes = torch.stack([image_from_caption(
-            self.model, self.ctx, self.val.captions[i][0], self.val.codes.shape[1],
-            self.val.grid[1], g.temperature, g.top_k, gen) for i in range(n)])
+        score = None
+        if g.candidates > 1:
+            if self.cfg.data.features != "vq":
+                raise ConfigError("generate.candidates > 1 reranks with the VQ features; "
+                                  "data.features is not vq")
+            feats = cg.rerank_features(self.toks["image"])
+            head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
+            score = lambda cap, codes: head(self.model, ctx, cap, feats(codes))  # noqa: E731
+        codes = cg.images_from_captions(
+            self.model, ctx, [self.val.captions[i][0] for i in range(n)],
+            self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,
+            g.candidates, score, torch.Generator().manual_seed(0))
         png = self._image_grid(codes, n)
-        d = [self.ctx.sp("bos"), *self.val.captions[0][0]]
+        d = [ctx.sp("bos"), *self.val.captions[0][0]]
         s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
-        filled = infill(self.model, self.ctx, text, d, s, e)
-        matched = sum(c["names_all"] for c in caps)
-        return {"captions": caps, "captions_naming_every_object": matched,
+        filled = cg.infill(self.model, ctx, text, d, s, e)
+        grounding = cg.grounding(self.model, ctx, self.val, list(range(min(64, len(self.val)))))
+        return {"captions": caps, "grounding": grounding,
+                "captions_naming_every_object": sum(c["names_all"] for c in caps),
                 "caption_object_precision": round(
                     sum(c["precision"] for c in caps) / max(1, len(caps)), 3),
                 "images_png": str(png), "image_captions": [text.decode(

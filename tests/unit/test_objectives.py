@@ -248,15 +248,6 @@ def test_init_from_tokenizers_keeps_the_codebook_geometry():
     torch.testing.assert_close(model.codebook, F.normalize(ctx.codebook, dim=-1))
 
 
-def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
-    from omnimask.train.objectives.cm3_lm import _banned
-
-    assert _banned([1, 2, 3, 1, 2], 3) == {3}
-    assert _banned([1, 2, 1, 4, 1], 2) == {2, 4}
-    assert _banned([5, 6], 3) == set()
-    assert _banned([7, 7, 7], 1) == {7}
-
-
 def test_speech_conv_never_mixes_two_utterances():
     ctx, c = _ctx(), _corpus()
     model = _model(ctx).eval()

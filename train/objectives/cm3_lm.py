@@ -1,5 +1,5 @@
-"""CM3 causally-masked language modelling over image-text(-speech) documents, and
-generation with the trained model (captions, images, infilling).
+"""CM3 causally-masked language modelling over image-text(-speech) documents (generation
+with the trained model: ``cm3_generate.py``).
 
 A document is ``<bos>`` then its parts in a random order: the caption's text ids;
 ``<image>`` VQ codes (raster order, shared vocabulary) ``</image>``; optionally
@@ -110,90 +110,3 @@ class CM3:
         pos = p.target_positions
         loss = F.cross_entropy(model.vocab_logits(h, pos).float(), p.targets[pos].to(h.device))
         return {"loss": loss, "cm3": loss.detach(), "tokens": p.num_tokens}
-
-
-# -- generation --------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(model, ctx: Context, prompt: list[int], max_new: int, allowed: torch.Tensor,
-             stop: set[int] = frozenset(), cols: int = 8, temperature: float = 0.0,
-             top_k: int = 0, gen: torch.Generator | None = None,
-             no_repeat_ngram: int = 0) -> list[int]:
-    """Continue ``prompt`` token by token (causal trunk, no cache: prompts are short).
-    ``allowed``: [vocab] bool, the ids that may be produced; greedy when temperature=0;
-    ``no_repeat_ngram=n`` forbids repeating an n-gram of the generated part (fairseq's
-    ``--no-repeat-ngram-size``)."""
-    model.eval()
-    tokens = list(prompt)
-    dev = next(model.parameters()).device
-    for _ in range(max_new):
-        p = pack([doc_segments(ctx, tokens, grid_indices(ctx, tokens), cols)]).to(dev)
-        h = model.encode(p, mask="causal")
-        logits = model.vocab_logits(h, torch.tensor([len(tokens) - 1], device=dev))[0].float()
-        logits = logits.masked_fill(~allowed.to(dev), float("-inf"))
-        if no_repeat_ngram:
-            for t in _banned(tokens[len(prompt):], no_repeat_ngram):
-                logits[t] = float("-inf")
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, int(allowed.sum()))).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen))
-        tokens.append(nxt)
-        if nxt in stop:
-            break
-    return tokens[len(prompt):]
-
-
-def _banned(out: list[int], n: int) -> set[int]:
-    """Tokens that would complete an n-gram already present in ``out``."""
-    if len(out) < n:
-        return set()
-    head = tuple(out[len(out) - n + 1:]) if n > 1 else ()
-    return {out[i + n - 1] for i in range(len(out) - n + 1) if tuple(out[i:i + n - 1]) == head}
-
-
-def _text_allowed(ctx: Context, tokenizer) -> torch.Tensor:
-    a = torch.zeros(ctx.vocab.size, dtype=torch.bool)
-    a[: ctx.vocab.text_size] = True
-    for i in range(ctx.vocab.text_size):
-        if tokenizer.is_special(i):
-            a[i] = False
-    a[ctx.sp("eod")] = a[ctx.sp("eos")] = True
-    return a
-
-
-def caption_image(model, ctx: Context, tokenizer, codes: torch.Tensor, max_new: int = 40
-                  ) -> str:
-    """Greedy caption of one image's VQ codes: prompt ``<bos> <image> codes </image>``."""
-    prompt = [ctx.sp("bos"), ctx.sp("image"), *ctx.vocab.from_image(codes).tolist(),
-              ctx.sp("/image")]
-    out = generate(model, ctx, prompt, max_new, _text_allowed(ctx, tokenizer),
-                   stop={ctx.sp("eod"), ctx.sp("eos")}, no_repeat_ngram=3)
-    return tokenizer.decode([t for t in out if not tokenizer.is_special(t)])
-
-
-def image_from_caption(model, ctx: Context, caption_ids: list[int], num_codes: int, cols: int,
-                       temperature: float = 1.0, top_k: int = 20,
-                       gen: torch.Generator | None = None) -> torch.Tensor:
-    """VQ codes [num_codes] for a caption: prompt ``<bos> caption <image>``."""
-    lo, hi = ctx.vocab.ranges()["image"]
-    allowed = torch.zeros(ctx.vocab.size, dtype=torch.bool)
-    allowed[lo:hi] = True
-    prompt = [ctx.sp("bos"), *caption_ids, ctx.sp("image")]
-    out = generate(model, ctx, prompt, num_codes, allowed, cols=cols, temperature=temperature,
-                   top_k=top_k, gen=gen)
-    return ctx.vocab.to_image(torch.tensor(out))
-
-
-def infill(model, ctx: Context, tokenizer, doc: list[int], start: int, end: int,
-           max_new: int = 20) -> str:
-    """Fill ``doc[start:end]`` given both sides (``doc`` as ``document`` builds it, from
-    ``<bos>``): CM3's prompt ``... <mask:0> ... <mask:0>``, generated until ``<eos>``."""
-    m = ctx.sp("mask:0")
-    prompt = [*doc[:start], m, *doc[end:], m]
-    out = generate(model, ctx, prompt, max_new, _text_allowed(ctx, tokenizer),
-                   stop={ctx.sp("eos"), ctx.sp("eod")})
-    return tokenizer.decode([t for t in out if not tokenizer.is_special(t)])

@@ -26,14 +26,19 @@ def embed_pairs(model, ctx: Context, corpus, idx, caps, with_tokens: bool = Fals
     samples = [[text_segment(ctx, c)] for c in caps]
     samples += [[Segment("text", ids=cls), image_segment(corpus, i)] for i in idx]
     p = pack(samples)
+    t, v = pooled_embeddings(model, p, len(caps))
+    return (t, v, p.num_tokens) if with_tokens else (t, v)
+
+
+def pooled_embeddings(model, p, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled states of each packed sample through the ITC projections, l2-normalised:
+    the first ``n_text`` samples are texts, the rest images."""
     h = model.encode(p)
     sample = p.sample_index().to(h.device)
     pooled = torch.zeros(p.num_samples, h.shape[1], device=h.device, dtype=h.dtype)
     pooled = pooled.index_add(0, sample, h) / torch.bincount(sample)[:, None].to(h.dtype)
-    n = len(idx)
-    t = F.normalize(model.itc_text(pooled[:n]), dim=-1)
-    v = F.normalize(model.itc_image(pooled[n:]), dim=-1)
-    return (t, v, p.num_tokens) if with_tokens else (t, v)
+    return (F.normalize(model.itc_text(pooled[:n_text]), dim=-1),
+            F.normalize(model.itc_image(pooled[n_text:]), dim=-1))
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

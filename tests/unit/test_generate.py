@@ -1,0 +1,143 @@
+"""CM3 generation: batched decoding equals decoding each prompt alone, classifier-free
+guidance's limits, the n-gram ban, top-k, and reranking by the model's own heads."""
+
+from __future__ import annotations
+
+import torch
+
+from omnimask.train.objectives import cm3_generate as cg
+from omnimask.train.objectives.itc import embed_pairs
+
+from .test_objectives import CODES, P, _corpus, _ctx, _model
+
+TEXT_IDS = [20, 21, 22, 23, 24, 25]
+
+
+def _setup():
+    ctx = _ctx()
+    model = _model(ctx).eval()
+    allowed = torch.zeros(ctx.vocab.size, dtype=torch.bool)
+    allowed[16:60] = True  # plain text tokens
+    return ctx, model, allowed
+
+
+def _prompts(ctx):
+    b = ctx.sp("bos")
+    return [[b, 20, 31], [b, 40, 41, 42, 43, 44], [b, 33]]
+
+
+def test_batched_greedy_equals_each_prompt_alone():
+    ctx, model, allowed = _setup()
+    prompts = _prompts(ctx)
+    together = cg.generate(model, ctx, prompts, 12, allowed)
+    alone = [cg.generate(model, ctx, [p], 12, allowed)[0] for p in prompts]
+    assert together == alone and all(len(o) == 12 for o in together)
+    # the same as an explicit argmax over full-sequence causal logits
+    seq = list(prompts[1])
+    for t in together[1][:4]:
+        assert int(cg.next_logits(model, ctx, [seq], 4)[0].masked_fill(~allowed, -1e9)
+                   .argmax()) == t
+        seq.append(t)
+
+
+def test_stop_ends_one_sequence_only():
+    ctx, model, allowed = _setup()
+    prompts = _prompts(ctx)
+    free = cg.generate(model, ctx, prompts, 10, allowed)
+    stop = {free[0][2]}  # the third token of the first sequence
+    outs = cg.generate(model, ctx, prompts, 10, allowed, stop=stop)
+    for o, f in zip(outs, free):
+        cut = next((k + 1 for k, t in enumerate(f) if t in stop), len(f))
+        assert o == f[:cut]
+    assert len(outs[0]) == 3
+
+
+def test_guidance_limits():
+    ctx, model, allowed = _setup()
+    prompts, b = _prompts(ctx), ctx.sp("bos")
+    uncond = [[b, 50]] * 3
+    plain = cg.generate(model, ctx, prompts, 8, allowed)
+    assert cg.generate(model, ctx, prompts, 8, allowed, uncond=uncond, guidance=1.0) == plain
+    # s = 0 leaves only the unconditional logits: the unconditional prompt's own output
+    only_u = cg.generate(model, ctx, prompts, 8, allowed, uncond=uncond, guidance=0.0)
+    assert only_u == cg.generate(model, ctx, uncond, 8, allowed)
+    # s = 3 is u + 3 (c - u) on log-probabilities: the first token checks the formula
+    c = cg.next_logits(model, ctx, prompts, 4).log_softmax(-1)
+    u = cg.next_logits(model, ctx, uncond, 4).log_softmax(-1)
+    want = (u + 3 * (c - u)).masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
+    got = cg.generate(model, ctx, prompts, 1, allowed, uncond=uncond, guidance=3.0)
+    assert [o[0] for o in got] == want
+
+
+def test_no_repeat_ngram_and_top1_sampling():
+    ctx, model, allowed = _setup()
+    narrow = torch.zeros_like(allowed)
+    narrow[20:24] = True  # 4 tokens: a long greedy run must repeat without the ban
+    out = cg.generate(model, ctx, [[ctx.sp("bos")]], 14, narrow, no_repeat_ngram=2)[0]
+    pairs = list(zip(out, out[1:]))
+    assert len(pairs) == len(set(pairs))
+    g = torch.Generator().manual_seed(0)
+    prompts = _prompts(ctx)
+    sampled = cg.generate(model, ctx, prompts, 6, allowed, temperature=0.7, top_k=1, gen=g)
+    assert sampled == cg.generate(model, ctx, prompts, 6, allowed)
+
+
+def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
+    assert cg._banned([1, 2, 3, 1, 2], 3) == {3}
+    assert cg._banned([1, 2, 1, 4, 1], 2) == {2, 4}
+    assert cg._banned([5, 6], 3) == set()
+    assert cg._banned([7, 7, 7], 1) == {7}
+
+
+def test_images_from_captions_keeps_the_best_scored_candidate():
+    ctx, model, _ = _setup()
+    seen = []
+
+    def score(caption, codes):
+        seen.append(codes.clone())
+        return -(codes - 5).abs().float().sum(1)  # prefers codes near 5
+
+    g = torch.Generator().manual_seed(0)
+    out = cg.images_from_captions(model, ctx, [TEXT_IDS, TEXT_IDS[:3]], P, 4, top_k=8,
+                                  candidates=4, score=score, gen=g)
+    assert out.shape == (2, P) and ((out >= 0) & (out < CODES)).all()
+    for k in range(2):
+        assert seen[k].shape == (4, P)
+        assert torch.equal(out[k], seen[k][score(None, seen[k]).argmax()])
+    assert len({tuple(c.tolist()) for c in seen[0]}) > 1  # sampled, not four copies
+
+
+def test_rerank_scores_match_the_training_heads():
+    ctx, model, _ = _setup()
+    corpus = _corpus()
+    idx = [0, 3, 5]
+    cap = corpus.captions[0][0]
+    t, v = embed_pairs(model, ctx, corpus, idx, [cap] * 3)
+    torch.testing.assert_close(cg.itc_scores(model, ctx, cap, corpus.features[idx]),
+                               (v @ t[0]).detach(), atol=1e-5, rtol=1e-5)
+    p = cg.itm_scores(model, ctx, cap, corpus.features[idx])
+    assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
+    from omnimask.fusion.packing import pack
+    from omnimask.train.objectives.base import image_segment, text_segment
+
+    with torch.no_grad():
+        for k, i in enumerate(idx):
+            b = pack([[text_segment(ctx, cap), image_segment(corpus, i)]])
+            want = model.itm(model.pooled(model.encode(b), b)).softmax(-1)[0, 1]
+            assert abs(float(want) - float(p[k])) < 1e-5
+
+
+def test_grounding_pairs_differ_only_in_the_other_modality():
+    ctx, model, _ = _setup()
+    corpus = _corpus()
+    g = cg.grounding(model, ctx, corpus, [0, 1, 2, 3])
+    assert set(g) == {"image_given_caption", "image_given_other_caption", "caption_given_image",
+                      "caption_given_other_image"} and all(v > 0 for v in g.values())
+    assert g["image_given_caption"] != g["image_given_other_caption"]
+    # every sample with the same caption and image: rotating changes nothing
+    for i in range(1, 4):
+        corpus.captions[i] = corpus.captions[0]
+        corpus.codes[i] = corpus.codes[0]
+    same = cg.grounding(model, ctx, corpus, [0, 1, 2, 3])
+    assert same["image_given_caption"] == same["image_given_other_caption"]
+    assert same["caption_given_image"] == same["caption_given_other_image"]

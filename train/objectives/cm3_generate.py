@@ -1,0 +1,229 @@
+"""Generation with a CM3-trained model: captions, images, infilling.
+
+Every prompt of a call is decoded at once: each step packs all live sequences into one
+batch (causal mask per sample, no padding) and reads the logits at each one's last
+position; no key/value cache (the documents are ~100 tokens). Options:
+
+- greedy or sampled decoding (temperature, top-k), fairseq's no-repeat-n-gram ban;
+- classifier-free guidance (CM3Leon): each sequence is also continued after an
+  unconditional prompt and the logits become ``u + s * (c - u)``; for images the
+  unconditional prompt is ``<bos> <image>``, the start of CM3's image-first documents,
+  so no extra training is needed;
+- reranking (DALL-E and CM3 rerank samples with CLIP): several candidate images per
+  caption, the one the model's own ITC or ITM head scores highest is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from omnimask.fusion.packing import Segment, pack
+
+from .base import Context, text_segment
+from .cm3_lm import doc_segments, grid_indices
+
+
+@torch.no_grad()
+def next_logits(model, ctx: Context, seqs: list[list[int]], cols: int) -> torch.Tensor:
+    """[len(seqs), vocab] float logits for the token after each sequence (causal)."""
+    dev = next(model.parameters()).device
+    p = pack([doc_segments(ctx, s, grid_indices(ctx, s), cols) for s in seqs]).to(dev)
+    h = model.encode(p, mask="causal")
+    return model.vocab_logits(h, p.cu_seqlens[1:].long() - 1).float()
+
+
+@torch.no_grad()
+def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
+             allowed: torch.Tensor, stop: set[int] = frozenset(), cols: int = 8,
+             temperature: float = 0.0, top_k: int = 0, gen: torch.Generator | None = None,
+             no_repeat_ngram: int = 0, uncond: list[list[int]] | None = None,
+             guidance: float = 1.0) -> list[list[int]]:
+    """Continue every prompt (up to ``max_new`` tokens, or through a ``stop`` token).
+
+    ``allowed``: [vocab] bool, the ids that may be produced. Greedy when temperature=0.
+    ``uncond`` (one prompt per row) with ``guidance`` s: classifier-free guidance.
+    Returns the generated ids per prompt (the stop token included when reached)."""
+    if uncond is not None and len(uncond) != len(prompts):
+        raise ValueError(f"uncond has {len(uncond)} prompts, prompts {len(prompts)}")
+    model.eval()
+    dev = next(model.parameters()).device
+    ban = ~allowed.to(dev)
+    outs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    for _ in range(max_new):
+        if not live:
+            break
+        seqs = [prompts[k] + outs[k] for k in live]
+        guided = uncond is not None and guidance != 1.0
+        if guided:
+            seqs += [uncond[k] + outs[k] for k in live]
+        logits = next_logits(model, ctx, seqs, cols)
+        if guided:
+            c, u = logits[: len(live)].log_softmax(-1), logits[len(live):].log_softmax(-1)
+            logits = u + guidance * (c - u)
+        logits = logits.masked_fill(ban, float("-inf"))
+        if no_repeat_ngram:
+            for row, k in enumerate(live):
+                for t in _banned(outs[k], no_repeat_ngram):
+                    logits[row, t] = float("-inf")
+        nxt = _pick(logits, temperature, top_k, gen)
+        for row, k in enumerate(live):
+            outs[k].append(int(nxt[row]))
+        live = [k for k in live if outs[k][-1] not in stop]
+    return outs
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int,
+          gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        k = min(top_k, int(torch.isfinite(logits).sum(-1).min()))
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen)[:, 0]
+
+
+def _banned(out: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in ``out``."""
+    if len(out) < n:
+        return set()
+    head = tuple(out[len(out) - n + 1:]) if n > 1 else ()
+    return {out[i + n - 1] for i in range(len(out) - n + 1) if tuple(out[i:i + n - 1]) == head}
+
+
+def text_allowed(ctx: Context, tokenizer) -> torch.Tensor:
+    """[vocab] bool: the text tokens (no specials) plus ``<eos>``/``<eod>``."""
+    a = torch.zeros(ctx.vocab.size, dtype=torch.bool)
+    a[: ctx.vocab.text_size] = True
+    for i in range(ctx.vocab.text_size):
+        if tokenizer.is_special(i):
+            a[i] = False
+    a[ctx.sp("eod")] = a[ctx.sp("eos")] = True
+    return a
+
+
+def caption_images(model, ctx: Context, tokenizer, codes: torch.Tensor, max_new: int = 40,
+                   no_repeat_ngram: int = 3) -> list[str]:
+    """Greedy captions of images' VQ codes [B, P]: prompt ``<bos> <image> codes </image>``."""
+    prompts = [[ctx.sp("bos"), ctx.sp("image"), *ctx.vocab.from_image(c).tolist(),
+                ctx.sp("/image")] for c in codes]
+    outs = generate(model, ctx, prompts, max_new, text_allowed(ctx, tokenizer),
+                    stop={ctx.sp("eod"), ctx.sp("eos")}, no_repeat_ngram=no_repeat_ngram)
+    return [tokenizer.decode([t for t in o if not tokenizer.is_special(t)]) for o in outs]
+
+
+def images_from_captions(model, ctx: Context, captions: list[list[int]], num_codes: int,
+                         cols: int, temperature: float = 1.0, top_k: int = 0,
+                         guidance: float = 1.0, candidates: int = 1,
+                         score: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+                         gen: torch.Generator | None = None) -> torch.Tensor:
+    """VQ codes [len(captions), num_codes], prompt ``<bos> caption <image>``.
+
+    ``candidates`` > 1 samples that many per caption and keeps the one ``score(caption,
+    codes [candidates, num_codes]) -> [candidates]`` rates highest (the first without
+    ``score``)."""
+    lo, hi = ctx.vocab.ranges()["image"]
+    allowed = torch.zeros(ctx.vocab.size, dtype=torch.bool)
+    allowed[lo:hi] = True
+    prompts = [[ctx.sp("bos"), *c, ctx.sp("image")] for c in captions for _ in range(candidates)]
+    uncond = [[ctx.sp("bos"), ctx.sp("image")]] * len(prompts)
+    outs = generate(model, ctx, prompts, num_codes, allowed, cols=cols, temperature=temperature,
+                    top_k=top_k, gen=gen, uncond=uncond, guidance=guidance)
+    codes = ctx.vocab.to_image(torch.tensor(outs)).view(len(captions), candidates, num_codes)
+    if candidates == 1 or score is None:
+        return codes[:, 0]
+    best = [int(score(c, codes[k]).argmax()) for k, c in enumerate(captions)]
+    return codes[torch.arange(len(captions)), torch.tensor(best)]
+
+
+@torch.no_grad()
+def itm_scores(model, ctx: Context, caption: list[int], features: torch.Tensor) -> torch.Tensor:
+    """[C] probability that each image (patch features [C, P, d]) matches ``caption``."""
+    dev = next(model.parameters()).device
+    p = pack([[text_segment(ctx, caption), Segment("image", features=f.float(),
+                                                   grid=_square(len(f)))] for f in features])
+    h = model.encode(p.to(dev))
+    return model.itm(model.pooled(h, p)).float().softmax(-1)[:, 1].cpu()
+
+
+@torch.no_grad()
+def itc_scores(model, ctx: Context, caption: list[int], features: torch.Tensor) -> torch.Tensor:
+    """[C] cosine between the caption's and each image's ITC embedding."""
+    from .itc import pooled_embeddings
+
+    cls = torch.tensor([ctx.sp("cls")])
+    samples = [[text_segment(ctx, caption)]] + [
+        [Segment("text", ids=cls), Segment("image", features=f.float(), grid=_square(len(f)))]
+        for f in features]
+    t, v = pooled_embeddings(model, pack(samples), 1)
+    return (v @ t[0]).float().cpu()
+
+
+def _square(n: int) -> tuple[int, int]:
+    s = int(round(n ** 0.5))
+    if s * s != n:
+        raise ValueError(f"{n} patches are not a square grid")
+    return (s, s)
+
+
+def infill(model, ctx: Context, tokenizer, doc: list[int], start: int, end: int,
+           max_new: int = 20) -> str:
+    """Fill ``doc[start:end]`` given both sides (``doc`` from ``<bos>``): CM3's prompt
+    ``... <mask:0> ... <mask:0>``, generated until ``<eos>``."""
+    m = ctx.sp("mask:0")
+    out = generate(model, ctx, [[*doc[:start], m, *doc[end:], m]], max_new,
+                   text_allowed(ctx, tokenizer), stop={ctx.sp("eos"), ctx.sp("eod")})[0]
+    return tokenizer.decode([t for t in out if not tokenizer.is_special(t)])
+
+
+def rerank_features(image_tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """codes [C, P] -> VQ features [C, P, d] of the decoded images, as the corpus builds
+    its ``vq`` features (decode, encode, l2-normalise)."""
+    vq = image_tokenizer.model
+
+    @torch.no_grad()
+    def features(codes: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(vq.latents(vq.to_input(vq.decode(codes))), dim=-1)
+        return z.view(len(codes), -1, z.shape[-1])
+
+    return features
+
+
+@torch.no_grad()
+def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
+    """Whether CM3 uses the other modality: the mean next-token loss on the image tokens of
+    ``<bos> caption <image> codes </image>`` with each image's own caption and with another
+    sample's (the list rotated by one), and on the caption tokens of image-first documents
+    with the own and another image. Equal pairs: the model ignores the other modality."""
+    model.eval()
+    dev = next(model.parameters()).device
+    caps = [corpus.captions[i][0] for i in idx]
+    imgs = [[ctx.sp("image"), *ctx.vocab.from_image(corpus.codes[i]).tolist(), ctx.sp("/image")]
+            for i in idx]
+    other = caps[1:] + caps[:1]
+    other_img = imgs[1:] + imgs[:1]
+    bos = ctx.sp("bos")
+    lo, hi = ctx.vocab.ranges()["image"]
+    specials = torch.tensor(sorted(ctx.vocab.specials.values()), device=dev)
+    out = {}
+    for name, docs, want_image in (
+            ("image_given_caption", [[bos, *c, *m] for c, m in zip(caps, imgs)], True),
+            ("image_given_other_caption", [[bos, *c, *m] for c, m in zip(other, imgs)], True),
+            ("caption_given_image", [[bos, *m, *c] for c, m in zip(caps, imgs)], False),
+            ("caption_given_other_image", [[bos, *m, *c] for c, m in zip(caps, other_img)],
+             False)):
+        p = pack([doc_segments(ctx, d, grid_indices(ctx, d), corpus.grid[1]) for d in docs])
+        p = p.to(dev)
+        h = model.encode(p, mask="causal")
+        nxt = torch.cat([torch.tensor(d[1:] + [-1]) for d in docs]).to(dev)
+        is_image = (nxt >= lo) & (nxt < hi)
+        words = (nxt >= 0) & (nxt < ctx.vocab.text_size) & ~torch.isin(nxt, specials)
+        keep = is_image if want_image else words
+        pos = torch.nonzero(keep).flatten()
+        out[name] = round(float(F.cross_entropy(model.vocab_logits(h, pos).float(), nxt[pos])), 4)
+    return out
