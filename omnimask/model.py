@@ -19,7 +19,7 @@ vocabulary head, tied to the token embeddings.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,11 @@ class ModelConfig:
     speech_conv_kernel: int = 15  # wav2vec2/HuBERT convolutional position embedding; 0: off
     speech_conv_groups: int = 16
     code_dim: int = 32  # VQ code vectors (set from the image tokenizer)
+    # how VQ code ids (CM3 documents, generation) enter the trunk: "embedding" = a token
+    # embedding row; "features" = their code vector through the image input projection +
+    # LayerNorm, the path the VQ latents take in the other objectives (one image input)
+    image_code_input: str = "embedding"
+    image_code_offset: int = -1  # first image-code id in the shared vocabulary (set from it)
     mrc_temperature: float = 0.1  # MRC logits: cos(predicted latent, codes) / t
 
 
@@ -60,6 +65,12 @@ def _mlp_ln(dim: int, eps: float) -> nn.Sequential:
 class PretrainModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.image_code_input not in ("features", "embedding"):
+            raise ValueError("model.image_code_input must be embedding or features, got "
+                             f"{cfg.image_code_input!r}")
+        if cfg.image_code_input == "features" and cfg.image_feature_dim != cfg.code_dim:
+            raise ValueError("model.image_code_input=features needs image features that are "
+                             f"VQ latents (dim {cfg.code_dim}), got dim {cfg.image_feature_dim}")
         self.cfg = cfg
         self.trunk = Trunk(cfg.trunk)
         d, eps = cfg.trunk.dim, 1e-12
@@ -142,7 +153,31 @@ class PretrainModel(nn.Module):
         dev = self.image_in.weight.device
         if batch.ids.device != dev:
             batch = batch.to(dev)
-        return self.trunk(batch, mask, prefix_len, features=self.input_features(batch, masked))
+        feats = self.input_features(batch, masked)
+        if self.codes_as_features:
+            batch, feats = self._code_features(batch, feats)
+        return self.trunk(batch, mask, prefix_len, features=feats)
+
+    @property
+    def codes_as_features(self) -> bool:
+        return self.cfg.image_code_input == "features" and self.cfg.image_code_offset >= 0
+
+    def _code_features(self, batch: PackedBatch, feats: torch.Tensor | None):
+        """VQ code ids -> their code vectors through the image input projection + LayerNorm
+        (marked as feature positions, id -1), so that documents of codes and images given
+        as latents reach the trunk the same way."""
+        lo = self.cfg.image_code_offset
+        is_code = (batch.ids >= lo) & (batch.ids < lo + self.cfg.image_codes)
+        if not bool(is_code.any()):
+            return batch, feats
+        pos = is_code.nonzero(as_tuple=True)[0]
+        v = self.codebook[batch.ids[pos] - lo].to(self.image_in.weight.dtype)
+        e = self.input_norm["image"](self.image_in(v))
+        if feats is None:
+            feats = torch.zeros(batch.num_tokens, self.cfg.trunk.dim, device=e.device,
+                                dtype=e.dtype)
+        feats = feats.index_copy(0, pos, e.to(feats.dtype))
+        return replace(batch, ids=batch.ids.masked_fill(is_code, -1)), feats
 
     # -- heads -------------------------------------------------------------------------------
     def pooled(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -140,6 +140,7 @@ class Pretraining:
         mc.trunk.vocab_size = self.vocab.size
         mc.image_feature_dim = int(self.train.features.shape[-1])
         mc.image_codes = image.size
+        mc.image_code_offset = self.vocab.ranges()["image"][0]
         mc.code_dim = int(self.ctx.codebook.shape[1])
         mc.mrc_temperature = cfg.objectives.mrc_temperature
         if self.train.has_speech:
@@ -147,6 +148,8 @@ class Pretraining:
             mc.speech_units = speech.size
         seed_everything(cfg.trainer.seed)  # the initial weights are a function of the seed
         self.model = PretrainModel(mc)
+        with torch.no_grad():  # data, not initialisation: MRC and code inputs score against it
+            self.model.codebook.copy_(torch.nn.functional.normalize(self.ctx.codebook, dim=-1))
         if cfg.init_from_tokenizers:
             q = speech.quantizer if speech is not None else None
             self.model.init_from_tokenizers(self.ctx.codebook, self.vocab,

@@ -264,3 +264,26 @@ def test_speech_conv_never_mixes_two_utterances():
         a2[3] += 5
         f2 = model.input_features(pack([[Segment("speech", features=a2)]]))
         assert not torch.allclose(f2[4], fa[4])
+
+
+def test_image_codes_enter_like_their_latents():
+    """image_code_input=features: a document of VQ code ids reaches the trunk exactly as the
+    same image given as its code vectors (the path continuous latents take)."""
+    from dataclasses import replace
+
+    from omnimask.fusion.packing import Segment, pack
+
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx).eval()
+    lo = ctx.vocab.ranges()["image"][0]
+    model.cfg = replace(model.cfg, image_code_offset=lo, image_code_input="features")
+    model.codebook.copy_(ctx.codebook)
+    assert model.codes_as_features
+    text = Segment("text", ids=torch.tensor(c.captions[0][0]))
+    ids = pack([[text, Segment("image", ids=ctx.vocab.from_image(c.codes[0]), grid=c.grid)]])
+    vec = pack([[text, Segment("image", features=ctx.codebook[c.codes[0]], grid=c.grid)]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(ids, mask="causal"), model.encode(vec, mask="causal"))
+        model.cfg = replace(model.cfg, image_code_input="embedding")
+        assert not model.codes_as_features
+        assert not torch.allclose(model.encode(ids), model.encode(vec))
