@@ -108,6 +108,9 @@ class Pretraining:
         from .corpus import load_or_build
 
         self.cfg, self.progress = cfg, progress
+        if cfg.generate.candidates > 1 and cfg.data.features != "vq":
+            raise ConfigError("generate.candidates > 1 reranks samples on their VQ features; "
+                              f"data.features is {cfg.data.features!r}, not 'vq'")
         self.run = Path(cfg.out)
         self.run.mkdir(parents=True, exist_ok=True)
         if cfg.prepare:
@@ -229,12 +232,11 @@ class Pretraining:
         n = min(g.images, len(self.val))
         score = None
         if g.candidates > 1:
-            if self.cfg.data.features != "vq":
-                raise ConfigError("generate.candidates > 1 reranks with the VQ features; "
-                                  "data.features is not vq")
             feats = cg.rerank_features(self.toks["image"])
             head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
-            score = lambda cap, codes: head(self.model, ctx, cap, feats(codes))  # noqa: E731
+
+            def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
+                return head(self.model, ctx, cap, feats(codes))
         codes = cg.images_from_captions(
             self.model, ctx, [self.val.captions[i][0] for i in range(n)],
             self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,

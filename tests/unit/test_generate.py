@@ -141,3 +141,23 @@ def test_grounding_pairs_differ_only_in_the_other_modality():
     same = cg.grounding(model, ctx, corpus, [0, 1, 2, 3])
     assert same["image_given_caption"] == same["image_given_other_caption"]
     assert same["caption_given_image"] == same["caption_given_other_image"]
+
+
+def test_reranking_needs_vq_features_and_says_so_before_training(tmp_path):
+    import pytest
+
+    from omnimask.errors import ConfigError
+    from omnimask.train.pretrain import (
+        GenerateConfig,
+        PretrainConfig,
+        PretrainData,
+        Pretraining,
+    )
+
+    cfg = PretrainConfig(out=str(tmp_path / "run"), generate=GenerateConfig(candidates=4),
+                         data=PretrainData(features="patch_encoder"))
+    with pytest.raises(ConfigError, match="generate.candidates.*data.features"):
+        Pretraining(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing built or written first
+    with pytest.raises(ValueError, match="generate.rerank"):
+        GenerateConfig(rerank="clip")
