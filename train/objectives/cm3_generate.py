@@ -29,10 +29,9 @@ from .cm3_lm import doc_segments, grid_indices
 @torch.no_grad()
 def next_logits(model, ctx: Context, seqs: list[list[int]], cols: int) -> torch.Tensor:
     """[len(seqs), vocab] float logits for the token after each sequence (causal)."""
-    dev = next(model.parameters()).device
-    p = pack([doc_segments(ctx, s, grid_indices(ctx, s), cols) for s in seqs]).to(dev)
-    h = model.encode(p, mask="causal")
-    return model.vocab_logits(h, p.cu_seqlens[1:].long() - 1).float()
+    p = pack([doc_segments(ctx, s, grid_indices(ctx, s), cols) for s in seqs])
+    h = model.encode(p, mask="causal")  # moves the batch to the model's device
+    return model.vocab_logits(h, p.cu_seqlens[1:].long().to(h.device) - 1).float()
 
 
 @torch.no_grad()
@@ -53,11 +52,11 @@ def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
     ban = ~allowed.to(dev)
     outs: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
+    guided = uncond is not None and guidance != 1.0
     for _ in range(max_new):
         if not live:
             break
         seqs = [prompts[k] + outs[k] for k in live]
-        guided = uncond is not None and guidance != 1.0
         if guided:
             seqs += [uncond[k] + outs[k] for k in live]
         logits = next_logits(model, ctx, seqs, cols)
@@ -144,10 +143,9 @@ def images_from_captions(model, ctx: Context, captions: list[list[int]], num_cod
 @torch.no_grad()
 def itm_scores(model, ctx: Context, caption: list[int], features: torch.Tensor) -> torch.Tensor:
     """[C] probability that each image (patch features [C, P, d]) matches ``caption``."""
-    dev = next(model.parameters()).device
     p = pack([[text_segment(ctx, caption), Segment("image", features=f.float(),
                                                    grid=_square(len(f)))] for f in features])
-    h = model.encode(p.to(dev))
+    h = model.encode(p)
     return model.itm(model.pooled(h, p)).float().softmax(-1)[:, 1].cpu()
 
 
@@ -218,7 +216,6 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
             ("caption_given_other_image", [[bos, *m, *c] for c, m in zip(caps, other_img)],
              False)):
         p = pack([doc_segments(ctx, d, grid_indices(ctx, d), corpus.grid[1]) for d in docs])
-        p = p.to(dev)
         h = model.encode(p, mask="causal")
         nxt = torch.cat([torch.tensor(d[1:] + [-1]) for d in docs]).to(dev)
         is_image = (nxt >= lo) & (nxt < hi)
