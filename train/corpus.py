@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from omnimask.config import DataConfig
@@ -102,8 +101,7 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
     with torch.no_grad():
         for b in ShardLoader(cfg, rank=0, world_size=1):
             n = len(b["__key__"])
-            z = F.normalize(vq.latents(vq.to_input(image_tok.prepare(b["image"]))), dim=-1)
-            z = z.view(n, -1, z.shape[-1])
+            z = vq.unit_latents(image_tok.prepare(b["image"]))
             out["codes"].append(vq.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(n, -1))
             out["latents"].append(z.half())
             out["features"].append((pe(b["image"]) if pe is not None else z).half())

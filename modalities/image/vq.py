@@ -162,11 +162,18 @@ class VQVAE(nn.Module):
         return recon, ids.reshape(b, -1), losses
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> code ids [B, (H/8) * (W/8)] in raster order."""
+    def unit_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> l2-normalised latents [B, (H/8) * (W/8), code_dim], the
+        vectors the codes are the nearest of (and the pretraining corpus's features)."""
         self._check(images)
         z = F.normalize(self.latents(self.to_input(images)), dim=-1)
-        return self.quantizer.nearest(z).reshape(images.shape[0], -1)
+        return z.view(images.shape[0], -1, z.shape[-1])
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> code ids [B, (H/8) * (W/8)] in raster order."""
+        z = self.unit_latents(images)
+        return self.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(images.shape[0], -1)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

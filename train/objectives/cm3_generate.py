@@ -183,13 +183,7 @@ def rerank_features(image_tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
     """codes [C, P] -> VQ features [C, P, d] of the decoded images, as the corpus builds
     its ``vq`` features (decode, encode, l2-normalise)."""
     vq = image_tokenizer.model
-
-    @torch.no_grad()
-    def features(codes: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(vq.latents(vq.to_input(vq.decode(codes))), dim=-1)
-        return z.view(len(codes), -1, z.shape[-1])
-
-    return features
+    return lambda codes: vq.unit_latents(vq.decode(codes))
 
 
 @torch.no_grad()
