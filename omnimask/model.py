@@ -38,6 +38,11 @@ class ModelConfig:
     speech_units: int = 500  # set from the speech tokenizer
     itc_dim: int = 128
     itc_temperature: float = 0.07  # initial; learnable, clamped at 1/100
+    # BatchNorm (no affine, running statistics in eval) on the pooled states before the ITC
+    # projections, as in SimCLR's projection head: a component that every sample's states
+    # share does not reach the embeddings (ITC+ITM at lr 2e-3: ITC 1.24 at step 600 with
+    # it, 2.90 without). Under DDP each rank normalises with its own batch
+    itc_batchnorm: bool = False
     unit_dim: int = 64  # HuBERT final_dim
     unit_temperature: float = 0.1
     speech_conv_kernel: int = 15  # wav2vec2/HuBERT convolutional position embedding; 0: off
@@ -102,6 +107,8 @@ class PretrainModel(nn.Module):
         self.itc_text = nn.Linear(d, cfg.itc_dim, bias=False)
         self.itc_image = nn.Linear(d, cfg.itc_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.itc_temperature)))
+        self.itc_norm = nn.ModuleDict({m: nn.BatchNorm1d(d, affine=False) if cfg.itc_batchnorm
+                                       else nn.Identity() for m in ("text", "image")})
         self.unit_proj = nn.Linear(d, cfg.unit_dim)
         self.unit_embed = nn.Parameter(torch.randn(cfg.speech_units, cfg.unit_dim) * 0.02)
         for m in (self.image_in, self.speech_in, self.pooler, self.itm, self.mrfr[0],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,33 @@ def test_speech_crop_and_cross_modal_text():
     assert all(int(p.modality[s]) == 0 for s in p.cu_seqlens[:-1].tolist())
 
 
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_itc_batchnorm_removes_the_shared_component(batchnorm):
+    """With model.itc_batchnorm a component every sample's states share does not reach the
+    ITC embeddings (training mode); in eval mode (running statistics) a sample embeds the
+    same alone as in a batch. Without it the shared component does change them."""
+    from omnimask.train.objectives.itc import embed_pairs
+
+    ctx, c = _ctx(), _corpus()
+    torch.manual_seed(0)
+    model = PretrainModel(replace(_model(ctx).cfg, itc_batchnorm=batchnorm))
+    b = _batch("itc", ctx, c)
+    t0, v0 = embed_pairs(model, ctx, c, b["idx"], b["caps"])
+    encode = model.encode
+    shift = 5 * torch.randn(model.cfg.trunk.dim)
+    model.encode = lambda p, **kw: encode(p, **kw) + shift
+    t1, v1 = embed_pairs(model, ctx, c, b["idx"], b["caps"])
+    same = torch.allclose(t0, t1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5)
+    assert same == batchnorm
+    model.encode = encode
+    if batchnorm:
+        model.eval()
+        t, v = embed_pairs(model, ctx, c, b["idx"], b["caps"])
+        t2, v2 = embed_pairs(model, ctx, c, b["idx"][:1], b["caps"][:1])
+        torch.testing.assert_close(t2[0], t[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v2[0], v[0], atol=1e-5, rtol=0)
+
 @pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "mim", "itm", "itc", "cm3", "speech"])
 def test_every_objective_learns_a_fixed_batch(name):
     ctx, c = _ctx(), _corpus()
@@ -269,7 +298,6 @@ def test_speech_conv_never_mixes_two_utterances():
 def test_image_codes_enter_like_their_latents():
     """image_code_input=features: a document of VQ code ids reaches the trunk exactly as the
     same image given as its code vectors (the path continuous latents take)."""
-    from dataclasses import replace
 
     from omnimask.fusion.packing import Segment, pack
 

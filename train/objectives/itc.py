@@ -37,8 +37,10 @@ def pooled_embeddings(model, p, n_text: int) -> tuple[torch.Tensor, torch.Tensor
     sample = p.sample_index().to(h.device)
     pooled = torch.zeros(p.num_samples, h.shape[1], device=h.device, dtype=h.dtype)
     pooled = pooled.index_add(0, sample, h) / torch.bincount(sample)[:, None].to(h.dtype)
-    return (F.normalize(model.itc_text(pooled[:n_text]), dim=-1),
-            F.normalize(model.itc_image(pooled[n_text:]), dim=-1))
+    text = model.itc_norm["text"](pooled[:n_text])
+    image = model.itc_norm["image"](pooled[n_text:])
+    return (F.normalize(model.itc_text(text), dim=-1),
+            F.normalize(model.itc_image(image), dim=-1))
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
