@@ -171,6 +171,12 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     samples = summary.get("samples", {})
     for c in samples.get("captions", [])[:4]:
         print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})")
+    if samples.get("captions"):
+        n = len(samples["captions"])
+        print(f"captions naming every object: {samples['captions_naming_every_object']}/{n} "
+              f"(chance {samples['chance_captions_naming_every_object']}/{n}); (colour, shape) "
+              f"precision {samples['caption_object_precision']:.3f} "
+              f"(chance {samples['chance_caption_object_precision']:.3f})")
     if "grounding" in samples:
         g = samples["grounding"]
         print("CM3 grounding (val loss, own vs another sample's): image tokens given caption "

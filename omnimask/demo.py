@@ -152,7 +152,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
         steps = max(20, int(base.trainer.max_steps * scale))
         over += [f"trainer.max_minutes={cfg.pretrain_minutes}", f"trainer.max_steps={steps}",
                  f"trainer.eval_every={max(10, steps // 4)}",
-                 f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}"]
+                 f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}",
+                 f"objectives.mix_ramp_steps={base.objectives.mix_ramp_steps * steps // base.trainer.max_steps}"]
     pcfg = load_config(PretrainConfig, tiny, over)
     s = Pretraining(pcfg, progress=progress).fit()
     samples = s.get("samples", {})

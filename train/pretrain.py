@@ -23,7 +23,7 @@ from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig, PretrainModel
 
 from .distributed import rank_and_world
-from .objectives.base import OBJECTIVES, Context, ObjectivesConfig
+from .objectives.base import OBJECTIVES, Context, ObjectivesConfig, mix_weights
 from .trainer import Trainer, TrainerConfig, seed_everything, step_seed
 
 log = logging.getLogger("omnimask.pretrain")
@@ -55,12 +55,15 @@ class GenerateConfig:
     guidance: float = 1.0  # classifier-free guidance scale for images (1: none)
     candidates: int = 1  # images sampled per caption; the best by `rerank` is kept
     rerank: str = "itc"  # itc | itm: the model's own head scores the candidates
+    caption_candidates: int = 1  # the greedy caption + samples; the best by `rerank` is kept
+    caption_temperature: float = 0.7  # sampling the extra caption candidates (top_k applies)
 
     def __post_init__(self) -> None:
         if self.rerank not in ("itc", "itm"):
             raise ValueError(f"generate.rerank must be itc or itm, got {self.rerank!r}")
-        if self.candidates < 1:
-            raise ValueError(f"generate.candidates must be >= 1, got {self.candidates}")
+        for key in ("candidates", "caption_candidates"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"generate.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -124,20 +127,26 @@ class Pretraining:
                                    cfg.data.features, cfg.data.patch_encoder, progress)
         self.val = load_or_build(self.run / "corpus-val.pt", cfg.data.val, tk, self.toks,
                                  cfg.data.features, cfg.data.patch_encoder, progress)
-        mix = {k: float(v) for k, v in cfg.objectives.mix.items() if float(v) > 0}
+        oc = cfg.objectives
+        mix = {k: float(v) for k, v in oc.mix.items() if float(v) > 0}
         if not mix:
             raise ConfigError("objectives.mix: no objective has a positive ratio")
-        for name in mix:
-            if name not in OBJECTIVES:
-                raise ConfigError(f"objectives.mix.{name}: unknown objective; known: "
-                                  f"{', '.join(OBJECTIVES.names())}")
+        if oc.mix_start and not any(float(v) > 0 for v in oc.mix_start.values()):
+            raise ConfigError("objectives.mix_start: no objective has a positive ratio")
+        for key, ratios in (("mix", oc.mix), ("mix_start", oc.mix_start)):
+            for name, v in ratios.items():
+                if name not in OBJECTIVES:
+                    raise ConfigError(f"objectives.{key}.{name}: unknown objective; known: "
+                                      f"{', '.join(OBJECTIVES.names())}")
+                if float(v) < 0:
+                    raise ConfigError(f"objectives.{key}.{name}: ratio {v} is negative")
+        mix |= {k: float(v) for k, v in oc.mix_start.items() if float(v) > 0}
         if "speech" in mix and not self.train.has_speech:
             raise ConfigError("objectives.mix.speech > 0 but the training shards have no "
                               "speech or tokenizers.speech is not set")
         self.ctx = Context(vocab=self.vocab, codebook=image.model.quantizer.codes().detach(),
                            word_start=word_starts(text), cfg=cfg.objectives)
-        self.names = sorted(mix)
-        self.weights = torch.tensor([mix[n] for n in self.names])
+        self.names = sorted(mix)  # every objective with a positive ratio at some step
         self.objectives = {n: OBJECTIVES.create(n, self.ctx) for n in self.names}
         mc = cfg.model
         mc.trunk.vocab_size = self.vocab.size
@@ -166,7 +175,8 @@ class Pretraining:
     def make_batch(self, step: int, micro: int) -> tuple[str, dict]:
         seed = self.cfg.trainer.seed
         g = torch.Generator().manual_seed(step_seed(seed, step, micro))
-        name = self.names[int(torch.multinomial(self.weights, 1, generator=g))]
+        w = mix_weights(self.names, self.cfg.objectives, step)
+        name = self.names[int(torch.multinomial(w, 1, generator=g))]
         rank, _ = rank_and_world()
         gd = torch.Generator().manual_seed(step_seed(seed + 7919 * (rank + 1), step, micro))
         n = min(self.cfg.trainer.batch_size, len(self.train))
@@ -223,20 +233,36 @@ class Pretraining:
             return {}
         g, text, ctx = self.cfg.generate, self.toks["text"], self.ctx
         self.model.eval()
+        head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
         nc = min(g.captions, len(self.val))
+        greedy = cg.caption_images(self.model, ctx, text, self.val.codes[:nc])
+        chosen = greedy
+        if g.caption_candidates > 1:
+            def score_captions(caps: list[list[int]], i: int) -> torch.Tensor:
+                f = self.val.features[i]
+                return head(self.model, ctx, caps, f[None].expand(len(caps), *f.shape))
+
+            chosen = cg.caption_images(self.model, ctx, text, self.val.codes[:nc],
+                                       candidates=g.caption_candidates,
+                                       temperature=g.caption_temperature, top_k=g.top_k,
+                                       score=score_captions, gen=torch.Generator().manual_seed(0))
         caps = []
-        for i, out in enumerate(cg.caption_images(self.model, ctx, text, self.val.codes[:nc])):
+        for i, (out, first) in enumerate(zip(chosen, greedy)):
             refs = [text.decode(c) for c in self.val.captions[i]]
+            # chance level: the same caption against the next image's references
+            other = [text.decode(c) for c in self.val.captions[(i + 1) % nc]]
             caps.append({"key": self.val.keys[i], "generated": out, "reference": refs[0],
-                         **object_match(out, refs)})
+                         **object_match(out, refs), "greedy": first,
+                         "greedy_precision": object_match(first, refs)["precision"],
+                         "chance_precision": object_match(out, other)["precision"],
+                         "chance_names_all": object_match(out, other)["names_all"]})
         n = min(g.images, len(self.val))
         score = None
         if g.candidates > 1:
-            feats = cg.rerank_features(self.toks["image"])
-            head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
+            feats_of = cg.rerank_features(self.toks["image"])
 
             def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
-                return head(self.model, ctx, cap, feats(codes))
+                return head(self.model, ctx, [cap] * len(codes), feats_of(codes))
         codes = cg.images_from_captions(
             self.model, ctx, [self.val.captions[i][0] for i in range(n)],
             self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,
@@ -246,10 +272,16 @@ class Pretraining:
         s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
         filled = cg.infill(self.model, ctx, text, d, s, e)
         grounding = cg.grounding(self.model, ctx, self.val, list(range(min(64, len(self.val)))))
+
+        def mean(key: str) -> float:
+            return round(sum(c[key] for c in caps) / max(1, len(caps)), 3)
+
         return {"captions": caps, "grounding": grounding,
                 "captions_naming_every_object": sum(c["names_all"] for c in caps),
-                "caption_object_precision": round(
-                    sum(c["precision"] for c in caps) / max(1, len(caps)), 3),
+                "caption_object_precision": mean("precision"),
+                "greedy_caption_object_precision": mean("greedy_precision"),
+                "chance_caption_object_precision": mean("chance_precision"),
+                "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
                 "images_png": str(png), "image_captions": [text.decode(
                     self.val.captions[i][0]) for i in range(n)],
                 "infill": {"text": text.decode(self.val.captions[0][0]),

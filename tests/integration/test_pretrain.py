@@ -30,12 +30,13 @@ def tiny_config(shapes_dir, tmp_path_factory):
            "tokenizers": {"text": str(d / "text"), "image": str(d / "image"),
                           "speech": str(d / "speech")},
            "model": {"trunk": {"dim": 32, "layers": 2, "heads": 2, "ffn_dim": 64,
-                               "max_positions": 512}},
-           "objectives": {"speech_max_units": 40},
+                               "max_positions": 512}, "itc_batchnorm": True},
+           "objectives": {"speech_max_units": 40, "mix_ramp_steps": 15,
+                          "mix_start": {"itc": 2, "itm": 2, "cm3": 1, "mlm": 1}},
            "trainer": {"max_steps": 20, "batch_size": 6, "lr": 1e-3, "warmup_steps": 3,
                        "checkpoint_every": 10, "eval_every": 10, "log_every": 5,
                        "tensorboard": True},
-           "generate": {"captions": 2, "images": 2}}
+           "generate": {"captions": 2, "images": 2, "caption_candidates": 2}}
     path = d / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

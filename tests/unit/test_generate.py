@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from omnimask.modalities.text.tokenizer import special_tokens
 from omnimask.train.objectives import cm3_generate as cg
 from omnimask.train.objectives.itc import embed_pairs
 
@@ -107,15 +108,49 @@ def test_images_from_captions_keeps_the_best_scored_candidate():
     assert len({tuple(c.tolist()) for c in seen[0]}) > 1  # sampled, not four copies
 
 
+def test_caption_rerank_keeps_greedy_among_candidates_and_the_best_scored():
+    ctx, model, _ = _setup()
+    corpus = _corpus()
+
+    class Tok:  # text ids decode to themselves; specials are the vocabulary's specials
+        def is_special(self, t):
+            return t < len(special_tokens(16)) or t >= ctx.vocab.text_size
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    codes = corpus.codes[:2]
+    greedy = cg.caption_images(model, ctx, Tok(), codes, max_new=6)
+    seen = []
+
+    def score(caps, i):
+        seen.append((i, caps))
+        return torch.tensor([float(sum(c)) for c in caps])  # prefers large ids
+
+    out = cg.caption_images(model, ctx, Tok(), codes, max_new=6, candidates=5,
+                            temperature=1.5, score=score, gen=torch.Generator().manual_seed(0))
+    assert [i for i, _ in seen] == [0, 1]
+    for k, (_, caps) in enumerate(seen):
+        assert len(caps) == 5 and " ".join(map(str, caps[0])) == greedy[k]  # greedy is one
+        assert len({tuple(c) for c in caps}) > 1
+        assert out[k] == " ".join(map(str, max(caps, key=sum)))
+    # without a scorer, or with one candidate, the caption is the greedy one
+    assert cg.caption_images(model, ctx, Tok(), codes, max_new=6, candidates=5) == greedy
+
 def test_rerank_scores_match_the_training_heads():
     ctx, model, _ = _setup()
     corpus = _corpus()
     idx = [0, 3, 5]
     cap = corpus.captions[0][0]
     t, v = embed_pairs(model, ctx, corpus, idx, [cap] * 3)
-    torch.testing.assert_close(cg.itc_scores(model, ctx, cap, corpus.features[idx]),
+    torch.testing.assert_close(cg.itc_scores(model, ctx, [cap] * 3, corpus.features[idx]),
                                (v @ t[0]).detach(), atol=1e-5, rtol=1e-5)
-    p = cg.itm_scores(model, ctx, cap, corpus.features[idx])
+    # pairwise: caption k against image k
+    caps = [corpus.captions[i][0] for i in idx]
+    t, v = embed_pairs(model, ctx, corpus, idx, caps)
+    torch.testing.assert_close(cg.itc_scores(model, ctx, caps, corpus.features[idx]),
+                               (v * t).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    p = cg.itm_scores(model, ctx, [cap] * 3, corpus.features[idx])
     assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
     from omnimask.fusion.packing import pack
     from omnimask.train.objectives.base import image_segment, text_segment

@@ -30,6 +30,10 @@ class ObjectivesConfig:
     mix: dict[str, float] = field(default_factory=lambda: {
         "mlm": 2.0, "itm": 2.0, "mrfr": 1.0, "mrc": 1.0, "mim": 1.0, "itc": 1.0, "cm3": 3.0,
         "speech": 1.0})
+    # ratios at step 0, moving linearly to ``mix`` over ``mix_ramp_steps`` (a schedule in the
+    # spirit of ALBEF's align-before-fuse: contrastive/matching first); {}: ``mix`` throughout
+    mix_start: dict[str, float] = field(default_factory=dict)
+    mix_ramp_steps: int = 0
     mlm_prob: float = 0.15
     mlm_max_ngram: int = 1  # > 1: ERNIE-Gram n-gram masking
     mlm_whole_word: bool = False
@@ -85,3 +89,15 @@ def image_segment(corpus, i: int) -> Segment:
 def masked_by_modality(masks: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per-sample feature masks concatenated in packing order (one tensor per modality)."""
     return {m: torch.cat(v) for m, v in masks.items() if v}
+
+
+def mix_weights(names: list[str], cfg: ObjectivesConfig, step: int) -> torch.Tensor:
+    """[len(names)] sampling ratios at ``step``: ``mix_start`` moving linearly to ``mix``
+    over ``mix_ramp_steps`` (a function of the step only: every rank and a resumed run
+    draw the same objective)."""
+    end = torch.tensor([float(cfg.mix.get(n, 0.0)) for n in names])
+    if not cfg.mix_start or cfg.mix_ramp_steps <= 0:
+        return end
+    start = torch.tensor([float(cfg.mix_start.get(n, 0.0)) for n in names])
+    t = min(1.0, step / cfg.mix_ramp_steps)
+    return start + t * (end - start)

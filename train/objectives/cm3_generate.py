@@ -9,8 +9,9 @@ position; no key/value cache (the documents are ~100 tokens). Options:
   unconditional prompt and the logits become ``u + s * (c - u)``; for images the
   unconditional prompt is ``<bos> <image>``, the start of CM3's image-first documents,
   so no extra training is needed;
-- reranking (DALL-E and CM3 rerank samples with CLIP): several candidate images per
-  caption, the one the model's own ITC or ITM head scores highest is kept.
+- reranking (DALL-E and CM3 rerank samples with CLIP, BLIP filters captions with ITM):
+  several candidate images per caption, or candidate captions per image, and the one the
+  model's own ITC or ITM head scores highest is kept.
 """
 
 from __future__ import annotations
@@ -107,13 +108,32 @@ def text_allowed(ctx: Context, tokenizer) -> torch.Tensor:
 
 
 def caption_images(model, ctx: Context, tokenizer, codes: torch.Tensor, max_new: int = 40,
-                   no_repeat_ngram: int = 3) -> list[str]:
-    """Greedy captions of images' VQ codes [B, P]: prompt ``<bos> <image> codes </image>``."""
+                   no_repeat_ngram: int = 3, candidates: int = 1, temperature: float = 0.7,
+                   top_k: int = 0,
+                   score: Callable[[list[list[int]], int], torch.Tensor] | None = None,
+                   gen: torch.Generator | None = None) -> list[str]:
+    """Captions of images' VQ codes [B, P]: prompt ``<bos> <image> codes </image>``.
+
+    Greedy; with ``candidates`` > 1 and ``score(captions, i) -> [C]`` (how well each caption
+    fits image ``i``) the greedy caption and ``candidates - 1`` sampled ones compete and the
+    best scored is kept (BLIP's
+    CapFilt and CM3 filter generations with a matching model in the same way)."""
     prompts = [[ctx.sp("bos"), ctx.sp("image"), *ctx.vocab.from_image(c).tolist(),
                 ctx.sp("/image")] for c in codes]
-    outs = generate(model, ctx, prompts, max_new, text_allowed(ctx, tokenizer),
-                    stop={ctx.sp("eod"), ctx.sp("eos")}, no_repeat_ngram=no_repeat_ngram)
-    return [tokenizer.decode([t for t in o if not tokenizer.is_special(t)]) for o in outs]
+    allowed, stop = text_allowed(ctx, tokenizer), {ctx.sp("eod"), ctx.sp("eos")}
+    outs = generate(model, ctx, prompts, max_new, allowed, stop=stop,
+                    no_repeat_ngram=no_repeat_ngram)
+    words = [[t for t in o if not tokenizer.is_special(t)] for o in outs]
+    if candidates > 1 and score is not None:
+        n = candidates - 1
+        more = generate(model, ctx, [p for p in prompts for _ in range(n)], max_new, allowed,
+                        stop=stop, temperature=temperature, top_k=top_k, gen=gen,
+                        no_repeat_ngram=no_repeat_ngram)
+        for i in range(len(prompts)):
+            cands = [words[i]] + [[t for t in o if not tokenizer.is_special(t)]
+                                  for o in more[i * n:(i + 1) * n]]
+            words[i] = cands[int(score(cands, i).argmax())]
+    return [tokenizer.decode(w) for w in words]
 
 
 def images_from_captions(model, ctx: Context, captions: list[list[int]], num_codes: int,
@@ -141,25 +161,32 @@ def images_from_captions(model, ctx: Context, captions: list[list[int]], num_cod
 
 
 @torch.no_grad()
-def itm_scores(model, ctx: Context, caption: list[int], features: torch.Tensor) -> torch.Tensor:
-    """[C] probability that each image (patch features [C, P, d]) matches ``caption``."""
-    p = pack([[text_segment(ctx, caption), Segment("image", features=f.float(),
-                                                   grid=_square(len(f)))] for f in features])
+def itm_scores(model, ctx: Context, captions: list[list[int]], features: torch.Tensor
+               ) -> torch.Tensor:
+    """[C] probability that ``captions[k]`` matches image ``features[k]`` ([C, P, d] patch
+    features)."""
+    model.eval()
+    p = pack([[text_segment(ctx, c), Segment("image", features=f.float(), grid=_square(len(f)))]
+              for c, f in zip(captions, features, strict=True)])
     h = model.encode(p)
     return model.itm(model.pooled(h, p)).float().softmax(-1)[:, 1].cpu()
 
 
 @torch.no_grad()
-def itc_scores(model, ctx: Context, caption: list[int], features: torch.Tensor) -> torch.Tensor:
-    """[C] cosine between the caption's and each image's ITC embedding."""
+def itc_scores(model, ctx: Context, captions: list[list[int]], features: torch.Tensor
+               ) -> torch.Tensor:
+    """[C] cosine between the ITC embeddings of ``captions[k]`` and image ``features[k]``."""
     from .itc import pooled_embeddings
 
+    if len(captions) != len(features):
+        raise ValueError(f"{len(captions)} captions but {len(features)} images")
+    model.eval()
     cls = torch.tensor([ctx.sp("cls")])
-    samples = [[text_segment(ctx, caption)]] + [
+    samples = [[text_segment(ctx, c)] for c in captions] + [
         [Segment("text", ids=cls), Segment("image", features=f.float(), grid=_square(len(f)))]
         for f in features]
-    t, v = pooled_embeddings(model, pack(samples), 1)
-    return (v @ t[0]).float().cpu()
+    t, v = pooled_embeddings(model, pack(samples), len(captions))
+    return (v * t).sum(-1).float().cpu()
 
 
 def _square(n: int) -> tuple[int, int]:
