@@ -52,7 +52,7 @@ class DemoConfig:
     workers: int = 0
     vq_minutes: float = 5.0  # image tokenizer training budget (quick: a tenth)
     speech_units: int = 500  # k-means units
-    pretrain_minutes: float = 3.0  # multi-task pretraining budget (quick: 10 steps)
+    pretrain_minutes: float = 4.0  # multi-task pretraining budget (quick: 10 steps)
 
 
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
