@@ -250,12 +250,12 @@ class Pretraining:
         for i, (out, first) in enumerate(zip(chosen, greedy)):
             refs = [text.decode(c) for c in self.val.captions[i]]
             # chance level: the same caption against the next image's references
-            other = [text.decode(c) for c in self.val.captions[(i + 1) % nc]]
+            chance = object_match(out, [text.decode(c) for c in self.val.captions[(i + 1) % nc]])
             caps.append({"key": self.val.keys[i], "generated": out, "reference": refs[0],
                          **object_match(out, refs), "greedy": first,
                          "greedy_precision": object_match(first, refs)["precision"],
-                         "chance_precision": object_match(out, other)["precision"],
-                         "chance_names_all": object_match(out, other)["names_all"]})
+                         "chance_precision": chance["precision"],
+                         "chance_names_all": chance["names_all"]})
         n = min(g.images, len(self.val))
         score = None
         if g.candidates > 1:
