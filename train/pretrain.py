@@ -235,19 +235,20 @@ class Pretraining:
         self.model.eval()
         head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
         nc = min(g.captions, len(self.val))
-        greedy = cg.caption_images(self.model, ctx, text, self.val.codes[:nc])
-        chosen = greedy
-        if g.caption_candidates > 1:
-            def score_captions(caps: list[list[int]], i: int) -> torch.Tensor:
-                f = self.val.features[i]
-                return head(self.model, ctx, caps, f[None].expand(len(caps), *f.shape))
+        greedy: dict[int, str] = {}  # candidate 0 of every image is its greedy caption
 
-            chosen = cg.caption_images(self.model, ctx, text, self.val.codes[:nc],
-                                       candidates=g.caption_candidates,
-                                       temperature=g.caption_temperature, top_k=g.top_k,
-                                       score=score_captions, gen=torch.Generator().manual_seed(0))
+        def score_captions(caps: list[list[int]], i: int) -> torch.Tensor:
+            greedy[i] = text.decode(caps[0])
+            f = self.val.features[i]
+            return head(self.model, ctx, caps, f[None].expand(len(caps), *f.shape))
+
+        chosen = cg.caption_images(self.model, ctx, text, self.val.codes[:nc],
+                                   candidates=g.caption_candidates,
+                                   temperature=g.caption_temperature, top_k=g.top_k,
+                                   score=score_captions, gen=torch.Generator().manual_seed(0))
         caps = []
-        for i, (out, first) in enumerate(zip(chosen, greedy)):
+        for i, out in enumerate(chosen):
+            first = greedy.get(i, out)
             refs = [text.decode(c) for c in self.val.captions[i]]
             # chance level: the same caption against the next image's references
             chance = object_match(out, [text.decode(c) for c in self.val.captions[(i + 1) % nc]])

@@ -115,9 +115,9 @@ def caption_images(model, ctx: Context, tokenizer, codes: torch.Tensor, max_new:
     """Captions of images' VQ codes [B, P]: prompt ``<bos> <image> codes </image>``.
 
     Greedy; with ``candidates`` > 1 and ``score(captions, i) -> [C]`` (how well each caption
-    fits image ``i``) the greedy caption and ``candidates - 1`` sampled ones compete and the
-    best scored is kept (BLIP's
-    CapFilt and CM3 filter generations with a matching model in the same way)."""
+    fits image ``i``; ``captions[0]`` is the greedy one) the greedy caption and
+    ``candidates - 1`` sampled ones compete and the best scored is kept, as BLIP's CapFilt
+    filters captions with its matching head."""
     prompts = [[ctx.sp("bos"), ctx.sp("image"), *ctx.vocab.from_image(c).tolist(),
                 ctx.sp("/image")] for c in codes]
     allowed, stop = text_allowed(ctx, tokenizer), {ctx.sp("eod"), ctx.sp("eos")}
@@ -165,9 +165,10 @@ def itm_scores(model, ctx: Context, captions: list[list[int]], features: torch.T
                ) -> torch.Tensor:
     """[C] probability that ``captions[k]`` matches image ``features[k]`` ([C, P, d] patch
     features)."""
+    _check_pairs(captions, features)
     model.eval()
     p = pack([[text_segment(ctx, c), Segment("image", features=f.float(), grid=_square(len(f)))]
-              for c, f in zip(captions, features, strict=True)])
+              for c, f in zip(captions, features)])
     h = model.encode(p)
     return model.itm(model.pooled(h, p)).float().softmax(-1)[:, 1].cpu()
 
@@ -178,8 +179,7 @@ def itc_scores(model, ctx: Context, captions: list[list[int]], features: torch.T
     """[C] cosine between the ITC embeddings of ``captions[k]`` and image ``features[k]``."""
     from .itc import pooled_embeddings
 
-    if len(captions) != len(features):
-        raise ValueError(f"{len(captions)} captions but {len(features)} images")
+    _check_pairs(captions, features)
     model.eval()
     cls = torch.tensor([ctx.sp("cls")])
     samples = [[text_segment(ctx, c)] for c in captions] + [
@@ -187,6 +187,12 @@ def itc_scores(model, ctx: Context, captions: list[list[int]], features: torch.T
         for f in features]
     t, v = pooled_embeddings(model, pack(samples), len(captions))
     return (v * t).sum(-1).float().cpu()
+
+
+def _check_pairs(captions: list[list[int]], features: torch.Tensor) -> None:
+    if len(captions) != len(features):
+        raise ValueError(f"{len(captions)} captions but {len(features)} images: the scores "
+                         "are pairwise (caption k with image k)")
 
 
 def _square(n: int) -> tuple[int, int]:
