@@ -55,7 +55,8 @@ def _trainer(tmp_path, poison=(), **kw):
     torch.manual_seed(0)
     m = Tiny()
     cfg = TrainerConfig(**{"max_steps": 12, "lr": 1e-2, "warmup_steps": 2,
-                           "checkpoint_every": 5, "eval_every": 0, "tensorboard": False, **kw})
+                           "checkpoint_every": 5, "eval_every": 0, "tensorboard": False,
+                           "device": "cpu", **kw})  # CPU semantics (exact), on any machine
     return Trainer(cfg, tmp_path, m, _batches(poison), _loss(m),
                    evaluate=lambda model: {"losses": {"reg": 0.0}}, progress=False)
 

@@ -173,7 +173,7 @@ class ITM(_Base):
         logits = model.itm(model.pooled(h, p)).float()
         ce = F.cross_entropy(logits, pos.long().to(logits.device))
         wra = self._wra(h, p, pos)
-        acc = (logits.argmax(-1).cpu() == pos.long()).float().mean()
+        acc = (logits.argmax(-1) == pos.long().to(logits.device)).float().mean()
         return {"loss": ce + self.cfg.wra_weight * wra, "itm": ce.detach(),
                 "wra": wra.detach(), "itm_acc": acc, "tokens": p.num_tokens}
 
