@@ -269,7 +269,7 @@ class Pretraining:
             self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,
             g.candidates, score, torch.Generator().manual_seed(0))
         png = self._image_grid(codes, n)
-        d = [ctx.sp("bos"), *self.val.captions[0][0]]
+        d = [ctx.sp("bos"), *cg.text_part(ctx, self.val.captions[0][0])]
         s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
         filled = cg.infill(self.model, ctx, text, d, s, e)
         grounding = cg.grounding(self.model, ctx, self.val, list(range(min(64, len(self.val)))))

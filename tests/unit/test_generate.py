@@ -14,6 +14,17 @@ from .test_objectives import CODES, P, _corpus, _ctx, _model
 TEXT_IDS = [20, 21, 22, 23, 24, 25]
 
 
+class Tok:  # text ids decode to themselves; specials are the vocabulary's specials
+    def __init__(self, ctx):
+        self.text_size = ctx.vocab.text_size
+
+    def is_special(self, t):
+        return t < len(special_tokens(16)) or t >= self.text_size
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
 def _setup():
     ctx = _ctx()
     model = _model(ctx).eval()
@@ -112,22 +123,15 @@ def test_caption_rerank_keeps_greedy_among_candidates_and_the_best_scored():
     ctx, model, _ = _setup()
     corpus = _corpus()
 
-    class Tok:  # text ids decode to themselves; specials are the vocabulary's specials
-        def is_special(self, t):
-            return t < len(special_tokens(16)) or t >= ctx.vocab.text_size
-
-        def decode(self, ids):
-            return " ".join(map(str, ids))
-
     codes = corpus.codes[:2]
-    greedy = cg.caption_images(model, ctx, Tok(), codes, max_new=6)
+    greedy = cg.caption_images(model, ctx, Tok(ctx), codes, max_new=6)
     seen = []
 
     def score(caps, i):
         seen.append((i, caps))
         return torch.tensor([float(sum(c)) for c in caps])  # prefers large ids
 
-    out = cg.caption_images(model, ctx, Tok(), codes, max_new=6, candidates=5,
+    out = cg.caption_images(model, ctx, Tok(ctx), codes, max_new=6, candidates=5,
                             temperature=1.5, score=score, gen=torch.Generator().manual_seed(0))
     assert [i for i, _ in seen] == [0, 1]
     for k, (_, caps) in enumerate(seen):
@@ -135,7 +139,7 @@ def test_caption_rerank_keeps_greedy_among_candidates_and_the_best_scored():
         assert len({tuple(c) for c in caps}) > 1
         assert out[k] == " ".join(map(str, max(caps, key=sum)))
     # without a scorer, or with one candidate, the caption is the greedy one
-    assert cg.caption_images(model, ctx, Tok(), codes, max_new=6, candidates=5) == greedy
+    assert cg.caption_images(model, ctx, Tok(ctx), codes, max_new=6, candidates=5) == greedy
 
 def test_rerank_scores_match_the_training_heads():
     ctx, model, _ = _setup()
@@ -196,3 +200,25 @@ def test_reranking_needs_vq_features_and_says_so_before_training(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing built or written first
     with pytest.raises(ValueError, match="generate.rerank"):
         GenerateConfig(rerank="clip")
+
+
+def test_cm3_learns_each_images_caption_and_where_it_ends():
+    """A learning check of the document format and captioning together: trained on four
+    images, each with one caption of its own length, greedy captions reproduce them and stop
+    at the <sep> that closes a document's caption (without it they would run to max_new)."""
+    from omnimask.train.objectives.base import OBJECTIVES
+
+    ctx = _ctx(cm3_image_first=1.0)
+    corpus = _corpus(n=4, seed=3)
+    caps = [list(range(30 + 5 * k, 33 + 6 * k)) for k in range(4)]  # 3, 4, 5, 6 plain ids
+    corpus.captions = [[c, c] for c in caps]
+    model, obj = _model(ctx), OBJECTIVES.create("cm3", ctx)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss = obj.loss(model, obj.batch(corpus, [0, 1, 2, 3] * 4, g))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = cg.caption_images(model.eval(), ctx, Tok(ctx), corpus.codes[:4], max_new=12)
+    assert out == [" ".join(map(str, c)) for c in caps]

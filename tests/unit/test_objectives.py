@@ -169,6 +169,11 @@ def test_cm3_documents_invert_and_never_predict_sentinels():
         assert cm3_invert(ids, sent, ctx.sp("eos"), ctx.sp("eod")) == doc
         assert not set(tgt) & set(sent)  # zero weight on predicting sentinels
         assert any(t in sent for t in ids)
+        # the caption is closed by <sep>, which no span moves: it precedes the moved spans
+        sep, cap = ctx.sp("sep"), doc.index(ctx.sp("sep"))
+        assert doc.count(sep) == 1 and any(doc[cap - k:cap] == list(ref) for ref in c.captions[3]
+                                           for k in [len(ref)])
+        assert ids.index(sep) < len(ids) - ids[::-1].index(sent[0]) - 1
         # image tokens keep the (row, col) of where they were in the image
         lo = ctx.vocab.image_offset
         codes = (c.codes[3] + lo).tolist()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omnimask.fusion.packing import Segment, pack
 
 from .base import Context, text_segment
-from .cm3_lm import doc_segments, grid_indices
+from .cm3_lm import doc_segments, grid_indices, image_part, text_part
 
 
 @torch.no_grad()
@@ -112,15 +112,17 @@ def caption_images(model, ctx: Context, tokenizer, codes: torch.Tensor, max_new:
                    top_k: int = 0,
                    score: Callable[[list[list[int]], int], torch.Tensor] | None = None,
                    gen: torch.Generator | None = None) -> list[str]:
-    """Captions of images' VQ codes [B, P]: prompt ``<bos> <image> codes </image>``.
+    """Captions of images' VQ codes [B, P]: prompt ``<bos> <image> codes </image>``, each
+    generated until the ``<sep>`` that closes a document's caption (or ``max_new`` tokens).
 
     Greedy; with ``candidates`` > 1 and ``score(captions, i) -> [C]`` (how well each caption
     fits image ``i``; ``captions[0]`` is the greedy one) the greedy caption and
     ``candidates - 1`` sampled ones compete and the best scored is kept, as BLIP's CapFilt
     filters captions with its matching head."""
-    prompts = [[ctx.sp("bos"), ctx.sp("image"), *ctx.vocab.from_image(c).tolist(),
-                ctx.sp("/image")] for c in codes]
-    allowed, stop = text_allowed(ctx, tokenizer), {ctx.sp("eod"), ctx.sp("eos")}
+    prompts = [[ctx.sp("bos"), *image_part(ctx, c)] for c in codes]
+    allowed = text_allowed(ctx, tokenizer)
+    allowed[ctx.sp("sep")] = True
+    stop = {ctx.sp("sep"), ctx.sp("eod"), ctx.sp("eos")}
     outs = generate(model, ctx, prompts, max_new, allowed, stop=stop,
                     no_repeat_ngram=no_repeat_ngram)
     words = [[t for t in o if not tokenizer.is_special(t)] for o in outs]
@@ -141,7 +143,7 @@ def images_from_captions(model, ctx: Context, captions: list[list[int]], num_cod
                          guidance: float = 1.0, candidates: int = 1,
                          score: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
                          gen: torch.Generator | None = None) -> torch.Tensor:
-    """VQ codes [len(captions), num_codes], prompt ``<bos> caption <image>``.
+    """VQ codes [len(captions), num_codes], prompt ``<bos> caption <sep> <image>``.
 
     ``candidates`` > 1 samples that many per caption and keeps the one ``score(caption,
     codes [candidates, num_codes]) -> [candidates]`` rates highest (the first without
@@ -149,7 +151,8 @@ def images_from_captions(model, ctx: Context, captions: list[list[int]], num_cod
     lo, hi = ctx.vocab.ranges()["image"]
     allowed = torch.zeros(ctx.vocab.size, dtype=torch.bool)
     allowed[lo:hi] = True
-    prompts = [[ctx.sp("bos"), *c, ctx.sp("image")] for c in captions for _ in range(candidates)]
+    prompts = [[ctx.sp("bos"), *text_part(ctx, c), ctx.sp("image")]
+               for c in captions for _ in range(candidates)]
     uncond = [[ctx.sp("bos"), ctx.sp("image")]] * len(prompts)
     outs = generate(model, ctx, prompts, num_codes, allowed, cols=cols, temperature=temperature,
                     top_k=top_k, gen=gen, uncond=uncond, guidance=guidance)
@@ -222,14 +225,13 @@ def rerank_features(image_tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
 @torch.no_grad()
 def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
     """Whether CM3 uses the other modality: the mean next-token loss on the image tokens of
-    ``<bos> caption <image> codes </image>`` with each image's own caption and with another
+    ``<bos> caption <sep> <image> codes </image>`` with each image's own caption and another
     sample's (the list rotated by one), and on the caption tokens of image-first documents
     with the own and another image. Equal pairs: the model ignores the other modality."""
     model.eval()
     dev = next(model.parameters()).device
-    caps = [corpus.captions[i][0] for i in idx]
-    imgs = [[ctx.sp("image"), *ctx.vocab.from_image(corpus.codes[i]).tolist(), ctx.sp("/image")]
-            for i in idx]
+    caps = [text_part(ctx, corpus.captions[i][0]) for i in idx]
+    imgs = [image_part(ctx, corpus.codes[i]) for i in idx]
     other = caps[1:] + caps[:1]
     other_img = imgs[1:] + imgs[:1]
     bos = ctx.sp("bos")

@@ -1,11 +1,13 @@
 """CM3 causally-masked language modelling over image-text(-speech) documents (generation
 with the trained model: ``cm3_generate.py``).
 
-A document is ``<bos>`` then its parts in a random order: the caption's text ids;
+A document is ``<bos>`` then its parts in a random order: the caption's text ids closed
+by ``<sep>`` (the caption's end is then a token the model learns, so generated captions
+stop; without it an image-first caption is followed only by a weightless sentinel);
 ``<image>`` VQ codes (raster order, shared vocabulary) ``</image>``; optionally
 ``<speech>`` the spoken caption's units ``</speech>``. The CM3 transform
 (``cm3.py``) moves n ~ clamp(Poisson(1), 1, 16) spans to the end behind ``<mask:i>``
-sentinels (spans never cover ``<bos>`` or the brackets), ``<eos>`` closes each moved
+sentinels (spans never cover ``<bos>``, ``<sep>`` or the brackets), ``<eos>`` closes each moved
 span and ``<eod>`` the document. The trunk runs causally; the loss is next-token
 cross-entropy everywhere except where the next token is a sentinel (weight 0).
 
@@ -22,6 +24,16 @@ from omnimask.fusion.packing import IGNORE, Segment, pack
 
 from .base import OBJECTIVES, Context, pick_caption
 from .cm3 import cm3_transform, sample_spans
+
+
+def text_part(ctx: Context, ids) -> list[int]:
+    """A caption's ids as a document part: closed by ``<sep>``."""
+    return [*ids, ctx.sp("sep")]
+
+
+def image_part(ctx: Context, codes: torch.Tensor) -> list[int]:
+    """An image's VQ codes [P] as a document part: ``<image> codes </image>``."""
+    return [ctx.sp("image"), *ctx.vocab.from_image(codes).tolist(), ctx.sp("/image")]
 
 
 def _runs(ctx: Context, tokens: list[int]) -> list[tuple[str, int, int]]:
@@ -72,12 +84,13 @@ class CM3:
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.cfg = ctx, ctx.cfg
         self.sentinels = [ctx.sp(f"mask:{i}") for i in range(self.cfg.cm3_max_spans)]
-        self.brackets = {ctx.sp(r) for r in ("bos", "image", "/image", "speech", "/speech")}
+        self.brackets = {ctx.sp(r) for r in ("bos", "sep", "image", "/image", "speech",
+                                             "/speech")}
 
     def document(self, corpus, i: int, gen: torch.Generator) -> list[int]:
         c, v = self.ctx, self.ctx.vocab
-        text = list(pick_caption(corpus, i, gen))
-        image = [c.sp("image"), *v.from_image(corpus.codes[i]).tolist(), c.sp("/image")]
+        text = text_part(c, pick_caption(corpus, i, gen))
+        image = image_part(c, corpus.codes[i])
         parts = [image, text] if float(torch.rand(1, generator=gen)) < self.cfg.cm3_image_first \
             else [text, image]
         if corpus.has_speech and float(torch.rand(1, generator=gen)) < self.cfg.cm3_speech:
