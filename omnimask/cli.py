@@ -176,7 +176,11 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         print(f"captions naming every object: {samples['captions_naming_every_object']}/{n} "
               f"(chance {samples['chance_captions_naming_every_object']}/{n}); (colour, shape) "
               f"precision {samples['caption_object_precision']:.3f} "
-              f"(chance {samples['chance_caption_object_precision']:.3f})")
+              f"(chance {samples['chance_caption_object_precision']:.3f}); of the objects "
+              f"named, right colour {samples['caption_colour_precision']:.3f} (chance "
+              f"{samples['chance_caption_colour_precision']:.3f}), right shape "
+              f"{samples['caption_shape_precision']:.3f} (chance "
+              f"{samples['chance_caption_shape_precision']:.3f})")
     if "grounding" in samples:
         g = samples["grounding"]
         print("CM3 grounding (val loss, own vs another sample's): image tokens given caption "

@@ -255,8 +255,7 @@ class Pretraining:
             caps.append({"key": self.val.keys[i], "generated": out, "reference": refs[0],
                          **object_match(out, refs), "greedy": first,
                          "greedy_precision": object_match(first, refs)["precision"],
-                         "chance_precision": chance["precision"],
-                         "chance_names_all": chance["names_all"]})
+                         **{f"chance_{k}": v for k, v in chance.items() if k != "recall"}})
         n = min(g.images, len(self.val))
         score = None
         if g.candidates > 1:
@@ -283,6 +282,8 @@ class Pretraining:
                 "greedy_caption_object_precision": mean("greedy_precision"),
                 "chance_caption_object_precision": mean("chance_precision"),
                 "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
+                **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
+                   for p in ("", "chance_") for k in ("colour", "shape")},
                 "images_png": str(png), "image_captions": [text.decode(
                     self.val.captions[i][0]) for i in range(n)],
                 "infill": {"text": text.decode(self.val.captions[0][0]),
@@ -320,10 +321,17 @@ def object_match(generated: str, references: list[str]) -> dict:
 
     got = pairs(generated)
     want = set().union(*(pairs(r) for r in references)) if references else set()
-    hit = len(got & want)
-    return {"precision": round(hit / len(got), 3) if got else 0.0,
-            "recall": round(hit / len(want), 3) if want else 0.0,
-            "names_all": bool(want) and want <= got}
+
+    def precision(hits: int) -> float:
+        return round(hits / len(got), 3) if got else 0.0
+
+    colours, shapes = {c for c, _ in want}, {s for _, s in want}
+    return {"precision": precision(len(got & want)),
+            "recall": round(len(got & want) / len(want), 3) if want else 0.0,
+            "names_all": bool(want) and want <= got,
+            # each named object's colour / shape alone: is it one the image has?
+            "colour_precision": precision(sum(c in colours for c, _ in got)),
+            "shape_precision": precision(sum(s in shapes for _, s in got))}
 
 
 def val_history(metrics: Path) -> dict:

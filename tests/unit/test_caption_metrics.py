@@ -1,0 +1,23 @@
+"""ShapesWorld caption scoring (train/pretrain.py: object_match)."""
+from omnimask.train.pretrain import object_match
+
+
+def test_pairs_bind_colour_to_the_next_shape():
+    refs = ["a large red square and a small blue circle left of the square"]
+    m = object_match("a small blue circle, a red square", refs)
+    assert m == {"precision": 1.0, "recall": 1.0, "names_all": True,
+                 "colour_precision": 1.0, "shape_precision": 1.0}
+    # colours swapped: no pair is right, yet every colour and every shape is one the image has
+    m = object_match("a blue square and a red circle", refs)
+    assert (m["precision"], m["recall"], m["names_all"]) == (0.0, 0.0, False)
+    assert (m["colour_precision"], m["shape_precision"]) == (1.0, 1.0)
+
+
+def test_partial_and_plural_and_empty():
+    refs = ["two green stars and a small red cross"]
+    m = object_match("green stars, a yellow cross and a green hexagon", refs)
+    # pairs: (green, star) right; (yellow, cross) right shape only; (green, hexagon) colour only
+    assert m["precision"] == round(1 / 3, 3) and m["recall"] == 0.5 and not m["names_all"]
+    assert m["colour_precision"] == round(2 / 3, 3) and m["shape_precision"] == round(2 / 3, 3)
+    assert object_match("", refs)["precision"] == 0.0
+    assert object_match("a red cross", [])["recall"] == 0.0
