@@ -160,7 +160,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # -- pretrain --------------------------------------------------------------------------------
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .config import load_config
-    from .train.pretrain import PretrainConfig, Pretraining, summary_table
+    from .train.pretrain import PretrainConfig, Pretraining, caption_scores, summary_table
 
     values = {"out": a.out} if a.out else {}
     cfg = load_config(PretrainConfig, a.config, a.overrides, **values)
@@ -172,15 +172,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     for c in samples.get("captions", [])[:4]:
         print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})")
     if samples.get("captions"):
-        n = len(samples["captions"])
-        print(f"captions naming every object: {samples['captions_naming_every_object']}/{n} "
-              f"(chance {samples['chance_captions_naming_every_object']}/{n}); (colour, shape) "
-              f"precision {samples['caption_object_precision']:.3f} "
-              f"(chance {samples['chance_caption_object_precision']:.3f}); of the objects "
-              f"named, right colour {samples['caption_colour_precision']:.3f} (chance "
-              f"{samples['chance_caption_colour_precision']:.3f}), right shape "
-              f"{samples['caption_shape_precision']:.3f} (chance "
-              f"{samples['chance_caption_shape_precision']:.3f})")
+        print(caption_scores(samples))
     if "grounding" in samples:
         g = samples["grounding"]
         print("CM3 grounding (val loss, own vs another sample's): image tokens given caption "

@@ -161,22 +161,12 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
             "val": s["val"], "checkpoint": s["checkpoint"],
             "captions": samples.get("captions", [])[:4],
             **{k: samples.get(k) for k in (
+                "captions_scored",
                 "captions_naming_every_object", "chance_captions_naming_every_object",
                 "caption_object_precision", "chance_caption_object_precision",
                 "caption_colour_precision", "chance_caption_colour_precision",
                 "caption_shape_precision", "chance_caption_shape_precision")},
             "generated_images": samples.get("images_png")}
-
-
-def _caption_scores(x: dict) -> str:
-    """One line: how well the CM3 captions of val images match them, each against chance
-    (the same caption scored against another image's references)."""
-    def pair(k: str) -> str:
-        return f"{x[k]:.2f} (chance {x['chance_' + k]:.2f})"
-    return (f"CM3 captions of val images: of the objects named, right colour "
-            f"{pair('caption_colour_precision')}, right shape {pair('caption_shape_precision')}, "
-            f"right (colour, shape) {pair('caption_object_precision')}; naming every object: "
-            f"{x['captions_naming_every_object']} (chance {x['chance_captions_naming_every_object']})")
 
 
 def _stage_preview(run: Path) -> dict:
@@ -243,13 +233,13 @@ def _write_reports(run: Path, report: dict) -> None:
                          f"{x['train_and_eval_seconds']} |")
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
-        from .train.pretrain import summary_table
+        from .train.pretrain import caption_scores, summary_table
 
         x = m["pretrain"]
         lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
                   summary_table(x)]
-        if x.get("caption_colour_precision") is not None:
-            lines += ["", _caption_scores(x)]
+        if x.get("captions_scored"):
+            lines += ["", caption_scores(x)]
         for c in x["captions"]:
             lines += ["", f"CM3 caption: \"{c['generated']}\" (reference: \"{c['reference']}\")"]
         if x.get("generated_images"):
@@ -330,6 +320,8 @@ def _print_summary(report: dict) -> None:
         x = m["pretrain"]
         print(f"pretrain: {x['steps']} steps in {x['train_seconds']:.0f} s; val loss final/step 0: "
               + ", ".join(f"{k} {v['ratio']}" for k, v in x["val"].items()))
-        if x.get("caption_colour_precision") is not None:
-            print(f"pretrain: {_caption_scores(x)}")
+        if x.get("captions_scored"):
+            from .train.pretrain import caption_scores
+
+            print(f"pretrain: {caption_scores(x)}")
     print(f"report: {report['run_dir']}/report.md")

@@ -276,7 +276,7 @@ class Pretraining:
         def mean(key: str) -> float:
             return round(sum(c[key] for c in caps) / max(1, len(caps)), 3)
 
-        return {"captions": caps, "grounding": grounding,
+        return {"captions": caps, "grounding": grounding, "captions_scored": len(caps),
                 "captions_naming_every_object": sum(c["names_all"] for c in caps),
                 "caption_object_precision": mean("precision"),
                 "greedy_caption_object_precision": mean("greedy_precision"),
@@ -366,6 +366,19 @@ def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
                                           cfg.tokenizers.speech or cfg.tokenizers.text)):
         log.warning("preparing tokenizers under %s", run / "tokenizers")
         _stage_tokenizers(demo, run, False, progress)
+
+
+def caption_scores(s: dict) -> str:
+    """One line: how well CM3's captions of val images match them, each score against chance
+    (the same caption scored against another image's references); ``s`` holds the
+    ``samples()`` keys."""
+    def pair(k: str) -> str:
+        return f"{s[k]:.3f} (chance {s['chance_' + k]:.3f})"
+    return (f"CM3 captions of {s['captions_scored']} val images: of the objects named, right "
+            f"colour {pair('caption_colour_precision')}, right shape "
+            f"{pair('caption_shape_precision')}, right (colour, shape) "
+            f"{pair('caption_object_precision')}; naming every object: "
+            f"{s['captions_naming_every_object']} (chance {s['chance_captions_naming_every_object']})")
 
 
 def summary_table(summary: dict) -> str:

@@ -1,5 +1,5 @@
 """ShapesWorld caption scoring (train/pretrain.py: object_match)."""
-from omnimask.train.pretrain import object_match
+from omnimask.train.pretrain import caption_scores, object_match
 
 
 def test_pairs_bind_colour_to_the_next_shape():
@@ -21,3 +21,15 @@ def test_partial_and_plural_and_empty():
     assert m["colour_precision"] == round(2 / 3, 3) and m["shape_precision"] == round(2 / 3, 3)
     assert object_match("", refs)["precision"] == 0.0
     assert object_match("a red cross", [])["recall"] == 0.0
+
+
+def test_score_line_puts_each_score_beside_its_chance():
+    s = {"captions_scored": 32, "captions_naming_every_object": 3,
+         "chance_captions_naming_every_object": 0}
+    for i, k in enumerate(("colour", "shape", "object")):
+        s[f"caption_{k}_precision"], s[f"chance_caption_{k}_precision"] = 0.5 + i / 10, i / 10
+    line = caption_scores(s)
+    assert line.startswith("CM3 captions of 32 val images")
+    for part in ("right colour 0.500 (chance 0.000)", "right shape 0.600 (chance 0.100)",
+                 "right (colour, shape) 0.700 (chance 0.200)", "every object: 3 (chance 0)"):
+        assert part in line

@@ -171,8 +171,8 @@ def test_cm3_documents_invert_and_never_predict_sentinels():
         assert any(t in sent for t in ids)
         # the caption is closed by <sep>, which no span moves: it precedes the moved spans
         sep, cap = ctx.sp("sep"), doc.index(ctx.sp("sep"))
-        assert doc.count(sep) == 1 and any(doc[cap - k:cap] == list(ref) for ref in c.captions[3]
-                                           for k in [len(ref)])
+        assert doc.count(sep) == 1
+        assert any(doc[cap - len(ref):cap] == list(ref) for ref in c.captions[3])
         assert ids.index(sep) < len(ids) - ids[::-1].index(sent[0]) - 1
         # image tokens keep the (row, col) of where they were in the image
         lo = ctx.vocab.image_offset
