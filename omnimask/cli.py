@@ -160,7 +160,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # -- pretrain --------------------------------------------------------------------------------
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .config import load_config
-    from .train.pretrain import PretrainConfig, Pretraining, caption_scores, summary_table
+    from .train.pretrain import (
+        PretrainConfig,
+        Pretraining,
+        caption_scores,
+        image_scores,
+        summary_table,
+    )
 
     values = {"out": a.out} if a.out else {}
     cfg = load_config(PretrainConfig, a.config, a.overrides, **values)
@@ -173,6 +179,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})")
     if samples.get("captions"):
         print(caption_scores(samples))
+    if samples.get("images_judged"):
+        print(image_scores(samples))
     if "grounding" in samples:
         g = samples["grounding"]
         print("CM3 grounding (val loss, own vs another sample's): image tokens given caption "

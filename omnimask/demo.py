@@ -141,7 +141,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
             f"data.train=[{run / 'data' / 'train-*.tar'}]",
             f"data.val=[{run / 'data' / 'val-*.tar'}]",
             f"tokenizers.text={tok / 'text'}", f"tokenizers.image={tok / 'image'}",
-            f"tokenizers.speech={tok / 'speech'}"]
+            f"tokenizers.speech={tok / 'speech'}",
+            f"generate.shape_judge={'' if quick else run / 'shape_judge.safetensors'}"]
     base = load_config(PretrainConfig, tiny)
     if quick:
         over += ["trainer.max_steps=10", "trainer.batch_size=8", "trainer.eval_every=0",
@@ -166,6 +167,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
                 "caption_object_precision", "chance_caption_object_precision",
                 "caption_colour_precision", "chance_caption_colour_precision",
                 "caption_shape_precision", "chance_caption_shape_precision")},
+            **{k: v for k, v in samples.items() if k.startswith(("images_", "reconstructions_"))
+               and k != "images_png"},
             "generated_images": samples.get("images_png")}
 
 
@@ -233,13 +236,15 @@ def _write_reports(run: Path, report: dict) -> None:
                          f"{x['train_and_eval_seconds']} |")
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
-        from .train.pretrain import caption_scores, summary_table
+        from .train.pretrain import caption_scores, image_scores, summary_table
 
         x = m["pretrain"]
         lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
                   summary_table(x)]
         if x.get("captions_scored"):
             lines += ["", caption_scores(x)]
+        if x.get("images_judged"):
+            lines += ["", image_scores(x)]
         for c in x["captions"]:
             lines += ["", f"CM3 caption: \"{c['generated']}\" (reference: \"{c['reference']}\")"]
         if x.get("generated_images"):
@@ -321,7 +326,9 @@ def _print_summary(report: dict) -> None:
         print(f"pretrain: {x['steps']} steps in {x['train_seconds']:.0f} s; val loss final/step 0: "
               + ", ".join(f"{k} {v['ratio']}" for k, v in x["val"].items()))
         if x.get("captions_scored"):
-            from .train.pretrain import caption_scores
+            from .train.pretrain import caption_scores, image_scores
 
             print(f"pretrain: {caption_scores(x)}")
+            if x.get("images_judged"):
+                print(f"pretrain: {image_scores(x)}")
     print(f"report: {report['run_dir']}/report.md")

@@ -57,6 +57,11 @@ class GenerateConfig:
     rerank: str = "itc"  # itc | itm: the model's own head scores the candidates
     caption_candidates: int = 1  # the greedy caption + samples; the best by `rerank` is kept
     caption_temperature: float = 0.7  # sampling the extra caption candidates (top_k applies)
+    # ShapesWorld shape judge (train/data/shapesworld/judge.py, safetensors): scores the
+    # drawn images and the VQ's reconstructions of the same val images against the
+    # captions; trained and saved there when missing (~1 minute); empty: no judging
+    shape_judge: str | None = None
+    grid_images: int = 8  # drawn images shown in generated_images.png
 
     def __post_init__(self) -> None:
         if self.rerank not in ("itc", "itm"):
@@ -267,7 +272,8 @@ class Pretraining:
             self.model, ctx, [self.val.captions[i][0] for i in range(n)],
             self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,
             g.candidates, score, torch.Generator().manual_seed(0))
-        png = self._image_grid(codes, n)
+        png = self._image_grid(codes[:g.grid_images], min(n, g.grid_images))
+        judged = self._judge(codes, n) if g.shape_judge else {}
         d = [ctx.sp("bos"), *cg.text_part(ctx, self.val.captions[0][0])]
         s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
         filled = cg.infill(self.model, ctx, text, d, s, e)
@@ -284,10 +290,23 @@ class Pretraining:
                 "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
                 **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
                    for p in ("", "chance_") for k in ("colour", "shape")},
-                "images_png": str(png), "image_captions": [text.decode(
+                **judged, "images_png": str(png), "image_captions": [text.decode(
                     self.val.captions[i][0]) for i in range(n)],
                 "infill": {"text": text.decode(self.val.captions[0][0]),
                            "hidden": text.decode(d[s:e]), "generated": filled}}
+
+    def _judge(self, codes: torch.Tensor, n: int) -> dict:
+        """Shape-judge scores of the images drawn from the first ``n`` val captions and of
+        the VQ's reconstructions of those val images (what the codes can show at best)."""
+        from .data.shapesworld.judge import judge_images, load_or_train, shape_scores
+
+        judge = load_or_train(self.cfg.generate.shape_judge, progress=self.progress)
+        vq = self.toks["image"].model
+        caps = [self.toks["text"].decode(self.val.captions[i][0]) for i in range(n)]
+        with torch.no_grad():
+            drawn, recon = vq.decode(codes), vq.decode(self.val.codes[:n])
+        return {"images_judged": n, **{f"{k}_{m}": v for k, images in (("images", drawn), ("reconstructions", recon))
+                for m, v in shape_scores(judge_images(judge, images, caps)).items()}}
 
     def _image_grid(self, codes: torch.Tensor, n: int) -> Path:
         from PIL import Image
@@ -304,20 +323,7 @@ class Pretraining:
 
 def object_match(generated: str, references: list[str]) -> dict:
     """ShapesWorld: the (colour, shape) pairs a caption names, against the references'."""
-    from .data.shapesworld.vocab import COLOR_NAMES, PLURAL, SHAPES
-
-    words = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
-
-    def pairs(text: str) -> set[tuple[str, str]]:
-        toks = text.lower().replace(".", " ").replace(",", " ").split()
-        out, colour = set(), None
-        for t in toks:
-            if t in COLOR_NAMES:
-                colour = t
-            elif t in words and colour is not None:
-                out.add((colour, words[t]))
-                colour = None
-        return out
+    from .data.shapesworld.language import named_objects as pairs
 
     got = pairs(generated)
     want = set().union(*(pairs(r) for r in references)) if references else set()
@@ -379,6 +385,17 @@ def caption_scores(s: dict) -> str:
             f"{pair('caption_shape_precision')}, right (colour, shape) "
             f"{pair('caption_object_precision')}; naming every object: "
             f"{s['captions_naming_every_object']} (chance {s['chance_captions_naming_every_object']})")
+
+
+def image_scores(s: dict) -> str:
+    """One line: the shape judge on the images drawn from val captions, beside the VQ's
+    reconstructions of the same val images and chance; ``s`` holds the ``samples()`` keys."""
+    def part(k: str) -> str:
+        return (f"of the {s[k + '_objects']} objects in named colours, a named shape "
+                f"{s[k + '_shape_hit']:.3f} (chance {s[k + '_shape_chance']:.3f})")
+    return (f"Shape judge on images drawn from {s['images_judged']} "
+            f"val captions: named colours present {s['images_colour_present']:.3f}, "
+            f"{part('images')}; their VQ reconstructions: {part('reconstructions')}")
 
 
 def summary_table(summary: dict) -> str:

@@ -13,6 +13,7 @@ import yaml
 
 from omnimask.registry import TOKENIZERS
 from omnimask.train import checkpoint as ckpt
+from omnimask.train.data.shapesworld import judge
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,8 @@ def tiny_config(shapes_dir, tmp_path_factory):
     TOKENIZERS.get("speech").train([train], str(d / "speech"),
                                    ["kind=kmeans", "codebook_size=32", "iterations=3"],
                                    progress=False)
+    # a judge trained on a few scenes: the run loads it and scores its drawn images
+    judge.load_or_train(d / "judge.safetensors", progress=False, scenes=40, epochs=1)
     cfg = {"data": {"train": [train], "val": [val], "val_batches": 1, "val_batch_size": 8},
            "tokenizers": {"text": str(d / "text"), "image": str(d / "image"),
                           "speech": str(d / "speech")},
@@ -36,7 +39,8 @@ def tiny_config(shapes_dir, tmp_path_factory):
            "trainer": {"max_steps": 20, "batch_size": 6, "lr": 1e-3, "warmup_steps": 3,
                        "checkpoint_every": 10, "eval_every": 10, "log_every": 5,
                        "tensorboard": True},
-           "generate": {"captions": 2, "images": 2, "caption_candidates": 2}}
+           "generate": {"captions": 2, "images": 3, "grid_images": 2, "caption_candidates": 2,
+                        "shape_judge": str(d / "judge.safetensors")}}
     path = d / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -73,6 +77,10 @@ def test_sigkill_then_resume_equals_straight_run(tiny_config, tmp_path):
     assert set(summary["val"]) == {"mlm", "itm", "mrfr", "mrc", "mim", "itc", "cm3", "speech"}
     assert (run / "generated_images.png").is_file() and list((run / "tb").iterdir())
     assert len(summary["samples"]["captions"]) == 2
+    s = summary["samples"]
+    assert s["images_judged"] == 3 and 0 <= s["images_shape_hit"] <= 1
+    assert s["reconstructions_named"] == s["images_named"] > 0  # the same captions
+    assert "Shape judge on images drawn from 3 val captions" in straight.stdout
     assert (run / "config.yaml").is_file() and (run / "vocab.json").is_file()
     assert str(run) in straight.stdout.splitlines()[-1]
 

@@ -26,6 +26,21 @@ def matches(o: SceneObject | dict, filt: dict[str, str]) -> bool:
     return all(get(k) == v for k, v in filt.items())
 
 
+def named_objects(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names: each shape word (or plural) with the
+    colour word before it ("two large red crosses" -> ("red", "cross")); a shape without
+    a colour ("the square") names none."""
+    words = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
+    out, colour = set(), None
+    for t in text.lower().replace(".", " ").replace(",", " ").split():
+        if t in COLOR_NAMES:
+            colour = t
+        elif t in words and colour is not None:
+            out.add((colour, words[t]))
+            colour = None
+    return out
+
+
 def relations(a: SceneObject, b: SceneObject, size: int) -> list[str]:
     """Relations r such that 'a is r of b' holds clearly (centres apart by the margin)."""
     m = RELATION_MARGIN * size

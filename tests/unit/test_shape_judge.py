@@ -1,0 +1,83 @@
+"""The ShapesWorld shape judge (train/data/shapesworld/judge.py) and the caption parser."""
+import numpy as np
+import pytest
+import torch
+
+from omnimask.train.data.shapesworld.judge import (
+    components,
+    crop,
+    judge_images,
+    load_or_train,
+    objects,
+    rendered_batch,
+    shape_scores,
+)
+from omnimask.train.data.shapesworld.language import named_objects
+from omnimask.train.data.shapesworld.vocab import COLORS, SHAPES
+
+
+def test_named_objects_bind_each_shape_to_the_colour_before_it():
+    assert named_objects("a small red star and two large red crosses, the square") == {
+        ("red", "star"), ("red", "cross")}
+    assert named_objects("A blue circle left of the green hexagon.") == {
+        ("blue", "circle"), ("green", "hexagon")}
+    assert named_objects("three objects") == set()
+
+
+def test_components_are_8_connected_and_objects_need_saturated_pixels():
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[0, 0, 0] = m[0, 1, 1] = True  # diagonal neighbours: one component
+    m[0, 5:7, 5:7] = True  # a second one
+    lab = components(m)[0]
+    assert lab[0, 0] == lab[1, 1] != lab[5, 5] and lab[0, 1] == 0
+    assert len(lab.unique()) == 3
+    img = torch.full((1, 3, 64, 64), 120, dtype=torch.uint8)
+    img[0, :, 4:12, 4:12] = torch.tensor(COLORS["blue"], dtype=torch.uint8)[:, None, None]
+    img[0, :, 30:40, 30:40] = torch.tensor([150, 120, 110], dtype=torch.uint8)[:, None, None]
+    found = objects(img)[0]  # the muted brown square is background
+    assert len(found) == 1 and int(found[0][1].sum()) == 64
+    c = crop(found[0][1])
+    assert c.shape == (24, 24) and c.max() == 1 and c[0].max() == 0  # the margin is empty
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judge") / "judge.safetensors"
+    model = load_or_train(path, progress=False, scenes=500, epochs=4)
+    assert path.is_file() and not path.with_suffix(".tmp").exists()
+    return model, path
+
+
+def test_judge_names_the_shapes_of_rendered_scenes_and_rejects_swapped_captions(judge):
+    model, _ = judge
+    images, _, objs = rendered_batch(np.random.default_rng(99), 64)
+    true = [", ".join(f"a {o.color} {o.shape}" for o in ob) for ob in objs]
+    wrong = [", ".join(f"a {o.color} {SHAPES[(SHAPES.index(o.shape) + 1) % 6]}" for o in ob)
+             for ob in objs]
+    right, swapped = (shape_scores(judge_images(model, images, c)) for c in (true, wrong))
+    assert right["colour_present"] > 0.95 and swapped["colour_present"] == right["colour_present"]
+    # six shapes: chance ~0.19
+    assert right["shape_hit"] > 0.6 and swapped["shape_hit"] < 0.2
+
+
+def test_missing_colours_are_absent_and_reloading_gives_the_same_judge(judge):
+    model, path = judge
+    img = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    img[0, :, 20:44, 20:44] = torch.tensor(COLORS["red"], dtype=torch.uint8)[:, None, None]
+    rows = {r["colour"]: r for r in judge_images(model, img, ["a blue star and a red square"])[0]}
+    assert rows["blue"] == {"colour": "blue", "named": ["star"], "objects": 0, "shapes": []}
+    assert rows["red"]["objects"] == 1 and rows["red"]["shapes"][0] in SHAPES
+    again = load_or_train(path)
+    x = torch.rand(3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_scores_count_objects_of_named_colours_and_their_chance():
+    rows = [[{"colour": "red", "named": ["star"], "objects": 2, "shapes": ["star", "circle"]},
+             {"colour": "blue", "named": ["circle", "cross"], "objects": 1, "shapes": ["cross"]}],
+            [{"colour": "green", "named": ["square"], "objects": 0, "shapes": []}]]
+    assert shape_scores(rows) == {"named": 3, "colour_present": 0.667, "objects": 3,
+                                  "shape_hit": 0.667, "shape_chance": 0.222}
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        judge_images(None, torch.zeros(2, 3, 64, 64, dtype=torch.uint8), ["a red star"])
