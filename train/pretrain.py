@@ -5,7 +5,9 @@ by (seed, step) alone, so every rank draws the same one (UNITER's ``MetaLoader``
 each rank then draws its own samples. Validation: every objective on fixed val batches
 (same samples and masks every time), logged per objective. At the end the CM3 model
 writes captions for val images, images for val captions (decoded by the VQ decoder) and
-an infilled caption; they go to ``samples.json`` and ``generated_images.png``.
+an infilled caption; they go to ``samples.json`` and ``generated_images.png``. With
+``generate.shape_judge`` the drawn images are scored by the ShapesWorld shape judge
+(``train/data/shapesworld/judge.py``), beside the VQ reconstructions of the same images.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.rerank not in ("itc", "itm"):
             raise ValueError(f"generate.rerank must be itc or itm, got {self.rerank!r}")
-        for key in ("candidates", "caption_candidates"):
+        for key in ("candidates", "caption_candidates", "grid_images"):
             if getattr(self, key) < 1:
                 raise ValueError(f"generate.{key} must be >= 1, got {getattr(self, key)}")
 
@@ -305,8 +307,11 @@ class Pretraining:
         caps = [self.toks["text"].decode(self.val.captions[i][0]) for i in range(n)]
         with torch.no_grad():
             drawn, recon = vq.decode(codes), vq.decode(self.val.codes[:n])
-        return {"images_judged": n, **{f"{k}_{m}": v for k, images in (("images", drawn), ("reconstructions", recon))
-                for m, v in shape_scores(judge_images(judge, images, caps)).items()}}
+        out: dict = {"images_judged": n}
+        for kind, images in (("images", drawn), ("reconstructions", recon)):
+            scores = shape_scores(judge_images(judge, images, caps))
+            out |= {f"{kind}_{k}": v for k, v in scores.items()}
+        return out
 
     def _image_grid(self, codes: torch.Tensor, n: int) -> Path:
         from PIL import Image
