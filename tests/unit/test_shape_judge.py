@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from omnimask.errors import OmnimaskError
 from omnimask.train.data.shapesworld.judge import (
     components,
     crop,
@@ -71,6 +72,10 @@ def test_missing_colours_are_absent_and_reloading_gives_the_same_judge(judge):
     x = torch.rand(3, 24, 24)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+    broken = path.with_name("broken.safetensors")
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(OmnimaskError, match="broken.safetensors is unreadable"):
+        load_or_train(broken)
 
 
 def test_scores_count_objects_of_named_colours_and_their_chance():

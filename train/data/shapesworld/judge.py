@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from omnimask.errors import OmnimaskError
+
 from .language import named_objects
 from .scene import sample_scene
 from .vocab import COLOR_NAMES, COLORS, SHAPES
@@ -197,7 +199,11 @@ def load_or_train(path: str | Path, progress: bool = True, **kw) -> ShapeClassif
     p = Path(path)
     model = ShapeClassifier()
     if p.is_file():
-        model.load_state_dict(load_file(p))
+        try:
+            model.load_state_dict(load_file(p))
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise OmnimaskError(f"shape judge {p} is unreadable ({type(e).__name__}: {e}); "
+                                "delete it to train a new one") from None
         return model.eval()
     model = train_judge(progress=progress, **kw)
     p.parent.mkdir(parents=True, exist_ok=True)
