@@ -325,10 +325,10 @@ def _print_summary(report: dict) -> None:
         x = m["pretrain"]
         print(f"pretrain: {x['steps']} steps in {x['train_seconds']:.0f} s; val loss final/step 0: "
               + ", ".join(f"{k} {v['ratio']}" for k, v in x["val"].items()))
-        if x.get("captions_scored"):
-            from .train.pretrain import caption_scores, image_scores
+        from .train.pretrain import caption_scores, image_scores
 
+        if x.get("captions_scored"):
             print(f"pretrain: {caption_scores(x)}")
-            if x.get("images_judged"):
-                print(f"pretrain: {image_scores(x)}")
+        if x.get("images_judged"):
+            print(f"pretrain: {image_scores(x)}")
     print(f"report: {report['run_dir']}/report.md")

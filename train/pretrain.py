@@ -274,8 +274,12 @@ class Pretraining:
             self.model, ctx, [self.val.captions[i][0] for i in range(n)],
             self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,
             g.candidates, score, torch.Generator().manual_seed(0))
-        png = self._image_grid(codes[:g.grid_images], min(n, g.grid_images))
-        judged = self._judge(codes, n) if g.shape_judge else {}
+        vq = self.toks["image"].model
+        with torch.no_grad():  # decoded once for the PNG and the judge
+            drawn, recon = vq.decode(codes), vq.decode(self.val.codes[:n])
+        image_caps = [text.decode(self.val.captions[i][0]) for i in range(n)]
+        png = self._image_grid(recon[:g.grid_images], drawn[:g.grid_images])
+        judged = self._judge(drawn, recon, image_caps) if g.shape_judge else {}
         d = [ctx.sp("bos"), *cg.text_part(ctx, self.val.captions[0][0])]
         s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
         filled = cg.infill(self.model, ctx, text, d, s, e)
@@ -292,33 +296,26 @@ class Pretraining:
                 "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
                 **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
                    for p in ("", "chance_") for k in ("colour", "shape")},
-                **judged, "images_png": str(png), "image_captions": [text.decode(
-                    self.val.captions[i][0]) for i in range(n)],
+                **judged, "images_png": str(png), "image_captions": image_caps,
                 "infill": {"text": text.decode(self.val.captions[0][0]),
                            "hidden": text.decode(d[s:e]), "generated": filled}}
 
-    def _judge(self, codes: torch.Tensor, n: int) -> dict:
-        """Shape-judge scores of the images drawn from the first ``n`` val captions and of
-        the VQ's reconstructions of those val images (what the codes can show at best)."""
+    def _judge(self, drawn: torch.Tensor, recon: torch.Tensor, captions: list[str]) -> dict:
+        """Shape-judge scores of the images drawn from ``captions`` and of the VQ's
+        reconstructions of their val images (what the codes can show at best)."""
         from .data.shapesworld.judge import judge_images, load_or_train, shape_scores
 
         judge = load_or_train(self.cfg.generate.shape_judge, progress=self.progress)
-        vq = self.toks["image"].model
-        caps = [self.toks["text"].decode(self.val.captions[i][0]) for i in range(n)]
-        with torch.no_grad():
-            drawn, recon = vq.decode(codes), vq.decode(self.val.codes[:n])
-        out: dict = {"images_judged": n}
+        out: dict = {"images_judged": len(captions)}
         for kind, images in (("images", drawn), ("reconstructions", recon)):
-            scores = shape_scores(judge_images(judge, images, caps))
+            scores = shape_scores(judge_images(judge, images, captions))
             out |= {f"{kind}_{k}": v for k, v in scores.items()}
         return out
 
-    def _image_grid(self, codes: torch.Tensor, n: int) -> Path:
+    def _image_grid(self, real: torch.Tensor, fake: torch.Tensor) -> Path:
+        """Decoded val images [n, 3, H, W] (top row) over images drawn from their captions."""
         from PIL import Image
 
-        vq = self.toks["image"].model
-        real = vq.decode(self.val.codes[:n])
-        fake = vq.decode(codes)
         rows = torch.cat([torch.cat(list(real), 2), torch.cat(list(fake), 2)], 1)
         path = self.run / "generated_images.png"
         Image.fromarray(rows.permute(1, 2, 0).numpy()).resize(

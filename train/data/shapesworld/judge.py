@@ -90,7 +90,6 @@ def crop(mask: torch.Tensor, size: int = CROP) -> torch.Tensor:
     half = max(ys.max() - ys.min(), xs.max() - xs.min()).item() / 2 + 2
     y0, x0 = int(math.floor(cy - half)), int(math.floor(cx - half))
     side = int(math.ceil(2 * half)) + 1
-    h, w = mask.shape
     pad = F.pad(mask.float(), (side, side, side, side))
     box = pad[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side]
     return F.interpolate(box[None, None], size=(size, size), mode="area")[0, 0]
@@ -167,8 +166,8 @@ def train_judge(scenes: int = 2000, epochs: int = 8, batch_size: int = 128, lr: 
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng([seed, 7]), torch.Generator().manual_seed(seed)
     xs, ys = [], []
-    for _ in tqdm(range(0, scenes, 250), desc="shape judge: scenes", disable=not progress):
-        images, inst, objs = rendered_batch(rng, 250)
+    for start in tqdm(range(0, scenes, 250), desc="shape judge: scenes", disable=not progress):
+        images, inst, objs = rendered_batch(rng, min(250, scenes - start))
         x, y = labelled_crops(degrade(images, gen), inst, objs)
         xs.append(x)
         ys.append(y)
@@ -197,8 +196,8 @@ def load_or_train(path: str | Path, progress: bool = True, **kw) -> ShapeClassif
     from safetensors.torch import load_file, save_file
 
     p = Path(path)
-    model = ShapeClassifier()
     if p.is_file():
+        model = ShapeClassifier()
         try:
             model.load_state_dict(load_file(p))
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
