@@ -61,15 +61,21 @@ def cmd_data_inspect(a: argparse.Namespace) -> int:
 
 def cmd_data_convert(a: argparse.Namespace) -> int:
     from .registry import CONVERTERS
+    from .train.data.shards import MANIFEST, check_name
 
+    check_name(a.split, "--split")  # a name, not a path: shards go into --out only
+    for name, v in (("--shard-size", a.shard_size), ("--max-image-size", a.max_image_size)):
+        if v is not None and v < 1:
+            raise OmnimaskError(f"{name} must be >= 1, got {v}")
     kwargs = {"images": a.images, "captions": a.captions, "out": a.out, "split": a.split,
               "shard_size": a.shard_size, "max_image_size": a.max_image_size,
               "progress": not a.quiet}
     if a.source == "coco":
         kwargs.update(questions=a.questions, answers=a.answers)
     e = CONVERTERS.create(a.source, **kwargs)
+    listed = f" (listed with the reasons in {Path(a.out) / MANIFEST})" if e["skipped"] else ""
     print(f"{a.split}: {e['num']} samples in {len(e['shards'])} shard(s) under {a.out}; "
-          f"{e['skipped']} skipped (unreadable images)")
+          f"{e['skipped']} input rows or images skipped{listed}")
     return 0
 
 
