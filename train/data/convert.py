@@ -220,7 +220,8 @@ def convert_coco(images: str, captions: str, out: str, split: str = "train",
         items.append((f"coco-{image_id:012d}", name, members,
                       {"source": "coco", "image_id": image_id, "file_name": name}))
     if not items:
-        raise DataError(f"{captions}: no image has a caption")
+        first = f" ({len(bad)} skipped; first: {bad[0][0]}: {bad[0][1]})" if bad else ""
+        raise DataError(f"{captions}: no image has a caption{first}")
     keys = ["caption.txt", "image.png", "meta.json"] + (["qa.json"] if questions else [])
     info = {"source": "coco", "keys": sorted(keys), "max_image_size": max_image_size}
     return _write(out, split, shard_size, info, img_dir, items, bad, progress)
