@@ -5,8 +5,10 @@ Inputs reach the trunk as one :class:`~omnimask.fusion.packing.PackedBatch`: tok
 (text, VQ codes, speech units: one shared vocabulary) go through the trunk's embedding;
 continuous inputs (image patch features, stacked speech fbank frames) through a linear
 projection and a LayerNorm per modality (UNITER's image embedding); speech frames then get
-wav2vec2/HuBERT's convolutional position embedding, per utterance. A masked feature position gets its feature zeroed and a learned
-mask embedding added (UNITER MRM; HuBERT replaces masked frames by a learned vector).
+wav2vec2/HuBERT's convolutional position embedding, per utterance. A masked feature
+position is replaced, after the projection and its norm, by a learned mask embedding
+(HuBERT/wav2vec2's ``mask_emb``; UNITER MRM zeroes the feature instead): nothing of the
+masked feature reaches the trunk.
 
 Heads (``../shared/objectives.md``): UNITER's pooler (Linear + tanh on the first token),
 ITM (Linear(H, 2)), MRFR (Linear-GELU-LN, then the image input projection transposed +
@@ -132,12 +134,11 @@ class PretrainModel(nn.Module):
         for m, feats in batch.features.items():
             proj = self.image_in if m == "image" else self.speech_in
             feats = feats.to(dev, proj.weight.dtype)
-            norm = self.input_norm[m]
+            h = self.input_norm[m](proj(feats))
             if m in masked:
-                mk = masked[m].to(dev)[:, None]
-                h = norm(proj(feats.masked_fill(mk, 0.0))) + mk * self.mask_embed[m]
-            else:
-                h = norm(proj(feats))
+                # replaced after the norm (HuBERT's mask_emb): a zeroed feature through the
+                # LayerNorm (eps 1e-12) gave input-bias gradients of ~1e5-1e6 at initialisation
+                h = torch.where(masked[m].to(dev)[:, None], self.mask_embed[m].to(h.dtype), h)
             if m == "speech" and self.speech_conv is not None:
                 h = h + self._conv_per_segment(h, batch, batch.feature_index[m])
             out = out.index_copy(0, batch.feature_index[m].to(dev), h.to(out.dtype))

@@ -2,8 +2,8 @@
 
 - ``mlm``: caption tokens masked (15%, 80/10/10, at least one; optional n-gram or
   whole-word units), the image intact; cross-entropy at masked tokens.
-- ``mrfr``: image patches masked (p=0.15 each, at least one: feature zeroed, learned mask
-  embedding added), the caption intact; regress the original feature (MSE).
+- ``mrfr``: image patches masked (p=0.15 each, at least one: the projected feature replaced
+  by a learned mask embedding), the caption intact; regress the original feature (MSE).
 - ``mrc``: same masking; KL(target || model) against a soft target. UNITER's target is
   the detector's class distribution; ours is the VQ tokenizer's code distribution,
   ``softmax(cos(latent, codes) / t)``.
