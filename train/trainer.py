@@ -277,16 +277,24 @@ class Trainer:
             return {}
         backup = None
         if self.ema is not None:
-            backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict({**backup, **{k: v.to(backup[k].dtype)
-                                                     for k, v in self.ema.items()}})
+            # copied into the tensors themselves: a tied alias (the vocabulary head's
+            # embedding) then shows the EMA too; load_state_dict let the live alias win
+            live = self.model.state_dict()
+            backup = {k: live[k].clone() for k in self.ema}
+            with torch.no_grad():
+                for k, v in self.ema.items():
+                    live[k].copy_(v)
         was = self.model.training
         self.model.eval()
-        with torch.no_grad(), self.autocast():
-            out = self.evaluate(self.model)
-        self.model.train(was)
-        if backup is not None:
-            self.model.load_state_dict(backup)
+        try:
+            with torch.no_grad(), self.autocast():
+                out = self.evaluate(self.model)
+        finally:  # the live weights come back even when the evaluation fails
+            self.model.train(was)
+            if backup is not None:
+                with torch.no_grad():
+                    for k, v in backup.items():
+                        live[k].copy_(v)
         self.log_row({"step": self.step, "split": "val", **out})
         return out
 
