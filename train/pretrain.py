@@ -181,7 +181,9 @@ class Pretraining:
     # -- data --------------------------------------------------------------------------------
     def make_batch(self, step: int, micro: int) -> tuple[str, dict]:
         seed = self.cfg.trainer.seed
-        g = torch.Generator().manual_seed(step_seed(seed, step, micro))
+        # the objective from (seed, step) alone: every micro-batch of an optimizer step
+        # (trainer.accumulate > 1) trains the same one; the samples differ per micro-batch
+        g = torch.Generator().manual_seed(step_seed(seed, step))
         w = mix_weights(self.names, self.cfg.objectives, step)
         name = self.names[int(torch.multinomial(w, 1, generator=g))]
         rank, _ = rank_and_world()
