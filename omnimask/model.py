@@ -121,6 +121,11 @@ class PretrainModel(nn.Module):
         nn.init.normal_(self.mask_embed["image"], std=0.02)
         nn.init.normal_(self.mask_embed["speech"], std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters used as embedding tables that are not ``nn.Embedding`` weights: the
+        trainer's ``param_groups`` exempts them from weight decay, as it does embeddings."""
+        return {"unit_embed", "mask_embed.image", "mask_embed.speech"}
+
     # -- inputs ------------------------------------------------------------------------------
     def input_features(self, batch: PackedBatch, masked: dict[str, torch.Tensor] | None = None
                        ) -> torch.Tensor | None:

@@ -91,9 +91,15 @@ def lr_at(cfg: TrainerConfig, step: int, total: int, warmup: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings and other vectors."""
+    """No weight decay on norms, biases, embeddings and other vectors. Embedding tables are
+    the weights of ``nn.Embedding`` modules and the parameters a module names in its
+    ``no_weight_decay()`` (timm's convention; names relative to that module), e.g. a plain
+    ``nn.Parameter`` indexed or scored against as a table."""
     decay, no_decay = [], []
     emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if callable(getattr(m, "no_weight_decay", None)):
+            emb |= {id(m.get_parameter(name)) for name in m.no_weight_decay()}
     seen = set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
