@@ -50,7 +50,9 @@ class ObjectivesConfig:
     cm3_poisson: float = 1.0
     cm3_image_first: float = 0.5  # probability that a document puts the image before the text
     cm3_speech: float = 0.0  # probability that a document also holds the spoken caption's units
-    speech_start_prob: float = 0.08  # HuBERT span masking
+    # span starts per frame, spans of speech_span frames (overlapping): wav2vec2's mask_prob
+    # 0.65 / length 10, ~50% of the frames covered (HuBERT's 0.08 covers ~57%)
+    speech_start_prob: float = 0.065
     speech_span: int = 10
     speech_with_text: float = 0.5  # probability of conditioning on the caption (cross-modal)
     speech_max_units: int = 0  # > 0: a random crop of at most this many frames (HuBERT crops)

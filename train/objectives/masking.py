@@ -20,7 +20,8 @@ References and departures:
   static, overlaps allowed), parameterised by the per-frame start probability ``start_prob``
   (fairseq's ``mask_prob / mask_length``; 0.08 = 0.8 / 10).  Departure: starts are drawn from
   ``[0, n - span]`` inclusive, so the last frame can be masked (fairseq draws from
-  ``[0, n - span)``).  For long inputs 0.08 with spans of 10 masks about 55-57% of the frames.
+  ``[0, n - span)``).  For long inputs 0.08 with spans of 10 masks about 55-57% of the frames;
+  the speech objective's default, wav2vec2's 0.065, about 50%.
 * :func:`blockwise_mask` - BEiT ``MaskingGenerator`` (microsoft/unilm beit/masking_generator.py),
   with the target count ``round(ratio * rows * cols)``.
 """

@@ -1,9 +1,9 @@
 """Masked speech-unit prediction (HuBERT / BEST-RQ), optionally conditioned on the caption.
 
 The input is the spoken caption's stacked fbank frames (80 mel bins x 4 frames, one
-position per speech unit); spans are masked as in HuBERT (span starts with probability
-0.08 per frame, 10 frames each, overlapping: ~55% masked), masked frames replaced by a
-learned embedding. Targets are the speech tokenizer's units (k-means or BEST-RQ) at
+position per speech unit); spans are masked as in HuBERT / wav2vec2 (span starts with
+probability 0.065 per frame, 10 frames each, overlapping: ~50% of the frames covered, as
+wav2vec2; HuBERT's 0.08 covers ~57%), masked frames replaced by a learned embedding. Targets are the speech tokenizer's units (k-means or BEST-RQ) at
 masked frames only; logits are HuBERT's cosine similarity between a projection of the
 output and unit embeddings, divided by 0.1. With probability ``speech_with_text`` the
 caption (``<cls>`` + text, unmasked) comes first: cross-modal conditioning.
