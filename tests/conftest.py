@@ -25,3 +25,25 @@ def small_shards(tmp_path_factory):
     generate_shards(d, 60, seed=5, split="train", shard_size=10, speech=False, workers=1,
                     progress=False)
     return d
+
+
+class _Payload:
+    """Unpickling this creates ``path``: the attack a planted file would carry."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.fixture
+def plant_pickle():
+    """``plant_pickle(file, marker)`` writes a pickle that would create ``marker`` if loaded."""
+    import pickle
+
+    def plant(path, marker) -> None:
+        path.write_bytes(pickle.dumps({"fingerprint": "x", "corpus": _Payload(marker)}))
+    return plant

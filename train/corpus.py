@@ -9,8 +9,9 @@ memory, so a step costs only the model, and the data order is a pure function of
 thousand samples (ShapesWorld: 2000 samples, ~110 MB); larger ones want the streaming
 reader (``train/data/pipeline.py``), which the corpus is built from.
 
-The corpus is cached as ``corpus-<split>.pt`` in the run directory with a fingerprint of
-its inputs; a cache whose fingerprint differs is rebuilt, never reused.
+The corpus is cached as ``corpus-<split>.safetensors`` in the run directory (a tree file:
+tensors and JSON, never a pickle) with a fingerprint of its inputs (settings, tokenizer
+files, every shard's SHA-256); a cache whose fingerprint differs is rebuilt, never reused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from omnimask.config import DataConfig
 from omnimask.errors import OmnimaskError
+from omnimask.safeio import UnreadableFile, load_tree, save_tree
 
 log = logging.getLogger("omnimask.corpus")
 
@@ -52,17 +54,17 @@ class Corpus:
 
 
 def _fingerprint(shards: list[str], parts: dict) -> str:
-    from omnimask.train.data.shards import manifest_entries
+    """Of the inputs and every shard's bytes: a shard edited in place changes it."""
+    from omnimask.safeio import sha256_file
 
-    entries = manifest_entries(shards)
     h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
     for p in shards:
-        st = os.stat(p)
-        h.update(f"{p}:{st.st_size}:{entries.get(p, {}).get('sha256', '')}".encode())
+        h.update(f"{p}:{sha256_file(p)}".encode())
     return h.hexdigest()[:16]
 
 
-def _tokenizer_id(directory: str | None) -> str:
+def tokenizer_id(directory: str | None) -> str:
+    """A fingerprint of a tokenizer directory's files (names and bytes)."""
     if not directory:
         return ""
     h = hashlib.sha256()
@@ -139,22 +141,20 @@ def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[s
     paths = expand_shards(shards)
     if not paths:
         raise OmnimaskError(f"no shards match {shards}")
-    fp = _fingerprint(paths, {"tokenizers": {k: _tokenizer_id(v) for k, v in tokenizers.items()},
+    fp = _fingerprint(paths, {"tokenizers": {k: tokenizer_id(v) for k, v in tokenizers.items()},
                               "features": features, "patch_encoder": patch_encoder,
                               "version": 1})
     p = Path(path)
     if p.is_file():
         try:
-            blob = torch.load(p, weights_only=False)
+            blob = load_tree(p)
             if blob.get("fingerprint") == fp:
-                return blob["corpus"]
+                return Corpus(**blob["corpus"])
             log.warning("corpus cache %s was built from other inputs; rebuilding", p)
-        except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        except (UnreadableFile, TypeError, AttributeError) as e:  # rebuilt, never trusted
             log.warning("corpus cache %s unreadable (%s); rebuilding", p, e)
     c = build_corpus(paths, loaded["text"], loaded["image"], loaded.get("speech"), features,
                      patch_encoder, progress)
-    tmp = p.with_suffix(".tmp")
     p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"fingerprint": fp, "corpus": c}, tmp)
-    os.replace(tmp, p)
+    save_tree(p, {"fingerprint": fp, "corpus": {f.name: getattr(c, f.name) for f in fields(c)}})
     return c

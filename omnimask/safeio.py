@@ -1,0 +1,138 @@
+"""Files the project loads without running code in them, written so a crash never leaves
+half a file behind.
+
+``save_tree`` / ``load_tree`` store a nested structure of dicts, lists, tuples, numbers,
+strings, numpy arrays and tensors in one safetensors file: the tensors as tensors, the
+rest as tagged JSON in the file's metadata. Loading parses JSON and raw tensor bytes
+only; it never unpickles (optimizer states, RNG states and corpora all go this way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import OmnimaskError
+
+TREE_KEY = "omnimask.tree"
+_CHUNK = 1 << 20
+
+
+class UnreadableFile(OmnimaskError):
+    """A file the project wrote earlier cannot be read back (truncated, altered, foreign)."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's entry to disk (directories: after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsynced."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_path(p.parent)
+    return p
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a tree file")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_tree(path: str | os.PathLike, tree: Any) -> Path:
+    """Store ``tree`` in one safetensors file at ``path`` (atomically, fsynced)."""
+    p = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = json.dumps(_encode(tree, tensors), allow_nan=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={TREE_KEY: meta})
+        fsync_path(tmp)
+        os.replace(tmp, p)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_path(p.parent)
+    return p
+
+
+def load_tree(path: str | os.PathLike) -> Any:
+    """The structure ``save_tree`` stored; ``UnreadableFile`` naming ``path`` otherwise."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = (f.metadata() or {}).get(TREE_KEY)
+        if meta is None:
+            raise UnreadableFile(f"{p} is not an omnimask tree file (no '{TREE_KEY}' metadata)")
+        return _decode(json.loads(meta), load_file(str(p)))
+    except UnreadableFile:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise UnreadableFile(f"{p} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'damaged'})") from None
