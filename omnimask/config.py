@@ -35,6 +35,8 @@ class DataConfig:
     resampled: bool = False  # True: an endless stream of shards drawn with replacement
     seed: int = 0
     image_size: int | None = None  # resize images to this side; None keeps the stored size
+    # images above width x height are bad samples (too_large), refused from the PNG header
+    max_image_pixels: int = 4096 * 4096
 
 
 @dataclass

@@ -56,6 +56,7 @@ class StreamState:
     emitted: int = 0  # samples delivered in this epoch
     bad: dict[str, int] = field(default_factory=dict)  # skipped samples by kind of fault
     lost: int = 0  # samples the manifest lists that could not be read at all
+    problems: int = 0  # damaged tar headers and other shard faults (records name them)
     generator: np.random.Generator | None = field(default=None, repr=False, compare=False)
 
     def snapshot(self) -> dict:
@@ -89,6 +90,7 @@ class _Tally:
         log.warning("skipped sample %s in %s: %s", key or "?", shard, reason)
 
     def problem(self, shard: str, reason: str) -> None:
+        self.state.problems += 1
         self.records.append({"shard": shard, "key": None, "kind": "tar", "reason": reason})
         log.warning("%s: %s", shard, reason)
 
@@ -133,6 +135,8 @@ class ShardDataset(IterableDataset):
             raise OmnimaskError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
         if cfg.shuffle_buffer < 0 or cfg.num_workers < 0:
             raise OmnimaskError("data.shuffle_buffer and data.num_workers must be >= 0")
+        if cfg.max_image_pixels < 1:
+            raise OmnimaskError(f"data.max_image_pixels must be >= 1, got {cfg.max_image_pixels}")
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.shards = expand_shards(cfg.shards)
@@ -238,7 +242,8 @@ class ShardDataset(IterableDataset):
         for s in samples:
             shard = s.shard
             try:
-                decoded = decode_sample(s.files, self.keys, s.problem)
+                decoded = decode_sample(s.files, self.keys, s.problem,
+                                        max_pixels=self.cfg.max_image_pixels)
             except SampleError as e:
                 tally.bad(shard, s.key, e.kind, str(e))
                 continue
@@ -360,4 +365,5 @@ class ShardLoader:
             bad.update(s["bad"])
         return {"epoch": self.epoch, "samples": sum(s["emitted"] for s in self._states.values()),
                 "bad": sum(bad.values()), "bad_by_kind": dict(bad),
-                "lost": sum(s["lost"] for s in self._states.values())}
+                "lost": sum(s["lost"] for s in self._states.values()),
+                "problems": sum(s.get("problems", 0) for s in self._states.values())}

@@ -43,23 +43,94 @@ def encode_flac(audio_int16: np.ndarray, sample_rate: int = SPEECH_SAMPLE_RATE) 
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_IMAGE_PIXELS = 4096 * 4096  # default limit on width x height (``data.max_image_pixels``)
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # interlace passes: x0, y0, dx, dy
+_FILTERS = bytes(range(5))  # the row filter types PNG defines
 
 
-def check_png(data: bytes) -> None:
-    """Verify the signature and every chunk's CRC (PIL skips the CRC of image data)."""
+class ContentError(ValueError):
+    """Bytes that decode but break what the schema promises; ``kind`` says how
+    (``too_large``: above the pixel limit; ``mismatch``: not the declared format)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _png_pixels(stream, width: int, height: int, depth: int, colour: int, interlace: int) -> None:
+    """Inflate the pixel data as far as the image needs and check every row's filter type.
+
+    libpng errors while reading rows crash torchvision's decoder (SIGSEGV, not an
+    exception), so a PNG whose CRCs are fine but whose pixel data is short, long, does not
+    inflate or end, or has a bad filter byte must be refused before it gets there.
+    """
+    bits = _PNG_CHANNELS[colour] * depth
+    passes, total = [], 0
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if w > 0 and h > 0:
+            stride = 1 + (w * bits + 7) // 8  # a filter byte, then the packed samples
+            passes.append((total, h, stride))
+            total += h * stride
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(stream, total + 1)  # bounded: one byte more than needed
+    except zlib.error as e:
+        raise ValueError(f"PNG pixel data does not inflate ({e})") from None
+    if len(raw) != total or not inflate.eof:  # libpng needs the stream to end in IDAT too
+        raise ValueError(f"PNG pixel data is {len(raw)} bytes"
+                         f"{'' if inflate.eof else ' and does not end'}; the image needs {total}")
+    for start, h, stride in passes:
+        if raw[start:start + h * stride:stride].translate(None, _FILTERS):
+            raise ValueError("PNG has a row with an unknown filter type")
+
+
+def check_png(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """Validate a PNG before decoding it; return (width, height).
+
+    Checks the signature, every chunk's CRC (PIL skips the CRC of image data), the IHDR
+    fields, the pixel count against ``max_pixels`` (read from IHDR, so a decompression
+    bomb costs nothing) and that the pixel data inflates to what the image needs.
+    ``ContentError("too_large")`` above the limit, ``ValueError`` for anything broken.
+    """
     if not data.startswith(PNG_SIGNATURE):
         raise ValueError("not a PNG (bad signature)")
-    pos, end = len(PNG_SIGNATURE), len(data)
+    view, end = memoryview(data), len(data)
+    if end < 33 or data[8:16] != b"\0\0\0\rIHDR":
+        raise ValueError("PNG does not start with an IHDR chunk")
+    if zlib.crc32(view[12:29]) != struct.unpack_from(">I", data, 29)[0]:
+        raise ValueError("PNG chunk b'IHDR' has a bad CRC")
+    width, height, depth, colour, method, filt, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if (not 0 < width < 1 << 31 or not 0 < height < 1 << 31 or method or filt or interlace > 1
+            or depth not in _PNG_DEPTHS.get(colour, ())):
+        raise ValueError(f"PNG IHDR is invalid ({width}x{height}, depth {depth}, colour type "
+                         f"{colour}, interlace {interlace})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ContentError("too_large", f"image is {width}x{height} pixels, above the limit of "
+                                        f"{max_pixels} (data.max_image_pixels)")
+    pos, idat, after_idat = 33, [], False
     while pos + 12 <= end:
         (length,) = struct.unpack_from(">I", data, pos)
-        body = data[pos + 4:pos + 8 + length]
         if pos + 12 + length > end:
             break
-        (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
-        if zlib.crc32(body) != crc:
-            raise ValueError(f"PNG chunk {body[:4]!r} has a bad CRC")
-        if body[:4] == b"IEND":
-            return
+        kind = data[pos + 4:pos + 8]
+        if zlib.crc32(view[pos + 4:pos + 8 + length]) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
+            raise ValueError(f"PNG chunk {kind!r} has a bad CRC")
+        if kind == b"IDAT":
+            if after_idat:
+                raise ValueError("PNG IDAT chunks are not consecutive")
+            idat.append(view[pos + 8:pos + 8 + length])
+        elif kind == b"IEND":
+            if not idat:
+                raise ValueError("PNG has no IDAT chunk")
+            _png_pixels(idat[0] if len(idat) == 1 else b"".join(idat), width, height, depth,
+                        colour, interlace)
+            return width, height
+        elif idat:
+            after_idat = True
         pos += 12 + length
     raise ValueError("PNG is truncated (no IEND chunk)")
 
@@ -88,29 +159,39 @@ def decode_png_pil(data: bytes, rgb: bool = False) -> torch.Tensor:
     return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t
 
 
-def decode_png(data: bytes, rgb: bool = False) -> torch.Tensor:
+def decode_png(data: bytes, rgb: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS
+               ) -> torch.Tensor:
     """PNG bytes -> uint8 tensor, ``[3, H, W]`` when ``rgb`` else ``[H, W]`` (or ``[C, H, W]``).
 
-    Chunk CRCs are verified first. libpng via torchvision when present (PIL otherwise).
+    :func:`check_png` runs first (CRCs, pixel limit, pixel data). libpng via torchvision
+    when present (PIL otherwise).
     """
-    check_png(data)
+    check_png(data, max_pixels)
     if _PNG_OP is None:
         return decode_png_pil(data, rgb)
     t = _PNG_OP(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB if rgb else _ANY, False)
     return t if rgb or t.shape[0] != 1 else t[0]
 
 
-def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
+def decode_flac(data: bytes, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """Return (float32 mono samples in [-1, 1], sample rate).
 
     16-bit files are checked against the MD5 of the audio stored in STREAMINFO, so a
-    flipped byte that the FLAC decoder would paper over is reported as corruption.
+    flipped byte that the FLAC decoder would paper over is reported as corruption. With
+    ``sample_rate``, another rate in STREAMINFO is ``ContentError("mismatch")``, found
+    before decoding (the MD5 covers the samples, not the rate they are played at).
     """
     if not data.startswith(b"fLaC"):
         raise ValueError("not a FLAC stream (bad signature)")
+    if len(data) < 42 or data[4] & 0x7F or data[5:8] != b"\0\0\x22":
+        raise ValueError("FLAC stream does not start with its STREAMINFO block")
+    rate = data[18] << 12 | data[19] << 4 | data[20] >> 4
+    if sample_rate is not None and rate != sample_rate:
+        raise ContentError("mismatch", f"sample rate is {rate} Hz, the schema declares "
+                                       f"{sample_rate} Hz")
     audio, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
-    md5 = data[26:42] if len(data) >= 42 else b""
-    bits = ((data[20] & 0x1) << 4 | data[21] >> 4) + 1 if len(data) >= 22 else 0
+    md5 = data[26:42]
+    bits = ((data[20] & 0x1) << 4 | data[21] >> 4) + 1
     if bits == 16 and md5.strip(b"\0") and hashlib.md5(audio.astype("<i2").tobytes()).digest() != md5:
         raise ValueError("FLAC audio does not match its MD5 signature")
     mono = audio.astype(np.float32).mean(axis=1) / 32768.0
@@ -125,15 +206,16 @@ def decode_json(data: bytes):
     return json.loads(data.decode("utf-8"))
 
 
-def decode_value(name: str, data: bytes):
+def decode_value(name: str, data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 sample_rate: int | None = None):
     """Decode one member by its extension (``image.png`` -> ``[3, H, W]`` uint8 tensor, ...)."""
     ext = name.rsplit(".", 1)[-1]
     if name == "image.png":
-        return decode_png(data, rgb=True)
+        return decode_png(data, True, max_pixels)
     if ext == "png":
-        return decode_png(data)
+        return decode_png(data, False, max_pixels)
     if ext == "flac":
-        return decode_flac(data)
+        return decode_flac(data, sample_rate)
     if ext == "json":
         return decode_json(data)
     if ext in ("txt", "cls"):
@@ -142,15 +224,21 @@ def decode_value(name: str, data: bytes):
 
 
 class SampleError(Exception):
-    """A sample that cannot be used; ``kind`` is one of truncated, missing_key, corrupt."""
+    """A sample that cannot be used; ``kind`` is one of truncated, missing_key, corrupt,
+    too_large (an image above the pixel limit), mismatch (audio not at the declared rate)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
 
-def decode_sample(files: dict[str, bytes], keys, problem: str | None = None) -> dict:
-    """Decode ``keys`` of one sample's members; raise :class:`SampleError` if it is unusable."""
+def decode_sample(files: dict[str, bytes], keys, problem: str | None = None, *,
+                  max_pixels: int | None = MAX_IMAGE_PIXELS,
+                  sample_rate: int | None = SPEECH_SAMPLE_RATE) -> dict:
+    """Decode ``keys`` of one sample's members; raise :class:`SampleError` if it is unusable.
+
+    Images above ``max_pixels`` and audio at another rate than ``sample_rate`` are unusable.
+    """
     if problem:
         raise SampleError("truncated", problem)
     missing = [k for k in keys if k not in files]
@@ -159,7 +247,9 @@ def decode_sample(files: dict[str, bytes], keys, problem: str | None = None) -> 
     out = {}
     for k in keys:
         try:
-            out[k] = decode_value(k, files[k])
+            out[k] = decode_value(k, files[k], max_pixels, sample_rate)
+        except ContentError as e:
+            raise SampleError(e.kind, f"{k}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt member
             raise SampleError("corrupt", f"cannot decode {k}: {e}") from None
     return out
