@@ -50,13 +50,16 @@ def cmd_data_shapes(a: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(a: argparse.Namespace) -> int:
-    from .train.data.inspect import format_report, inspect_shards
+    from .train.data.inspect import format_report, inspect_shards, strict_summary
 
     rep = inspect_shards(a.shards, workers=a.workers, progress=not a.quiet)
     print(format_report(rep))
     if a.json:
         _write_json(rep, a.json)
-    return 1 if a.strict and (rep["bad"] or rep["lost"] or rep["problems"]) else 0
+    failed = strict_summary(rep) if a.strict else None
+    if failed:
+        print(f"omnimask: data inspect --strict failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_data_convert(a: argparse.Namespace) -> int:
