@@ -346,6 +346,19 @@ def test_strict_fails_when_the_manifest_is_unreadable(clean, tmp_path, capsys, c
     assert rep["samples"] == 12 and any("manifest.json" in p["shard"] for p in rep["problems"])
 
 
+@pytest.mark.parametrize("content", ['{"splits": []}', '{"splits": {"train": []}}',
+                                     '{"splits": {"train": {"shards": [{"nam": "x"}]}}}',
+                                     '{"splits": {"train": {"shards": [{"name": "../x.tar", '
+                                     '"samples": 1}]}}}', "{not json"])
+def test_loader_ignores_a_manifest_it_cannot_use(clean, tmp_path, content, caplog):
+    d, *_ = _copy(clean, tmp_path)
+    (d / "manifest.json").write_text(content)  # was a KeyError/AttributeError traceback
+    cfg = DataConfig(shards=[str(d)], processors=ALL, batch_size=4, shuffle_buffer=0)
+    loader = ShardLoader(cfg, rank=0, world_size=1)
+    assert len([k for b in loader for k in b["__key__"]]) == 12
+    assert any("manifest.json ignored" in r.getMessage() for r in caplog.records)
+
+
 def test_strict_fails_when_keys_repeat(clean, tmp_path, capsys):
     d, path, *_ = _copy(clean, tmp_path)
     shutil.copy(path, d / "copy-000000.tar")  # every key of shard 0 again

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from omnimask.errors import DataError
 
-from .schema import MAX_IMAGE_PIXELS, SampleError, decode_sample
+from .schema import MAX_IMAGE_PIXELS, SampleError, decode_sample, manifest_fault
 from .shards import MANIFEST, _sha256, expand_shards, manifest_entries, read_manifest
 from .tario import RawSample, iter_samples, open_shard
 
@@ -59,23 +59,6 @@ def _inspect_one(args: tuple[str, dict | None, int]) -> dict:
             "schema_version": rec.get("schema_version") if rec else None}
 
 
-def _manifest_fault(man) -> str | None:
-    """What makes a parsed manifest unusable (the fields the readers use), or None."""
-    if not isinstance(man, dict) or not isinstance(man.get("splits", {}), dict):
-        return "not an object with a 'splits' object"
-    for split, entry in man.get("splits", {}).items():
-        shards = entry.get("shards", []) if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not isinstance(entry.get("keys", []), list):
-            return f"split {split!r} has no list of shards and keys"
-        for i, rec in enumerate(shards):
-            ok = (isinstance(rec, dict) and isinstance(rec.get("name"), str)
-                  and type(rec.get("samples")) is int and rec["samples"] >= 0
-                  and isinstance(rec.get("sha256", ""), str))
-            if not ok:
-                return f"split {split!r}, shard {i}: needs a name, a sample count and a SHA-256"
-    return None
-
-
 def _check_manifests(shards: list[str]) -> tuple[set[str], list[dict], int]:
     """Directories whose manifest can be used, problems of the others, samples lost in
     shards their manifest lists that are missing from disk."""
@@ -91,7 +74,7 @@ def _check_manifests(shards: list[str]) -> tuple[set[str], list[dict], int]:
             continue
         if man is None:
             continue
-        fault = _manifest_fault(man)
+        fault = manifest_fault(man)
         if fault:
             problems.append({"shard": where, "kind": "manifest",
                              "problem": f"manifest cannot be used: {fault}"})

@@ -32,8 +32,8 @@ from omnimask.errors import DataError, OmnimaskError
 from omnimask.registry import PROCESSORS
 
 from ..distributed import rank_and_world
-from .schema import SampleError, decode_sample
-from .shards import expand_shards, manifest_entries
+from .schema import SampleError, decode_sample, manifest_fault
+from .shards import MANIFEST, expand_shards, manifest_entries, read_manifest
 from .tario import RawSample, TarProblem, iter_samples, open_shard
 
 log = logging.getLogger("omnimask.data")
@@ -140,7 +140,7 @@ class ShardDataset(IterableDataset):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.shards = expand_shards(cfg.shards)
-        self.manifest = manifest_entries(self.shards)
+        self.manifest = self._manifests(self.shards)
         for name in cfg.processors:
             PROCESSORS.get(name)  # unknown names fail here, before any work
         needed = {k for n in cfg.processors for k in PROCESSORS.get(n).keys}
@@ -148,6 +148,22 @@ class ShardDataset(IterableDataset):
         self.start_states: dict[int, dict] = {}
         self.epoch = 0
         self.shift = 0  # DataLoader worker i plays logical worker (i + shift) % num_workers
+
+    @staticmethod
+    def _manifests(shards: list[str]) -> dict[str, dict]:
+        """Manifest records of the shards; a manifest that cannot be used is ignored with a
+        warning (its shards are read without counts or keys), not a traceback."""
+        ignored = set()
+        for d in {str(Path(s).parent) for s in shards}:
+            try:
+                man = read_manifest(d)
+                fault = manifest_fault(man) if man is not None else None
+            except DataError as e:
+                fault = str(e)
+            if fault:
+                log.warning("%s ignored: %s", Path(d) / MANIFEST, fault)
+                ignored.add(d)
+        return manifest_entries([s for s in shards if str(Path(s).parent) not in ignored])
 
     # -- stage 1: which shards this consumer reads, in which order --------------------------
     def _sequence(self, consumer: int, consumers: int, epoch: int):

@@ -25,6 +25,27 @@ KEYS = ("image.png", "caption.txt", "qa.json", "seg.png", "inst.png", "refs.json
 IMAGE_KEYS = ("image.png", "seg.png", "inst.png")
 
 
+def manifest_fault(man) -> str | None:
+    """What makes a parsed ``manifest.json`` unusable (the fields the readers use), or None."""
+    if not isinstance(man, dict) or not isinstance(man.get("splits", {}), dict):
+        return "not an object with a 'splits' object"
+    for split, entry in man.get("splits", {}).items():
+        shards = entry.get("shards", []) if isinstance(entry, dict) else None
+        keys = entry.get("keys", []) if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not isinstance(keys, list) or not all(
+                isinstance(k, str) for k in keys):
+            return f"split {split!r} has no list of shards and keys"
+        for i, rec in enumerate(shards):
+            name = rec.get("name") if isinstance(rec, dict) else None
+            ok = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+                  and type(rec.get("samples")) is int and rec["samples"] >= 0
+                  and isinstance(rec.get("sha256", ""), str))
+            if not ok:
+                return (f"split {split!r}, shard {i}: needs a file name, a sample count and "
+                        f"a SHA-256")
+    return None
+
+
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     """``compress_level=0`` stores the pixels deflate-free: larger, ~3x faster to decode."""
     buf = io.BytesIO()
