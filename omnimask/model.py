@@ -1,34 +1,47 @@
-"""The pretraining model: input embedders for every modality, the shared trunk, and the
-small heads the objectives need.
+"""The model: an :class:`Encoder` shared by every task and a ``ModuleDict`` of heads, with one
+``forward(batch, task)`` (so DDP/FSDP can wrap the whole model).
 
-Inputs reach the trunk as one :class:`~omnimask.fusion.packing.PackedBatch`: token ids
-(text, VQ codes, speech units: one shared vocabulary) go through the trunk's embedding;
-continuous inputs (image patch features, stacked speech fbank frames) through a linear
-projection and a LayerNorm per modality (UNITER's image embedding); speech frames then get
-wav2vec2/HuBERT's convolutional position embedding, per utterance. A masked feature
-position is replaced, after the projection and its norm, by a learned mask embedding
-(HuBERT/wav2vec2's ``mask_emb``; UNITER MRM zeroes the feature instead): nothing of the
-masked feature reaches the trunk.
+Checkpoint keys are ``encoder.*`` and ``heads.<name>.*``: an encoder trained with one set of
+heads loads into a model with others (strict on the encoder, the new heads initialised
+fresh and listed, as timm's ``pretrained_strict=False`` + ``reset_classifier``).
 
-Heads (``../shared/objectives.md``): UNITER's pooler (Linear + tanh on the first token),
-ITM (Linear(H, 2)), MRFR (Linear-GELU-LN, then the image input projection transposed +
-own bias), MRC (Linear-GELU-LN-Linear to a code vector scored against the VQ codebook),
-ITC projections without bias and a learnable temperature, and HuBERT's unit head (cosine between a projection of the output and unit
-embeddings, divided by 0.1). MLM, masked VQ-code prediction and CM3 use the trunk's
-vocabulary head, tied to the token embeddings.
+The encoder: the modality embedders (``modalities/<m>/embedder.py``: projection, LayerNorm
+and mask embedding for image features and speech frames, the speech convolutional position
+embedding, the VQ codebook for codes-as-features), the trunk (``fusion/trunk.py``, with the
+vocabulary head tied to the token embeddings) and UNITER's pooler (Linear + tanh on each
+sample's first token, shared by ITM, ITC and VQA, as in BERT). Token ids (text, VQ codes,
+speech units: one shared vocabulary) go through the trunk's embedding; continuous inputs
+through their modality's embedder.
+
+A head is an ``nn.Module`` built as ``Head(model_cfg, head_cfg)`` with ``forward(encoder,
+batch) -> dict``; heads that need encoder parts (MRFR the image projection, MRC the
+codebook) reach them through the ``encoder`` argument, never through stored references,
+so every parameter has one key. Pretraining heads live beside their objectives
+(``train/objectives/*.py``; their forward returns the objective's loss dict), task heads
+in ``heads/`` behind ``omnimask.registry.HEADS``. Named sizes: ``omnimask/variants.py``;
+the portable model directory: ``omnimask/pretrained.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnimask.config import check_fields
+from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.fusion.packing import PackedBatch
 from omnimask.fusion.trunk import Trunk, TrunkConfig
+
+log = logging.getLogger("omnimask.model")
 
 
 @dataclass
@@ -57,6 +70,24 @@ class ModelConfig:
     image_code_offset: int = -1  # first image-code id in the shared vocabulary (set from it)
     mrc_temperature: float = 0.1  # MRC logits: cos(predicted latent, codes) / t
 
+    def __post_init__(self) -> None:
+        p = "model."
+        check_fields(self, ">=1", "image_feature_dim", "speech_feature_dim", "image_codes",
+                     "speech_units", "itc_dim", "unit_dim", "speech_conv_groups", "code_dim",
+                     prefix=p)
+        check_fields(self, ">0", "itc_temperature", "unit_temperature", "mrc_temperature",
+                     prefix=p)
+        check_fields(self, ">=0", "speech_conv_kernel", prefix=p)
+        if self.image_code_input not in ("features", "embedding"):
+            raise ValueError(f"{p}image_code_input must be features or embedding, got "
+                             f"{self.image_code_input!r}")
+        k, g = self.speech_conv_kernel, self.speech_conv_groups
+        if k and k % 2 == 0:
+            raise ValueError(f"{p}speech_conv_kernel must be odd (or 0: off), got {k}")
+        if k and self.trunk.dim % g:  # a grouped convolution over the trunk's channels
+            raise ValueError(f"{p}speech_conv_groups must divide {p}trunk.dim, got "
+                             f"{g} and {self.trunk.dim}")
+
 
 def _isometry(n_in: int, n_out: int, g: torch.Generator) -> torch.Tensor:
     """[n_in, n_out] random map that keeps inner products when n_out >= n_in (orthonormal
@@ -65,107 +96,75 @@ def _isometry(n_in: int, n_out: int, g: torch.Generator) -> torch.Tensor:
     return q.T if n_out >= n_in else q
 
 
-def _mlp_ln(dim: int, eps: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))
+def mlp_ln(dim: int, eps: float = 1e-12) -> nn.Sequential:
+    """Linear-GELU-LayerNorm, UNITER's region-head transform (weights N(0, 0.02))."""
+    seq = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))
+    init_linear(seq[0])
+    return seq
 
 
-class PretrainModel(nn.Module):
+def init_linear(*layers: nn.Linear) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases."""
+    for m in layers:
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class Encoder(nn.Module):
+    """Modality embedders + trunk + pooler: ``encoder(batch) -> hidden [T, dim]``."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.image_code_input not in ("features", "embedding"):
-            raise ValueError("model.image_code_input must be embedding or features, got "
-                             f"{cfg.image_code_input!r}")
+        from omnimask.modalities.image.embedder import ImageEmbedder
+        from omnimask.modalities.speech.embedder import SpeechEmbedder
+
         if cfg.image_code_input == "features" and cfg.image_feature_dim != cfg.code_dim:
             raise ValueError("model.image_code_input=features needs image features that are "
                              f"VQ latents (dim {cfg.code_dim}), got dim {cfg.image_feature_dim}")
         self.cfg = cfg
+        d = cfg.trunk.dim
         self.trunk = Trunk(cfg.trunk)
-        d, eps = cfg.trunk.dim, 1e-12
-        self.image_in = nn.Linear(cfg.image_feature_dim, d)
-        self.speech_in = nn.Linear(cfg.speech_feature_dim, d)
-        # UNITER normalises the projected image features (img_linear -> LayerNorm): without
-        # it, small random projections leave every image looking alike next to the position
-        # embeddings, and contrastive/matching objectives stalled in our runs
-        self.input_norm = nn.ModuleDict({"image": nn.LayerNorm(d, eps=eps),
-                                         "speech": nn.LayerNorm(d, eps=eps)})
-        k = cfg.speech_conv_kernel
-        if k and k % 2 == 0:
-            raise ValueError(f"model.speech_conv_kernel must be odd, got {k}")
-        self.speech_conv = (nn.Conv1d(d, d, k, padding=k // 2, groups=cfg.speech_conv_groups)
-                            if k else None)
-        self.mask_embed = nn.ParameterDict({"image": nn.Parameter(torch.zeros(d)),
-                                            "speech": nn.Parameter(torch.zeros(d))})
+        self.embedders = nn.ModuleDict({
+            "image": ImageEmbedder(cfg.image_feature_dim, d, cfg.image_codes, cfg.code_dim),
+            "speech": SpeechEmbedder(cfg.speech_feature_dim, d, cfg.speech_conv_kernel,
+                                     cfg.speech_conv_groups)})
         self.pooler = nn.Linear(d, d)
-        self.itm = nn.Linear(d, 2)
-        self.mrfr = _mlp_ln(d, eps)
-        self.mrfr_bias = nn.Parameter(torch.zeros(cfg.image_feature_dim))
-        # MRC classifies into VQ codes whose vectors are known: the head predicts a latent
-        # and scores it against the (frozen) codebook, as the soft target is built
-        self.mrc = nn.Sequential(_mlp_ln(d, eps), nn.Linear(d, cfg.code_dim))
-        self.register_buffer("codebook", F.normalize(torch.randn(cfg.image_codes, cfg.code_dim),
-                                                     dim=-1))
-        # no bias (CLIP): a bias lets both towers collapse onto one direction, which ITC
-        # did within 25 steps in our runs
-        self.itc_text = nn.Linear(d, cfg.itc_dim, bias=False)
-        self.itc_image = nn.Linear(d, cfg.itc_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.itc_temperature)))
-        self.itc_norm = nn.ModuleDict({m: nn.BatchNorm1d(d, affine=False) if cfg.itc_batchnorm
-                                       else nn.Identity() for m in ("text", "image")})
-        self.unit_proj = nn.Linear(d, cfg.unit_dim)
-        self.unit_embed = nn.Parameter(torch.randn(cfg.speech_units, cfg.unit_dim) * 0.02)
-        for m in (self.image_in, self.speech_in, self.pooler, self.itm, self.mrfr[0],
-                  self.mrc[0][0], self.mrc[1], self.itc_text, self.itc_image, self.unit_proj):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.mask_embed["image"], std=0.02)
-        nn.init.normal_(self.mask_embed["speech"], std=0.02)
+        init_linear(self.pooler)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters used as embedding tables that are not ``nn.Embedding`` weights: the
-        trainer's ``param_groups`` exempts them from weight decay, as it does embeddings."""
-        return {"unit_embed", "mask_embed.image", "mask_embed.speech"}
+    @property
+    def device(self) -> torch.device:
+        return self.pooler.weight.device
 
     # -- inputs ------------------------------------------------------------------------------
     def input_features(self, batch: PackedBatch, masked: dict[str, torch.Tensor] | None = None
                        ) -> torch.Tensor | None:
-        """[T, dim] projected continuous inputs at feature positions (zeros elsewhere)."""
+        """[T, dim] embedded continuous inputs at feature positions (zeros elsewhere)."""
         if not batch.features:
             return None
         masked = masked or {}
         dev = batch.ids.device
         out = torch.zeros(batch.num_tokens, self.cfg.trunk.dim, device=dev,
-                          dtype=self.image_in.weight.dtype)
+                          dtype=self.pooler.weight.dtype)
         for m, feats in batch.features.items():
-            proj = self.image_in if m == "image" else self.speech_in
-            feats = feats.to(dev, proj.weight.dtype)
-            h = self.input_norm[m](proj(feats))
-            if m in masked:
-                # replaced after the norm (HuBERT's mask_emb): a zeroed feature through the
-                # LayerNorm (eps 1e-12) gave input-bias gradients of ~1e5-1e6 at initialisation
-                h = torch.where(masked[m].to(dev)[:, None], self.mask_embed[m].to(h.dtype), h)
-            if m == "speech" and self.speech_conv is not None:
-                h = h + self._conv_per_segment(h, batch, batch.feature_index[m])
-            out = out.index_copy(0, batch.feature_index[m].to(dev), h.to(out.dtype))
+            if m not in self.embedders:
+                raise ValueError(f"no embedder for {m} features; known: "
+                                 f"{', '.join(self.embedders)}")
+            index = batch.feature_index[m].to(dev)
+            if m == "speech":  # one id per (sample, segment): the convolution's runs
+                runs = batch.sample_index().to(dev)[index] * 4096 + batch.segment.to(dev)[index]
+                h = self.embedders[m](feats.to(dev), runs, masked.get(m))
+            else:
+                h = self.embedders[m](feats.to(dev), masked.get(m))
+            out = out.index_copy(0, index, h.to(out.dtype))
         return out
 
-    def _conv_per_segment(self, h: torch.Tensor, batch: PackedBatch, index: torch.Tensor
-                          ) -> torch.Tensor:
-        """wav2vec2's convolutional position embedding (GELU(conv(x)), added), over each
-        contiguous run of frames alone: it never mixes two utterances. Masked frames get
-        their neighbours' content through it, as in HuBERT."""
-        run = batch.sample_index().to(index.device)[index] * 4096 + batch.segment.to(
-            index.device)[index]  # one id per (sample, segment)
-        cuts = (torch.nonzero(run[1:] != run[:-1]).flatten() + 1).tolist()
-        parts = torch.tensor_split(h, cuts)
-        return torch.cat([F.gelu(self.speech_conv(x.T[None])[0].T) for x in parts])
-
-    def encode(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
-               masked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Hidden states [T, dim] (the batch moves to the model's device when elsewhere)."""
-        dev = self.image_in.weight.device
-        if batch.ids.device != dev:
-            batch = batch.to(dev)
+    def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
+                masked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states [T, dim] (the batch moves to the encoder's device when elsewhere).
+        ``masked``: modality -> [n_m] bool, feature rows replaced by the mask embedding."""
+        if batch.ids.device != self.device:
+            batch = batch.to(self.device)
         feats = self.input_features(batch, masked)
         if self.codes_as_features:
             batch, feats = self._code_features(batch, feats)
@@ -176,57 +175,154 @@ class PretrainModel(nn.Module):
         return self.cfg.image_code_input == "features" and self.cfg.image_code_offset >= 0
 
     def _code_features(self, batch: PackedBatch, feats: torch.Tensor | None):
-        """VQ code ids -> their code vectors through the image input projection + LayerNorm
-        (marked as feature positions, id -1), so that documents of codes and images given
-        as latents reach the trunk the same way."""
+        """VQ code ids -> their code vectors through the image embedder (marked as feature
+        positions, id -1), so that documents of codes and images given as latents reach the
+        trunk the same way."""
         lo = self.cfg.image_code_offset
         is_code = (batch.ids >= lo) & (batch.ids < lo + self.cfg.image_codes)
         if not bool(is_code.any()):
             return batch, feats
         pos = is_code.nonzero(as_tuple=True)[0]
-        v = self.codebook[batch.ids[pos] - lo].to(self.image_in.weight.dtype)
-        e = self.input_norm["image"](self.image_in(v))
+        e = self.embedders["image"].embed_codes(batch.ids[pos] - lo)
         if feats is None:
             feats = torch.zeros(batch.num_tokens, self.cfg.trunk.dim, device=e.device,
                                 dtype=e.dtype)
         feats = feats.index_copy(0, pos, e.to(feats.dtype))
         return replace(batch, ids=batch.ids.masked_fill(is_code, -1)), feats
 
-    # -- heads -------------------------------------------------------------------------------
+    # -- outputs -----------------------------------------------------------------------------
     def pooled(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """UNITER pooler on each sample's first position: [B, dim]."""
         first = batch.cu_seqlens[:-1].long().to(hidden.device)
         return torch.tanh(self.pooler(hidden[first]))
 
     def vocab_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits over the shared vocabulary at ``positions`` (the trunk's tied head)."""
         return self.trunk.mlm_logits(hidden, positions)
 
-    def mrfr_features(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mrfr(h) @ self.image_in.weight + self.mrfr_bias
+    @torch.no_grad()
+    def init_from_tokenizers(self, codebook: torch.Tensor, vocab, features_are_latents: bool,
+                             g: torch.Generator) -> None:
+        """The VQ codebook (normalised); image-code embeddings = the code vectors through one
+        random isometry, scaled to the embedding init; the image projection through the same
+        isometry when the features are the VQ latents."""
+        d = self.cfg.trunk.dim
+        q = _isometry(codebook.shape[1], d, g).T  # [d, code_dim]
+        image = self.embedders["image"]
+        image.codebook.copy_(F.normalize(codebook, dim=-1))
+        lo, hi = vocab.ranges()["image"]
+        self.trunk.tok.weight[lo:hi] = image.codebook @ q.T * (0.02 * math.sqrt(d))
+        if features_are_latents:
+            image.proj.weight.copy_(q)
 
-    def mrc_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mrc(h), dim=-1) @ self.codebook.T / self.cfg.mrc_temperature
+
+def head_class(name: str) -> type[nn.Module]:
+    """The head called ``name``: a task head (``HEADS``) or a pretraining objective's."""
+    from omnimask.registry import HEADS
+    from omnimask.train.objectives.base import OBJECTIVES
+
+    if name in HEADS:
+        return HEADS.get(name)
+    if name in OBJECTIVES:
+        return OBJECTIVES.get(name).head
+    raise OmnimaskError(f"unknown head {name!r}; task heads: {', '.join(HEADS.names())}; "
+                        f"pretraining heads: {', '.join(OBJECTIVES.names())}")
+
+
+def head_config(cls: type[nn.Module], name: str, given: Any) -> Any:
+    """``given`` (None, a dict or the head's own config dataclass) as the head's config."""
+    schema = getattr(cls, "Config", None)
+    if schema is None:
+        if given:
+            raise OmnimaskError(f"head {name!r} takes no settings, got {given!r}")
+        return None
+    if isinstance(given, schema):
+        return given
+    from omnimask.config import load_config
+
+    if given is not None and not isinstance(given, Mapping):
+        raise OmnimaskError(f"head {name!r}: settings must be a mapping, got {given!r}")
+    try:
+        return load_config(schema, None, **dict(given or {}))
+    except ConfigError as e:
+        raise ConfigError(f"head {name!r}: {e}") from None
+
+
+def head_specs(heads: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    if heads is None:
+        return {}
+    if isinstance(heads, str):
+        return {heads: None}
+    return dict(heads) if isinstance(heads, Mapping) else {h: None for h in heads}
+
+
+class OmniModel(nn.Module):
+    """``encoder`` + ``heads``; ``model(batch, task)`` runs ``heads[task](encoder, batch)``.
+
+    Not modules: ``vocab`` (the shared vocabulary, when known), ``tokenizers`` (loaded with
+    a model directory) and ``tokenizer_dirs`` (what ``save_pretrained`` copies)."""
+
+    def __init__(self, cfg: ModelConfig,
+                 heads: Mapping[str, Any] | Iterable[str] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.heads = nn.ModuleDict()
+        self.head_configs: dict[str, Any] = {}
+        for name, given in head_specs(heads).items():
+            self.add_head(name, given)
+        self.vocab = None
+        self.tokenizers: dict | None = None
+        self.tokenizer_dirs: dict[str, str] = {}
+
+    def add_head(self, name: str, config: Any = None) -> nn.Module:
+        """A freshly initialised head ``name`` (replacing one of that name: timm's
+        ``reset_classifier``); ``config`` is a dict or the head's config dataclass."""
+        cls = head_class(name)
+        cfg = head_config(cls, name, config)
+        self.heads[name] = cls(self.cfg, cfg)
+        self.head_configs[name] = cfg
+        return self.heads[name]
+
+    def head_settings(self) -> dict[str, dict]:
+        """Each head's config as plain data (for ``config.json``)."""
+        return {n: (dataclasses.asdict(c) if c is not None else {})
+                for n, c in self.head_configs.items()}
+
+    def forward(self, batch: Any, task: str) -> dict:
+        if task not in self.heads:
+            raise OmnimaskError(f"the model has no head {task!r}; its heads: "
+                                f"{', '.join(self.heads) or 'none'}")
+        return self.heads[task](self.encoder, batch)
 
     @torch.no_grad()
     def init_from_tokenizers(self, codebook: torch.Tensor, vocab, features_are_latents: bool,
                              unit_centroids: torch.Tensor | None = None, seed: int = 0) -> None:
-        """Start from what the tokenizers know: the VQ codebook (the MRC classifier; image-code
-        embeddings = the code vectors through one random isometry, scaled to the embedding
-        init; the image input projection through the same isometry when the features are
-        the VQ latents) and the k-means speech centroids (unit embeddings). Similar codes
-        then start with similar embeddings and logits."""
+        """Start from what the tokenizers know: the VQ codebook (``Encoder.
+        init_from_tokenizers``) and the k-means speech centroids (the unit head's
+        embeddings, through a random isometry). Similar codes then start with similar
+        embeddings and logits."""
         g = torch.Generator().manual_seed(seed)
-        d = self.cfg.trunk.dim
-        q = _isometry(codebook.shape[1], d, g).T  # [d, code_dim]
-        self.codebook.copy_(F.normalize(codebook, dim=-1))
-        lo, hi = vocab.ranges()["image"]
-        self.trunk.tok.weight[lo:hi] = self.codebook @ q.T * (0.02 * math.sqrt(d))
-        if features_are_latents:
-            self.image_in.weight.copy_(q)
-        if unit_centroids is not None:
+        self.encoder.init_from_tokenizers(codebook, vocab, features_are_latents, g)
+        if unit_centroids is not None and "speech" in self.heads:
             c = F.normalize(unit_centroids.float(), dim=-1)
-            self.unit_embed.copy_(c @ _isometry(c.shape[1], self.cfg.unit_dim, g))
+            head = self.heads["speech"]
+            head.embed.copy_(c @ _isometry(c.shape[1], head.embed.shape[1], g))
 
-    def unit_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.unit_proj(h), dim=-1) @ F.normalize(
-            self.unit_embed, dim=-1).T / self.cfg.unit_temperature
+    # -- the model directory (omnimask/pretrained.py) ----------------------------------------
+    def save_pretrained(self, directory: str | Path,
+                        tokenizers: Mapping[str, str | Path] | None = None) -> Path:
+        """Write a model directory that alone rebuilds this model (``omnimask.load``):
+        weights, config, vocabulary, and ``tokenizers`` (kind -> tokenizer directory;
+        default: the ones this model was loaded with) copied in."""
+        from omnimask.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizers)
+
+    def load_encoder(self, source: str | Path) -> list[str]:
+        """Load the encoder of a model directory, strictly (a missing, unexpected or
+        differently shaped ``encoder.*`` key raises); returns the head keys left as they
+        were (initialised fresh), and logs them."""
+        from omnimask.pretrained import load_encoder
+
+        return load_encoder(self, source)

@@ -68,3 +68,7 @@ CONVERTERS: Registry[Callable[..., Any]] = Registry("converter", ("omnimask.trai
 TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.train",
                                                    "omnimask.modalities.speech.tokenizer",
                                                    "omnimask.modalities.image.tokenizer"))
+# Named model variants (sizes as data): name -> () -> ModelConfig (see omnimask.variants).
+MODELS: Registry[Callable[[], Any]] = Registry("model", ("omnimask.variants",))
+# Task heads on the encoder: classes built as Head(model_cfg, head_cfg) (see omnimask.heads).
+HEADS: Registry[Any] = Registry("head", ("omnimask.heads.vqa",))

@@ -20,15 +20,25 @@ from pathlib import Path
 
 import torch
 
-from omnimask.config import save_config
+from omnimask.config import check_fields, save_config
 from omnimask.errors import ConfigError, OmnimaskError
-from omnimask.model import ModelConfig, PretrainModel
+from omnimask.model import ModelConfig, OmniModel
+from omnimask.runlock import RunLock
+from omnimask.safeio import atomic_write_bytes
 
+from . import checkpoint as ckpt
 from .distributed import rank_and_world
-from .objectives.base import OBJECTIVES, Context, ObjectivesConfig, mix_weights
+from .objectives.base import (
+    OBJECTIVES,
+    Context,
+    ObjectivesConfig,
+    mix_weights,
+    pretraining_heads,
+)
 from .trainer import Trainer, TrainerConfig, seed_everything, step_seed
 
 log = logging.getLogger("omnimask.pretrain")
+TOKENIZER_IDS = "tokenizers.json"  # fingerprints of the tokenizers a run was trained with
 
 
 @dataclass
@@ -39,6 +49,11 @@ class PretrainData:
     patch_encoder: str = "vit_tiny_patch16_224"
     val_batches: int = 2  # per objective
     val_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.features not in ("vq", "patch_encoder"):
+            raise ValueError(f"data.features must be vq or patch_encoder, got {self.features!r}")
+        check_fields(self, ">=1", "val_batches", "val_batch_size", prefix="data.")
 
 
 @dataclass
@@ -66,11 +81,13 @@ class GenerateConfig:
     grid_images: int = 8  # drawn images shown in generated_images.png
 
     def __post_init__(self) -> None:
+        p = "generate."
         if self.rerank not in ("itc", "itm"):
-            raise ValueError(f"generate.rerank must be itc or itm, got {self.rerank!r}")
-        for key in ("candidates", "caption_candidates", "grid_images"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"generate.{key} must be >= 1, got {getattr(self, key)}")
+            raise ValueError(f"{p}rerank must be itc or itm, got {self.rerank!r}")
+        check_fields(self, ">=1", "captions", "images", "candidates", "caption_candidates",
+                     "grid_images", prefix=p)
+        check_fields(self, ">=0", "temperature", "top_k", "caption_temperature", prefix=p)
+        check_fields(self, ">0", "guidance", prefix=p)
 
 
 @dataclass
@@ -115,14 +132,22 @@ class Pretraining:
     """Everything ``omnimask pretrain`` builds, usable from Python and tests."""
 
     def __init__(self, cfg: PretrainConfig, progress: bool = True) -> None:
-        from .corpus import load_or_build
-
         self.cfg, self.progress = cfg, progress
         if cfg.generate.candidates > 1 and cfg.data.features != "vq":
             raise ConfigError("generate.candidates > 1 reranks samples on their VQ features; "
                               f"data.features is {cfg.data.features!r}, not 'vq'")
         self.run = Path(cfg.out)
-        self.run.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.run)  # before anything in the run directory is touched
+        try:
+            self._build(progress)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, progress: bool) -> None:
+        from .corpus import load_or_build, tokenizer_id
+
+        cfg = self.cfg
         if cfg.prepare:
             prepare_shapes(cfg, progress)
         self.toks = load_tokenizers(cfg.tokenizers)
@@ -130,10 +155,11 @@ class Pretraining:
         self.vocab = text.vocab(image.size, speech.size if speech else 0)
         tk = {"text": cfg.tokenizers.text, "image": cfg.tokenizers.image,
               "speech": cfg.tokenizers.speech}
-        self.train = load_or_build(self.run / "corpus-train.pt", cfg.data.train, tk, self.toks,
-                                   cfg.data.features, cfg.data.patch_encoder, progress)
-        self.val = load_or_build(self.run / "corpus-val.pt", cfg.data.val, tk, self.toks,
-                                 cfg.data.features, cfg.data.patch_encoder, progress)
+        self._check_resume_inputs({k: tokenizer_id(v) for k, v in tk.items()})
+        self.train = load_or_build(self.run / "corpus-train.safetensors", cfg.data.train, tk,
+                                   self.toks, cfg.data.features, cfg.data.patch_encoder, progress)
+        self.val = load_or_build(self.run / "corpus-val.safetensors", cfg.data.val, tk,
+                                 self.toks, cfg.data.features, cfg.data.patch_encoder, progress)
         oc = cfg.objectives
         mix = {k: float(v) for k, v in oc.mix.items() if float(v) > 0}
         if not mix:
@@ -166,9 +192,12 @@ class Pretraining:
             mc.speech_feature_dim = int(self.train.speech[0].shape[-1])
             mc.speech_units = speech.size
         seed_everything(cfg.trainer.seed)  # the initial weights are a function of the seed
-        self.model = PretrainModel(mc)
+        self.model = OmniModel(mc, pretraining_heads(cfg.objectives))
+        self.model.vocab = self.vocab
+        self.model.tokenizer_dirs = {k: v for k, v in tk.items() if v}
         with torch.no_grad():  # data, not initialisation: MRC and code inputs score against it
-            self.model.codebook.copy_(torch.nn.functional.normalize(self.ctx.codebook, dim=-1))
+            self.model.encoder.embedders["image"].codebook.copy_(
+                torch.nn.functional.normalize(self.ctx.codebook, dim=-1))
         if cfg.init_from_tokenizers:
             q = speech.quantizer if speech is not None else None
             self.model.init_from_tokenizers(self.ctx.codebook, self.vocab,
@@ -177,6 +206,30 @@ class Pretraining:
         self.vocab.save(self.run / "vocab.json")
         save_config(cfg, self.run)
         self._val_batches = self._fixed_val_batches()
+
+    def _check_resume_inputs(self, tokenizer_ids: dict[str, str]) -> None:
+        """A run that will resume keeps its vocabulary and tokenizers: ``VocabMismatch``
+        naming both otherwise, raised before anything in the run directory is rewritten."""
+        from omnimask.modalities.vocab import Vocab, VocabMismatch
+
+        tc = self.cfg.trainer
+        resumes = tc.resume not in ("auto", "never") or (
+            tc.resume == "auto" and bool(ckpt.complete(self.run / "checkpoints")))
+        if resumes:
+            saved_vocab, saved_ids = self.run / "vocab.json", self.run / TOKENIZER_IDS
+            if saved_vocab.is_file():
+                Vocab.load(saved_vocab).check_compatible(self.vocab, "configured tokenizers")
+            if saved_ids.is_file():
+                before = json.loads(saved_ids.read_text())
+                for k, v in tokenizer_ids.items():
+                    if before.get(k, "") != v:
+                        raise VocabMismatch(
+                            f"tokenizers.{k} ({getattr(self.cfg.tokenizers, k)}, fingerprint "
+                            f"{v or 'none'}) is not the tokenizer this run was trained with "
+                            f"(fingerprint {before.get(k) or 'none'} in {saved_ids}); use "
+                            "the original tokenizer or a new run directory")
+        atomic_write_bytes(self.run / TOKENIZER_IDS,
+                           (json.dumps(tokenizer_ids, indent=1) + "\n").encode())
 
     # -- data --------------------------------------------------------------------------------
     def make_batch(self, step: int, micro: int) -> tuple[str, dict]:
@@ -227,12 +280,15 @@ class Pretraining:
         t0 = time.perf_counter()
         trainer = Trainer(self.cfg.trainer, self.run, self.model, self.make_batch, self.loss,
                           self.evaluate, self.progress)
-        summary = trainer.fit()
-        summary["train_seconds"] = round(time.perf_counter() - t0, 1)
-        summary["val"] = val_history(self.run / "metrics.jsonl")
-        if not summary["status"].startswith("interrupted"):
-            summary["samples"] = self.samples()
-        (self.run / "summary.json").write_text(json.dumps(summary, indent=1))
+        try:
+            summary = trainer.fit()
+            summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+            summary["val"] = val_history(self.run / "metrics.jsonl")
+            if not summary["status"].startswith("interrupted"):
+                summary["samples"] = self.samples()
+            atomic_write_bytes(self.run / "summary.json", json.dumps(summary, indent=1).encode())
+        finally:
+            self.lock.release()
         return summary
 
     def samples(self) -> dict:

@@ -38,10 +38,11 @@ def test_masked_inputs_keep_the_gradient_norm_at_initialisation(name):
     b = obj.batch(c, list(range(8)), torch.Generator().manual_seed(0))
     model = _model(ctx)
     masked = _grad_norm(model, obj.loss(model, b)["loss"])
-    encode = model.encode
-    model.encode = lambda p, **kw: encode(p, **{k: v for k, v in kw.items() if k != "masked"})
+    encode = model.encoder.forward
+    model.encoder.forward = lambda p, **kw: encode(p, **{k: v for k, v in kw.items()
+                                                         if k != "masked"})
     unmasked = _grad_norm(model, obj.loss(model, b)["loss"])
-    model.encode = encode
+    del model.encoder.forward
     assert 0.2 < masked / unmasked < 5, (masked, unmasked)
     # masked features are replaced: changing them changes no hidden state
     p, m = b["packed"], b["masked"]
@@ -49,8 +50,8 @@ def test_masked_inputs_keep_the_gradient_norm_at_initialisation(name):
     feats = dict(p.features)
     feats[mod] = feats[mod].masked_fill(m[mod][:, None], 7.0)
     with torch.no_grad():
-        h1 = model.encode(p, masked=m)
-        h2 = model.encode(replace(p, features=feats), masked=m)
+        h1 = model.encoder(p, masked=m)
+        h2 = model.encoder(replace(p, features=feats), masked=m)
     torch.testing.assert_close(h1, h2)
 
 
@@ -59,7 +60,8 @@ def test_evaluation_with_ema_uses_every_ema_weight_including_the_tied_embedding(
     ``{**live, **ema}`` let the live alias overwrite the EMA token embedding."""
     ctx = _ctx()
     model = _model(ctx)
-    assert model.trunk.mlm.embedding.weight is model.trunk.tok.weight
+    trunk = model.encoder.trunk
+    assert trunk.mlm.embedding.weight is trunk.tok.weight
     seen = {}
 
     def evaluate(m):
@@ -74,8 +76,8 @@ def test_evaluation_with_ema_uses_every_ema_weight_including_the_tied_embedding(
         v.add_(torch.rand(v.shape, generator=g) + 0.5)
     live = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t.run_eval()
-    assert "trunk.mlm.embedding.weight" in seen and "trunk.mlm.embedding.weight" not in t.ema
-    alias = {"trunk.mlm.embedding.weight": "trunk.tok.weight"}
+    alias = {"encoder.trunk.mlm.embedding.weight": "encoder.trunk.tok.weight"}
+    assert set(alias) <= set(seen) and not set(alias) & set(t.ema)
     for k, v in seen.items():
         if v.is_floating_point():
             torch.testing.assert_close(v, t.ema[alias.get(k, k)], msg=k)
@@ -118,11 +120,12 @@ def test_no_embedding_table_of_the_pretraining_model_decays():
     decayed = {names[id(p)] for p in decay["params"]}
     assert decayed == {f"{n}.weight" for n, m in model.named_modules()
                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))}
-    tables = {"unit_embed", "mask_embed.image", "mask_embed.speech"} | {
+    tables = {"heads.speech.embed", "encoder.embedders.image.mask_embed",
+              "encoder.embedders.speech.mask_embed"} | {
         f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    assert "unit_embed" in tables and "trunk.tok.weight" in tables
+    assert "encoder.trunk.tok.weight" in tables and tables <= set(names.values())
     assert not decayed & tables
-    assert {id(p) for p in no_decay["params"]} >= {id(model.unit_embed)}
+    assert {id(p) for p in no_decay["params"]} >= {id(model.heads["speech"].embed)}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 

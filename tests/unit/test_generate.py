@@ -162,7 +162,8 @@ def test_rerank_scores_match_the_training_heads():
     with torch.no_grad():
         for k, i in enumerate(idx):
             b = pack([[text_segment(ctx, cap), image_segment(corpus, i)]])
-            want = model.itm(model.pooled(model.encode(b), b)).softmax(-1)[0, 1]
+            h = model.encoder(b)
+            want = model.heads["itm"].logits(model.encoder, h, b).softmax(-1)[0, 1]
             assert abs(float(want) - float(p[k])) < 1e-5
 
 

@@ -12,9 +12,14 @@ from omnimask.fusion.packing import IGNORE
 from omnimask.fusion.trunk import TrunkConfig
 from omnimask.modalities.text.tokenizer import special_tokens
 from omnimask.modalities.vocab import Vocab
-from omnimask.model import ModelConfig, PretrainModel
+from omnimask.model import ModelConfig, OmniModel
 from omnimask.train.corpus import Corpus
-from omnimask.train.objectives.base import OBJECTIVES, Context, ObjectivesConfig
+from omnimask.train.objectives.base import (
+    OBJECTIVES,
+    Context,
+    ObjectivesConfig,
+    pretraining_heads,
+)
 from omnimask.train.objectives.cm3 import cm3_invert
 
 TEXT, CODES, UNITS, P = 60, 32, 16, 16  # text vocab, VQ codes, speech units, patches (4x4)
@@ -46,13 +51,14 @@ def _ctx(**kw) -> Context:
                    word_start=torch.rand(TEXT, generator=g) < 0.5, cfg=ObjectivesConfig(**kw))
 
 
-def _model(ctx: Context) -> PretrainModel:
+def _model(ctx: Context, **kw) -> OmniModel:
+    """A tiny model with every pretraining head (``kw``: ModelConfig fields)."""
     torch.manual_seed(0)
-    return PretrainModel(ModelConfig(
+    return OmniModel(ModelConfig(
         trunk=TrunkConfig(vocab_size=ctx.vocab.size, dim=32, layers=2, heads=4, ffn_dim=64,
                           attention_backend="sdpa"),
         image_feature_dim=8, speech_feature_dim=12, image_codes=CODES, speech_units=UNITS,
-        code_dim=8))
+        code_dim=8, **kw), pretraining_heads(ctx.cfg))
 
 
 def _batch(name, ctx, corpus, seed=0, idx=None):
@@ -90,10 +96,12 @@ def test_mrfr_head_is_tied_to_the_image_projection_and_regresses_features():
     b = _batch("mrfr", ctx, c)
     out = OBJECTIVES.create("mrfr", ctx).loss(model, b)
     out["loss"].backward()
-    assert model.image_in.weight.grad is not None and model.image_in.weight.grad.abs().sum() > 0
+    proj, head = model.encoder.embedders["image"].proj, model.heads["mrfr"]
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert head.bias.grad is not None  # the loss reaches the head's own parameters
     h = torch.randn(3, 32)
-    want = model.mrfr(h) @ model.image_in.weight + model.mrfr_bias
-    torch.testing.assert_close(model.mrfr_features(h), want)
+    want = head.transform(h) @ proj.weight + head.bias
+    torch.testing.assert_close(head.features(model.encoder, h), want)
     masked_feats = b["packed"].features["image"][b["masked"]["image"]]
     assert torch.equal(b["target"], masked_feats)
 
@@ -107,8 +115,8 @@ def test_mrc_kl_is_kl_target_to_model():
     out = OBJECTIVES.create("mrc", ctx).loss(model, b)
     p, m = b["packed"], b["masked"]
     with torch.no_grad():
-        h = model.encode(p, masked=m)[p.feature_index["image"][m["image"]]]
-        logp = model.mrc_logits(h).log_softmax(-1)
+        h = model.encoder(p, masked=m)[p.feature_index["image"][m["image"]]]
+        logp = model.heads["mrc"].logits(model.encoder, h).log_softmax(-1)
     want = (t * (t.log() - logp)).sum(-1).mean()  # KL(target || model), per region
     torch.testing.assert_close(out["mrc"], want, atol=1e-5, rtol=1e-5)
     # its minimum is the target itself: a model predicting the target has zero loss
@@ -147,12 +155,13 @@ def test_itc_is_symmetric_info_nce():
     b = _batch("itc", ctx, c)
     t, v = embed_pairs(model, ctx, c, b["idx"], b["caps"])
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(8))
-    s = model.logit_scale.exp() * t @ v.T
+    scale = model.heads["itc"].logit_scale
+    s = scale.exp() * t @ v.T
     want = (F.cross_entropy(s, torch.arange(8)) + F.cross_entropy(s.T, torch.arange(8))) / 2
-    torch.testing.assert_close(info_nce(t, v, model.logit_scale), want)
+    torch.testing.assert_close(info_nce(t, v, scale), want)
     out = OBJECTIVES.create("itc", ctx).loss(model, b)
     out["loss"].backward()
-    assert model.logit_scale.grad is not None  # the temperature is learned
+    assert scale.grad is not None  # the temperature is learned
     torch.testing.assert_close(out["temperature"], torch.tensor(0.07))
 
 
@@ -203,8 +212,9 @@ def test_speech_targets_only_at_masked_frames():
     torch.testing.assert_close(obj.loss(model, b1)["loss"], obj.loss(model, b2)["loss"])
     # HuBERT logits: cosine / 0.1
     h = torch.randn(5, 32)
-    want = F.cosine_similarity(model.unit_proj(h)[:, None], model.unit_embed[None], dim=-1) / 0.1
-    torch.testing.assert_close(model.unit_logits(h), want, atol=1e-5, rtol=1e-5)
+    head = model.heads["speech"]
+    want = F.cosine_similarity(head.proj(h)[:, None], head.embed[None], dim=-1) / 0.1
+    torch.testing.assert_close(head.logits(h), want, atol=1e-5, rtol=1e-5)
 
 
 def test_speech_crop_and_cross_modal_text():
@@ -227,17 +237,16 @@ def test_itc_batchnorm_removes_the_shared_component(batchnorm):
     from omnimask.train.objectives.itc import embed_pairs
 
     ctx, c = _ctx(), _corpus()
-    torch.manual_seed(0)
-    model = PretrainModel(replace(_model(ctx).cfg, itc_batchnorm=batchnorm))
+    model = _model(ctx, itc_batchnorm=batchnorm)
     b = _batch("itc", ctx, c)
     t0, v0 = embed_pairs(model, ctx, c, b["idx"], b["caps"])
-    encode = model.encode
+    encode = model.encoder.forward
     shift = 5 * torch.randn(model.cfg.trunk.dim)
-    model.encode = lambda p, **kw: encode(p, **kw) + shift
+    model.encoder.forward = lambda p, **kw: encode(p, **kw) + shift
     t1, v1 = embed_pairs(model, ctx, c, b["idx"], b["caps"])
     same = torch.allclose(t0, t1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5)
     assert same == batchnorm
-    model.encode = encode
+    del model.encoder.forward
     if batchnorm:
         model.eval()
         t, v = embed_pairs(model, ctx, c, b["idx"], b["caps"])
@@ -268,18 +277,19 @@ def test_init_from_tokenizers_keeps_the_codebook_geometry():
     cents = torch.randn(UNITS, 12)
     model.init_from_tokenizers(ctx.codebook, ctx.vocab, True, cents, seed=0)
     lo, hi = ctx.vocab.ranges()["image"]
-    e = model.trunk.tok.weight[lo:hi].detach()
+    e = model.encoder.trunk.tok.weight[lo:hi].detach()
     scale = (0.02 * 32 ** 0.5) ** 2
     torch.testing.assert_close(e @ e.T, ctx.codebook @ ctx.codebook.T * scale, atol=1e-5, rtol=1e-4)
     # the image input projection maps a latent onto its code's embedding direction
     z = ctx.codebook[:5]
-    torch.testing.assert_close(F.normalize(z @ model.image_in.weight.T, dim=-1),
+    image = model.encoder.embedders["image"]
+    torch.testing.assert_close(F.normalize(z @ image.proj.weight.T, dim=-1),
                                F.normalize(e[:5], dim=-1), atol=1e-5, rtol=1e-4)
-    u = F.normalize(model.unit_embed.detach(), dim=-1)
+    u = F.normalize(model.heads["speech"].embed.detach(), dim=-1)
     c = F.normalize(cents, dim=-1)
     assert torch.corrcoef(torch.stack([(u @ u.T).flatten(), (c @ c.T).flatten()]))[0, 1] > 0.5
     # MRC scores against the tokenizer's codebook: a latent's own code scores highest
-    torch.testing.assert_close(model.codebook, F.normalize(ctx.codebook, dim=-1))
+    torch.testing.assert_close(image.codebook, F.normalize(ctx.codebook, dim=-1))
 
 
 def test_speech_conv_never_mixes_two_utterances():
@@ -291,12 +301,12 @@ def test_speech_conv_never_mixes_two_utterances():
     both = pack([[Segment("speech", features=a)], [Segment("speech", features=b)]])
     alone = pack([[Segment("speech", features=a)]])
     with torch.no_grad():
-        fa = model.input_features(both)[: len(a)]
-        torch.testing.assert_close(fa, model.input_features(alone))
+        fa = model.encoder.input_features(both)[: len(a)]
+        torch.testing.assert_close(fa, model.encoder.input_features(alone))
         # and it does mix neighbours within one utterance: changing frame 3 moves frame 4
         a2 = a.clone()
         a2[3] += 5
-        f2 = model.input_features(pack([[Segment("speech", features=a2)]]))
+        f2 = model.encoder.input_features(pack([[Segment("speech", features=a2)]]))
         assert not torch.allclose(f2[4], fa[4])
 
 
@@ -307,16 +317,16 @@ def test_image_codes_enter_like_their_latents():
     from omnimask.fusion.packing import Segment, pack
 
     ctx, c = _ctx(), _corpus()
-    model = _model(ctx).eval()
+    enc = _model(ctx).eval().encoder
     lo = ctx.vocab.ranges()["image"][0]
-    model.cfg = replace(model.cfg, image_code_offset=lo, image_code_input="features")
-    model.codebook.copy_(ctx.codebook)
-    assert model.codes_as_features
+    enc.cfg = replace(enc.cfg, image_code_offset=lo, image_code_input="features")
+    enc.embedders["image"].codebook.copy_(ctx.codebook)
+    assert enc.codes_as_features
     text = Segment("text", ids=torch.tensor(c.captions[0][0]))
     ids = pack([[text, Segment("image", ids=ctx.vocab.from_image(c.codes[0]), grid=c.grid)]])
     vec = pack([[text, Segment("image", features=ctx.codebook[c.codes[0]], grid=c.grid)]])
     with torch.no_grad():
-        torch.testing.assert_close(model.encode(ids, mask="causal"), model.encode(vec, mask="causal"))
-        model.cfg = replace(model.cfg, image_code_input="embedding")
-        assert not model.codes_as_features
-        assert not torch.allclose(model.encode(ids), model.encode(vec))
+        torch.testing.assert_close(enc(ids, mask="causal"), enc(vec, mask="causal"))
+        enc.cfg = replace(enc.cfg, image_code_input="embedding")
+        assert not enc.codes_as_features
+        assert not torch.allclose(enc(ids), enc(vec))

@@ -1,10 +1,15 @@
 """What every objective shares: its settings, the context it reads, and sample builders.
 
-An objective is a class registered in ``OBJECTIVES`` with two methods:
+An objective is a class registered in ``OBJECTIVES`` (with :func:`objective`) that has a
+``head`` (an ``nn.Module`` class: ``head(model_cfg, head_cfg)``, ``forward(encoder, batch)
+-> dict``; parameter-free where the encoder's vocabulary head does the work) and:
 ``batch(corpus, indices, gen) -> dict`` (the data side: which positions are masked or
-corrupted, packed into a :class:`PackedBatch`; all randomness from ``gen``) and
-``loss(model, batch) -> dict`` (``"loss"`` is what is optimised; the objective's own
-name keys its main loss, the one validation tracks; other keys are logged).
+corrupted, packed into a :class:`PackedBatch`; all randomness from ``gen``);
+``inputs(model, batch)`` (what the head gets; the batch itself unless pairs are drawn with
+the model, as ITM's hard negatives); ``loss(model, batch) = model(inputs, task=name)``
+(``"loss"`` is what is optimised; the objective's own name keys its main loss, the one
+validation tracks; other keys are logged). Going through ``model(...)`` keeps every
+objective on the model's one ``forward``, which DDP/FSDP wrap.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from omnimask.config import check_fields
 from omnimask.fusion.packing import IGNORE, Segment
 from omnimask.modalities.vocab import Vocab
 from omnimask.registry import Registry
@@ -25,7 +33,7 @@ OBJECTIVES: Registry = Registry("objective", ("omnimask.train.objectives.uniter"
 
 @dataclass
 class ObjectivesConfig:
-    """Settings of every objective; defaults from ``../shared/objectives.md``."""
+    """Settings of every objective; defaults follow the papers (UNITER, BEiT, CM3, HuBERT)."""
 
     mix: dict[str, float] = field(default_factory=lambda: {
         "mlm": 2.0, "itm": 2.0, "mrfr": 1.0, "mrc": 1.0, "mim": 1.0, "itc": 1.0, "cm3": 3.0,
@@ -57,6 +65,56 @@ class ObjectivesConfig:
     speech_with_text: float = 0.5  # probability of conditioning on the caption (cross-modal)
     speech_max_units: int = 0  # > 0: a random crop of at most this many frames (HuBERT crops)
 
+    def __post_init__(self) -> None:
+        p = "objectives."
+        check_fields(self, "(0,1)", "mlm_prob", "mim_ratio", prefix=p)
+        check_fields(self, "(0,1]", "mrm_prob", "speech_start_prob", prefix=p)
+        check_fields(self, "[0,1]", "itm_neg_prob", "cm3_image_first", "cm3_speech",
+                     "speech_with_text", prefix=p)
+        check_fields(self, ">=1", "mlm_max_ngram", "mim_min_block", "ot_iterations",
+                     "cm3_max_spans", "speech_span", prefix=p)
+        check_fields(self, ">0", "mrc_temperature", "ot_beta", "cm3_poisson", prefix=p)
+        check_fields(self, ">=0", "mix_ramp_steps", "wra_weight", "speech_max_units", prefix=p)
+        for key in ("mix", "mix_start"):
+            for name, v in getattr(self, key).items():
+                if not float(v) >= 0:
+                    raise ValueError(f"{p}{key}.{name} must be >= 0, got {v}")
+
+
+def objective(name: str):
+    """Register an objective class under ``name`` (also its ``name`` and head's task)."""
+    def deco(cls):
+        cls.name = name
+        return OBJECTIVES.register(name)(cls)
+    return deco
+
+
+class Objective:
+    """Defaults shared by every objective (see the module docstring)."""
+
+    name = ""
+    head: type[torch.nn.Module]
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.cfg = ctx, ctx.cfg
+
+    @classmethod
+    def head_config(cls, cfg: ObjectivesConfig):
+        """The head's settings taken from the objectives' config (None: it has none)."""
+        return None
+
+    def inputs(self, model, batch: dict) -> dict:
+        return batch
+
+    def loss(self, model, batch: dict) -> dict:
+        return model(self.inputs(model, batch), task=self.name)
+
+
+def pretraining_heads(cfg: ObjectivesConfig) -> dict:
+    """Every pretraining objective's head name -> settings: the heads a pretraining model
+    carries (all of them, whatever the mix: checkpoints keep one layout)."""
+    return {n: OBJECTIVES.get(n).head_config(cfg) for n in OBJECTIVES.names()}
+
 
 @dataclass
 class Context:
@@ -67,6 +125,38 @@ class Context:
 
     def sp(self, role: str) -> int:
         return self.vocab.special(role)
+
+
+class TokenPrediction(nn.Module):
+    """A head without parameters: cross-entropy of the encoder's vocabulary logits (the
+    trunk's head, tied to the token embeddings) at the predicted positions. ``task`` keys
+    the loss; ``mask`` is the attention mask the encoder runs with."""
+
+    task, mask = "", "bidirectional"
+
+    def __init__(self, model_cfg=None, cfg=None) -> None:
+        super().__init__()
+
+    def targets(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, target ids); default: the packed batch's own targets."""
+        p = b["packed"]
+        pos = p.target_positions
+        return pos, p.targets[pos]
+
+    def forward(self, encoder, b: dict) -> dict:
+        p = b["packed"]
+        h = encoder(p, mask=self.mask, masked=b.get("masked"))
+        pos, target = self.targets(b)
+        loss = F.cross_entropy(encoder.vocab_logits(h, pos.to(h.device)).float(),
+                               target.to(h.device))
+        return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
+
+
+def hidden_at_masked(encoder, b: dict, modality: str) -> torch.Tensor:
+    """Hidden states at the masked ``modality`` feature positions of ``b``."""
+    p, m = b["packed"], b["masked"]
+    h = encoder(p, masked=m)
+    return h[p.feature_index[modality][m[modality]].to(h.device)]
 
 
 def pick_caption(corpus, i: int, gen: torch.Generator) -> list[int]:

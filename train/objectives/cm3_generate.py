@@ -1,6 +1,7 @@
 """Generation with a CM3-trained model: captions, images, infilling.
 
-Every prompt of a call is decoded at once: each step packs all live sequences into one
+Inference calls the model's parts directly (``model.encoder``, ``model.heads[...]``): it is
+not wrapped for data parallelism. Every prompt of a call is decoded at once: each step packs all live sequences into one
 batch (causal mask per sample, no padding) and reads the logits at each one's last
 position; no key/value cache (the documents are ~100 tokens). Options:
 
@@ -31,8 +32,8 @@ from .cm3_lm import doc_segments, grid_indices, image_part, text_part
 def next_logits(model, ctx: Context, seqs: list[list[int]], cols: int) -> torch.Tensor:
     """[len(seqs), vocab] float logits for the token after each sequence (causal)."""
     p = pack([doc_segments(ctx, s, grid_indices(ctx, s), cols) for s in seqs])
-    h = model.encode(p, mask="causal")  # moves the batch to the model's device
-    return model.vocab_logits(h, p.cu_seqlens[1:].long().to(h.device) - 1).float()
+    h = model.encoder(p, mask="causal")  # moves the batch to the model's device
+    return model.encoder.vocab_logits(h, p.cu_seqlens[1:].long().to(h.device) - 1).float()
 
 
 @torch.no_grad()
@@ -172,23 +173,21 @@ def itm_scores(model, ctx: Context, captions: list[list[int]], features: torch.T
     model.eval()
     p = pack([[text_segment(ctx, c), Segment("image", features=f.float(), grid=_square(len(f)))]
               for c, f in zip(captions, features)])
-    h = model.encode(p)
-    return model.itm(model.pooled(h, p)).float().softmax(-1)[:, 1].cpu()
+    h = model.encoder(p)
+    return model.heads["itm"].logits(model.encoder, h, p).float().softmax(-1)[:, 1].cpu()
 
 
 @torch.no_grad()
 def itc_scores(model, ctx: Context, captions: list[list[int]], features: torch.Tensor
                ) -> torch.Tensor:
     """[C] cosine between the ITC embeddings of ``captions[k]`` and image ``features[k]``."""
-    from .itc import pooled_embeddings
-
     _check_pairs(captions, features)
     model.eval()
     cls = torch.tensor([ctx.sp("cls")])
     samples = [[text_segment(ctx, c)] for c in captions] + [
         [Segment("text", ids=cls), Segment("image", features=f.float(), grid=_square(len(f)))]
         for f in features]
-    t, v = pooled_embeddings(model, pack(samples), len(captions))
+    t, v = model.heads["itc"].embed(model.encoder, pack(samples), len(captions))
     return (v * t).sum(-1).float().cpu()
 
 
@@ -245,11 +244,11 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
             ("caption_given_other_image", [[bos, *m, *c] for c, m in zip(caps, other_img)],
              False)):
         p = pack([doc_segments(ctx, d, grid_indices(ctx, d), corpus.grid[1]) for d in docs])
-        h = model.encode(p, mask="causal")
+        h = model.encoder(p, mask="causal")
         nxt = torch.cat([torch.tensor(d[1:] + [-1]) for d in docs]).to(dev)
         is_image = (nxt >= lo) & (nxt < hi)
         words = (nxt >= 0) & (nxt < ctx.vocab.text_size) & ~torch.isin(nxt, specials)
         keep = is_image if want_image else words
         pos = torch.nonzero(keep).flatten()
-        out[name] = round(float(F.cross_entropy(model.vocab_logits(h, pos).float(), nxt[pos])), 4)
+        out[name] = round(float(F.cross_entropy(model.encoder.vocab_logits(h, pos).float(), nxt[pos])), 4)
     return out

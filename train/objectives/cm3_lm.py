@@ -18,11 +18,10 @@ the transform moved them; position ids count within the document.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from omnimask.fusion.packing import IGNORE, Segment, pack
 
-from .base import OBJECTIVES, Context, pick_caption
+from .base import Context, Objective, TokenPrediction, objective, pick_caption
 from .cm3 import cm3_transform, sample_spans
 
 
@@ -79,10 +78,18 @@ def grid_indices(ctx: Context, tokens: list[int]) -> list[int]:
     return out
 
 
-@OBJECTIVES.register("cm3")
-class CM3:
+class CM3Head(TokenPrediction):
+    """Next-token cross-entropy through the vocabulary head, the trunk run with CM3's mask."""
+
+    task, mask = "cm3", "cm3"
+
+
+@objective("cm3")
+class CM3(Objective):
+    head = CM3Head
+
     def __init__(self, ctx: Context) -> None:
-        self.ctx, self.cfg = ctx, ctx.cfg
+        super().__init__(ctx)
         self.sentinels = [ctx.sp(f"mask:{i}") for i in range(self.cfg.cm3_max_spans)]
         self.brackets = {ctx.sp(r) for r in ("bos", "sep", "image", "/image", "speech",
                                              "/speech")}
@@ -116,10 +123,3 @@ class CM3:
 
     def batch(self, corpus, idx, gen) -> dict:
         return {"packed": pack([self.sample(corpus, i, gen) for i in idx])}
-
-    def loss(self, model, b) -> dict:
-        p = b["packed"]
-        h = model.encode(p, mask="cm3")
-        pos = p.target_positions
-        loss = F.cross_entropy(model.vocab_logits(h, pos).float(), p.targets[pos].to(h.device))
-        return {"loss": loss, "cm3": loss.detach(), "tokens": p.num_tokens}

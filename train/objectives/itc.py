@@ -7,40 +7,40 @@ contrastive training collapsed them in our tests; the mean keeps the inputs' spr
 projected and l2-normalised; symmetric InfoNCE with a learnable temperature
 (initialised at 0.07, logit scale clamped at 100). Under DDP the embeddings of every
 rank are gathered with gradients, so each rank sees the global batch as negatives.
+
+The head (``model.heads.itc``): optional BatchNorm (``model.itc_batchnorm``), the two
+projections without bias (CLIP: a bias let both towers collapse onto one direction within
+25 steps in our runs) and the learnable logit scale.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from omnimask.fusion.packing import Segment, pack
+from omnimask.model import init_linear
 from omnimask.train.distributed import group_rank_and_world
 
-from .base import OBJECTIVES, Context, image_segment, pick_caption, text_segment
+from .base import Context, Objective, image_segment, objective, pick_caption, text_segment
+
+
+def pair_batch(ctx: Context, corpus, idx, caps) -> dict:
+    """Captions and images packed as separate samples: the texts first, then the images."""
+    cls = torch.tensor([ctx.sp("cls")])
+    samples = [[text_segment(ctx, c)] for c in caps]
+    samples += [[Segment("text", ids=cls), image_segment(corpus, i)] for i in idx]
+    return {"packed": pack(samples), "n_text": len(caps)}
 
 
 def embed_pairs(model, ctx: Context, corpus, idx, caps, with_tokens: bool = False):
     """l2-normalised text and image embeddings [B, itc_dim] each (+ packed positions)."""
-    cls = torch.tensor([ctx.sp("cls")])
-    samples = [[text_segment(ctx, c)] for c in caps]
-    samples += [[Segment("text", ids=cls), image_segment(corpus, i)] for i in idx]
-    p = pack(samples)
-    t, v = pooled_embeddings(model, p, len(caps))
-    return (t, v, p.num_tokens) if with_tokens else (t, v)
-
-
-def pooled_embeddings(model, p, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled states of each packed sample through the ITC projections, l2-normalised:
-    the first ``n_text`` samples are texts, the rest images."""
-    h = model.encode(p)
-    sample = p.sample_index().to(h.device)
-    pooled = torch.zeros(p.num_samples, h.shape[1], device=h.device, dtype=h.dtype)
-    pooled = pooled.index_add(0, sample, h) / torch.bincount(sample)[:, None].to(h.dtype)
-    text = model.itc_norm["text"](pooled[:n_text])
-    image = model.itc_norm["image"](pooled[n_text:])
-    return (F.normalize(model.itc_text(text), dim=-1),
-            F.normalize(model.itc_image(image), dim=-1))
+    b = pair_batch(ctx, corpus, idx, caps)
+    t, v = model.heads["itc"].embed(model.encoder, b["packed"], b["n_text"])
+    return (t, v, b["packed"].num_tokens) if with_tokens else (t, v)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -62,19 +62,43 @@ def info_nce(t: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor) -> tor
             + F.cross_entropy(scale * v @ tt.T, labels)) / 2
 
 
-@OBJECTIVES.register("itc")
-class ITC:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+class ITCHead(nn.Module):
+    def __init__(self, model_cfg, cfg=None) -> None:
+        super().__init__()
+        d = model_cfg.trunk.dim
+        self.norm = nn.ModuleDict({m: nn.BatchNorm1d(d, affine=False) if model_cfg.itc_batchnorm
+                                   else nn.Identity() for m in ("text", "image")})
+        self.text = nn.Linear(d, model_cfg.itc_dim, bias=False)
+        self.image = nn.Linear(d, model_cfg.itc_dim, bias=False)
+        init_linear(self.text, self.image)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / model_cfg.itc_temperature)))
 
-    def batch(self, corpus, idx, gen) -> dict:
-        return {"corpus": corpus, "idx": list(idx),
-                "caps": [pick_caption(corpus, i, gen) for i in idx]}
+    def embed(self, encoder, p, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-pooled states of each packed sample through the projections, l2-normalised:
+        the first ``n_text`` samples are texts, the rest images."""
+        h = encoder(p)
+        sample = p.sample_index().to(h.device)
+        pooled = torch.zeros(p.num_samples, h.shape[1], device=h.device, dtype=h.dtype)
+        pooled = pooled.index_add(0, sample, h) / torch.bincount(sample)[:, None].to(h.dtype)
+        text = self.norm["text"](pooled[:n_text])
+        image = self.norm["image"](pooled[n_text:])
+        return (F.normalize(self.text(text), dim=-1), F.normalize(self.image(image), dim=-1))
 
-    def loss(self, model, b) -> dict:
-        t, v, tokens = embed_pairs(model, self.ctx, b["corpus"], b["idx"], b["caps"], True)
-        loss = info_nce(t.float(), v.float(), model.logit_scale)
+    def forward(self, encoder, b: dict) -> dict:
+        t, v = self.embed(encoder, b["packed"], b["n_text"])
+        loss = info_nce(t.float(), v.float(), self.logit_scale)
         with torch.no_grad():
             acc = ((t @ v.T).argmax(-1) == torch.arange(len(t), device=t.device)).float().mean()
         return {"loss": loss, "itc": loss.detach(), "itc_acc": acc,
-                "temperature": 1 / model.logit_scale.detach().exp(), "tokens": tokens}
+                "temperature": 1 / self.logit_scale.detach().exp(),
+                "tokens": b["packed"].num_tokens}
+
+
+@objective("itc")
+class ITC(Objective):
+    head = ITCHead
+
+    def batch(self, corpus, idx, gen) -> dict:
+        idx = list(idx)
+        caps = [pick_caption(corpus, i, gen) for i in idx]
+        return {**pair_batch(self.ctx, corpus, idx, caps), "idx": idx, "caps": caps}

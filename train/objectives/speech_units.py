@@ -13,18 +13,46 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
+from omnimask.model import init_linear
 
-from .base import OBJECTIVES, Context, masked_by_modality, text_segment
+from .base import Objective, hidden_at_masked, masked_by_modality, objective, text_segment
 from .masking import span_mask
 
 
-@OBJECTIVES.register("speech")
-class SpeechUnits:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx, self.cfg = ctx, ctx.cfg
+class UnitHead(nn.Module):
+    """HuBERT's unit head: cosine between a projection of the output and unit embeddings,
+    divided by ``model.unit_temperature``."""
+
+    def __init__(self, model_cfg, cfg=None) -> None:
+        super().__init__()
+        self.proj = nn.Linear(model_cfg.trunk.dim, model_cfg.unit_dim)
+        init_linear(self.proj)
+        self.embed = nn.Parameter(torch.randn(model_cfg.speech_units, model_cfg.unit_dim) * 0.02)
+        self.temperature = model_cfg.unit_temperature
+
+    def no_weight_decay(self) -> set[str]:
+        return {"embed"}  # a table scored against, not a linear map
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(h), dim=-1) @ F.normalize(
+            self.embed, dim=-1).T / self.temperature
+
+    def forward(self, encoder, b: dict) -> dict:
+        logits = self.logits(hidden_at_masked(encoder, b, "speech")).float()
+        target = b["target"].to(logits.device)
+        loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(-1) == target).float().mean()
+        return {"loss": loss, "speech": loss.detach(), "speech_acc": acc,
+                "tokens": b["packed"].num_tokens}
+
+
+@objective("speech")
+class SpeechUnits(Objective):
+    head = UnitHead
 
     def batch(self, corpus, idx, gen) -> dict:
         if not corpus.has_speech:
@@ -47,12 +75,3 @@ class SpeechUnits:
             targets.append(units[m])
         return {"packed": pack(samples), "masked": masked_by_modality(masks),
                 "target": torch.cat(targets)}
-
-    def loss(self, model, b) -> dict:
-        p, m = b["packed"], b["masked"]
-        h = model.encode(p, masked=m)
-        logits = model.unit_logits(h[p.feature_index["speech"][m["speech"]]]).float()
-        target = b["target"].to(logits.device)
-        loss = F.cross_entropy(logits, target)
-        acc = (logits.argmax(-1) == target).float().mean()
-        return {"loss": loss, "speech": loss.detach(), "speech_acc": acc, "tokens": p.num_tokens}

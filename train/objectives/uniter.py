@@ -12,20 +12,32 @@
 - ``itm``: with p=0.5 the image is replaced by another one (random or, as an option,
   sampled by ITC similarity); Linear(H, 2) on the pooled ``<cls>``; plus word-region
   alignment by optimal transport (IPOT) with weight 0.1 on the signed OT distance.
+
+Heads (``model.heads.<name>``, each ``forward(encoder, batch) -> loss dict``): MLM and MIM
+use the encoder's vocabulary head (no parameters of their own); MRFR is Linear-GELU-LN,
+then the image input projection transposed + its own bias; MRC is Linear-GELU-LN-Linear to
+a code vector scored (cosine / ``model.mrc_temperature``) against the VQ codebook, as the
+soft target is built; ITM is Linear(H, 2) on the encoder's pooled ``<cls>``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from omnimask.fusion.packing import pack
+from omnimask.model import init_linear, mlp_ln
 
 from .base import (
-    OBJECTIVES,
-    Context,
+    Objective,
+    TokenPrediction,
+    hidden_at_masked,
     image_segment,
     masked_by_modality,
+    objective,
     pick_caption,
     text_segment,
 )
@@ -33,13 +45,14 @@ from .masking import blockwise_mask, mlm_mask, region_mask
 from .ot import wra_loss
 
 
-class _Base:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx, self.cfg = ctx, ctx.cfg
+class MLMHead(TokenPrediction):
+    task = "mlm"
 
 
-@OBJECTIVES.register("mlm")
-class MLM(_Base):
+@objective("mlm")
+class MLM(Objective):
+    head = MLMHead
+
     def batch(self, corpus, idx, gen) -> dict:
         c, samples = self.ctx, []
         lo, hi = c.vocab.ranges()["text"]
@@ -52,16 +65,9 @@ class MLM(_Base):
             samples.append([text_segment(c, inp, tgt), image_segment(corpus, i)])
         return {"packed": pack(samples)}
 
-    def loss(self, model, b) -> dict:
-        p = b["packed"]
-        h = model.encode(p)
-        pos = p.target_positions
-        loss = F.cross_entropy(model.vocab_logits(h, pos).float(), p.targets[pos])
-        return {"loss": loss, "mlm": loss.detach(), "tokens": p.num_tokens}
 
-
-class _MaskedRegions(_Base):
-    """Caption intact, image patches masked: shared by MRFR and MRC."""
+class _MaskedRegions(Objective):
+    """Caption intact, image patches masked: shared by MRFR, MRC and MIM."""
 
     def _masks(self, corpus, gen) -> torch.Tensor:
         r, c = corpus.grid
@@ -80,41 +86,76 @@ class _MaskedRegions(_Base):
     def _targets(self, corpus, rows, masks) -> dict:
         return {}
 
-    def _hidden_at_masked(self, model, b) -> torch.Tensor:
-        p, m = b["packed"], b["masked"]
-        h = model.encode(p, masked=m)
-        return h[p.feature_index["image"][m["image"]]]
 
+class MRFRHead(nn.Module):
+    def __init__(self, model_cfg, cfg=None) -> None:
+        super().__init__()
+        self.transform = mlp_ln(model_cfg.trunk.dim)
+        self.bias = nn.Parameter(torch.zeros(model_cfg.image_feature_dim))
 
-@OBJECTIVES.register("mrfr")
-class MRFR(_MaskedRegions):
-    def _targets(self, corpus, rows, masks) -> dict:
-        feats = torch.cat([corpus.features[i].float()[m] for i, m in zip(rows, masks)])
-        return {"target": feats}
+    def features(self, encoder, h: torch.Tensor) -> torch.Tensor:
+        """Predicted input features: the image projection transposed (+ own bias)."""
+        return self.transform(h) @ encoder.embedders["image"].proj.weight + self.bias
 
-    def loss(self, model, b) -> dict:
-        pred = model.mrfr_features(self._hidden_at_masked(model, b)).float()
+    def forward(self, encoder, b: dict) -> dict:
+        pred = self.features(encoder, hidden_at_masked(encoder, b, "image")).float()
         loss = F.mse_loss(pred, b["target"].to(pred.device))
         return {"loss": loss, "mrfr": loss.detach(), "tokens": b["packed"].num_tokens}
 
 
-@OBJECTIVES.register("mrc")
-class MRC(_MaskedRegions):
-    def _targets(self, corpus, rows, masks) -> dict:
-        z = torch.cat([corpus.latents[i].float()[m] for i, m in zip(rows, masks)])
-        soft = (z @ self.ctx.codebook.T / self.cfg.mrc_temperature).softmax(-1)
-        return {"target": soft}
+@objective("mrfr")
+class MRFR(_MaskedRegions):
+    head = MRFRHead
 
-    def loss(self, model, b) -> dict:
-        logits = model.mrc_logits(self._hidden_at_masked(model, b)).float()
+    def _targets(self, corpus, rows, masks) -> dict:
+        feats = torch.cat([corpus.features[i].float()[m] for i, m in zip(rows, masks)])
+        return {"target": feats}
+
+
+class MRCHead(nn.Module):
+    def __init__(self, model_cfg, cfg=None) -> None:
+        super().__init__()
+        # MRC classifies into VQ codes whose vectors are known: the head predicts a latent
+        # and scores it against the (frozen) codebook, as the soft target is built
+        self.transform = nn.Sequential(mlp_ln(model_cfg.trunk.dim),
+                                       nn.Linear(model_cfg.trunk.dim, model_cfg.code_dim))
+        init_linear(self.transform[1])
+        self.temperature = model_cfg.mrc_temperature
+
+    def logits(self, encoder, h: torch.Tensor) -> torch.Tensor:
+        codes = encoder.embedders["image"].codebook
+        return F.normalize(self.transform(h), dim=-1) @ codes.T / self.temperature
+
+    def forward(self, encoder, b: dict) -> dict:
+        logits = self.logits(encoder, hidden_at_masked(encoder, b, "image")).float()
         loss = F.kl_div(logits.log_softmax(-1), b["target"].to(logits.device),
                         reduction="batchmean")
         return {"loss": loss, "mrc": loss.detach(), "tokens": b["packed"].num_tokens}
 
 
-@OBJECTIVES.register("mim")
+@objective("mrc")
+class MRC(_MaskedRegions):
+    head = MRCHead
+
+    def _targets(self, corpus, rows, masks) -> dict:
+        z = torch.cat([corpus.latents[i].float()[m] for i, m in zip(rows, masks)])
+        soft = (z @ self.ctx.codebook.T / self.cfg.mrc_temperature).softmax(-1)
+        return {"target": soft}
+
+
+class MIMHead(TokenPrediction):
+    task = "mim"
+
+    def targets(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        p, m = b["packed"], b["masked"]
+        return p.feature_index["image"][m["image"]], b["target"]
+
+
+@objective("mim")
 class MIM(_MaskedRegions):
     """BEiT masked image modelling: predict the VQ code id of blockwise-masked patches."""
+
+    head = MIMHead
 
     def _masks(self, corpus, gen) -> torch.Tensor:
         r, c = corpus.grid
@@ -125,16 +166,64 @@ class MIM(_MaskedRegions):
         codes = torch.cat([corpus.codes[i][m] for i, m in zip(rows, masks)])
         return {"target": self.ctx.vocab.from_image(codes)}
 
-    def loss(self, model, b) -> dict:
-        p, m = b["packed"], b["masked"]
-        h = model.encode(p, masked=m)
-        logits = model.vocab_logits(h, p.feature_index["image"][m["image"]]).float()
-        loss = F.cross_entropy(logits, b["target"].to(logits.device))
-        return {"loss": loss, "mim": loss.detach(), "tokens": p.num_tokens}
+
+@dataclass
+class ITMHeadConfig:
+    """The ITM loss: cross-entropy + ``wra_weight`` x word-region alignment (IPOT)."""
+
+    wra_weight: float = 0.1
+    ot_beta: float = 0.5
+    ot_iterations: int = 50
 
 
-@OBJECTIVES.register("itm")
-class ITM(_Base):
+class ITMHead(nn.Module):
+    Config = ITMHeadConfig
+
+    def __init__(self, model_cfg, cfg: ITMHeadConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or ITMHeadConfig()
+        self.fc = nn.Linear(model_cfg.trunk.dim, 2)
+        init_linear(self.fc)
+
+    def logits(self, encoder, h: torch.Tensor, p) -> torch.Tensor:
+        """[B, 2] (no match, match) from the pooled ``<cls>`` of each pair."""
+        return self.fc(encoder.pooled(h, p))
+
+    def forward(self, encoder, b: dict) -> dict:
+        p, pos = b["packed"], b["positive"]
+        h = encoder(p)
+        logits = self.logits(encoder, h, p).float()
+        label = pos.long().to(logits.device)
+        ce = F.cross_entropy(logits, label)
+        wra = self._wra(h, p, pos)
+        acc = (logits.argmax(-1) == label).float().mean()
+        return {"loss": ce + self.cfg.wra_weight * wra, "itm": ce.detach(),
+                "wra": wra.detach(), "itm_acc": acc, "tokens": p.num_tokens}
+
+    def _wra(self, h, p, pos) -> torch.Tensor:
+        """Word-region alignment: caption tokens (not ``<cls>``) against image positions."""
+        seg, starts = p.segment.to(h.device), p.cu_seqlens.long().tolist()
+        txt, img = [], []
+        for s, e in zip(starts[:-1], starts[1:]):
+            txt.append(h[s + 1:e][seg[s + 1:e] == 0])
+            img.append(h[s:e][seg[s:e] == 1])
+        T, V = (torch.nn.utils.rnn.pad_sequence(x, batch_first=True) for x in (txt, img))
+        tpad, vpad = (torch.arange(P.shape[1], device=h.device)[None]
+                      >= torch.tensor([len(x) for x in xs], device=h.device)[:, None]
+                      for P, xs in ((T, txt), (V, img)))
+        return wra_loss(T.float(), V.float(), tpad, vpad, pos.to(h.device),
+                        beta=self.cfg.ot_beta, iterations=self.cfg.ot_iterations)
+
+
+@objective("itm")
+class ITM(Objective):
+    head = ITMHead
+
+    @classmethod
+    def head_config(cls, c) -> ITMHeadConfig:
+        return ITMHeadConfig(wra_weight=c.wra_weight, ot_beta=c.ot_beta,
+                             ot_iterations=c.ot_iterations)
+
     def batch(self, corpus, idx, gen) -> dict:
         idx = list(idx)
         caps = [pick_caption(corpus, i, gen) for i in idx]
@@ -144,6 +233,11 @@ class ITM(_Base):
             j = int(torch.randint(len(corpus) - 1, (1,), generator=gen))
             other.append(j + (j >= i))
         return {"idx": idx, "caps": caps, "neg": neg, "other": other, "corpus": corpus}
+
+    def inputs(self, model, b: dict) -> dict:
+        """The pairs, packed: drawn here because hard negatives ask the model."""
+        p, pos = self._pairs(model, b)
+        return {"packed": p, "positive": pos}
 
     def _pairs(self, model, b) -> tuple:
         idx, neg, corpus = b["idx"], b["neg"], b["corpus"]
@@ -166,28 +260,3 @@ class ITM(_Base):
         g = torch.Generator().manual_seed(int(sum(b["idx"])))
         pick = torch.multinomial(sim.softmax(-1).cpu(), 1, generator=g)[:, 0]
         return [b["idx"][int(j)] for j in pick]
-
-    def loss(self, model, b) -> dict:
-        p, pos = self._pairs(model, b)
-        h = model.encode(p)
-        logits = model.itm(model.pooled(h, p)).float()
-        ce = F.cross_entropy(logits, pos.long().to(logits.device))
-        wra = self._wra(h, p, pos)
-        acc = (logits.argmax(-1) == pos.long().to(logits.device)).float().mean()
-        return {"loss": ce + self.cfg.wra_weight * wra, "itm": ce.detach(),
-                "wra": wra.detach(), "itm_acc": acc, "tokens": p.num_tokens}
-
-    def _wra(self, h, p, pos) -> torch.Tensor:
-        """Word-region alignment: caption tokens (not ``<cls>``) against image positions."""
-        seg, starts = p.segment.to(h.device), p.cu_seqlens.long().tolist()
-        txt, img = [], []
-        for s, e in zip(starts[:-1], starts[1:]):
-            txt.append(h[s + 1:e][seg[s + 1:e] == 0])
-            img.append(h[s:e][seg[s:e] == 1])
-        T, V = (torch.nn.utils.rnn.pad_sequence(x, batch_first=True) for x in (txt, img))
-        tpad, vpad = (torch.arange(P.shape[1], device=h.device)[None]
-                      >= torch.tensor([len(x) for x in xs], device=h.device)[:, None]
-                      for P, xs in ((T, txt), (V, img)))
-        return wra_loss(T.float(), V.float(), tpad, vpad, pos.to(h.device),
-                        beta=self.cfg.ot_beta, iterations=self.cfg.ot_iterations)
-
