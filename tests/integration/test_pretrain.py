@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from omnimask.registry import TOKENIZERS
 from omnimask.train import checkpoint as ckpt
@@ -84,7 +87,66 @@ def test_sigkill_then_resume_equals_straight_run(tiny_config, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "vocab.json").is_file()
     assert str(run) in straight.stdout.splitlines()[-1]
 
+    # the run exports to a model directory that alone rebuilds the model and its tokenizers
+    import omnimask
+    from omnimask.train.export import export_run
+
+    sd = load_file(str(ckpt.latest(run / "checkpoints") / "model.safetensors"))
+    assert all(k.startswith(("encoder.", "heads.")) for k in sd)
+    model = omnimask.load(export_run(run, tmp_path / "final"))
+    assert set(model.tokenizers) == {"text", "image", "speech"}
+    assert set(model.heads) == set(summary["val"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    best = export_run(run, tmp_path / "best", which="best")  # step 10 or 20: both validated
+    assert omnimask.load(best, heads={"vqa": {"num_answers": 3}}).load_report["fresh"]
+
 
 def test_bad_config_names_the_key(tiny_config, tmp_path):
     r = _run(tiny_config, tmp_path / "c", None, "objectives.mix.nope=1")
     assert r.returncode == 2 and "objectives.mix.nope" in r.stderr
+
+
+def _snapshot(run):
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_with_other_tokenizers_is_refused_and_a_planted_pickle_never_runs(
+        tiny_config, shapes_dir, tmp_path, plant_pickle):
+    from omnimask.config import load_config
+    from omnimask.modalities.vocab import VocabMismatch
+    from omnimask.train.pretrain import PretrainConfig, Pretraining
+
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    run.mkdir()
+    plant_pickle(run / "corpus-val.safetensors", marker)
+    short = ["trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.eval_every=0",
+             "generate.captions=1", "generate.images=1", "generate.grid_images=1",
+             "generate.caption_candidates=1", "generate.shape_judge=null"]
+    cfg = load_config(PretrainConfig, tiny_config, short, out=str(run))
+    Pretraining(cfg, progress=False).fit()
+    assert not marker.exists()  # the planted cache was refused, rebuilt, never unpickled
+    before = _snapshot(run)
+
+    # a text tokenizer retrained on other text: other merges
+    other_text = tmp_path / "text2"
+    TOKENIZERS.get("text").train([str(shapes_dir / "test-novel-*.tar")], str(other_text),
+                                 progress=False)
+    with pytest.raises(VocabMismatch, match="text"):
+        Pretraining(load_config(PretrainConfig, tiny_config,
+                                [*short, f"tokenizers.text={other_text}"], out=str(run)),
+                    progress=False)
+    # an image tokenizer of the same size whose weights differ: the fingerprint names it
+    image = yaml.safe_load(tiny_config.read_text())["tokenizers"]["image"]
+    other_image = tmp_path / "image2"
+    shutil.copytree(image, other_image)
+    w = next(p for p in other_image.iterdir() if p.suffix == ".safetensors")
+    buf = bytearray(w.read_bytes())
+    buf[-2] ^= 1
+    w.write_bytes(bytes(buf))
+    with pytest.raises(VocabMismatch, match=r"tokenizers.image .* not the tokenizer this run"):
+        Pretraining(load_config(PretrainConfig, tiny_config,
+                                [*short, f"tokenizers.image={other_image}"], out=str(run)),
+                    progress=False)
+    assert _snapshot(run) == before  # nothing in the run directory was rewritten
+    # the original tokenizers still resume
+    Pretraining(load_config(PretrainConfig, tiny_config, short, out=str(run)), progress=False)
