@@ -131,7 +131,7 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
 def sample_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[T] index of the sample each packed position belongs to."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lens)), lens)
+    return torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
 
 
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:

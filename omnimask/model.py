@@ -25,7 +25,6 @@ the portable model directory: ``omnimask/pretrained.py``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -40,8 +39,6 @@ from omnimask.config import check_fields
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.fusion.packing import PackedBatch
 from omnimask.fusion.trunk import Trunk, TrunkConfig
-
-log = logging.getLogger("omnimask.model")
 
 
 @dataclass
