@@ -2,12 +2,13 @@
 
 Every sample becomes: its captions as text ids, the index of the spoken caption, the
 image's VQ codes (raster order), its patch features (the VQ encoder's l2-normalised
-latents, or a timm patch encoder's tokens), and, when the shards have speech, the stacked
+latents, or a timm patch encoder's tokens), its uint8 pixels at the VQ tokenizer's image
+size (for a trainable pixel encoder), and, when the shards have speech, the stacked
 fbank frames (float16) with their speech-tokenizer units. Batches are then drawn from
 memory, so a step costs only the model, and the data order is a pure function of
 (seed, step): exact resume needs no reader state. This fits datasets up to a few hundred
-thousand samples (ShapesWorld: 2000 samples, ~110 MB); larger ones want the streaming
-reader (``train/data/pipeline.py``), which the corpus is built from.
+thousand samples (ShapesWorld: 2000 samples, ~110 MB, and 25 MB of 64 px pixels); larger
+ones want the streaming reader (``train/data/pipeline.py``), which the corpus is built from.
 
 The corpus is cached as ``corpus-<split>.safetensors`` in the run directory (a tree file:
 tensors and JSON, never a pickle) with a fingerprint of its inputs (settings, tokenizer
@@ -44,6 +45,7 @@ class Corpus:
     grid: tuple[int, int]
     speech: list[torch.Tensor] | None = None  # sample -> [n, frame_dim] float16
     units: list[torch.Tensor] | None = None  # sample -> [n] long
+    pixels: torch.Tensor | None = None  # [N, 3, S, S] uint8, the images the VQ codes are of
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -98,12 +100,14 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
         raise OmnimaskError(f"corpus features must be vq or patch_encoder, got {features!r}")
     vq = image_tok.model
     out = {"keys": [], "captions": [], "spoken": [], "codes": [], "latents": [], "features": [],
-           "speech": [], "units": []}
+           "speech": [], "units": [], "pixels": []}
     bar = tqdm(desc="tokenising corpus", unit="sample", disable=not progress)
     with torch.no_grad():
         for b in ShardLoader(cfg, rank=0, world_size=1):
             n = len(b["__key__"])
-            z = vq.unit_latents(image_tok.prepare(b["image"]))
+            pixels = image_tok.prepare(b["image"])  # at the VQ tokenizer's size
+            out["pixels"].append(pixels)
+            z = vq.unit_latents(pixels)
             out["codes"].append(vq.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(n, -1))
             out["latents"].append(z.half())
             out["features"].append((pe(b["image"]) if pe is not None else z).half())
@@ -129,7 +133,8 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                   codes=torch.cat(out["codes"]), latents=torch.cat(out["latents"]),
                   features=torch.cat(out["features"]), grid=(side, side),
                   speech=out["speech"] if want_speech else None,
-                  units=out["units"] if want_speech else None)
+                  units=out["units"] if want_speech else None,
+                  pixels=torch.cat(out["pixels"]))
 
 
 def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[str, str | None],
@@ -143,7 +148,7 @@ def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[s
         raise OmnimaskError(f"no shards match {shards}")
     fp = _fingerprint(paths, {"tokenizers": {k: tokenizer_id(v) for k, v in tokenizers.items()},
                               "features": features, "patch_encoder": patch_encoder,
-                              "version": 1})
+                              "version": 2})  # 2: pixels kept
     p = Path(path)
     if p.is_file():
         try:
