@@ -135,21 +135,21 @@ def test_float_or_misshapen_input_is_refused():
         enc(_pixels()[0])
 
 
-def _one_shape_scenes(shapes, n, seed, size=64):
-    """``n`` ShapesWorld renderings of one large object each, alternating between two
-    shapes (label 0/1), with random colour, place and rotation on a textured background."""
+def _one_shape_scenes(shapes, n, seed, size=64, sizes=("large",)):
+    """``n`` ShapesWorld renderings of one object each, cycling through ``shapes`` (label:
+    the index), with random colour, place and rotation on a textured background."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
-    lo, hi = SIZES["large"]
     for i in range(n):
+        lo, hi = SIZES[sizes[int(rng.integers(len(sizes)))]]
         r = float(rng.uniform(lo, hi)) * size
         cx, cy = (float(v) for v in rng.uniform(1.2 * r + 1, size - 1.2 * r - 1, 2))
         color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
-        obj = SceneObject(id=1, shape=shapes[i % 2], color=color, size="", center=(cx, cy),
+        obj = SceneObject(id=1, shape=shapes[i % len(shapes)], color=color, size="", center=(cx, cy),
                           radius=r, rotation=float(rng.uniform(0, 360)), rgb=COLORS[color],
                           novel=False)
         images.append(torch.from_numpy(_render(rng, [obj], size)).permute(2, 0, 1))
-        labels.append(i % 2)
+        labels.append(i % len(shapes))
     return torch.stack(images).contiguous(), torch.tensor(labels)
 
 
