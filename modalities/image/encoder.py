@@ -44,8 +44,8 @@ class ImageEncoderConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # per stride-2 stage
     stem_channels: int = 16  # the full-resolution stride-1 conv; 0: none
     depth: int = 2  # convs per stage: one stride-2, then depth-1 residual stride-1
-    # batchnorm | groupnorm | none (our stem only). BatchNorm learns shapes faster (see
-    # docs/experiments/2026-11-29-pixel-encoder.md); GroupNorm for batches of a few images
+    # batchnorm | groupnorm | none (our stem only). BatchNorm learned shapes faster from few
+    # images (docs/experiments/2026-11-29-pixel-encoder.md); GroupNorm: batch-independent
     norm: str = "batchnorm"
     groups: int = 8  # GroupNorm groups (gcd with each width, so any width works)
 
