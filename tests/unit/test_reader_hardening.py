@@ -388,3 +388,16 @@ def test_strict_names_more_samples_than_the_manifest_lists(clean, tmp_path, caps
 def test_strict_passes_on_a_clean_dataset(clean, capsys):
     rc, text = _strict(capsys, clean)
     assert rc == 0 and "samples: 12" in text and "bad samples: 0" in text and "PROBLEM" not in text
+
+
+@pytest.mark.parametrize("manifest", ['{"splits": {"train": {"shards": [{"x": 1}], "keys": []}}}',
+                                      '{"splits": {"train": {"shards": "nope"}}}', "[1, 2]"])
+def test_manifest_entries_ignores_an_unusable_manifest(tmp_path, manifest, caplog):
+    from omnimask.train.data.shards import manifest_entries
+
+    (tmp_path / "manifest.json").write_text(manifest)
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"\0" * 1024)
+    with caplog.at_level("WARNING"):
+        assert manifest_entries([str(shard)]) == {}
+    assert "manifest" in caplog.text

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from omnimask.errors import DataError
 
-from .schema import SCHEMA_VERSION
+from .schema import SCHEMA_VERSION, manifest_fault
 
 log = logging.getLogger("omnimask.data")
 
@@ -408,7 +408,13 @@ def manifest_entries(shards: list[str]) -> dict[str, dict]:
         if d not in cache:
             try:
                 cache[d] = read_manifest(d)
-            except DataError:
+            except DataError as e:
+                log.warning("%s; its shards are read without it", e)
+                cache[d] = None
+            fault = manifest_fault(cache[d]) if cache[d] else None
+            if fault:
+                log.warning("%s/%s is unusable (%s); its shards are read without it", d,
+                            MANIFEST, fault)
                 cache[d] = None
         man = cache[d]
         if not man:
