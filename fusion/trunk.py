@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omnimask.config import check_fields
+from omnimask.errors import ConfigError
 from omnimask.modalities.vocab import MODALITIES
 
 from .attention import attention, math_attention
@@ -53,8 +55,18 @@ class TrunkConfig:
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        p = "model.trunk."  # where it sits in a pretraining config
+        check_fields(self, ">=1", "vocab_size", "dim", "layers", "heads", "ffn_dim",
+                     "max_positions", "max_grid", prefix=p)
+        check_fields(self, ">0", "norm_eps", prefix=p)
+        check_fields(self, "[0,1)", "dropout", prefix=p)
+        check_fields(self, "(0,1)", "gate_init_prob", prefix=p)
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+            raise ValueError(f"{p}dim must be divisible by {p}heads, got {self.dim} and "
+                             f"{self.heads}")
+        if self.clip_zeta <= self.clip_gamma:
+            raise ValueError(f"{p}clip_zeta must be > {p}clip_gamma, got {self.clip_zeta} "
+                             f"and {self.clip_gamma}")
         if self.norm not in ("layernorm", "rmsnorm") or self.activation not in ("gelu", "swiglu"):
             raise ValueError("norm must be layernorm|rmsnorm and activation gelu|swiglu")
         from .attention import BACKENDS
@@ -209,8 +221,11 @@ class Trunk(nn.Module):
         cu = batch.cu_seqlens.to(batch.ids.device)
         starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
         pos = torch.arange(batch.num_tokens, device=batch.ids.device) - starts
-        if int(pos.max()) >= self.cfg.max_positions:
-            raise ValueError(f"a sample is longer than max_positions={self.cfg.max_positions}")
+        longest = int(pos.max()) + 1
+        if longest > self.cfg.max_positions:  # a config mismatch, not a bug: say which key
+            raise ConfigError(f"model.trunk.max_positions={self.cfg.max_positions} is smaller "
+                              f"than a sample of {longest} tokens; raise it to at least "
+                              f"{longest}")
         is_feat = batch.ids < 0
         x = self.tok(batch.ids.clamp_min(0))
         if is_feat.any():

@@ -1,6 +1,7 @@
 """The ``omnimask`` command. ``main(argv)`` is callable from tests.
 
-Every subcommand exits non-zero with a one-line cause on bad input.
+Every subcommand exits non-zero with a one-line cause on bad input (``EXIT_*`` below);
+``--debug`` or ``OMNIMASK_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -8,11 +9,44 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
+import os
 import sys
 from pathlib import Path
 
-from .errors import OmnimaskError
+from .config import check_override
+from .errors import Interrupted, OmnimaskError
+
+EXIT_FAILED = 1  # data inspect --strict found problems, a demo stage failed, an unexpected error
+EXIT_BAD_INPUT = 2  # a bad argument, config, file or directory: the message names it
+EXIT_INTERRUPTED = 3  # SIGTERM/SIGUSR2: a checkpoint was saved, the same command resumes
+EXIT_CTRL_C = 130
+EPILOG = (f"exit status: 0 done; {EXIT_FAILED} failed (data inspect --strict found problems, "
+          f"a demo stage failed, an unexpected error); {EXIT_BAD_INPUT} bad input (argument, "
+          f"config key, file or directory: named in one line); {EXIT_INTERRUPTED} interrupted "
+          f"by SIGTERM or SIGUSR2 after saving a checkpoint: run the same command again to "
+          f"resume; {EXIT_CTRL_C} Ctrl-C. --debug (anywhere) or OMNIMASK_DEBUG=1: a traceback "
+          "instead of the one-line error.")
+
+
+def _check_out_dir(path: str | os.PathLike, what: str) -> None:
+    """An output directory the command can create or write into, else an error naming it;
+    nothing is created here (a later config error leaves no trace)."""
+    p = Path(path)
+    for d in (p, *p.parents):  # the nearest existing one decides
+        if not d.exists():
+            continue
+        if not d.is_dir():
+            raise OmnimaskError(f"{what} {p}: {d} is a file, not a directory")
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise OmnimaskError(f"{what} {p}: {d} is not writable")
+        return
+
+
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    """(flag, value, lowest allowed) triples: an error naming the first flag below it."""
+    for flag, v, lo in checks:
+        if v < lo:
+            raise OmnimaskError(f"{flag} must be >= {lo}, got {v}")
 
 
 def _write_json(obj: dict, out: str | None) -> None:
@@ -89,6 +123,7 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     overrides = list(a.overrides) + ([f"kind={a.codebook}"] if a.codebook else [])
     if a.codebook and a.kind != "speech":
         raise OmnimaskError("--kind (bestrq|kmeans) applies to speech tokenizers only")
+    _check_out_dir(a.out, "--out")
     res = TOKENIZERS.get(a.kind).train(a.data, a.out, overrides, progress=not a.quiet)
     print(", ".join(f"{k}: {v}" for k, v in res.items()))
     return 0
@@ -112,6 +147,7 @@ def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
 def cmd_bench_tokenizer(a: argparse.Namespace) -> int:
     from .bench_tokenizer import bench_tokenizer
 
+    _at_least(("--num", a.num, 1), ("--repeats", a.repeats, 1))
     res = bench_tokenizer(a.data or None, a.image_tokenizer, num=a.num, repeats=a.repeats,
                           progress=not a.quiet)
     print(f"image VQ encode: {res['image_vq_encode']['images_per_s']:.0f} images/s, decode: "
@@ -124,7 +160,17 @@ def cmd_bench_tokenizer(a: argparse.Namespace) -> int:
 
 def cmd_bench_trunk(a: argparse.Namespace) -> int:
     from .bench_trunk import bench_trunk
+    from .train.trainer import device_problem
 
+    _at_least(*((f"--{k.replace('_', '-')}", getattr(a, k), 0 if k == "warmup" else 1)
+                for k in ("layers", "dim", "heads", "ffn", "vocab", "batch", "min_len",
+                          "max_len", "steps", "warmup")))
+    if a.dim % a.heads:
+        raise OmnimaskError(f"--dim {a.dim} is not divisible by --heads {a.heads}")
+    if a.min_len > a.max_len:
+        raise OmnimaskError(f"--min-len {a.min_len} is above --max-len {a.max_len}")
+    if a.device and device_problem(a.device):
+        raise OmnimaskError(f"--device {device_problem(a.device)}")
     res = bench_trunk(a.layers, a.dim, a.heads, a.ffn, a.vocab, a.batch, a.min_len, a.max_len,
                       a.steps, a.warmup, a.device)
     print(f"variable lengths [{a.min_len}, {a.max_len}]: omnimask "
@@ -138,6 +184,8 @@ def cmd_bench_trunk(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from .train.data.bench import bench_data
 
+    _at_least(("--num", a.num, 1), ("--batch-size", a.batch_size, 1),
+              ("--repeats", a.repeats, 1), ("--workers", a.workers or 0, 0))
     res = bench_data(a.data or None, num=a.num, batch_size=a.batch_size, workers=a.workers,
                      repeats=a.repeats, vs=None if a.vs == "none" else a.vs,
                      progress=not a.quiet)
@@ -162,8 +210,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     values = {"out": a.out} if a.out else {}
     cfg = load_config(DemoConfig, a.config, a.overrides, **values)
+    _check_out_dir(cfg.out, "--out" if a.out else "out")
     report = run_demo(cfg, quick=a.quick, progress=not a.quiet)
-    return 0 if all(s["status"] == "ok" for s in report["stages"].values()) else 1
+    status = report["metrics"].get("pretrain", {}).get("status", "")
+    if status.startswith("interrupted"):
+        raise Interrupted(f"demo pretraining {status}; checkpoint saved in "
+                          f"{report['metrics']['pretrain']['checkpoint']}")
+    return 0 if all(s["status"] == "ok" for s in report["stages"].values()) else EXIT_FAILED
 
 
 # -- pretrain --------------------------------------------------------------------------------
@@ -179,9 +232,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
     values = {"out": a.out} if a.out else {}
     cfg = load_config(PretrainConfig, a.config, a.overrides, **values)
+    _check_out_dir(cfg.out, "--out" if a.out else "out")
     summary = Pretraining(cfg, progress=not a.quiet).fit()
     print(f"{summary['status']} at step {summary['step']} in {summary['elapsed_s']:.0f} s of "
           f"training; checkpoint {summary['checkpoint']}")
+    if summary["status"].startswith("interrupted"):  # no samples were drawn: resume first
+        raise Interrupted(f"pretraining {summary['status']} at step {summary['step']}; "
+                          f"checkpoint saved in {summary['checkpoint']}")
     print(summary_table(summary))
     samples = summary.get("samples", {})
     for c in samples.get("captions", [])[:4]:
@@ -201,7 +258,11 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnimask",
-                                description="omnimask: multimodal masked foundation models.")
+                                description="omnimask: multimodal masked foundation models.",
+                                epilog=EPILOG)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (anywhere on the line; also "
+                        "OMNIMASK_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -314,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", parents=[quiet], help="pretrain the trunk (UNITER, CM3, "
                         "speech units) on shards", description="Multi-task pretraining; "
                         "prints the run directory last. Resumes from its newest complete "
-                        "checkpoint (trainer.resume=auto).")
+                        "checkpoint (trainer.resume=auto). SIGTERM/SIGUSR2 stop it after "
+                        f"a checkpoint, exit status {EXIT_INTERRUPTED}: run the same command "
+                        "again to resume.")
     pt.add_argument("--config", required=True, help="YAML with PretrainConfig keys")
     pt.add_argument("--out", help="run directory (overrides the config's out)")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
@@ -331,28 +394,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+def _leaf(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)parser the command line selects, followed through the subcommand names."""
+    p = parser
+    for t in argv:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            break
+        p = subs[0].choices.get(t, p)
+    return p
+
+
+def _split_overrides(leaf: argparse.ArgumentParser, argv: list[str]) -> tuple[list, list]:
+    """(argv without the overrides, the overrides): every token with "=" that is neither an
+    option nor an option's value, wherever it stands (argparse would bind positionals too
+    early); malformed ones included, so that they are reported, not dropped."""
+    takes_value = {s for a in leaf._actions if a.option_strings and a.nargs != 0
+                   for s in a.option_strings}
+    rest, overrides = [], []
+    for k, t in enumerate(argv):
+        is_value = k > 0 and argv[k - 1] in takes_value
+        (overrides if "=" in t and not t.startswith("-") and not is_value else rest).append(t)
+    return rest, overrides
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _describe(e: Exception) -> tuple[int, str]:
+    """(exit status, one-line message) of an error that reached the command boundary."""
+    if isinstance(e, OmnimaskError):
+        return EXIT_BAD_INPUT, _one_line(e)
+    if isinstance(e, OSError) and e.strerror:  # unwritable/missing/full: name the path
+        where = ", ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return EXIT_BAD_INPUT, f"{where}: {e.strerror}" if where else e.strerror
+    if isinstance(e, (OSError, ValueError)):
+        return EXIT_BAD_INPUT, _one_line(e)
+    return EXIT_FAILED, (f"unexpected {type(e).__name__}: {_one_line(e)} (run with --debug "
+                         "for the traceback)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may stand anywhere (argparse would bind them too early)
-    overrides = [t for t in argv if OVERRIDE.match(t)]
-    args = parser.parse_args([t for t in argv if not OVERRIDE.match(t)])
-    if hasattr(args, "overrides"):
-        args.overrides = overrides
-    elif overrides:
-        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    debug = "--debug" in argv or os.environ.get("OMNIMASK_DEBUG", "") not in ("", "0")
+    argv = [t for t in argv if t != "--debug"]
+    parser = build_parser()
+    leaf = _leaf(parser, argv)
+    overrides: list[str] = []
+    if any(a.dest == "overrides" for a in leaf._actions):
+        argv, overrides = _split_overrides(leaf, argv)
+        args, stray = parser.parse_known_args(argv)
+        if any(t.startswith("-") for t in stray):
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        # positionals without "=" (bound by argparse or left over): keys without a value
+        overrides = [*args.overrides, *stray, *overrides]
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "overrides"):
+            for t in overrides:
+                check_override(t)
+            args.overrides = overrides
         return args.fn(args)
-    except OmnimaskError as e:
-        print(f"omnimask: error: {e}", file=sys.stderr)
-        return 2
+    except Interrupted as e:
+        print(f"omnimask: {_one_line(e)}; run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("omnimask: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CTRL_C
+    except Exception as e:
+        if debug:
+            raise
+        code, msg = _describe(e)
+        print(f"omnimask: error: {msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ The resolved config is written into every run directory (``config.yaml``).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +21,41 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+# a dotted key of identifiers, then "=": trainer.max_steps=5, objectives.mix.cm3=0
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+# the ranges ``check_fields`` knows: rule -> (test, words for the message)
+_RULES = {
+    ">=0": (lambda v: v >= 0, ">= 0"),
+    ">=1": (lambda v: v >= 1, ">= 1"),
+    ">0": (lambda v: v > 0, "> 0"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def check_fields(obj: Any, rule: str, *names: str, prefix: str = "") -> None:
+    """Raise ``ValueError("PREFIXNAME must be RULE, got V")`` for the first field of ``obj``
+    in ``names`` outside ``rule`` (a key of ``_RULES``); None is left to the type check.
+    Dataclass ``__post_init__``s call it with their usual place in a config as ``prefix``
+    (``trainer.``); ``load_config`` puts the key's path in front where it differs."""
+    ok, words = _RULES[rule]
+    for name in names:
+        v = getattr(obj, name)
+        if v is None:
+            continue
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"{prefix}{name} must be {words}, got {v}")
+
+
+def check_override(ov: str) -> None:
+    """A ``key=value`` override with a dotted key of identifiers, or a ConfigError naming it."""
+    if not OVERRIDE.match(ov):
+        raise ConfigError(f"override {ov!r} is not of the form key=value (a dotted key of "
+                          "letters, digits and _, e.g. trainer.max_steps=50)")
 
 
 @dataclass
@@ -38,6 +76,10 @@ class DataConfig:
     # images above width x height are bad samples (too_large), refused from the PNG header
     max_image_pixels: int = 4096 * 4096
 
+    def __post_init__(self) -> None:
+        check_fields(self, ">=1", "batch_size", "image_size")
+        check_fields(self, ">=0", "num_workers", "shuffle_buffer")
+
 
 @dataclass
 class DemoConfig:
@@ -55,6 +97,14 @@ class DemoConfig:
     vq_minutes: float = 5.0  # image tokenizer training budget (quick: a tenth)
     speech_units: int = 500  # k-means units
     pretrain_minutes: float = 4.0  # multi-task pretraining budget (quick: 10 steps)
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
+                     "shard_size", "speech_units")
+        check_fields(self, ">=0", "workers")
+        check_fields(self, ">0", "vq_minutes", "pretrain_minutes")
+        if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 
 
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -86,8 +136,7 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
     if values:
         layers.append((OmegaConf.create(values), "arguments"))
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} is not of the form key=value")
+        check_override(ov)
         layers.append((OmegaConf.from_dotlist([ov]), f"override {ov!r}"))
     cfg = base
     for layer, source in layers:
@@ -99,8 +148,29 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise _wrap(e, "config") from None
-    except ValueError as e:  # a dataclass's own check (__post_init__)
-        raise ConfigError(f"config error: {e}") from None
+    except ValueError as e:  # a dataclass's own check (__post_init__): name the key's path
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        prefix = _failing_prefix(cfg) or ""
+        raise ConfigError(f"config error: {msg if msg.startswith(prefix) else prefix + msg}"
+                          ) from None
+
+
+def _failing_prefix(node: Any, prefix: str = "") -> str | None:
+    """The dotted path (``model.trunk.``) of the innermost dataclass node whose construction
+    raises ValueError; children are tried first, so the deepest check names the key."""
+    for key in node:
+        child = node[key]
+        if OmegaConf.is_dict(child) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            found = _failing_prefix(child, f"{prefix}{key}.")
+            if found is not None:
+                return found
+    try:
+        OmegaConf.to_object(node)
+    except OmegaConfBaseException:  # a type error, reported by its own path elsewhere
+        return None
+    except ValueError:
+        return prefix
+    return None
 
 
 def to_yaml(cfg: Any) -> str:

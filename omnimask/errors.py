@@ -11,3 +11,9 @@ class ConfigError(OmnimaskError):
 
 class DataError(OmnimaskError):
     """Input data cannot be used at all (missing shards, empty shard list, unreadable file)."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """A run stopped by SIGTERM/SIGUSR2 after saving a checkpoint; the same command resumes
+    it. A BaseException, like KeyboardInterrupt, so that ``except Exception`` (the demo's
+    per-stage reports) lets it through; the CLI exits with ``EXIT_INTERRUPTED``."""

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -35,7 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omnimask.errors import OmnimaskError
+from omnimask.config import check_fields
+from omnimask.errors import ConfigError, OmnimaskError
 
 from . import checkpoint as ckpt
 
@@ -68,10 +70,21 @@ class TrainerConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
+        p = "trainer."  # where it sits in a pretraining config: errors name the full key
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"trainer.precision must be auto|fp32|bf16, got {self.precision!r}")
-        if self.max_steps < 1 or self.accumulate < 1 or self.batch_size < 1:
-            raise ValueError("trainer.max_steps, accumulate and batch_size must be >= 1")
+            raise ValueError(f"{p}precision must be auto|fp32|bf16, got {self.precision!r}")
+        check_fields(self, ">=1", "max_steps", "batch_size", "accumulate", "checkpoint_every",
+                     "keep", "log_every", "max_nonfinite", prefix=p)
+        check_fields(self, ">=0", "max_minutes", "warmup_steps", "weight_decay", "clip",
+                     "eval_every", "threads", prefix=p)
+        check_fields(self, ">0", "lr", prefix=p)
+        check_fields(self, "[0,1]", "min_lr_ratio", prefix=p)
+        check_fields(self, "[0,1)", "ema", prefix=p)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{p}betas must be two numbers in [0, 1), got {list(self.betas)}")
+        problem = device_problem(self.device)
+        if problem:
+            raise ValueError(f"{p}device {problem}")
 
 
 class NonFiniteLoss(OmnimaskError):
@@ -132,7 +145,28 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def device_problem(name: str) -> str | None:
+    """Why ``name`` (auto | cpu | cuda | cuda:N | mps) cannot be used here, or None."""
+    m = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", name)
+    if m is None:
+        return f"must be auto, cpu, cuda, cuda:N or mps, got {name!r}"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return f"is {name!r} but no CUDA GPU is available here; use cpu or auto"
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            return (f"is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                    "GPU(s), numbered from 0")
+    if name == "mps" and not torch.backends.mps.is_available():
+        return "is 'mps' but MPS is not available here; use cpu or auto"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``trainer.device``; a ConfigError naming it if unusable here
+    (a config loaded on a GPU machine, run on one without)."""
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(f"trainer.device {problem}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

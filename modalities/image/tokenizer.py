@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from omnimask.config import DataConfig, load_config, save_config
-from omnimask.errors import OmnimaskError
+from omnimask.config import DataConfig, check_fields, load_config, save_config
+from omnimask.errors import Interrupted, OmnimaskError
 from omnimask.registry import TOKENIZERS
+from omnimask.stopsignals import StopSignals
 
 from ..artifacts import code_stats, load_artifact, save_artifact
 from .vq import VQVAE, VQConfig
@@ -45,6 +46,15 @@ class ImageTokenizerConfig:
     log_every: int = 50
     threads: int = 0  # torch threads; 0 keeps torch's default (all cores)
     max_images: int = 0  # 0: every training image
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
+        check_fields(self, ">0", "lr")
+        check_fields(self, ">=0", "warmup_steps", "max_minutes", "max_steps", "threads",
+                     "max_images")
+        if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
+            raise ValueError(f"max_steps or max_minutes must be > 0 (a training budget), got "
+                             f"max_steps={self.max_steps}, max_minutes={self.max_minutes}")
 
 
 class ImageTokenizer:
@@ -191,8 +201,9 @@ def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dic
     model.train()
     window = []
     used = torch.zeros(cfg.vq.codebook_size, dtype=torch.bool)
+    stop = StopSignals()  # SIGTERM/SIGUSR2: stop after this step, save a checkpoint
     try:
-        while not done():
+        while not done() and not stop.signal:
             t0 = time.perf_counter()
             idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
             x = model.to_input(images[idx])
@@ -228,9 +239,13 @@ def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dic
             if step % cfg.checkpoint_every == 0:
                 save_ckpt()
     finally:
+        stop.restore()
         bar.close()
         log.close()
     save_ckpt()
+    if stop.signal:  # resumable, not finished: no tokenizer is written
+        raise Interrupted(f"image tokenizer training interrupted by {stop.signal} at step "
+                          f"{step}; checkpoint saved in {run / 'checkpoints'}")
     stats = {"steps": step, "train_seconds": round(elapsed, 1), "images": len(images),
              "params": sum(p.numel() for p in model.parameters())}
     tok = ImageTokenizer(model.to(memory_format=torch.contiguous_format).eval(), stats)

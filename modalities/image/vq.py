@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnimask.config import check_fields
+
 from ..kmeans import kmeans
 
 
@@ -29,6 +31,18 @@ class VQConfig:
     decay: float = 0.99
     commitment: float = 0.25
     dead_after: int = 30  # training steps without use after which a code is restarted
+
+    def __post_init__(self) -> None:
+        p = "vq."  # where it sits in the image tokenizer's config
+        check_fields(self, ">=1", "image_size", "code_dim", "codebook_size", "dead_after",
+                     prefix=p)
+        check_fields(self, "[0,1)", "decay", prefix=p)
+        check_fields(self, ">=0", "commitment", prefix=p)
+        if self.image_size % 8:  # three stride-2 stages
+            raise ValueError(f"{p}image_size must be a multiple of 8, got {self.image_size}")
+        if len(self.channels) != 3 or min(self.channels) < 1:
+            raise ValueError(f"{p}channels must be 3 sizes >= 1 (one per stage), got "
+                             f"{list(self.channels)}")
 
     @property
     def tokens_side(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from omnimask.config import DataConfig, load_config
+from omnimask.config import DataConfig, check_fields, load_config
 from omnimask.errors import OmnimaskError
 from omnimask.registry import TOKENIZERS
 
@@ -40,7 +40,10 @@ class SpeechTokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_SIZE:
-            raise OmnimaskError(f"speech tokenizer kind must be bestrq or kmeans, got {self.kind!r}")
+            raise ValueError(f"kind must be bestrq or kmeans, got {self.kind!r}")
+        check_fields(self, ">=0", "codebook_size")
+        check_fields(self, ">=1", "code_dim", "num_mel_bins", "stack", "iterations",
+                     "max_frames")
         self.codebook_size = self.codebook_size or DEFAULT_SIZE[self.kind]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
 
 from ..vocab import Vocab
@@ -43,6 +44,10 @@ class TextTokenizerConfig:
     min_frequency: int = 2
     num_sentinels: int = 16  # CM3: up to 16 masked spans per document
     from_file: str | None = None  # use this tokenizer.json (or directory) instead of training
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">=1", "vocab_size")
+        check_fields(self, ">=0", "min_frequency", "num_sentinels")
 
 
 def _fingerprint(tok: Tokenizer) -> str:

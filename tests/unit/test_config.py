@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from omnimask.config import DataConfig, load_config, save_config
+from omnimask.config import DataConfig, check_fields, check_override, load_config, save_config
 from omnimask.errors import ConfigError
 
 
@@ -60,3 +60,44 @@ def test_resolved_config_written_and_reloadable(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     again = load_config(Root, path)
     assert again == cfg
+
+
+@dataclass
+class Checked:
+    size: int = 4
+    rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">=1", "size")
+        check_fields(self, "[0,1)", "rate")
+
+
+@dataclass
+class Outer:
+    inner: Checked = field(default_factory=Checked)
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">=0", "count")
+
+
+def test_range_errors_name_the_full_key():
+    # the innermost failing dataclass is found and its path put in front of its field
+    with pytest.raises(ConfigError, match=r"config error: inner\.size must be >= 1, got 0$"):
+        load_config(Outer, None, ["inner.size=0"])
+    with pytest.raises(ConfigError, match=r"inner\.rate must be in \[0, 1\), got 1\.0"):
+        load_config(Outer, None, ["inner.rate=1.0"])
+    with pytest.raises(ConfigError, match=r"inner\.rate must be in \[0, 1\), got nan"):
+        load_config(Outer, None, ["inner.rate=nan"])
+    with pytest.raises(ConfigError, match=r"config error: count must be >= 0, got -1$"):
+        load_config(Outer, None, ["count=-1"])
+    assert load_config(Outer, None, ["inner.size=1", "inner.rate=0"]).inner.size == 1
+
+
+@pytest.mark.parametrize("ov", ["inner.lay-ers=3", "inner..layers=3", "=3", "inner.layers",
+                                "1x=2", " inner.layers=3"])
+def test_malformed_overrides_are_named(ov):
+    with pytest.raises(ConfigError, match="is not of the form key=value") as e:
+        load_config(Root, None, [ov])
+    assert repr(ov) in str(e.value)
+    check_override("inner.layers=3")  # well formed: no error
