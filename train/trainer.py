@@ -9,8 +9,9 @@ losses of an unbroken one exactly (tested with SIGKILL).
 
 Checkpoints (``train/checkpoint.py``): weights as safetensors; optimizer, schedule
 (warmup and total steps: a resumed run keeps the schedule it started with), step, EMA,
-counters and every RNG state in ``state.pt``; written to a temporary folder, renamed
-into place, ``COMPLETE`` marker last; the last ``keep`` are kept. Saved every
+counters and every RNG state in ``state.safetensors`` (no pickle); written to a temporary
+folder, fsynced, renamed into place, ``COMPLETE`` marker (with checksums) last; the last
+``keep`` are kept; a damaged newest one is skipped for the previous. Saved every
 ``checkpoint_every`` steps, at the end, and at the next step boundary after SIGUSR2 or
 SIGTERM (the handler only sets a flag). A non-finite loss or gradient skips the step
 (no update) and is counted; after ``max_nonfinite`` in a row the run stops with an error
@@ -38,6 +39,8 @@ from tqdm import tqdm
 
 from omnimask.config import check_fields
 from omnimask.errors import ConfigError, OmnimaskError
+from omnimask.runlock import RunLock
+from omnimask.safeio import atomic_write_bytes
 
 from . import checkpoint as ckpt
 
@@ -217,6 +220,8 @@ class Trainer:
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self.elapsed = 0.0
         self._signal: str | None = None
+        self._val_logged: set[int] = set()  # steps whose validation row metrics.jsonl holds
+        self.restored: Path | None = None  # the checkpoint this run resumed from
         self.tb = None
 
     # -- precision ---------------------------------------------------------------------------
@@ -250,10 +255,16 @@ class Trainer:
         r = self.cfg.resume
         if r == "never":
             return False
-        path = ckpt.latest(self.ckpt_dir) if r == "auto" else Path(r)
-        if path is None:
-            return False
-        sd, st = ckpt.load(path)
+        if r == "auto":
+            found = ckpt.load_newest(self.ckpt_dir)
+            if found is None:
+                return False
+            path, sd, st = found
+        else:
+            path = Path(r)
+            if not (path / ckpt.MARKER).is_file():
+                raise OmnimaskError(f"trainer.resume: no complete checkpoint at {path}")
+            sd, st = ckpt.load(path)
         load_weights(self.model, sd, str(path))
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.schedule = st["step"], st["schedule"]
@@ -266,17 +277,30 @@ class Trainer:
             log.warning("resuming with the schedule of the checkpoint (%d steps), not "
                         "trainer.max_steps=%d", self.schedule["total"], self.cfg.max_steps)
         set_rng_state(st["rng"])
+        self.restored = path
         self._truncate_metrics(self.step)
         log.warning("resumed from %s at step %d", path, self.step)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
-        """Rows a killed run logged after its last checkpoint are replayed: drop them."""
+        """Rows a killed run logged after its last checkpoint are replayed: drop them, and a
+        line torn by the kill. Remembers which steps already have a validation row."""
         p = self.run / "metrics.jsonl"
-        if p.is_file():
-            keep = [ln for ln in p.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            p.write_text("".join(ln + "\n" for ln in keep))
+        if not p.is_file():
+            return
+        keep = []
+        for n, ln in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                if ln.strip():
+                    log.warning("%s:%d is not a JSON row (torn by a kill?); dropped", p, n)
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(ln)
+                if row.get("split") == "val":
+                    self._val_logged.add(row.get("step"))
+        atomic_write_bytes(p, "".join(ln + "\n" for ln in keep).encode())
 
     # -- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -293,6 +317,8 @@ class Trainer:
     def log_row(self, row: dict) -> None:
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if row.get("split") == "val":
+            self._val_logged.add(row["step"])
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -392,12 +418,16 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to ``max_steps`` (or the time budget, or a signal); returns a summary."""
+        with RunLock(self.run):
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         resumed = self.restore()
         self._open_tb()
         old = self._install()
         self.model.train()
-        status, last_good = "done", ckpt.latest(self.ckpt_dir)
+        status, last_good = "done", self.restored
         if not resumed:
             self.run_eval()
         total = self.schedule["total"]
@@ -440,9 +470,11 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < total:
                     last_good = self.save()
             bar.close()  # before the final evaluation prints anything
-            if not status.startswith("interrupted"):
+            if not status.startswith("interrupted") and self.step not in self._val_logged:
                 self.run_eval()
-            last_good = self.save()
+            if (last_good is None or last_good.parent != self.ckpt_dir
+                    or ckpt.step_of(last_good) != self.step):
+                last_good = self.save()
         finally:
             bar.close()
             for s, h in old.items():

@@ -151,6 +151,14 @@ def _lr(cfg: ImageTokenizerConfig, step: int, frac: float) -> float:
 
 
 def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dict:
+    """Train (or resume) a VQ-VAE in ``out``, holding the directory's lock meanwhile."""
+    from omnimask.runlock import RunLock
+
+    with RunLock(out):
+        return _train_vq(data, out, cfg, progress)
+
+
+def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     from omnimask.train import checkpoint
 
     if cfg.threads:
@@ -164,9 +172,9 @@ def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dic
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
-    last = checkpoint.latest(run / "checkpoints")
-    if last is not None:
-        weights, state = checkpoint.load(last)
+    found = checkpoint.load_newest(run / "checkpoints")
+    if found is not None:
+        last, weights, state = found
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
