@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from omnimask.errors import OmnimaskError
+from omnimask.safeio import atomic_write_bytes
 
 MODALITIES = ("text", "image", "speech")
 
@@ -108,10 +109,8 @@ class Vocab:
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, p)
-        return p
+        return atomic_write_bytes(p, (json.dumps(self.to_dict(), indent=2, sort_keys=True)
+                                      + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:

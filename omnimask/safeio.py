@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +42,41 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's or a directory's entry to disk (directories: after a rename)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file, or a directory's entries after a rename, to disk. For a directory it
+    is best effort: not every filesystem can fsync one."""
+    is_dir = os.path.isdir(path)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not is_dir:
+            raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` a fresh temporary file in ``path``'s folder (created exclusively, so
+    a planted symlink is never followed), fsync it, rename it onto ``path``, fsync the
+    folder. A crash leaves the old file or the new one, never half of one."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(p.parent)
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsynced."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_path(p.parent)
-    return p
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -105,19 +119,9 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_tree(path: str | os.PathLike, tree: Any) -> Path:
     """Store ``tree`` in one safetensors file at ``path`` (atomically, fsynced)."""
-    p = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(_encode(tree, tensors), allow_nan=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={TREE_KEY: meta})
-        fsync_path(tmp)
-        os.replace(tmp, p)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_path(p.parent)
-    return p
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={TREE_KEY: meta}))
 
 
 def load_tree(path: str | os.PathLike) -> Any:

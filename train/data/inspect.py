@@ -16,9 +16,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from omnimask.errors import DataError
+from omnimask.safeio import sha256_file
 
 from .schema import MAX_IMAGE_PIXELS, SampleError, decode_sample, manifest_fault
-from .shards import MANIFEST, _sha256, expand_shards, manifest_entries, read_manifest
+from .shards import MANIFEST, expand_shards, manifest_entries, read_manifest
 from .tario import RawSample, iter_samples, open_shard
 
 
@@ -50,7 +51,7 @@ def _inspect_one(args: tuple[str, dict | None, int]) -> dict:
         if n != rec["samples"]:
             lost = max(rec["samples"] - n, 0)
             problems.append(("count", f"manifest lists {rec['samples']} samples, found {n}"))
-        if rec.get("sha256") and _sha256(Path(path)) != rec["sha256"]:
+        if rec.get("sha256") and sha256_file(path) != rec["sha256"]:
             problems.append(("sha256", "SHA-256 differs from the manifest (shard changed since "
                                        "written)"))
     return {"shard": path, "samples": n, "keys": dict(keys), "bad": bad, "order": order,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from omnimask.errors import DataError
+from omnimask.safeio import atomic_write_bytes, fsync_path, sha256_file
 
 from .schema import SCHEMA_VERSION, manifest_fault
 
@@ -57,38 +57,9 @@ def _is_shard_name(name, split: str) -> bool:
     return isinstance(name, str) and re.fullmatch(re.escape(split) + r"-\d{6}\.tar", name) is not None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Best effort: make renames in ``path`` durable (not every filesystem allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    # a fresh, exclusively created temp file: a planted symlink at a fixed name is never followed
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
@@ -192,7 +163,7 @@ def _roll_forward(directory: Path, split: str, stage: Path) -> bool:
     for n in names:
         if (stage / n).is_file():
             os.replace(stage / n, directory / n)
-    _fsync_dir(directory)
+    fsync_path(directory)
     update_manifest(directory, split, entry)
     _remove_stale(directory, split, stale, set(names))
     log.warning("finished the interrupted write of split %r in %s", split, directory)
@@ -280,7 +251,7 @@ class ShardSink:
         self._file.close()  # type: ignore[union-attr]
         path = self._path
         self.shards.append({"name": path.name, "samples": self._count,  # type: ignore[union-attr]
-                            "bytes": path.stat().st_size, "sha256": _sha256(path)})  # type: ignore[union-attr]
+                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})  # type: ignore[union-attr]
         self._writer = None
 
     def write(self, sample: dict) -> None:
@@ -350,7 +321,7 @@ class ShardSink:
                 for n in names:
                     os.replace(self.stage / n, self.dir / n)
                     moved.append(n)
-                _fsync_dir(self.dir)
+                fsync_path(self.dir)
                 update_manifest(self.dir, self.split, self.entry)
             except BaseException:
                 if not self._manifest_is_new():
@@ -359,7 +330,7 @@ class ShardSink:
                             os.replace(backup / n, self.dir / n)
                         else:
                             (self.dir / n).unlink(missing_ok=True)
-                    _fsync_dir(self.dir)
+                    fsync_path(self.dir)
                     (self.stage / COMMIT).unlink(missing_ok=True)
                     raise
             _remove_stale(self.dir, self.split, stale, set(names))
