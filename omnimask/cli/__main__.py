@@ -1,0 +1,7 @@
+"""``python -m omnimask.cli``: the ``omnimask`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""``omnimask tokenizer train|eval``: the per-modality tokenizers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import OmnimaskError
+from .common import QUIET, _check_out_dir, _write_json
+
+
+def cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from ..registry import TOKENIZERS
+
+    overrides = list(a.overrides) + ([f"kind={a.codebook}"] if a.codebook else [])
+    if a.codebook and a.kind != "speech":
+        raise OmnimaskError("--kind (bestrq|kmeans) applies to speech tokenizers only")
+    _check_out_dir(a.out, "--out")
+    res = TOKENIZERS.get(a.kind).train(a.data, a.out, overrides, progress=not a.quiet)
+    print(", ".join(f"{k}: {v}" for k, v in res.items()))
+    return 0
+
+
+def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
+    from ..registry import TOKENIZERS
+
+    kwargs = {}
+    if a.kind == "image":  # the reconstruction grid goes beside the JSON
+        kwargs["grid"] = str(Path(a.out).with_suffix("")) + "_recon.png" if a.out else None
+    res = TOKENIZERS.get(a.kind).evaluate(a.tokenizer, a.data, progress=not a.quiet, **kwargs)
+    res = {"task": f"tokenizer-{a.kind}", "tokenizer": a.tokenizer, "data": a.data, "metrics": res}
+    _write_json(res, a.out)
+    if a.out:
+        print(", ".join(f"{k}: {v}" for k, v in res["metrics"].items()))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    tk = sub.add_parser("tokenizer", help="train and evaluate the per-modality tokenizers")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+    tt = tsub.add_parser("train", parents=[QUIET], help="train a tokenizer on shards",
+                         description="Train a tokenizer; key=value overrides set its config "
+                                     "(text: vocab_size, min_frequency, num_sentinels, "
+                                     "from_file=tokenizer.json to reuse an existing one; speech: "
+                                     "codebook_size, stack, seed, iterations, max_frames; image: "
+                                     "max_minutes, max_steps, batch_size, lr, vq.codebook_size, "
+                                     "vq.channels, vq.ema, ...). Image training resumes from "
+                                     "OUT/checkpoints when present.")
+    tt.add_argument("kind", choices=["text", "image", "speech"], help="which modality")
+    tt.add_argument("--kind", dest="codebook", choices=["bestrq", "kmeans"],
+                    help="speech codebook: frozen BEST-RQ projection or k-means units")
+    tt.add_argument("--data", nargs="+", required=True, help="training shards")
+    tt.add_argument("--out", required=True, help="output directory")
+    tt.add_argument("overrides", nargs="*", help="key=value config overrides")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+    te = tsub.add_parser("eval", parents=[QUIET], help="evaluate a tokenizer on held-out shards")
+    te.add_argument("kind", choices=["text", "image", "speech"], help="which modality")
+    te.add_argument("--tokenizer", required=True, help="directory written by tokenizer train")
+    te.add_argument("--data", nargs="+", required=True, help="held-out shards")
+    te.add_argument("--out", help="write the metrics JSON here (default: print it)")
+    te.set_defaults(fn=cmd_tokenizer_eval)
