@@ -1,14 +1,23 @@
-"""The training loop: mixed precision, accumulation, clipping, AdamW, cosine schedule, EMA,
+"""The one training loop (pretraining, the VQ image tokenizer, the shape judge): mixed
+precision, accumulation, clipping, AdamW or Adam, warmup + cosine by steps or by time, EMA,
 checkpoints that survive SIGKILL, signals, non-finite losses, and logs.
 
 The loop asks ``make_batch(step, micro)`` for its data and ``loss_fn(name, batch)`` for a
 loss dict; it knows nothing about objectives. Every step re-seeds the global RNGs from
 (seed, step), and ``make_batch`` draws from generators seeded the same way, so step ``s``
 computes the same thing whether the run was resumed or not: a resumed run repeats the
-losses of an unbroken one exactly (tested with SIGKILL).
+losses of an unbroken one exactly (tested with SIGKILL). A data source that keeps state
+instead (``data=``: ``make_batch`` plus ``state_dict``/``load_state_dict``) has that state
+stored in every checkpoint and restored on resume.
+
+Hooks: ``parallelize(model)`` wraps the model before the optimizer is built (identity by
+default; the distributed issue fills it with DDP/FSDP), ``after_step(step, outputs)`` runs
+after each applied optimizer step with the micro-batches' loss dicts and may return extra
+metrics for that step's row (the VQ's codebook usage).
 
 Checkpoints (``train/checkpoint.py``): weights as safetensors; optimizer, schedule
-(warmup and total steps: a resumed run keeps the schedule it started with), step, EMA,
+(warmup, total steps, by steps or time and the time budget: a resumed run keeps the
+schedule it started with), step, EMA, the data source's state,
 counters and every RNG state in ``state.safetensors`` (no pickle); written to a temporary
 folder, fsynced, renamed into place, ``COMPLETE`` marker (with checksums) last; the last
 ``keep`` are kept; a damaged newest one is skipped for the previous. Saved every
@@ -41,6 +50,7 @@ from omnimask.config import check_fields
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.runlock import RunLock
 from omnimask.safeio import atomic_write_bytes
+from omnimask.stopsignals import StopSignals
 
 from . import checkpoint as ckpt
 
@@ -49,8 +59,10 @@ log = logging.getLogger("omnimask.trainer")
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000  # with schedule_by=time: a cap, 0 for none
     max_minutes: float = 0.0  # > 0: stop (with a checkpoint) after this much training time
+    schedule_by: str = "steps"  # steps | time (the cosine follows elapsed / max_minutes)
+    optimizer: str = "adamw"  # adamw | adam (weight_decay is then an L2 penalty)
     batch_size: int = 32
     accumulate: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4
@@ -74,12 +86,21 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         p = "trainer."  # where it sits in a pretraining config: errors name the full key
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"{p}precision must be auto|fp32|bf16, got {self.precision!r}")
-        check_fields(self, ">=1", "max_steps", "batch_size", "accumulate", "checkpoint_every",
+        for key, allowed in (("precision", ("auto", "fp32", "bf16")),
+                             ("schedule_by", ("steps", "time")), ("optimizer", ("adamw", "adam"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{p}{key} must be {'|'.join(allowed)}, got "
+                                 f"{getattr(self, key)!r}")
+        check_fields(self, ">=1", "batch_size", "accumulate", "checkpoint_every",
                      "keep", "log_every", "max_nonfinite", prefix=p)
-        check_fields(self, ">=0", "max_minutes", "warmup_steps", "weight_decay", "clip",
-                     "eval_every", "threads", prefix=p)
+        check_fields(self, ">=0", "max_steps", "max_minutes", "warmup_steps", "weight_decay",
+                     "clip", "eval_every", "threads", prefix=p)
+        if self.schedule_by == "steps" and self.max_steps < 1:
+            raise ValueError(f"{p}max_steps must be >= 1 with schedule_by=steps, got "
+                             f"{self.max_steps}")
+        if self.schedule_by == "time" and not self.max_minutes > 0:
+            raise ValueError(f"{p}max_minutes must be > 0 with schedule_by=time, got "
+                             f"{self.max_minutes}")
         check_fields(self, ">0", "lr", prefix=p)
         check_fields(self, "[0,1]", "min_lr_ratio", prefix=p)
         check_fields(self, "[0,1)", "ema", prefix=p)
@@ -99,10 +120,14 @@ def step_seed(seed: int, step: int, micro: int = 0) -> int:
     return (seed * 1_000_003 + step * 4099 + micro) % (2**63 - 1)
 
 
-def lr_at(cfg: TrainerConfig, step: int, total: int, warmup: int) -> float:
+def lr_at(cfg: TrainerConfig, step: int, total: int, warmup: int,
+          progress: float | None = None) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine to ``lr * min_lr_ratio`` over the
+    steps up to ``total``, or by ``progress`` (elapsed / budget) for a time schedule."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    t = (step - warmup) / max(1, total - warmup) if progress is None else progress
+    t = min(1.0, t)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -124,6 +149,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim < 2 or id(p) in emb else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(cfg: TrainerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or Adam (decay as an L2 penalty) over ``param_groups``."""
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def _scalar(v) -> bool:
+    """A loss-dict entry the rows log: a number or a one-element tensor."""
+    return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
 
 
 def rng_state() -> dict:
@@ -198,28 +234,51 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str)
 
 
 class Trainer:
+    """``make_batch(step, micro) -> (name, batch)`` (a pure function of the step), or
+    ``data``: an object with that ``make_batch`` and ``state_dict()``/``load_state_dict()``,
+    its state kept in the checkpoints. ``loss_fn(name, batch)`` returns ``loss``, optionally
+    ``units`` (counted for the throughput, ``<units>_per_s``), scalar metrics (logged,
+    averaged over micro-batches) and anything else (not logged; ``after_step`` sees it).
+    ``desc`` labels the progress bar."""
+
     def __init__(self, cfg: TrainerConfig, run_dir: str | os.PathLike, model: torch.nn.Module,
-                 make_batch: Callable[[int, int], tuple[str, dict]],
-                 loss_fn: Callable[[str, dict], dict],
+                 make_batch: Callable[[int, int], tuple[str, dict]] | None = None,
+                 loss_fn: Callable[[str, dict], dict] | None = None,
                  evaluate: Callable[[torch.nn.Module], dict] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, *, data=None,
+                 parallelize: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 after_step: Callable[[int, list[dict]], dict | None] | None = None,
+                 desc: str = "pretrain", units: str = "tokens") -> None:
+        if (make_batch is None) == (data is None):
+            raise TypeError("Trainer needs make_batch or data, not both")
+        if data is not None and not all(callable(getattr(data, a, None)) for a in
+                                        ("make_batch", "state_dict", "load_state_dict")):
+            raise TypeError(f"data ({type(data).__name__}) needs make_batch, state_dict and "
+                            "load_state_dict")
+        if loss_fn is None:
+            raise TypeError("Trainer needs loss_fn")
         self.cfg, self.run = cfg, Path(run_dir)
         self.run.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device)
-        self.make_batch, self.loss_fn, self.evaluate = make_batch, loss_fn, evaluate
-        self.progress = progress
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                     betas=tuple(cfg.betas))
-        self.ema = ({k: v.detach().clone().float() for k, v in weights(model).items()
+        model = model.to(self.device)
+        # the distributed issue fills this (DDP/FSDP); the optimizer sees what it returns
+        self.model = parallelize(model) if parallelize is not None else model
+        self.data = data
+        self.make_batch = data.make_batch if data is not None else make_batch
+        self.loss_fn, self.evaluate, self.after_step = loss_fn, evaluate, after_step
+        self.progress, self.desc, self.units = progress, desc, units
+        self.opt = make_optimizer(cfg, self.model)
+        self.ema = ({k: v.detach().clone().float() for k, v in weights(self.model).items()
                      if v.is_floating_point()} if cfg.ema > 0 else None)
         self.step = 0
-        self.schedule = {"warmup": cfg.warmup_steps, "total": cfg.max_steps}
+        self.schedule = {"warmup": cfg.warmup_steps, "total": cfg.max_steps,
+                         "by": cfg.schedule_by, "minutes": cfg.max_minutes}
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self.elapsed = 0.0
-        self._signal: str | None = None
+        self.clock = time.perf_counter  # tests substitute a fake clock
+        self._stop: StopSignals | None = None
         self._val_logged: set[int] = set()  # steps whose validation row metrics.jsonl holds
         self.restored: Path | None = None  # the checkpoint this run resumed from
         self.tb = None
@@ -233,17 +292,32 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    # -- schedule ----------------------------------------------------------------------------
+    @property
+    def budget_s(self) -> float:
+        """The training-time budget in seconds (0: none): the schedule's own with
+        schedule_by=time, else ``max_minutes`` of this run's config."""
+        by_time = self.schedule["by"] == "time"
+        return 60 * (self.schedule["minutes"] if by_time else self.cfg.max_minutes)
+
+    def lr(self) -> float:
+        s = self.schedule
+        progress = self.elapsed / self.budget_s if s["by"] == "time" else None
+        return lr_at(self.cfg, self.step, s["total"], s["warmup"], progress)
+
     # -- checkpoints -------------------------------------------------------------------------
     @property
     def ckpt_dir(self) -> Path:
         return self.run / "checkpoints"
 
     def state(self) -> dict:
+        data = {"seed": self.cfg.seed, "step": self.step}
+        if self.data is not None:
+            data["source"] = self.data.state_dict()
         return {"step": self.step, "optimizer": self.opt.state_dict(),
                 "schedule": dict(self.schedule), "nonfinite": dict(self.nonfinite),
                 "elapsed": self.elapsed, "rng": rng_state(), "ema": self.ema,
-                "data": {"seed": self.cfg.seed, "step": self.step},
-                "config": asdict(self.cfg)}
+                "data": data, "config": asdict(self.cfg)}
 
     def save(self) -> Path:
         path = ckpt.save(self.ckpt_dir, self.step, weights(self.model), self.state(),
@@ -265,17 +339,27 @@ class Trainer:
             if not (path / ckpt.MARKER).is_file():
                 raise OmnimaskError(f"trainer.resume: no complete checkpoint at {path}")
             sd, st = ckpt.load(path)
-        load_weights(self.model, sd, str(path))
-        self.opt.load_state_dict(st["optimizer"])
-        self.step, self.schedule = st["step"], st["schedule"]
-        self.nonfinite, self.elapsed = st["nonfinite"], st["elapsed"]
-        self.ema = st["ema"]
         if st["data"]["seed"] != self.cfg.seed:
             raise OmnimaskError(f"{path} was trained with seed {st['data']['seed']}, this run "
                                 f"has trainer.seed={self.cfg.seed}")
-        if self.cfg.max_steps != self.schedule["total"]:
-            log.warning("resuming with the schedule of the checkpoint (%d steps), not "
-                        "trainer.max_steps=%d", self.schedule["total"], self.cfg.max_steps)
+        if (self.data is not None) != ("source" in st["data"]):
+            raise OmnimaskError(f"{path} was trained {'with' if self.data is None else 'without'}"
+                                " a stateful data source, this run has "
+                                f"{'none' if self.data is None else 'one'}: start a new run")
+        load_weights(self.model, sd, str(path))
+        self.opt.load_state_dict(st["optimizer"])
+        self.step = st["step"]
+        self.schedule = {"by": "steps", "minutes": 0.0, **st["schedule"]}  # older: by steps
+        self.nonfinite, self.elapsed = st["nonfinite"], st["elapsed"]
+        self.ema = st["ema"]
+        if self.data is not None:
+            self.data.load_state_dict(st["data"]["source"])
+        want = {"total": self.cfg.max_steps, "by": self.cfg.schedule_by}
+        if self.cfg.schedule_by == "time":
+            want["minutes"] = self.cfg.max_minutes
+        if any(self.schedule[k] != v for k, v in want.items()):
+            log.warning("resuming with the schedule of the checkpoint (%s), not this config's "
+                        "(%s)", _schedule_words(self.schedule), _schedule_words(want))
         set_rng_state(st["rng"])
         self.restored = path
         self._truncate_metrics(self.step)
@@ -301,17 +385,6 @@ class Trainer:
                 if row.get("split") == "val":
                     self._val_logged.add(row.get("step"))
         atomic_write_bytes(p, "".join(ln + "\n" for ln in keep).encode())
-
-    # -- signals -----------------------------------------------------------------------------
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signal.Signals(signum).name
-
-    def _install(self) -> dict:
-        old = {}
-        for s in (signal.SIGUSR2, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: cannot catch here
-                old[s] = signal.signal(s, self._on_signal)
-        return old
 
     # -- logging -----------------------------------------------------------------------------
     def log_row(self, row: dict) -> None:
@@ -368,11 +441,12 @@ class Trainer:
     def _train_step(self) -> dict:
         cfg = self.cfg
         seed_everything(step_seed(cfg.seed, self.step))
-        lr = lr_at(cfg, self.step, self.schedule["total"], self.schedule["warmup"])
+        lr = self.lr()
         for g in self.opt.param_groups:
             g["lr"] = lr
         logs: dict = {}
-        tokens, finite, name = 0, True, ""
+        outputs: list[dict] = []
+        count, finite, name = 0, True, ""
         for micro in range(cfg.accumulate):
             name, batch = self.make_batch(self.step, micro)
             with self.autocast():
@@ -382,9 +456,10 @@ class Trainer:
                 finite = False
                 break
             (loss / cfg.accumulate).backward()
-            tokens += int(out.get("tokens", 0))
+            outputs.append(out)
+            count += int(out.get(self.units, 0))
             for k, v in out.items():
-                if k not in ("loss", "tokens"):
+                if k not in ("loss", self.units) and _scalar(v):
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.accumulate
             logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / cfg.accumulate
         gnorm = None
@@ -393,20 +468,23 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else
                                                    float("inf"))
             finite = bool(torch.isfinite(gnorm))
+        extra = None
         if finite:
             self.opt.step()
             self._update_ema()
             self.nonfinite["in_a_row"] = 0
+            if self.after_step is not None:
+                extra = self.after_step(self.step + 1, outputs)
         else:
             self.nonfinite["total"] += 1
             self.nonfinite["in_a_row"] += 1
         self.opt.zero_grad(set_to_none=True)
         row = {"step": self.step + 1, "split": "train", "objective": name, "lr": lr,
-               "tokens": tokens, **({k: round(v, 6) for k, v in logs.items()} if finite else
-                                    {"skipped": "non-finite loss or gradient"})}
+               self.units: count, **({k: round(v, 6) for k, v in logs.items()} if finite else
+                                     {"skipped": "non-finite loss or gradient"})}
         if gnorm is not None and finite:
             row["grad_norm"] = round(float(gnorm), 4)
-        return row
+        return {**row, **(extra or {})}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -417,36 +495,47 @@ class Trainer:
                 self.ema[k].mul_(self.cfg.ema).add_(v.detach().float(), alpha=1 - self.cfg.ema)
 
     def fit(self) -> dict:
-        """Train to ``max_steps`` (or the time budget, or a signal); returns a summary."""
+        """Train to the schedule's end (or the time budget, or a signal); returns a summary."""
         with RunLock(self.run):
             return self._fit()
+
+    def _bar(self) -> tuple[tqdm, Callable[[], int]]:
+        """The progress bar and where it stands: steps, or seconds of the budget for a time
+        schedule without a step cap."""
+        by_time = self.schedule["by"] == "time" and not self.schedule["total"]
+        bar = tqdm(total=int(self.budget_s) if by_time else self.schedule["total"],
+                   initial=int(self.elapsed) if by_time else self.step, desc=self.desc,
+                   unit="s" if by_time else "step", disable=not self.progress,
+                   dynamic_ncols=True)
+        return bar, (lambda: int(self.elapsed)) if by_time else (lambda: self.step)
 
     def _fit(self) -> dict:
         cfg = self.cfg
         resumed = self.restore()
         self._open_tb()
-        old = self._install()
+        self._stop = StopSignals()
         self.model.train()
         status, last_good = "done", self.restored
         if not resumed:
             self.run_eval()
-        total = self.schedule["total"]
-        bar = tqdm(total=total, initial=self.step, desc="pretrain", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        t_start, tok_window, t_window = time.perf_counter() - self.elapsed, 0, time.perf_counter()
+        total = self.schedule["total"]  # 0: none (a time schedule)
+        bar, at = self._bar()
+        per = f"{self.units}_per_s"
+        t_start = self.clock() - self.elapsed
+        count_window, t_window = 0, self.clock()
         kill_at = int(os.environ.get("OMNIMASK_TEST_SIGKILL_AT", "-1"))  # tests: a preemption
         try:
-            while self.step < total:
-                if self._signal:
-                    status = f"interrupted by {self._signal}"
+            while not total or self.step < total:
+                if self._stop.signal:
+                    status = f"interrupted by {self._stop.signal}"
                     break
-                if cfg.max_minutes and self.elapsed >= cfg.max_minutes * 60:
+                if self.budget_s and self.elapsed >= self.budget_s:
                     status = "time budget reached"
                     break
                 row = self._train_step()
                 self.step += 1
-                self.elapsed = time.perf_counter() - t_start
-                tok_window += row["tokens"]
+                self.elapsed = self.clock() - t_start
+                count_window += row[self.units]
                 if "skipped" in row:
                     log.warning("step %d: non-finite loss (%s); skipped (%d in a row)", self.step,
                                 row["objective"], self.nonfinite["in_a_row"])
@@ -456,18 +545,19 @@ class Trainer:
                             f"step {self.step} (objective {row['objective']}); stopped. Last "
                             f"good checkpoint: {last_good or 'none'} (left intact)")
                 if self.step % cfg.log_every == 0 or self.step == total:
-                    dt = time.perf_counter() - t_window
-                    row["tokens_per_s"] = round(tok_window / dt, 1) if dt > 0 else 0.0
-                    tok_window, t_window = 0, time.perf_counter()
+                    dt = self.clock() - t_window
+                    row[per] = round(count_window / dt, 1) if dt > 0 else 0.0
+                    row["elapsed_s"] = round(self.elapsed, 1)
+                    count_window, t_window = 0, self.clock()
                     bar.set_postfix(obj=row["objective"], loss=f"{row.get('loss', float('nan')):.3f}",
-                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                                    **{per: f"{row[per]:.0f}"})
                 self.log_row(row)
-                bar.update(1)
+                bar.update(at() - bar.n)
                 if kill_at == self.step:
                     os.kill(os.getpid(), signal.SIGKILL)  # tests: die like a preempted node
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != total:
                     self.run_eval()
-                if self.step % cfg.checkpoint_every == 0 and self.step < total:
+                if self.step % cfg.checkpoint_every == 0 and self.step != total:
                     last_good = self.save()
             bar.close()  # before the final evaluation prints anything
             if not status.startswith("interrupted") and self.step not in self._val_logged:
@@ -477,9 +567,15 @@ class Trainer:
                 last_good = self.save()
         finally:
             bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+            self._stop.restore()
             if self.tb is not None:
                 self.tb.close()
         return {"status": status, "step": self.step, "elapsed_s": round(self.elapsed, 1),
                 "checkpoint": str(last_good), "nonfinite_skipped": self.nonfinite["total"]}
+
+
+def _schedule_words(s: dict) -> str:
+    if s.get("by") == "time":
+        cap = f", at most {s['total']} steps" if s.get("total") else ""
+        return f"{s['minutes']:g} minutes{cap}"
+    return f"{s['total']} steps"

@@ -1,15 +1,20 @@
-"""The trainer on a tiny regression model: skips, stops, signals, schedule, EMA, groups."""
+"""The trainer on a tiny regression model: skips, stops, signals, schedule, EMA, groups, and
+the options the small models use (time schedule, Adam, hooks, a stateful data source)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 from torch import nn
 
+from omnimask.errors import OmnimaskError
 from omnimask.train import checkpoint as ckpt
 from omnimask.train.trainer import (
     NonFiniteLoss,
@@ -188,3 +193,161 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         assert len(seen) == acc
         grads.append(sum(seen))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def _clocked(tmp_path, stop_at=None, **kw):
+    """A time-scheduled trainer whose every step takes one second of a fake clock."""
+    t = _trainer(tmp_path, **{"schedule_by": "time", "max_steps": 0, "max_minutes": 0.25, **kw})
+    now = [0.0]
+    t.clock = lambda: now[0]
+    inner = t.loss_fn
+
+    def fn(name, b):
+        now[0] += 1.0
+        if t.step == stop_at:
+            os.kill(os.getpid(), signal.SIGUSR2)  # a preemption notice mid-step
+        return inner(name, b)
+
+    t.loss_fn = fn
+    return t
+
+
+def test_time_schedule_follows_elapsed_over_budget_and_resumes_on_it(tmp_path):
+    full = _clocked(tmp_path / "full")
+    assert full.fit()["status"] == "time budget reached"
+    rows = _rows(tmp_path / "full")
+    assert len(rows) == 15  # 15 s budget, 1 s a step
+    cfg = full.cfg
+    want = [lr_at(cfg, s, 0, 2, progress=s / 15) for s in range(15)]
+    assert [r["lr"] for r in rows] == pytest.approx(want)
+    assert want[:2] == [0.005, 0.01]  # warmup by steps, then the cosine by elapsed / budget
+    assert want[7] == pytest.approx(0.005 * (1 + math.cos(math.pi * 7 / 15)))
+    _, st = ckpt.load(ckpt.latest(tmp_path / "full" / "checkpoints"))
+    assert st["schedule"] == {"warmup": 2, "total": 0, "by": "time", "minutes": 0.25}
+    # stopped at step 6, resumed with another budget: the checkpoint's budget and clock win
+    part = _clocked(tmp_path / "part", stop_at=5)
+    assert part.fit()["status"] == "interrupted by SIGUSR2"
+    rest = _clocked(tmp_path / "part", max_minutes=5.0)
+    assert rest.fit()["step"] == 15
+    assert _rows(tmp_path / "part") == rows
+    for k, v in weights(full.model).items():
+        assert torch.equal(v, weights(rest.model)[k])
+    with pytest.raises(ValueError, match="trainer.max_minutes must be > 0 with schedule_by=time"):
+        TrainerConfig(schedule_by="time")
+    with pytest.raises(ValueError, match="trainer.max_steps must be >= 1 with schedule_by=steps"):
+        TrainerConfig(max_steps=0)
+
+
+def test_optimizer_choice_adam_or_adamw(tmp_path):
+    assert type(_trainer(tmp_path / "w").opt) is torch.optim.AdamW
+    t = _trainer(tmp_path / "a", optimizer="adam", betas=[0.8, 0.9], max_steps=1,
+                 warmup_steps=1, clip=0, weight_decay=0.0)
+    assert type(t.opt) is torch.optim.Adam and t.opt.defaults["betas"] == (0.8, 0.9)
+    ref = copy.deepcopy(t.model)
+    t.fit()
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    _, b = _batches()(0, 0)
+    _loss(ref)("reg", b)["loss"].backward()
+    opt.step()
+    for k, v in weights(ref).items():
+        torch.testing.assert_close(weights(t.model)[k], v)
+    with pytest.raises(ValueError, match="trainer.optimizer must be adamw|adam, got 'sgd'"):
+        TrainerConfig(optimizer="sgd")
+
+
+def test_parallelize_wraps_once_before_the_optimizer_and_the_wrapper_trains(tmp_path):
+    calls = []
+
+    def parallelize(model):
+        calls.append(model)
+        return copy.deepcopy(model)  # a wrapper: other parameters than the model given
+
+    torch.manual_seed(0)
+    m = Tiny()
+    before = copy.deepcopy(weights(m))
+    box = {}
+    cfg = TrainerConfig(max_steps=4, lr=1e-2, warmup_steps=1, eval_every=0,
+                        tensorboard=False, device="cpu")
+    t = Trainer(cfg, tmp_path, m, _batches(), lambda n, b: _loss(box["t"].model)(n, b),
+                progress=False, parallelize=parallelize)
+    box["t"] = t
+    assert len(calls) == 1 and calls[0] is m and t.model is not m
+    held = {id(p) for g in t.opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in t.model.parameters()}  # built on what parallelize returned
+    t.fit()
+    assert len(calls) == 1
+    assert all(torch.equal(v, before[k]) for k, v in weights(m).items())
+    assert not torch.equal(weights(t.model)["lin.weight"], before["lin.weight"])
+    _, st = ckpt.load(ckpt.latest(tmp_path / "checkpoints"))
+    assert st["step"] == 4
+
+
+class Source:
+    """Batches from its own generator: the state a checkpoint must carry."""
+
+    def __init__(self) -> None:
+        self.gen, self.served = torch.Generator().manual_seed(1), 0
+
+    def make_batch(self, step, micro):
+        self.served += 1
+        x = torch.randn(8, 4, generator=self.gen)
+        return "reg", {"x": x, "y": x.sum(1, keepdim=True)}
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "served": self.served}
+
+    def load_state_dict(self, st):
+        self.gen.set_state(st["gen"])
+        self.served = st["served"]
+
+
+def _sourced(run, **kw):
+    torch.manual_seed(0)
+    m = Tiny()
+    cfg = TrainerConfig(**{"max_steps": 12, "lr": 1e-2, "warmup_steps": 2, "keep": 3,
+                           "checkpoint_every": 5, "eval_every": 0, "tensorboard": False,
+                           "device": "cpu", **kw})
+    return Trainer(cfg, run, m, loss_fn=_loss(m), progress=False, data=Source())
+
+
+def test_stateful_data_source_state_is_checkpointed_and_restored_exactly(tmp_path):
+    full = _sourced(tmp_path / "a")
+    full.fit()
+    killed = _sourced(tmp_path / "b")
+    killed.fit()
+    ck = tmp_path / "b" / "checkpoints"
+    assert ckpt.load(ck / "step_00000005")[1]["data"]["source"]["served"] == 5
+    for p in ckpt.complete(ck)[1:]:  # a kill lost everything after step 5
+        shutil.rmtree(p)
+    resumed = _sourced(tmp_path / "b")  # a new process: a fresh source
+    resumed.fit()
+    assert resumed.data.served == 12  # 5 restored + 7 drawn, not 12 + 7
+    assert [r["reg"] for r in _rows(tmp_path / "a")] == [r["reg"] for r in _rows(tmp_path / "b")]
+    for k, v in weights(full.model).items():
+        assert torch.equal(v, weights(resumed.model)[k])
+    plain = _trainer(tmp_path / "b")  # the same run resumed without its source
+    with pytest.raises(OmnimaskError, match="with a stateful data source, this run has none"):
+        plain.fit()
+    with pytest.raises(TypeError, match="needs make_batch, state_dict and load_state_dict"):
+        Trainer(TrainerConfig(), tmp_path / "c", Tiny(), loss_fn=_loss(Tiny()), data=object())
+
+
+def test_after_step_sees_each_applied_step_and_adds_to_its_row(tmp_path):
+    seen = []
+
+    def after(step, outputs):
+        seen.append((step, [tuple(o["ids"].shape) for o in outputs]))
+        return {"extra": step * 2} if step % 2 == 0 else None
+
+    torch.manual_seed(0)
+    m = Tiny()
+    inner = _loss(m)
+    cfg = TrainerConfig(max_steps=6, accumulate=2, lr=1e-2, warmup_steps=1, eval_every=0,
+                        tensorboard=False, device="cpu")
+    Trainer(cfg, tmp_path, m, _batches(poison={3}),
+            lambda n, b: {**inner(n, b), "ids": torch.arange(3)},  # not a scalar: not logged
+            progress=False, after_step=after).fit()
+    assert seen == [(s, [(3,), (3,)]) for s in (1, 2, 3, 5, 6)]  # step 4 was skipped
+    rows = _rows(tmp_path)
+    assert [r.get("extra") for r in rows] == [None, 4, None, None, None, 12]
+    assert all("ids" not in r for r in rows)
