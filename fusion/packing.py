@@ -1,10 +1,15 @@
 """Padding-free packing of multimodal samples (the trunk's input format).
 
-A sample is a list of :class:`Segment` (a caption, an image's VQ codes or patch features,
-a spoken caption's units or frames). :func:`pack` concatenates every segment of every
+A sample is a list of :class:`Segment` (a caption, an image's VQ codes, patch features or
+pixels, a spoken caption's units or frames). :func:`pack` concatenates every segment of every
 sample into one sequence of ``T`` positions and describes it with flat tensors; ``cu_seqlens``
 marks where each sample starts, so attention never crosses samples. Everything here is a
 pure function of its inputs.
+
+Continuous inputs sit at ``feature_index[m]``: either feature rows (``features[m]``, one per
+position) or raw inputs (``pixels[m]``: one uint8 image per segment, which the model's
+encoder turns into that segment's ``grid`` tokens in raster order). One modality of one
+batch is given one way, never both, so ``feature_index[m]`` always lines up with one.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ class Segment:
     grid: tuple[int, int] | None = None  # (rows, cols) for 2-D positions; rows * cols == n
     targets: torch.Tensor | None = None  # [n] ids to predict, IGNORE elsewhere
     rc: torch.Tensor | None = None  # [n, 2] explicit (row, col), -1 off-grid (CM3 reorders)
+    # [3, H, W] uint8: an image the model's encoder turns into grid[0] * grid[1] tokens
+    pixels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"unknown modality {self.modality!r}; known: {', '.join(MODALITIES)}")
-        if (self.ids is None) == (self.features is None):
-            raise ValueError("a segment has either ids or features, not both or neither")
+        if sum(x is not None for x in (self.ids, self.features, self.pixels)) != 1:
+            raise ValueError("a segment has either ids or features (or pixels): exactly one")
+        if self.pixels is not None:
+            if self.grid is None:
+                raise ValueError("a pixels segment needs its token grid (rows, cols)")
+            if self.pixels.dtype != torch.uint8 or self.pixels.ndim != 3:
+                raise ValueError(f"pixels must be uint8 [3, H, W], got {self.pixels.dtype} "
+                                 f"{tuple(self.pixels.shape)}")
         n = len(self)
         if n == 0:
             raise ValueError(f"empty {self.modality} segment")
@@ -45,6 +58,8 @@ class Segment:
             raise ValueError(f"targets must be [{n}], got {tuple(self.targets.shape)}")
 
     def __len__(self) -> int:
+        if self.pixels is not None:
+            return self.grid[0] * self.grid[1]
         return len(self.ids) if self.ids is not None else self.features.shape[0]
 
 
@@ -60,6 +75,9 @@ class PackedBatch:
     max_seqlen: int
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [n_m, d_m]
     feature_index: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [n_m]
+    # modality -> [k_m, 3, H, W] uint8, one per segment given as pixels; their tokens (n_m /
+    # k_m each, raster order) fill feature_index[m] in the same order
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -82,7 +100,8 @@ class PackedBatch:
             "ids", "modality", "segment", "position", "position_2d", "targets", "cu_seqlens")}
         return PackedBatch(**mv, max_seqlen=self.max_seqlen,
                            features={m: v.to(device) for m, v in self.features.items()},
-                           feature_index={m: v.to(device) for m, v in self.feature_index.items()})
+                           feature_index={m: v.to(device) for m, v in self.feature_index.items()},
+                           pixels={m: v.to(device) for m, v in self.pixels.items()})
 
 
 def pack(samples: list[list[Segment]]) -> PackedBatch:
@@ -91,6 +110,7 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
         raise ValueError("pack needs at least one sample and every sample a segment")
     ids, mod, seg, pos, pos2, tgt, lens = [], [], [], [], [], [], []
     feats: dict[str, list[torch.Tensor]] = {}
+    pix: dict[str, list[torch.Tensor]] = {}
     fidx: dict[str, list[torch.Tensor]] = {}
     offset = 0
     for sample in samples:
@@ -102,7 +122,12 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
                 ids.append(s.ids.long())
             else:
                 ids.append(torch.full((n,), -1, dtype=torch.long))
-                feats.setdefault(s.modality, []).append(s.features)
+                raw = s.pixels is not None
+                if s.modality in (feats if raw else pix):
+                    raise ValueError(f"{s.modality} segments given both as features and as "
+                                     "pixels in one batch; use one input form per modality")
+                (pix if raw else feats).setdefault(s.modality, []).append(
+                    s.pixels if raw else s.features)
                 fidx.setdefault(s.modality, []).append(ar + offset + length)
             mod.append(torch.full((n,), MODALITIES.index(s.modality), dtype=torch.long))
             seg.append(torch.full((n,), k, dtype=torch.long))
@@ -118,6 +143,10 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
             length += n
         lens.append(length)
         offset += length
+    for m, v in pix.items():
+        if len({tuple(x.shape) for x in v}) > 1:
+            raise ValueError(f"{m} pixels of one batch differ in size: "
+                             f"{sorted({tuple(x.shape) for x in v})}")
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     return PackedBatch(
@@ -125,7 +154,8 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
         position=torch.cat(pos), position_2d=torch.cat(pos2), targets=torch.cat(tgt),
         cu_seqlens=cu, max_seqlen=max(lens),
         features={m: torch.cat(v) for m, v in feats.items()},
-        feature_index={m: torch.cat(v) for m, v in fidx.items()})
+        feature_index={m: torch.cat(v) for m, v in fidx.items()},
+        pixels={m: torch.stack(v) for m, v in pix.items()})
 
 
 def sample_index(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ heads loads into a model with others (strict on the encoder, the new heads initi
 fresh and listed, as timm's ``pretrained_strict=False`` + ``reset_classifier``).
 
 The encoder: the modality embedders (``modalities/<m>/embedder.py``: projection, LayerNorm
-and mask embedding for image features and speech frames, the speech convolutional position
-embedding, the VQ codebook for codes-as-features), the trunk (``fusion/trunk.py``, with the
+and mask embedding for image features and speech frames, the trainable pixel encoder for
+``image_input=pixels``, the speech convolutional position embedding, the VQ codebook for
+codes-as-features), the trunk (``fusion/trunk.py``, with the
 vocabulary head tied to the token embeddings) and UNITER's pooler (Linear + tanh on each
 sample's first token, shared by ITM, ITC and VQA, as in BERT). Token ids (text, VQ codes,
 speech units: one shared vocabulary) go through the trunk's embedding; continuous inputs
@@ -39,11 +40,20 @@ from omnimask.config import check_fields
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.fusion.packing import PackedBatch
 from omnimask.fusion.trunk import Trunk, TrunkConfig
+from omnimask.modalities.image.encoder import ImageEncoderConfig
+
+IMAGE_INPUTS = ("pixels", "vq_latents", "patch_encoder")
 
 
 @dataclass
 class ModelConfig:
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    # what the trunk reads of an image: "pixels" (uint8, through ``image_encoder``, trained
+    # with the trunk) or frozen feature rows: "vq_latents" (the image tokenizer's) or
+    # "patch_encoder" (a timm model's tokens); both feature kinds take the projection
+    image_input: str = "vq_latents"
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)  # its dim
+    # follows trunk.dim; image_size and grid are set from the corpus in pretraining
     image_feature_dim: int = 32  # set from the corpus
     speech_feature_dim: int = 320  # 80 mel bins x 4 stacked frames
     image_codes: int = 1024  # set from the image tokenizer
@@ -75,6 +85,11 @@ class ModelConfig:
         check_fields(self, ">0", "itc_temperature", "unit_temperature", "mrc_temperature",
                      prefix=p)
         check_fields(self, ">=0", "speech_conv_kernel", prefix=p)
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"{p}image_input must be one of {', '.join(IMAGE_INPUTS)}, got "
+                             f"{self.image_input!r}")
+        if self.image_encoder.dim != self.trunk.dim:  # the encoder's tokens are trunk inputs
+            self.image_encoder = replace(self.image_encoder, dim=self.trunk.dim)
         if self.image_code_input not in ("features", "embedding"):
             raise ValueError(f"{p}image_code_input must be features or embedding, got "
                              f"{self.image_code_input!r}")
@@ -123,7 +138,9 @@ class Encoder(nn.Module):
         d = cfg.trunk.dim
         self.trunk = Trunk(cfg.trunk)
         self.embedders = nn.ModuleDict({
-            "image": ImageEmbedder(cfg.image_feature_dim, d, cfg.image_codes, cfg.code_dim),
+            "image": ImageEmbedder(cfg.image_feature_dim, d, cfg.image_codes, cfg.code_dim,
+                                   encoder=replace(cfg.image_encoder, dim=d) if self.pixels
+                                   else None),
             "speech": SpeechEmbedder(cfg.speech_feature_dim, d, cfg.speech_conv_kernel,
                                      cfg.speech_conv_groups)})
         self.pooler = nn.Linear(d, d)
@@ -133,20 +150,41 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return self.pooler.weight.device
 
+    @property
+    def pixels(self) -> bool:
+        """Images enter as uint8 pixels through the trainable image encoder."""
+        return self.cfg.image_input == "pixels"
+
     # -- inputs ------------------------------------------------------------------------------
     def input_features(self, batch: PackedBatch, masked: dict[str, torch.Tensor] | None = None
                        ) -> torch.Tensor | None:
         """[T, dim] embedded continuous inputs at feature positions (zeros elsewhere)."""
-        if not batch.features:
+        if not batch.features and not batch.pixels:
             return None
         masked = masked or {}
         dev = batch.ids.device
         out = torch.zeros(batch.num_tokens, self.cfg.trunk.dim, device=dev,
                           dtype=self.pooler.weight.dtype)
+        for m, px in batch.pixels.items():
+            if m != "image" or not self.pixels:
+                raise OmnimaskError(f"{m} given as pixels, but this model reads pixels only "
+                                    f"for images with model.image_input=pixels (it has "
+                                    f"{self.cfg.image_input!r})")
+            index = batch.feature_index[m].to(dev)
+            h = self.embedders[m].embed_pixels(px.to(dev), masked.get(m))
+            if h.shape[0] != index.shape[0]:
+                raise OmnimaskError(f"{px.shape[0]} images give {h.shape[0]} tokens, their "
+                                    f"segments have {index.shape[0]} positions: the segment "
+                                    f"grid must be model.image_encoder.grid "
+                                    f"({self.cfg.image_encoder.grid})")
+            out = out.index_copy(0, index, h.to(out.dtype))
         for m, feats in batch.features.items():
             if m not in self.embedders:
                 raise ValueError(f"no embedder for {m} features; known: "
                                  f"{', '.join(self.embedders)}")
+            if m == "image" and self.pixels:
+                raise OmnimaskError("image features given to a model that reads pixels "
+                                    "(model.image_input=pixels); give image segments pixels")
             index = batch.feature_index[m].to(dev)
             if m == "speech":  # one id per (sample, segment): the convolution's runs
                 runs = batch.sample_index().to(dev)[index] * 4096 + batch.segment.to(dev)[index]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -133,9 +133,16 @@ class Pretraining:
 
     def __init__(self, cfg: PretrainConfig, progress: bool = True) -> None:
         self.cfg, self.progress = cfg, progress
-        if cfg.generate.candidates > 1 and cfg.data.features != "vq":
+        ii, feats = cfg.model.image_input, cfg.data.features
+        if cfg.generate.candidates > 1 and ii != "pixels" and feats != "vq":
             raise ConfigError("generate.candidates > 1 reranks samples on their VQ features; "
-                              f"data.features is {cfg.data.features!r}, not 'vq'")
+                              f"data.features is {feats!r}, not 'vq'")
+        # the corpus computes the features the model reads (pixels: the VQ latents, which
+        # MRFR regresses); patch-encoder features for a pixels model would go unread
+        want = "patch_encoder" if ii == "patch_encoder" else "vq"
+        if feats != want:
+            raise ConfigError(f"model.image_input={ii} needs data.features={want}, got "
+                              f"data.features={feats}")
         self.run = Path(cfg.out)
         self.lock = RunLock(self.run)  # before anything in the run directory is touched
         try:
@@ -177,13 +184,26 @@ class Pretraining:
         if "speech" in mix and not self.train.has_speech:
             raise ConfigError("objectives.mix.speech > 0 but the training shards have no "
                               "speech or tokenizers.speech is not set")
+        pixels = cfg.model.image_input == "pixels"
         self.ctx = Context(vocab=self.vocab, codebook=image.model.quantizer.codes().detach(),
-                           word_start=word_starts(text), cfg=cfg.objectives)
+                           word_start=word_starts(text), cfg=cfg.objectives, pixels=pixels)
         self.names = sorted(mix)  # every objective with a positive ratio at some step
         self.objectives = {n: OBJECTIVES.create(n, self.ctx) for n in self.names}
         mc = cfg.model
         mc.trunk.vocab_size = self.vocab.size
-        mc.image_feature_dim = int(self.train.features.shape[-1])
+        # from pixels the projection maps VQ code vectors (CM3's inputs, MRFR's targets)
+        mc.image_feature_dim = int((self.train.latents if pixels else self.train.features
+                                    ).shape[-1])
+        if pixels:  # the encoder's token grid is the VQ grid, position by position
+            rows, cols = self.train.grid
+            if rows != cols:
+                raise ConfigError(f"model.image_input=pixels needs a square token grid, the "
+                                  f"image tokenizer gives {rows}x{cols}")
+            try:
+                mc.image_encoder = replace(mc.image_encoder, dim=mc.trunk.dim, grid=rows,
+                                           image_size=int(self.train.pixels.shape[-1]))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         mc.image_codes = image.size
         mc.image_code_offset = self.vocab.ranges()["image"][0]
         mc.code_dim = int(self.ctx.codebook.shape[1])
@@ -201,6 +221,7 @@ class Pretraining:
         if cfg.init_from_tokenizers:
             q = speech.quantizer if speech is not None else None
             self.model.init_from_tokenizers(self.ctx.codebook, self.vocab,
+                                            # proj maps VQ latents (pixels: CM3's codes)
                                             cfg.data.features == "vq",
                                             getattr(q, "centroids", None), cfg.trainer.seed)
         self.vocab.save(self.run / "vocab.json")
@@ -302,9 +323,11 @@ class Pretraining:
         nc = min(g.captions, len(self.val))
         greedy: dict[int, str] = {}  # candidate 0 of every image is its greedy caption
 
+        images = self.val.pixels if ctx.pixels else self.val.features  # what the model reads
+
         def score_captions(caps: list[list[int]], i: int) -> torch.Tensor:
             greedy[i] = text.decode(caps[0])
-            f = self.val.features[i]
+            f = images[i]
             return head(self.model, ctx, caps, f[None].expand(len(caps), *f.shape))
 
         chosen = cg.caption_images(self.model, ctx, text, self.val.codes[:nc],
@@ -324,7 +347,7 @@ class Pretraining:
         n = min(g.images, len(self.val))
         score = None
         if g.candidates > 1:
-            feats_of = cg.rerank_features(self.toks["image"])
+            feats_of = cg.rerank_features(self.toks["image"], ctx.pixels)
 
             def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
                 return head(self.model, ctx, [cap] * len(codes), feats_of(codes))
@@ -414,10 +437,11 @@ def val_history(metrics: Path) -> dict:
 
 def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
     """Create the ShapesWorld shards and tokenizers a config names, where missing, the way
-    ``omnimask demo`` does (its ``runs/demo`` layout)."""
+    ``omnimask demo`` does with its default settings (its ``runs/demo`` layout)."""
     from omnimask.config import DemoConfig
-    from omnimask.demo import _split_sizes, _stage_data, _stage_tokenizers
-    from omnimask.train.data.shards import expand_shards
+
+    from .data.shapesworld.prepare import generate_splits, split_sizes, train_tokenizers
+    from .data.shards import expand_shards
 
     run = Path(cfg.tokenizers.text).parent.parent
     demo = DemoConfig(out=str(run))
@@ -427,11 +451,16 @@ def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
         have_data = False
     if not have_data:
         log.warning("preparing ShapesWorld shards under %s", run / "data")
-        _stage_data(demo, run, _split_sizes(demo, False), progress)
+        generate_splits(run / "data", split_sizes(demo.num_train, demo.num_val, demo.num_test,
+                                                  demo.num_test_novel),
+                        seed=demo.seed, image_size=demo.image_size, shard_size=demo.shard_size,
+                        workers=demo.workers, progress=progress)
     if not all(Path(p).is_dir() for p in (cfg.tokenizers.text, cfg.tokenizers.image,
                                           cfg.tokenizers.speech or cfg.tokenizers.text)):
         log.warning("preparing tokenizers under %s", run / "tokenizers")
-        _stage_tokenizers(demo, run, False, progress)
+        train_tokenizers(run / "data", run / "tokenizers", speech_units=demo.speech_units,
+                         vq_minutes=demo.vq_minutes, grid=run / "vq_reconstructions.png",
+                         progress=progress)
 
 
 def caption_scores(s: dict) -> str:

@@ -1,14 +1,16 @@
-"""Image inputs of the encoder: feature vectors (VQ latents or patch-encoder tokens) through
-a projection, a LayerNorm and a mask embedding (``modalities/embedder.py``).
+"""Image inputs of the encoder (``model.image_input``): feature vectors (VQ latents or
+patch-encoder tokens) through a projection, a LayerNorm and a mask embedding
+(``modalities/embedder.py``), or uint8 pixels through the trainable ``ImageEncoder``
+(``encoder.py``), whose tokens take the same LayerNorm and mask embedding.
+
+Masked pixels (MRFR, MRC, MIM) are blanked in the image before the encoder, whose
+convolutions would otherwise carry a masked patch into its neighbours' tokens, and their
+tokens are then replaced by the mask embedding after the norm (SimMIM for conv encoders).
 
 The VQ codebook lives here as a buffer (data from the image tokenizer, not a learned
 weight): with ``model.image_code_input=features`` VQ code ids (CM3 documents, generation)
-enter as their code vectors through the same projection and norm, the path the latents
-take in the other objectives, and the MRC head scores against it.
-
-This is the seam for other image inputs (``model.image_input``: ``vq_latents`` and
-``patch_encoder`` features today; a ``pixels`` encoder would be another embedder giving
-the same [n, dim] rows); none is built here.
+enter as their code vectors through the projection and the norm, and the MRC head scores
+against it.
 """
 
 from __future__ import annotations
@@ -16,15 +18,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from omnimask.errors import OmnimaskError
+
 from ..embedder import FeatureEmbedder
+from .encoder import ImageEncoder, ImageEncoderConfig
 
 
 class ImageEmbedder(FeatureEmbedder):
     def __init__(self, feature_dim: int, dim: int, codes: int, code_dim: int,
-                 eps: float = 1e-12) -> None:
+                 eps: float = 1e-12, encoder: ImageEncoderConfig | None = None) -> None:
         super().__init__(feature_dim, dim, eps)
         self.register_buffer("codebook", F.normalize(torch.randn(codes, code_dim), dim=-1))
+        self.encoder = ImageEncoder(encoder) if encoder is not None else None
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """VQ code ids [n] (0-based) -> [n, dim] through their code vectors."""
         return self(self.codebook[codes])
+
+    def embed_pixels(self, pixels: torch.Tensor, masked: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """uint8 images [k, 3, S, S] -> [k * grid * grid, dim] tokens (image by image, raster
+        order); ``masked`` [k * grid * grid] bool: those patches are blanked before the
+        encoder and their tokens become the mask embedding after the norm."""
+        if self.encoder is None:
+            raise OmnimaskError("this model reads image features, not pixels (model."
+                                "image_input is not pixels); give image segments features")
+        k, g = pixels.shape[0], self.encoder.cfg.grid
+        blank = None
+        if masked is not None:
+            if masked.shape != (k * g * g,):
+                raise OmnimaskError(f"{k} images of {g}x{g} tokens take a mask of "
+                                    f"{k * g * g} flags, got {tuple(masked.shape)}")
+            blank = masked.view(k, g, g)
+        tokens = self.encoder(pixels, blank).tokens.flatten(0, 1)
+        h = self.norm(tokens)
+        if masked is not None:
+            h = torch.where(masked.to(h.device)[:, None], self.mask_embed.to(h.dtype), h)
+        return h

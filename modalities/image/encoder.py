@@ -184,7 +184,10 @@ class ImageEncoder(nn.Module):
         self.map_strides: list[int] = list(self.body.strides)
         self.proj = nn.Conv2d(self.map_channels[-1], cfg.dim, 1)
 
-    def forward(self, pixels: torch.Tensor) -> ImageFeatures:
+    def forward(self, pixels: torch.Tensor, blank: torch.Tensor | None = None) -> ImageFeatures:
+        """``blank`` [B, grid, grid] bool: those patches are set to 0 after normalisation
+        (the mean colour) before the body, so nothing of them reaches any token (SimMIM's
+        masking for convolutional encoders, whose receptive fields cross patches)."""
         s = self.cfg.image_size
         if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
             what = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
@@ -195,6 +198,14 @@ class ImageEncoder(nn.Module):
                                 f"(model.image_encoder.image_size={s}), got shape "
                                 f"{tuple(pixels.shape)}")
         x = (pixels.to(self.mean.dtype) - self.mean) / self.std
+        if blank is not None:
+            g = self.cfg.grid
+            if tuple(blank.shape) != (pixels.shape[0], g, g) or blank.dtype != torch.bool:
+                raise OmnimaskError(f"blank must be bool [{pixels.shape[0]}, {g}, {g}] (one "
+                                    f"flag per patch), got {blank.dtype} {tuple(blank.shape)}")
+            k = s // g  # patch side in pixels
+            up = blank.to(x.device).repeat_interleave(k, 1).repeat_interleave(k, 2)
+            x = x.masked_fill(up[:, None], 0.0)
         maps = self.body(x)
         top = maps[-1]
         if tuple(top.shape[-2:]) != (self.cfg.grid, self.cfg.grid):

@@ -52,8 +52,10 @@ def _ctx(**kw) -> Context:
 
 
 def _model(ctx: Context, **kw) -> OmniModel:
-    """A tiny model with every pretraining head (``kw``: ModelConfig fields)."""
+    """A tiny model with every pretraining head (``kw``: ModelConfig fields; images as the
+    corpus's feature rows unless ``image_input`` says otherwise)."""
     torch.manual_seed(0)
+    kw = {"image_input": "vq_latents", **kw}
     return OmniModel(ModelConfig(
         trunk=TrunkConfig(vocab_size=ctx.vocab.size, dim=32, layers=2, heads=4, ffn_dim=64,
                           attention_backend="sdpa"),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimask.config import check_fields
+from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import IGNORE, Segment
 from omnimask.modalities.vocab import Vocab
 from omnimask.registry import Registry
@@ -122,6 +123,7 @@ class Context:
     codebook: torch.Tensor  # [K, code_dim], l2-normalised VQ codes (MRC soft targets)
     word_start: torch.Tensor  # [text_size] bool, token begins a word (whole-word masking)
     cfg: ObjectivesConfig
+    pixels: bool = False  # images enter as uint8 pixels (model.image_input=pixels)
 
     def sp(self, role: str) -> int:
         return self.vocab.special(role)
@@ -174,8 +176,13 @@ def text_segment(ctx: Context, ids: list[int] | torch.Tensor, targets=None) -> S
     return Segment("text", ids=full, targets=tgt)
 
 
-def image_segment(corpus, i: int) -> Segment:
-    return Segment("image", features=corpus.features[i].float(), grid=corpus.grid)
+def image_segment(corpus, i: int, pixels: bool = False) -> Segment:
+    """Image ``i`` as its feature rows, or (``pixels``) as its uint8 pixels."""
+    if not pixels:
+        return Segment("image", features=corpus.features[i].float(), grid=corpus.grid)
+    if corpus.pixels is None:
+        raise OmnimaskError("model.image_input=pixels but the corpus keeps no pixels")
+    return Segment("image", pixels=corpus.pixels[i], grid=corpus.grid)
 
 
 def masked_by_modality(masks: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

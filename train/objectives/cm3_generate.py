@@ -12,7 +12,9 @@ position; no key/value cache (the documents are ~100 tokens). Options:
   so no extra training is needed;
 - reranking (DALL-E and CM3 rerank samples with CLIP, BLIP filters captions with ITM):
   several candidate images per caption, or candidate captions per image, and the one the
-  model's own ITC or ITM head scores highest is kept.
+  model's own ITC or ITM head scores highest is kept. A model that reads pixels scores
+  candidate images as the VQ decoder draws them (the pixels it was trained on), one that
+  reads VQ latents as their re-encoded latents.
 """
 
 from __future__ import annotations
@@ -165,35 +167,43 @@ def images_from_captions(model, ctx: Context, captions: list[list[int]], num_cod
 
 
 @torch.no_grad()
-def itm_scores(model, ctx: Context, captions: list[list[int]], features: torch.Tensor
+def itm_scores(model, ctx: Context, captions: list[list[int]], images: torch.Tensor
                ) -> torch.Tensor:
-    """[C] probability that ``captions[k]`` matches image ``features[k]`` ([C, P, d] patch
-    features)."""
-    _check_pairs(captions, features)
+    """[C] probability that ``captions[k]`` matches image ``images[k]`` (what the model
+    reads: [C, P, d] patch features, or uint8 pixels [C, 3, S, S])."""
+    _check_pairs(captions, images)
     model.eval()
-    p = pack([[text_segment(ctx, c), Segment("image", features=f.float(), grid=_square(len(f)))]
-              for c, f in zip(captions, features)])
+    p = pack([[text_segment(ctx, c), _image(model, x)] for c, x in zip(captions, images)])
     h = model.encoder(p)
     return model.heads["itm"].logits(model.encoder, h, p).float().softmax(-1)[:, 1].cpu()
 
 
 @torch.no_grad()
-def itc_scores(model, ctx: Context, captions: list[list[int]], features: torch.Tensor
+def itc_scores(model, ctx: Context, captions: list[list[int]], images: torch.Tensor
                ) -> torch.Tensor:
-    """[C] cosine between the ITC embeddings of ``captions[k]`` and image ``features[k]``."""
-    _check_pairs(captions, features)
+    """[C] cosine between the ITC embeddings of ``captions[k]`` and image ``images[k]``
+    (as ``itm_scores`` takes them)."""
+    _check_pairs(captions, images)
     model.eval()
     cls = torch.tensor([ctx.sp("cls")])
     samples = [[text_segment(ctx, c)] for c in captions] + [
-        [Segment("text", ids=cls), Segment("image", features=f.float(), grid=_square(len(f)))]
-        for f in features]
+        [Segment("text", ids=cls), _image(model, x)] for x in images]
     t, v = model.heads["itc"].embed(model.encoder, pack(samples), len(captions))
     return (v * t).sum(-1).float().cpu()
 
 
-def _check_pairs(captions: list[list[int]], features: torch.Tensor) -> None:
-    if len(captions) != len(features):
-        raise ValueError(f"{len(captions)} captions but {len(features)} images: the scores "
+def _image(model, x: torch.Tensor) -> Segment:
+    """One image as the model reads it: uint8 pixels [3, S, S] through its image encoder
+    (``model.image_input=pixels``), else patch features [P, d]."""
+    if model.encoder.pixels:
+        g = model.cfg.image_encoder.grid
+        return Segment("image", pixels=x, grid=(g, g))
+    return Segment("image", features=x.float(), grid=_square(len(x)))
+
+
+def _check_pairs(captions: list[list[int]], images: torch.Tensor) -> None:
+    if len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions but {len(images)} images: the scores "
                          "are pairwise (caption k with image k)")
 
 
@@ -214,10 +224,14 @@ def infill(model, ctx: Context, tokenizer, doc: list[int], start: int, end: int,
     return tokenizer.decode([t for t in out if not tokenizer.is_special(t)])
 
 
-def rerank_features(image_tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """codes [C, P] -> VQ features [C, P, d] of the decoded images, as the corpus builds
-    its ``vq`` features (decode, encode, l2-normalise)."""
+def rerank_features(image_tokenizer, pixels: bool = False
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """codes [C, P] -> what the scoring model reads of the decoded images: VQ features
+    [C, P, d] as the corpus builds its ``vq`` features (decode, encode, l2-normalise), or
+    (``pixels``) the decoded uint8 pixels [C, 3, S, S] themselves."""
     vq = image_tokenizer.model
+    if pixels:
+        return lambda codes: vq.decode(codes)
     return lambda codes: vq.unit_latents(vq.decode(codes))
 
 

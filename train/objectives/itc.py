@@ -32,7 +32,7 @@ def pair_batch(ctx: Context, corpus, idx, caps) -> dict:
     """Captions and images packed as separate samples: the texts first, then the images."""
     cls = torch.tensor([ctx.sp("cls")])
     samples = [[text_segment(ctx, c)] for c in caps]
-    samples += [[Segment("text", ids=cls), image_segment(corpus, i)] for i in idx]
+    samples += [[Segment("text", ids=cls), image_segment(corpus, i, ctx.pixels)] for i in idx]
     return {"packed": pack(samples), "n_text": len(caps)}
 
 

@@ -3,7 +3,9 @@
 - ``mlm``: caption tokens masked (15%, 80/10/10, at least one; optional n-gram or
   whole-word units), the image intact; cross-entropy at masked tokens.
 - ``mrfr``: image patches masked (p=0.15 each, at least one: the projected feature replaced
-  by a learned mask embedding), the caption intact; regress the original feature (MSE).
+  by a learned mask embedding), the caption intact; regress the original feature (MSE);
+  from pixels (``model.image_input=pixels``: masked patches blanked in the image too) the
+  patch's frozen VQ latent.
 - ``mrc``: same masking; KL(target || model) against a soft target. UNITER's target is
   the detector's class distribution; ours is the VQ tokenizer's code distribution,
   ``softmax(cos(latent, codes) / t)``.
@@ -62,7 +64,7 @@ class MLM(Objective):
                                 prob=self.cfg.mlm_prob, max_ngram=self.cfg.mlm_max_ngram,
                                 word_starts=c.word_start[ids] if self.cfg.mlm_whole_word
                                 else None)
-            samples.append([text_segment(c, inp, tgt), image_segment(corpus, i)])
+            samples.append([text_segment(c, inp, tgt), image_segment(corpus, i, c.pixels)])
         return {"packed": pack(samples)}
 
 
@@ -77,7 +79,7 @@ class _MaskedRegions(Objective):
         samples, masks, rows = [], {"image": []}, list(idx)
         for i in rows:
             samples.append([text_segment(self.ctx, pick_caption(corpus, i, gen)),
-                            image_segment(corpus, i)])
+                            image_segment(corpus, i, self.ctx.pixels)])
             masks["image"].append(self._masks(corpus, gen))
         p = pack(samples)
         return {"packed": p, "masked": masked_by_modality(masks), "rows": torch.tensor(rows),
@@ -108,8 +110,10 @@ class MRFR(_MaskedRegions):
     head = MRFRHead
 
     def _targets(self, corpus, rows, masks) -> dict:
-        feats = torch.cat([corpus.features[i].float()[m] for i, m in zip(rows, masks)])
-        return {"target": feats}
+        # from pixels the input is the encoder's own moving output: regress a fixed target,
+        # the masked patch's frozen VQ latent, instead
+        src = corpus.latents if self.ctx.pixels else corpus.features
+        return {"target": torch.cat([src[i].float()[m] for i, m in zip(rows, masks)])}
 
 
 class MRCHead(nn.Module):
@@ -245,7 +249,7 @@ class ITM(Objective):
         if self.cfg.itm_hard_negatives and neg.any():
             other = self._hard(model, b)
         images = [other[k] if neg[k] else i for k, i in enumerate(idx)]
-        samples = [[text_segment(self.ctx, c), image_segment(corpus, j)]
+        samples = [[text_segment(self.ctx, c), image_segment(corpus, j, self.ctx.pixels)]
                    for c, j in zip(b["caps"], images)]
         return pack(samples), ~neg
 
