@@ -1,7 +1,9 @@
 """Typed configs: dataclass defaults, then a YAML file, then dotted ``key=value`` overrides.
 
 Unknown keys and values of the wrong type fail at load time with a message naming the key.
-The resolved config is written into every run directory (``config.yaml``).
+The resolved config is written into every run directory (``config.yaml``). A config is a
+file path or the name of one that ships in the package (``configs/`` in the repository,
+installed as ``omnimask.configs``): ``pretrain/shapes_tiny``, ``shapes_tiny``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,18 +118,72 @@ def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"config error in {source}:{where}: {msg}")
 
 
-def load_config(schema: type[T], path: str | os.PathLike | None = None,
+PACKAGED = "omnimask.configs"  # the package the example configs are installed as
+
+
+def packaged_configs() -> list[str]:
+    """The names of the configs that ship in the package, ``group/name``, sorted."""
+    try:
+        root = resources.files(PACKAGED)
+    except ModuleNotFoundError:  # an editable install made before configs/ was mapped
+        raise ConfigError(f"the packaged configs ({PACKAGED}) are not installed: reinstall "
+                          "omnimask (pip install -e .)") from None
+    return sorted(f"{g.name}/{f.name.removesuffix('.yaml')}" for g in root.iterdir()
+                  if g.is_dir() for f in g.iterdir() if f.name.endswith(".yaml"))
+
+
+def _matches(name: str) -> list[str]:
+    """The packaged names ``name`` means: ``group/name``, ``name`` alone when its group is
+    left out, with or without ``.yaml`` and the repository's ``configs/`` in front."""
+    key = name.removeprefix("configs/").removesuffix(".yaml")
+    names = packaged_configs()
+    return [n for n in names if key == n or ("/" not in key and n.split("/", 1)[1] == key)]
+
+
+def _resource(name: str) -> Traversable:
+    group, stem = name.split("/", 1)
+    return resources.files(PACKAGED) / group / f"{stem}.yaml"
+
+
+def packaged_config(name: str) -> Traversable:
+    """The packaged config ``name`` (see ``_matches``), read through ``importlib.resources``
+    (a wheel or zip install works too); else a ConfigError listing the packaged names."""
+    found = _matches(name)
+    if len(found) > 1:
+        raise ConfigError(f"config name {name!r} is ambiguous: {', '.join(found)}")
+    if not found:
+        raise ConfigError(f"no packaged config {name!r}; packaged: "
+                          f"{', '.join(packaged_configs())}")
+    return _resource(found[0])
+
+
+def find_config(spec: str | os.PathLike | Traversable) -> Path | Traversable:
+    """A config file: ``spec`` as a path when that file exists, else the packaged config of
+    that name, else a ConfigError naming it and the packaged names."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec  # already a packaged resource
+    p = Path(spec)
+    if p.is_file():
+        return p
+    found = _matches(str(spec))
+    if len(found) == 1:
+        return _resource(found[0])
+    why = (f"packaged name ambiguous: {', '.join(found)}" if found else
+           f"nor a packaged config: {', '.join(packaged_configs())}")
+    raise ConfigError(f"config file not found: {p} ({why})")
+
+
+def load_config(schema: type[T], path: str | os.PathLike | Traversable | None = None,
                 overrides: list[str] | tuple[str, ...] = (), **values: Any) -> T:
-    """Build ``schema`` from defaults, then ``path`` (YAML), then ``values``, then overrides.
+    """Build ``schema`` from defaults, then ``path`` (a YAML file, or a packaged config's
+    name: ``find_config``), then ``values``, then overrides.
 
     ``overrides`` are dotted ``key=value`` strings, e.g. ``data.batch_size=64``.
     """
     base = OmegaConf.structured(schema)
     layers: list[tuple[Any, str]] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = find_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

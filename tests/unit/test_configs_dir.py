@@ -1,14 +1,33 @@
-"""Every YAML under configs/ loads against its schema (unknown keys would fail)."""
+"""Every YAML under configs/ loads against its schema (unknown keys would fail); the same
+files ship in the package (``omnimask.configs``) and load by name from a built wheel."""
 
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from omnimask.config import ConfigError, DataConfig, DemoConfig, load_config
+from omnimask.config import (
+    ConfigError,
+    DataConfig,
+    DemoConfig,
+    find_config,
+    load_config,
+    packaged_config,
+    packaged_configs,
+)
 from omnimask.train.pretrain import PretrainConfig
 
-ROOT = Path(__file__).resolve().parents[2] / "configs"
+REPO = Path(__file__).resolve().parents[2]
+ROOT = REPO / "configs"
 SCHEMAS = {"demo": DemoConfig, "data": DataConfig, "pretrain": PretrainConfig}
+# pyproject.toml's package-dir: repository folder -> package
+PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
+            "fusion": "omnimask/fusion", "heads": "omnimask/heads", "train": "omnimask/train",
+            "configs": "omnimask/configs"}
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("*/*.yaml")), ids=lambda p: p.name)
@@ -28,3 +47,69 @@ def test_pretrain_config_rejects_unknown_and_mistyped_keys():
     cfg = load_config(PretrainConfig, tiny, ["objectives.mix.cm3=0", "trainer.lr=1e-4"])
     assert cfg.objectives.mix["cm3"] == 0 and cfg.trainer.lr == 1e-4
     assert cfg.model.trunk.dim == 128 and cfg.objectives.mlm_whole_word
+
+
+# -- packaged configs --------------------------------------------------------------------------
+def test_every_config_is_packaged_and_loads_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not found as files: the package's copies are read
+    files = sorted(ROOT.glob("*/*.yaml"))
+    assert packaged_configs() == [f"{p.parent.name}/{p.stem}" for p in files]
+    for p in files:
+        assert packaged_config(f"{p.parent.name}/{p.stem}").read_text() == p.read_text()
+        for name in (p.stem, f"{p.parent.name}/{p.name}", f"configs/{p.parent.name}/{p.name}"):
+            assert find_config(name).read_text() == p.read_text(), name
+        assert load_config(SCHEMAS[p.parent.name], p.stem) == load_config(
+            SCHEMAS[p.parent.name], p)
+
+
+def test_unknown_packaged_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="no packaged config 'tiny'; packaged: data/shapes"):
+        packaged_config("tiny")
+    with pytest.raises(ConfigError, match=r"config file not found: \.\./x \(nor a packaged"):
+        find_config("../x")  # names never leave the package
+
+
+def _pip_wheel(src: Path, out: Path) -> subprocess.CompletedProcess:
+    # the build backend of the venv (no download); PIP_NO_INDEX keeps pip off the network
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    return subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                           "--no-build-isolation", "-w", str(out), "-q"], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.mark.slow
+def test_wheel_ships_every_module_and_config(tmp_path):
+    """An installed omnimask has its configs (``demo`` pretrains with shapes_tiny) and
+    every module of the mapped folders (a package missing from pyproject.toml would not)."""
+    pytest.importorskip("setuptools", reason="pip wheel --no-build-isolation needs setuptools")
+    src = tmp_path / "src"  # a copy: pip builds in place and would leave build/ in the repo
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for folder in PACKAGES:
+        shutil.copytree(REPO / folder, src / folder, ignore=ignore)
+    res = _pip_wheel(src, tmp_path / "dist")
+    if res.returncode != 0:
+        pytest.skip(f"pip wheel could not build offline: {res.stderr.strip()[-300:]}")
+    (wheel,) = (tmp_path / "dist").glob("omnimask-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "omnimask/configs/pretrain/shapes_tiny.yaml" in names
+    want = {f"{PACKAGES[folder]}/{p.relative_to(REPO / folder).as_posix()}"
+            for folder in PACKAGES for p in (REPO / folder).rglob("*")
+            if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts}
+    assert want - names == set()
+    assert "omnimask/cli/__main__.py" in names and "omnimask/configs/demo/default.yaml" in names
+
+    # the unpacked wheel, ahead of the editable install, away from the repository's configs/
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    run = subprocess.run([sys.executable, "-c", "import omnimask; print(omnimask.__file__)"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.stdout.strip() == str(site / "omnimask" / "__init__.py"), run.stderr
+    run = subprocess.run([sys.executable, "-m", "omnimask.cli", "pretrain", "--config",
+                          "shapes_tiny", "--print-config"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr
+    assert "shapes_tiny" in run.stdout and "max_steps:" in run.stdout

@@ -1,0 +1,2 @@
+"""The example configs, installed as ``omnimask.configs`` (``<group>/<name>.yaml``) and read
+through ``omnimask.config.packaged_config``."""
