@@ -22,25 +22,16 @@ from .config import DataConfig, DemoConfig, save_config
 
 
 def _split_sizes(cfg: DemoConfig, quick: bool) -> dict[str, int]:
-    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test,
-             "test-novel": cfg.num_test_novel}
-    return {k: max(1, v // 10) for k, v in sizes.items()} if quick else sizes
+    from .train.data.shapesworld.prepare import split_sizes
+
+    return split_sizes(cfg.num_train, cfg.num_val, cfg.num_test, cfg.num_test_novel, quick)
 
 
-def _stage_data(cfg, run: Path, sizes, progress) -> dict:
-    from .train.data.shapesworld import generate_shards
+def _stage_data(cfg: DemoConfig, run: Path, sizes: dict[str, int], progress: bool) -> dict:
+    from .train.data.shapesworld.prepare import generate_splits
 
-    out = {}
-    for split, n in sizes.items():
-        t0 = time.perf_counter()
-        e = generate_shards(run / "data", n, seed=cfg.seed, split=split, image_size=cfg.image_size,
-                            shard_size=cfg.shard_size, speech=True, workers=cfg.workers,
-                            progress=progress)
-        dt = time.perf_counter() - t0
-        out[split] = {"samples": e["num"], "shards": len(e["shards"]),
-                      "mbytes": round(sum(s["bytes"] for s in e["shards"]) / 2**20, 1),
-                      "samples_per_s": round(e["num"] / dt, 1)}
-    return out
+    return generate_splits(run / "data", sizes, seed=cfg.seed, image_size=cfg.image_size,
+                           shard_size=cfg.shard_size, workers=cfg.workers, progress=progress)
 
 
 def _stage_inspect(run: Path, progress) -> dict:
@@ -109,33 +100,20 @@ def _stage_pipeline(cfg: DemoConfig, run: Path) -> dict:
 
 
 def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
-    from .registry import TOKENIZERS
+    from .train.data.shapesworld.prepare import train_tokenizers
 
-    train = [str(run / "data" / "train-*.tar")]
-    val = [str(run / "data" / "val-*.tar")]
-    tok = run / "tokenizers"
-    out: dict = {}
-    plans = [("text", [], {}),
-             ("speech", ["kind=kmeans", f"codebook_size={cfg.speech_units}"], {}),
-             ("image", [f"max_minutes={cfg.vq_minutes / (10 if quick else 1)}"],
-              {"grid": str(run / "vq_reconstructions.png")})]
-    for kind, overrides, eval_kwargs in plans:
-        t0 = time.perf_counter()
-        ops = TOKENIZERS.get(kind)
-        ops.train(train, str(tok / kind), overrides, progress=progress)
-        m = ops.evaluate(str(tok / kind), val, progress=progress, **eval_kwargs)
-        m["train_and_eval_seconds"] = round(time.perf_counter() - t0, 1)
-        out[kind] = m
-    return out
+    return train_tokenizers(run / "data", run / "tokenizers", speech_units=cfg.speech_units,
+                            vq_minutes=cfg.vq_minutes / (10 if quick else 1),
+                            grid=run / "vq_reconstructions.png", progress=progress)
 
 
 def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
-    """``configs/pretrain/shapes_tiny.yaml`` on the demo's data and tokenizers, on the
-    demo's time budget (the schedule is shortened with it)."""
-    from .config import load_config
+    """The packaged ``pretrain/shapes_tiny`` config on the demo's data and tokenizers, on
+    the demo's time budget (the schedule is shortened with it)."""
+    from .config import load_config, packaged_config
     from .train.pretrain import PretrainConfig, Pretraining
 
-    tiny = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "shapes_tiny.yaml"
+    tiny = packaged_config("pretrain/shapes_tiny")
     tok = run / "tokenizers"
     over = [f"out={run / 'pretrain'}", "prepare=false",
             f"data.train=[{run / 'data' / 'train-*.tar'}]",

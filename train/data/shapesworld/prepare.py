@@ -1,0 +1,61 @@
+"""ShapesWorld preparation shared by ``omnimask demo`` and ``pretrain`` with ``prepare=true``:
+generate the four splits into ``RUN/data`` and train the three tokenizers into
+``RUN/tokenizers/{text,speech,image}`` (the ``runs/demo`` layout the configs name)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .generate import generate_shards
+
+
+def split_sizes(num_train: int, num_val: int, num_test: int, num_test_novel: int,
+                quick: bool = False) -> dict[str, int]:
+    """Samples per split; ``quick``: a tenth of each (at least one)."""
+    sizes = {"train": num_train, "val": num_val, "test": num_test,
+             "test-novel": num_test_novel}
+    return {k: max(1, v // 10) for k, v in sizes.items()} if quick else sizes
+
+
+def generate_splits(out: str | Path, sizes: dict[str, int], seed: int = 0,
+                    image_size: int = 64, shard_size: int = 500, workers: int = 0,
+                    progress: bool = True) -> dict:
+    """Shards with speech for every split in ``sizes`` under ``out``; per split: samples,
+    shards, megabytes and samples generated per second."""
+    stats = {}
+    for split, n in sizes.items():
+        t0 = time.perf_counter()
+        e = generate_shards(out, n, seed=seed, split=split, image_size=image_size,
+                            shard_size=shard_size, speech=True, workers=workers,
+                            progress=progress)
+        dt = time.perf_counter() - t0
+        stats[split] = {"samples": e["num"], "shards": len(e["shards"]),
+                        "mbytes": round(sum(s["bytes"] for s in e["shards"]) / 2**20, 1),
+                        "samples_per_s": round(e["num"] / dt, 1)}
+    return stats
+
+
+def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
+                     vq_minutes: float = 5.0, grid: str | Path | None = None,
+                     progress: bool = True) -> dict:
+    """Train the text BPE, k-means speech units and the image VQ on ``data``'s train split
+    into ``out/<kind>`` and measure each on the val split; ``grid``: where the VQ's
+    reconstruction grid goes. Per kind: its metrics and ``train_and_eval_seconds``."""
+    from omnimask.registry import TOKENIZERS
+
+    data, out = Path(data), Path(out)
+    train, val = [str(data / "train-*.tar")], [str(data / "val-*.tar")]
+    plans = [("text", [], {}),
+             ("speech", ["kind=kmeans", f"codebook_size={speech_units}"], {}),
+             ("image", [f"max_minutes={vq_minutes}"],
+              {"grid": str(grid) if grid is not None else None})]
+    metrics: dict = {}
+    for kind, overrides, eval_kwargs in plans:
+        t0 = time.perf_counter()
+        ops = TOKENIZERS.get(kind)
+        ops.train(train, str(out / kind), overrides, progress=progress)
+        m = ops.evaluate(str(out / kind), val, progress=progress, **eval_kwargs)
+        m["train_and_eval_seconds"] = round(time.perf_counter() - t0, 1)
+        metrics[kind] = m
+    return metrics
