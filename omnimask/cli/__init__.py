@@ -1,7 +1,7 @@
 """The ``omnimask`` command. ``main(argv)`` is callable from tests.
 
-One module per command group (``data``, ``tokenizer``, ``bench``, ``pretrain``, ``demo``),
-each with ``add_parser(sub)`` and its ``cmd_*`` functions; this module builds the parser
+One module per command group (``data``, ``tokenizer``, ``bench``, ``pretrain``, ``export``,
+``demo``, ``listing`` for ``list``), each with ``add_parser(sub)`` and its ``cmd_*`` functions; this module builds the parser
 from them, splits the ``key=value`` overrides and turns errors into one line.
 Every subcommand exits non-zero with a one-line cause on bad input (``EXIT_*`` below);
 ``--debug`` or ``OMNIMASK_DEBUG=1`` shows the traceback instead.
@@ -16,7 +16,7 @@ import sys
 
 from ..config import check_override
 from ..errors import Interrupted, OmnimaskError
-from . import bench, data, demo, pretrain, tokenizer
+from . import bench, data, demo, export, listing, pretrain, tokenizer
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CTRL_C,
@@ -32,13 +32,25 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_CTRL_C", "EXIT_FAILED", "EXIT_INTERRUPTED", "
            "_at_least", "_check_out_dir", "_write_json", "build_parser", "main"]
 
 # the command groups in the order --help lists them
-GROUPS = (data, tokenizer, bench, pretrain, demo)
+GROUPS = (data, tokenizer, bench, pretrain, export, demo, listing)
 EPILOG = (f"exit status: 0 done; {EXIT_FAILED} failed (data inspect --strict found problems, "
           f"a demo stage failed, an unexpected error); {EXIT_BAD_INPUT} bad input (argument, "
           f"config key, file or directory: named in one line); {EXIT_INTERRUPTED} interrupted "
           f"by SIGTERM or SIGUSR2 after saving a checkpoint: run the same command again to "
           f"resume; {EXIT_CTRL_C} Ctrl-C. --debug (anywhere) or OMNIMASK_DEBUG=1: a traceback "
           "instead of the one-line error.")
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own outside an install."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omnimask")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (anywhere on the line; also "
                         "OMNIMASK_DEBUG=1)")
+    p.add_argument("--version", action="version", version=f"omnimask {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_parser(sub)

@@ -9,7 +9,7 @@ from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config import load_config, to_yaml
     from ..train.pretrain import (
         PretrainConfig,
         Pretraining,
@@ -20,6 +20,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
     values = {"out": a.out} if a.out else {}
     cfg = load_config(PretrainConfig, a.config, a.overrides, **values)
+    if a.print_config:  # the resolved config; nothing is run or written
+        print(to_yaml(cfg), end="")
+        return 0
     _check_out_dir(cfg.out, "--out" if a.out else "out")
     summary = Pretraining(cfg, progress=not a.quiet).fit()
     print(f"{summary['status']} at step {summary['step']} in {summary['elapsed_s']:.0f} s of "
@@ -51,7 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint (trainer.resume=auto). SIGTERM/SIGUSR2 stop it after "
                         f"a checkpoint, exit status {EXIT_INTERRUPTED}: run the same command "
                         "again to resume.")
-    pt.add_argument("--config", required=True, help="YAML with PretrainConfig keys")
+    pt.add_argument("--config", required=True,
+                    help="YAML with PretrainConfig keys: a file, or a packaged config's name "
+                         "(shapes_tiny; omnimask list configs)")
     pt.add_argument("--out", help="run directory (overrides the config's out)")
+    pt.add_argument("--print-config", action="store_true",
+                    help="print the resolved config as YAML and exit without running")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
     pt.set_defaults(fn=cmd_pretrain)

@@ -11,7 +11,7 @@ from omnimask.cli import build_parser, main
 COMMANDS = [[], ["data"], ["data", "shapes"], ["data", "inspect"], ["data", "convert"],
             ["data", "convert", "coco"], ["data", "convert", "folder"], ["bench"],
             ["bench", "data"], ["bench", "tokenizer"], ["bench", "trunk"], ["demo"], ["tokenizer"], ["tokenizer", "train"],
-            ["tokenizer", "eval"], ["pretrain"]]
+            ["tokenizer", "eval"], ["pretrain"], ["export"], ["list"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "omnimask")
@@ -24,7 +24,7 @@ def test_help_works_everywhere(cmd, capsys):
 
 def test_only_implemented_commands_exist():
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert set(sub) == {"data", "bench", "demo", "tokenizer", "pretrain"}
+    assert set(sub) == {"data", "bench", "demo", "tokenizer", "pretrain", "export", "list"}
 
 
 def test_shapes_then_inspect(tmp_path, capsys):
