@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import _check_out_dir
+from .common import QUIET, _check_out_dir
 
 
 def _size(path: Path) -> str:
@@ -38,7 +38,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser("export", help="a run's checkpoint as a portable model directory",
+    ex = sub.add_parser("export", parents=[QUIET], help="a run's checkpoint as a portable model directory",
                         description="Write a pretraining run's checkpoint as a model "
                                     "directory (config.json, model.safetensors, vocab.json, "
                                     "the tokenizers) that omnimask.load(DIR) reads without "
