@@ -214,7 +214,7 @@ def _write_reports(run: Path, report: dict) -> None:
                          f"{x['train_and_eval_seconds']} |")
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
-        from .train.pretrain import caption_scores, image_scores, summary_table
+        from .train.evaluate import caption_scores, image_scores, summary_table
 
         x = m["pretrain"]
         lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
@@ -303,7 +303,7 @@ def _print_summary(report: dict) -> None:
         x = m["pretrain"]
         print(f"pretrain: {x['steps']} steps in {x['train_seconds']:.0f} s; val loss final/step 0: "
               + ", ".join(f"{k} {v['ratio']}" for k, v in x["val"].items()))
-        from .train.pretrain import caption_scores, image_scores
+        from .train.evaluate import caption_scores, image_scores
 
         if x.get("captions_scored"):
             print(f"pretrain: {caption_scores(x)}")

@@ -1,13 +1,10 @@
-"""``omnimask pretrain``: corpus, model, objectives, mixing, trainer, validation, samples.
+"""``omnimask pretrain``: config, build (corpus, model, objectives, mixing), run.
 
 One objective per optimizer step, drawn by the configured ratios from a generator seeded
 by (seed, step) alone, so every rank draws the same one (UNITER's ``MetaLoader``);
 each rank then draws its own samples. Validation: every objective on fixed val batches
-(same samples and masks every time), logged per objective. At the end the CM3 model
-writes captions for val images, images for val captions (decoded by the VQ decoder) and
-an infilled caption; they go to ``samples.json`` and ``generated_images.png``. With
-``generate.shape_judge`` the drawn images are scored by the ShapesWorld shape judge
-(``train/data/shapesworld/judge.py``), beside the VQ reconstructions of the same images.
+(same samples and masks every time), logged per objective. The end-of-run samples and
+their scores are in ``train/evaluate.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from omnimask.safeio import atomic_write_bytes
 
 from . import checkpoint as ckpt
 from .distributed import rank_and_world
+from .evaluate import samples, val_history
 from .objectives.base import (
     OBJECTIVES,
     Context,
@@ -306,133 +304,13 @@ class Pretraining:
             summary["train_seconds"] = round(time.perf_counter() - t0, 1)
             summary["val"] = val_history(self.run / "metrics.jsonl")
             if not summary["status"].startswith("interrupted"):
-                summary["samples"] = self.samples()
+                summary["samples"] = (samples(self.model, self.ctx, self.toks, self.val,
+                                              self.cfg.generate, self.run, self.progress)
+                                      if "cm3" in self.objectives else {})
             atomic_write_bytes(self.run / "summary.json", json.dumps(summary, indent=1).encode())
         finally:
             self.lock.release()
         return summary
-
-    def samples(self) -> dict:
-        from .objectives import cm3_generate as cg
-
-        if "cm3" not in self.objectives:
-            return {}
-        g, text, ctx = self.cfg.generate, self.toks["text"], self.ctx
-        self.model.eval()
-        head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
-        nc = min(g.captions, len(self.val))
-        greedy: dict[int, str] = {}  # candidate 0 of every image is its greedy caption
-
-        images = self.val.pixels if ctx.pixels else self.val.features  # what the model reads
-
-        def score_captions(caps: list[list[int]], i: int) -> torch.Tensor:
-            greedy[i] = text.decode(caps[0])
-            f = images[i]
-            return head(self.model, ctx, caps, f[None].expand(len(caps), *f.shape))
-
-        chosen = cg.caption_images(self.model, ctx, text, self.val.codes[:nc],
-                                   candidates=g.caption_candidates,
-                                   temperature=g.caption_temperature, top_k=g.top_k,
-                                   score=score_captions, gen=torch.Generator().manual_seed(0))
-        caps = []
-        for i, out in enumerate(chosen):
-            first = greedy.get(i, out)
-            refs = [text.decode(c) for c in self.val.captions[i]]
-            # chance level: the same caption against the next image's references
-            chance = object_match(out, [text.decode(c) for c in self.val.captions[(i + 1) % nc]])
-            caps.append({"key": self.val.keys[i], "generated": out, "reference": refs[0],
-                         **object_match(out, refs), "greedy": first,
-                         "greedy_precision": object_match(first, refs)["precision"],
-                         **{f"chance_{k}": v for k, v in chance.items() if k != "recall"}})
-        n = min(g.images, len(self.val))
-        score = None
-        if g.candidates > 1:
-            feats_of = cg.rerank_features(self.toks["image"], ctx.pixels)
-
-            def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
-                return head(self.model, ctx, [cap] * len(codes), feats_of(codes))
-        codes = cg.images_from_captions(
-            self.model, ctx, [self.val.captions[i][0] for i in range(n)],
-            self.val.codes.shape[1], self.val.grid[1], g.temperature, g.top_k, g.guidance,
-            g.candidates, score, torch.Generator().manual_seed(0))
-        vq = self.toks["image"].model
-        with torch.no_grad():  # decoded once for the PNG and the judge
-            drawn, recon = vq.decode(codes), vq.decode(self.val.codes[:n])
-        image_caps = [text.decode(self.val.captions[i][0]) for i in range(n)]
-        png = self._image_grid(recon[:g.grid_images], drawn[:g.grid_images])
-        judged = self._judge(drawn, recon, image_caps) if g.shape_judge else {}
-        d = [ctx.sp("bos"), *cg.text_part(ctx, self.val.captions[0][0])]
-        s, e = 1 + len(self.val.captions[0][0]) // 3, 1 + 2 * len(self.val.captions[0][0]) // 3
-        filled = cg.infill(self.model, ctx, text, d, s, e)
-        grounding = cg.grounding(self.model, ctx, self.val, list(range(min(64, len(self.val)))))
-
-        def mean(key: str) -> float:
-            return round(sum(c[key] for c in caps) / max(1, len(caps)), 3)
-
-        return {"captions": caps, "grounding": grounding, "captions_scored": len(caps),
-                "captions_naming_every_object": sum(c["names_all"] for c in caps),
-                "caption_object_precision": mean("precision"),
-                "greedy_caption_object_precision": mean("greedy_precision"),
-                "chance_caption_object_precision": mean("chance_precision"),
-                "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
-                **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
-                   for p in ("", "chance_") for k in ("colour", "shape")},
-                **judged, "images_png": str(png), "image_captions": image_caps,
-                "infill": {"text": text.decode(self.val.captions[0][0]),
-                           "hidden": text.decode(d[s:e]), "generated": filled}}
-
-    def _judge(self, drawn: torch.Tensor, recon: torch.Tensor, captions: list[str]) -> dict:
-        """Shape-judge scores of the images drawn from ``captions`` and of the VQ's
-        reconstructions of their val images (what the codes can show at best)."""
-        from .data.shapesworld.judge import judge_images, load_or_train, shape_scores
-
-        judge = load_or_train(self.cfg.generate.shape_judge, progress=self.progress)
-        out: dict = {"images_judged": len(captions)}
-        for kind, images in (("images", drawn), ("reconstructions", recon)):
-            scores = shape_scores(judge_images(judge, images, captions))
-            out |= {f"{kind}_{k}": v for k, v in scores.items()}
-        return out
-
-    def _image_grid(self, real: torch.Tensor, fake: torch.Tensor) -> Path:
-        """Decoded val images [n, 3, H, W] (top row) over images drawn from their captions."""
-        from PIL import Image
-
-        rows = torch.cat([torch.cat(list(real), 2), torch.cat(list(fake), 2)], 1)
-        path = self.run / "generated_images.png"
-        Image.fromarray(rows.permute(1, 2, 0).numpy()).resize(
-            (rows.shape[2] * 2, rows.shape[1] * 2), Image.NEAREST).save(path)
-        return path
-
-
-def object_match(generated: str, references: list[str]) -> dict:
-    """ShapesWorld: the (colour, shape) pairs a caption names, against the references'."""
-    from .data.shapesworld.language import named_objects as pairs
-
-    got = pairs(generated)
-    want = set().union(*(pairs(r) for r in references)) if references else set()
-
-    def precision(hits: int) -> float:
-        return round(hits / len(got), 3) if got else 0.0
-
-    colours, shapes = {c for c, _ in want}, {s for _, s in want}
-    return {"precision": precision(len(got & want)),
-            "recall": round(len(got & want) / len(want), 3) if want else 0.0,
-            "names_all": bool(want) and want <= got,
-            # each named object's colour / shape alone: is it one the image has?
-            "colour_precision": precision(sum(c in colours for c, _ in got)),
-            "shape_precision": precision(sum(s in shapes for _, s in got))}
-
-
-def val_history(metrics: Path) -> dict:
-    """First and last validation losses per objective, and their ratio."""
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    vals = [r for r in rows if r.get("split") == "val"]
-    if not vals:
-        return {}
-    first, last = vals[0]["losses"], vals[-1]["losses"]
-    return {k: {"step0": first[k], "final": last[k],
-                "ratio": round(last[k] / first[k], 3) if first[k] else None}
-            for k in first if k in last}
 
 
 def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
@@ -461,34 +339,3 @@ def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
         train_tokenizers(run / "data", run / "tokenizers", speech_units=demo.speech_units,
                          vq_minutes=demo.vq_minutes, grid=run / "vq_reconstructions.png",
                          progress=progress)
-
-
-def caption_scores(s: dict) -> str:
-    """One line: how well CM3's captions of val images match them, each score against chance
-    (the same caption scored against another image's references); ``s`` holds the
-    ``samples()`` keys."""
-    def pair(k: str) -> str:
-        return f"{s[k]:.3f} (chance {s['chance_' + k]:.3f})"
-    return (f"CM3 captions of {s['captions_scored']} val images: of the objects named, right "
-            f"colour {pair('caption_colour_precision')}, right shape "
-            f"{pair('caption_shape_precision')}, right (colour, shape) "
-            f"{pair('caption_object_precision')}; naming every object: "
-            f"{s['captions_naming_every_object']} (chance {s['chance_captions_naming_every_object']})")
-
-
-def image_scores(s: dict) -> str:
-    """One line: the shape judge on the images drawn from val captions, beside the VQ's
-    reconstructions of the same val images and chance; ``s`` holds the ``samples()`` keys."""
-    def part(k: str) -> str:
-        return (f"of the {s[k + '_objects']} objects in named colours, a named shape "
-                f"{s[k + '_shape_hit']:.3f} (chance {s[k + '_shape_chance']:.3f})")
-    return (f"Shape judge on images drawn from {s['images_judged']} "
-            f"val captions: named colours present {s['images_colour_present']:.3f}, "
-            f"{part('images')}; their VQ reconstructions: {part('reconstructions')}")
-
-
-def summary_table(summary: dict) -> str:
-    lines = ["| objective | val loss at step 0 | final | final / step 0 |", "|---|---|---|---|"]
-    for k, v in summary.get("val", {}).items():
-        lines.append(f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |")
-    return "\n".join(lines)

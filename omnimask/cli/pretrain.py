@@ -10,13 +10,8 @@ from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from ..config import load_config, to_yaml
-    from ..train.pretrain import (
-        PretrainConfig,
-        Pretraining,
-        caption_scores,
-        image_scores,
-        summary_table,
-    )
+    from ..train.evaluate import caption_scores, image_scores, summary_table
+    from ..train.pretrain import PretrainConfig, Pretraining
 
     values = {"out": a.out} if a.out else {}
     cfg = load_config(PretrainConfig, a.config, a.overrides, **values)

@@ -1,5 +1,5 @@
-"""ShapesWorld caption scoring (train/pretrain.py: object_match)."""
-from omnimask.train.pretrain import caption_scores, object_match
+"""ShapesWorld caption scoring (train/evaluate.py: object_match)."""
+from omnimask.train.evaluate import caption_scores, object_match
 
 
 def test_pairs_bind_colour_to_the_next_shape():

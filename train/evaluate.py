@@ -1,0 +1,183 @@
+"""Pretraining's evaluation: end-of-run samples, their scores and the summary lines.
+
+At the end of a run the CM3 model writes captions for val images, images for val captions
+(decoded by the VQ decoder) and an infilled caption; they go to ``summary.json`` (under
+``samples``) and ``generated_images.png``. With ``generate.shape_judge`` the drawn images
+are scored by the ShapesWorld shape judge (``train/data/shapesworld/judge.py``), beside the
+VQ reconstructions of the same images. ``caption_scores``, ``image_scores`` and
+``summary_table`` turn a summary into the lines the CLI and the demo report print.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .corpus import Corpus
+    from .objectives.base import Context
+    from .pretrain import GenerateConfig
+
+
+def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run: Path,
+            progress: bool = True) -> dict:
+    """Captions of val images, images drawn from val captions (``run/generated_images.png``,
+    judged with ``g.shape_judge`` if set), an infilled caption and grounding scores."""
+    from .objectives import cm3_generate as cg
+
+    text = toks["text"]
+    model.eval()
+    head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
+    nc = min(g.captions, len(val))
+    greedy: dict[int, str] = {}  # candidate 0 of every image is its greedy caption
+
+    images = val.pixels if ctx.pixels else val.features  # what the model reads
+
+    def score_captions(caps: list[list[int]], i: int) -> torch.Tensor:
+        greedy[i] = text.decode(caps[0])
+        f = images[i]
+        return head(model, ctx, caps, f[None].expand(len(caps), *f.shape))
+
+    chosen = cg.caption_images(model, ctx, text, val.codes[:nc],
+                               candidates=g.caption_candidates,
+                               temperature=g.caption_temperature, top_k=g.top_k,
+                               score=score_captions, gen=torch.Generator().manual_seed(0))
+    caps = []
+    for i, out in enumerate(chosen):
+        first = greedy.get(i, out)
+        refs = [text.decode(c) for c in val.captions[i]]
+        # chance level: the same caption against the next image's references
+        chance = object_match(out, [text.decode(c) for c in val.captions[(i + 1) % nc]])
+        caps.append({"key": val.keys[i], "generated": out, "reference": refs[0],
+                     **object_match(out, refs), "greedy": first,
+                     "greedy_precision": object_match(first, refs)["precision"],
+                     **{f"chance_{k}": v for k, v in chance.items() if k != "recall"}})
+    n = min(g.images, len(val))
+    score = None
+    if g.candidates > 1:
+        feats_of = cg.rerank_features(toks["image"], ctx.pixels)
+
+        def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
+            return head(model, ctx, [cap] * len(codes), feats_of(codes))
+    codes = cg.images_from_captions(
+        model, ctx, [val.captions[i][0] for i in range(n)],
+        val.codes.shape[1], val.grid[1], g.temperature, g.top_k, g.guidance,
+        g.candidates, score, torch.Generator().manual_seed(0))
+    vq = toks["image"].model
+    with torch.no_grad():  # decoded once for the PNG and the judge
+        drawn, recon = vq.decode(codes), vq.decode(val.codes[:n])
+    image_caps = [text.decode(val.captions[i][0]) for i in range(n)]
+    png = image_grid(recon[:g.grid_images], drawn[:g.grid_images], run)
+    judged = judge(g.shape_judge, drawn, recon, image_caps, progress) if g.shape_judge else {}
+    d = [ctx.sp("bos"), *cg.text_part(ctx, val.captions[0][0])]
+    s, e = 1 + len(val.captions[0][0]) // 3, 1 + 2 * len(val.captions[0][0]) // 3
+    filled = cg.infill(model, ctx, text, d, s, e)
+    grounding = cg.grounding(model, ctx, val, list(range(min(64, len(val)))))
+
+    def mean(key: str) -> float:
+        return round(sum(c[key] for c in caps) / max(1, len(caps)), 3)
+
+    return {"captions": caps, "grounding": grounding, "captions_scored": len(caps),
+            "captions_naming_every_object": sum(c["names_all"] for c in caps),
+            "caption_object_precision": mean("precision"),
+            "greedy_caption_object_precision": mean("greedy_precision"),
+            "chance_caption_object_precision": mean("chance_precision"),
+            "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
+            **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
+               for p in ("", "chance_") for k in ("colour", "shape")},
+            **judged, "images_png": str(png), "image_captions": image_caps,
+            "infill": {"text": text.decode(val.captions[0][0]),
+                       "hidden": text.decode(d[s:e]), "generated": filled}}
+
+
+def judge(path: str, drawn: torch.Tensor, recon: torch.Tensor, captions: list[str],
+          progress: bool = True) -> dict:
+    """Shape-judge scores (the judge at ``path``, trained there when missing) of the images
+    drawn from ``captions`` and of the VQ's reconstructions of their val images (what the
+    codes can show at best)."""
+    from .data.shapesworld.judge import judge_images, load_or_train, shape_scores
+
+    shape_judge = load_or_train(path, progress=progress)
+    out: dict = {"images_judged": len(captions)}
+    for kind, images in (("images", drawn), ("reconstructions", recon)):
+        scores = shape_scores(judge_images(shape_judge, images, captions))
+        out |= {f"{kind}_{k}": v for k, v in scores.items()}
+    return out
+
+
+def image_grid(real: torch.Tensor, fake: torch.Tensor, run: Path) -> Path:
+    """``run/generated_images.png``: decoded val images [n, 3, H, W] (top row) over images
+    drawn from their captions."""
+    from PIL import Image
+
+    rows = torch.cat([torch.cat(list(real), 2), torch.cat(list(fake), 2)], 1)
+    path = Path(run) / "generated_images.png"
+    Image.fromarray(rows.permute(1, 2, 0).numpy()).resize(
+        (rows.shape[2] * 2, rows.shape[1] * 2), Image.NEAREST).save(path)
+    return path
+
+
+def object_match(generated: str, references: list[str]) -> dict:
+    """ShapesWorld: the (colour, shape) pairs a caption names, against the references'."""
+    from .data.shapesworld.language import named_objects as pairs
+
+    got = pairs(generated)
+    want = set().union(*(pairs(r) for r in references)) if references else set()
+
+    def precision(hits: int) -> float:
+        return round(hits / len(got), 3) if got else 0.0
+
+    colours, shapes = {c for c, _ in want}, {s for _, s in want}
+    return {"precision": precision(len(got & want)),
+            "recall": round(len(got & want) / len(want), 3) if want else 0.0,
+            "names_all": bool(want) and want <= got,
+            # each named object's colour / shape alone: is it one the image has?
+            "colour_precision": precision(sum(c in colours for c, _ in got)),
+            "shape_precision": precision(sum(s in shapes for _, s in got))}
+
+
+def val_history(metrics: Path) -> dict:
+    """First and last validation losses per objective, and their ratio."""
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    vals = [r for r in rows if r.get("split") == "val"]
+    if not vals:
+        return {}
+    first, last = vals[0]["losses"], vals[-1]["losses"]
+    return {k: {"step0": first[k], "final": last[k],
+                "ratio": round(last[k] / first[k], 3) if first[k] else None}
+            for k in first if k in last}
+
+
+def caption_scores(s: dict) -> str:
+    """One line: how well CM3's captions of val images match them, each score against chance
+    (the same caption scored against another image's references); ``s`` holds the
+    ``samples()`` keys."""
+    def pair(k: str) -> str:
+        return f"{s[k]:.3f} (chance {s['chance_' + k]:.3f})"
+    return (f"CM3 captions of {s['captions_scored']} val images: of the objects named, right "
+            f"colour {pair('caption_colour_precision')}, right shape "
+            f"{pair('caption_shape_precision')}, right (colour, shape) "
+            f"{pair('caption_object_precision')}; naming every object: "
+            f"{s['captions_naming_every_object']} (chance {s['chance_captions_naming_every_object']})")
+
+
+def image_scores(s: dict) -> str:
+    """One line: the shape judge on the images drawn from val captions, beside the VQ's
+    reconstructions of the same val images and chance; ``s`` holds the ``samples()`` keys."""
+    def part(k: str) -> str:
+        return (f"of the {s[k + '_objects']} objects in named colours, a named shape "
+                f"{s[k + '_shape_hit']:.3f} (chance {s[k + '_shape_chance']:.3f})")
+    return (f"Shape judge on images drawn from {s['images_judged']} "
+            f"val captions: named colours present {s['images_colour_present']:.3f}, "
+            f"{part('images')}; their VQ reconstructions: {part('reconstructions')}")
+
+
+def summary_table(summary: dict) -> str:
+    """Markdown: each objective's validation loss at step 0 and at the end, and their ratio."""
+    lines = ["| objective | val loss at step 0 | final | final / step 0 |", "|---|---|---|---|"]
+    for k, v in summary.get("val", {}).items():
+        lines.append(f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |")
+    return "\n".join(lines)
