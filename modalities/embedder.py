@@ -1,12 +1,11 @@
 """What the continuous-input embedders of every modality share (``<m>/embedder.py``).
 
 A linear projection to the trunk's width and a LayerNorm (UNITER's image embedding:
-without the norm, small random projections left every image looking alike next to the
-position embeddings, and contrastive/matching objectives stalled in our runs). A masked
-position is replaced after the norm by a learned mask embedding (HuBERT's ``mask_emb``;
-UNITER MRM zeroes the feature instead): a zeroed feature through the LayerNorm (eps
-1e-12) gave input-bias gradients of ~1e5-1e6 at initialisation, and nothing of a masked
-feature reaches the trunk.
+without the norm, small random projections leave every image looking alike next to the
+position embeddings). A masked position is replaced after the norm by a learned mask
+embedding (HuBERT's ``mask_emb``; UNITER MRM zeroes the feature instead): a zeroed feature
+through the LayerNorm blows up the input bias's gradient, and nothing of a masked feature
+reaches the trunk.
 """
 
 from __future__ import annotations

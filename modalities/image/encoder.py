@@ -8,7 +8,7 @@ the trunk; the frozen VQ latents and the frozen timm patch encoder stay the alte
 ``backbone="conv"`` is our stem: a stride-1 3x3 conv at full resolution, then one stage
 per halving of the side (a stride-2 3x3 conv, then ``depth - 1`` residual stride-1 3x3
 convs, each Conv-Norm-GELU), then a 1x1 projection to ``dim``. Small objects survive the
-early layers; the depth is what resolves shape identity (a calibration probe found that).
+early layers; the depth resolves shape identity.
 
 Any other name is a timm model built with ``features_only=True`` and ``pretrained=False``:
 random initialisation, nothing is ever downloaded. The tokens come from the deepest stage

@@ -338,7 +338,7 @@ class ShardLoader:
         self.dataset.shift = self._next_worker
         nw = self.cfg.num_workers
         # collate_fn=as_is: batches are already collated; torch's default_convert would walk
-        # every nested dict of every sample again (it cost 45% of the time).
+        # every nested dict of every sample again.
         dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, collate_fn=as_is,
                         prefetch_factor=4 if nw else None, persistent_workers=False)
         for kind, wid, data, state, records in dl:

@@ -2,15 +2,15 @@
 
 Captions (``<cls>`` + text) and images (``<cls>`` + patch features) are packed as separate
 samples of one batch, so the trunk encodes each alone; each sample's output states are
-mean-pooled (at initialisation the ``<cls>`` states barely differ between samples and
-contrastive training collapsed them in our tests; the mean keeps the inputs' spread),
+mean-pooled (at initialisation the ``<cls>`` states barely differ between samples; the
+mean keeps the inputs' spread),
 projected and l2-normalised; symmetric InfoNCE with a learnable temperature
 (initialised at 0.07, logit scale clamped at 100). Under DDP the embeddings of every
 rank are gathered with gradients, so each rank sees the global batch as negatives.
 
 The head (``model.heads.itc``): optional BatchNorm (``model.itc_batchnorm``), the two
-projections without bias (CLIP: a bias let both towers collapse onto one direction within
-25 steps in our runs) and the learnable logit scale.
+projections without bias (as CLIP: a bias lets both towers collapse onto one direction)
+and the learnable logit scale.
 """
 
 from __future__ import annotations

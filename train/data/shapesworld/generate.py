@@ -74,8 +74,8 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64,
             "objects": [o.to_json() for o in objs], "relations": rels}
     sample: dict[str, bytes | str] = {
         "__key__": f"{split}-{index:08d}",
-        # Stored PNGs (no deflate): 12 KB instead of 8 KB, 3x faster to decode; the
-        # spoken caption is ten times larger anyway.
+        # Stored PNGs (no deflate): larger but faster to decode; the spoken caption
+        # dominates a sample's size anyway.
         "image.png": encode_png(image, compress_level=0),
         "seg.png": encode_png(seg, compress_level=0),
         "inst.png": encode_png(inst, compress_level=0),
