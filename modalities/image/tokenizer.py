@@ -1,15 +1,14 @@
-"""``omnimask tokenizer train|eval image``: train the VQ-VAE on shards, with checkpoints and
-resume; encode images to code ids and decode them back.
+"""``omnimask tokenizer train|eval image``: train the VQ-VAE on shards through the one
+training loop (``train/trainer.py``: its schedule, checkpoints, resume and logs); encode
+images to code ids and decode them back.
 
 Saved as a directory: ``image_tokenizer.json`` (config, training statistics) and
-``vq.safetensors``; training state in ``checkpoints/step_XXXXXXXX/`` (resumable, a
-``COMPLETE`` marker written last) and ``metrics.jsonl``.
+``vq.safetensors``; training state in ``checkpoints/step_XXXXXXXX/`` (the trainer's:
+resumable, a ``COMPLETE`` marker written last) and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,12 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from omnimask.config import DataConfig, check_fields, load_config, save_config
 from omnimask.errors import Interrupted, OmnimaskError
 from omnimask.registry import TOKENIZERS
-from omnimask.stopsignals import StopSignals
 
 from ..artifacts import code_stats, load_artifact, save_artifact
 from .vq import VQVAE, VQConfig
@@ -144,12 +141,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
 
 
-def _lr(cfg: ImageTokenizerConfig, step: int, frac: float) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
 def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dict:
     """Train (or resume) a VQ-VAE in ``out``, holding the directory's lock meanwhile."""
     from omnimask.runlock import RunLock
@@ -158,104 +149,76 @@ def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dic
         return _train_vq(data, out, cfg, progress)
 
 
+def trainer_config(cfg: ImageTokenizerConfig):
+    """The tokenizer's budget and optimiser as the one training loop's settings: Adam
+    (0.9, 0.99), warmup then cosine to 2% by steps (``max_steps``) or else by time, clip 1,
+    fp32 on the CPU."""
+    from omnimask.train.trainer import TrainerConfig
+
+    return TrainerConfig(
+        max_steps=cfg.max_steps, max_minutes=0.0 if cfg.max_steps else cfg.max_minutes,
+        schedule_by="steps" if cfg.max_steps else "time", batch_size=cfg.batch_size,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.02, optimizer="adam",
+        betas=[0.9, 0.99], weight_decay=0.0, clip=1.0, precision="fp32", device="cpu",
+        checkpoint_every=cfg.checkpoint_every, eval_every=0, log_every=cfg.log_every,
+        seed=cfg.seed, threads=cfg.threads, tensorboard=False)
+
+
 def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     from omnimask.train import checkpoint
+    from omnimask.train.trainer import Trainer, step_seed
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run = Path(out)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run)
     images = load_images(data, cfg.vq.image_size, cfg.max_images)
     torch.manual_seed(cfg.seed)
     model = VQVAE(cfg.vq)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed = 0, 0.0
-    found = checkpoint.load_newest(run / "checkpoints")
-    if found is not None:
-        last, weights, state = found
-        model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dead-code restarts draw from it
-        step, elapsed = state["step"], state["elapsed"]
-        if state["budget"] != [cfg.max_minutes, cfg.max_steps]:
-            raise OmnimaskError(f"{last}: the checkpoint's budget (max_minutes, max_steps) = "
-                                f"{state['budget']} differs from the config's")
-    else:
+    if not checkpoint.complete(run / "checkpoints"):  # else the trainer resumes the weights
         with torch.no_grad():  # k-means initialisation of the codebook on real latents
+            gen = torch.Generator().manual_seed(cfg.seed)
             idx = torch.randperm(len(images), generator=gen)[:512]
             z = F.normalize(model.latents(model.to_input(images[idx])), dim=-1)
             model.quantizer.init_kmeans(z, cfg.seed)
     model = model.to(memory_format=torch.channels_last)
-    budget_s = cfg.max_minutes * 60
 
-    def done() -> bool:
-        return step >= cfg.max_steps if cfg.max_steps else elapsed >= budget_s
+    def make_batch(step: int, micro: int) -> tuple[str, dict]:
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro))
+        x = model.to_input(images[torch.randint(len(images), (cfg.batch_size,), generator=gen)])
+        flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return "vq", {"x": x.contiguous(memory_format=torch.channels_last)}
 
-    def frac() -> float:
-        return step / cfg.max_steps if cfg.max_steps else elapsed / budget_s
+    def loss_fn(name: str, batch: dict) -> dict:
+        _, ids, losses = model(batch["x"])
+        mse = losses["recon"].detach()
+        return {"loss": sum(losses.values()), "recon_mse": mse,
+                "psnr_db": 10 * torch.log10(4.0 / mse.clamp_min(1e-12)),  # inputs span [-1, 1]
+                **{k: v.detach() for k, v in losses.items() if k != "recon"},
+                "images": len(batch["x"]), "ids": ids}
 
-    def save_ckpt() -> None:
-        checkpoint.save(run / "checkpoints", step, model.state_dict(),
-                        {"optimizer": opt.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "step": step,
-                         "elapsed": elapsed, "budget": [cfg.max_minutes, cfg.max_steps]})
+    used = torch.zeros(cfg.vq.codebook_size, dtype=torch.bool)  # codes used since the last row
+    restarts = [0]  # dead codes restarted since the last row
 
-    bar = tqdm(total=cfg.max_steps or int(budget_s), initial=step if cfg.max_steps else int(elapsed),
-               unit="step" if cfg.max_steps else "s", desc="vq", disable=not progress)
-    log = open(run / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
-    model.train()
-    window = []
-    used = torch.zeros(cfg.vq.codebook_size, dtype=torch.bool)
-    stop = StopSignals()  # SIGTERM/SIGUSR2: stop after this step, save a checkpoint
-    try:
-        while not done() and not stop.signal:
-            t0 = time.perf_counter()
-            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-            x = model.to_input(images[idx])
-            flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            x = x.contiguous(memory_format=torch.channels_last)
-            for g in opt.param_groups:
-                g["lr"] = _lr(cfg, step, frac())
-            recon, ids, losses = model(x)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            window.append((losses["recon"].item(), dt))
-            used |= torch.bincount(ids.flatten(), minlength=cfg.vq.codebook_size) > 0
-            bar.update(1 if cfg.max_steps else int(elapsed) - bar.n)
-            if step % cfg.log_every == 0:
-                mse = sum(w[0] for w in window) / len(window)
-                rec = {"step": step, "split": "train", "elapsed_s": round(elapsed, 1),
-                       "lr": opt.param_groups[0]["lr"], "recon_mse": mse,
-                       "psnr_db": 10 * math.log10(4.0 / max(mse, 1e-12)),  # inputs span [-1, 1]
-                       "images_per_s": cfg.batch_size * len(window) / sum(w[1] for w in window),
-                       "usage": float(used.float().mean())}  # codes used in this window
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(psnr=f"{rec['psnr_db']:.1f}", usage=f"{rec['usage']:.2f}")
-                window = []
-                used.zero_()
-            if step % cfg.checkpoint_every == 0:
-                save_ckpt()
-    finally:
-        stop.restore()
-        bar.close()
-        log.close()
-    save_ckpt()
-    if stop.signal:  # resumable, not finished: no tokenizer is written
-        raise Interrupted(f"image tokenizer training interrupted by {stop.signal} at step "
-                          f"{step}; checkpoint saved in {run / 'checkpoints'}")
-    stats = {"steps": step, "train_seconds": round(elapsed, 1), "images": len(images),
-             "params": sum(p.numel() for p in model.parameters())}
+    def after_step(step: int, outputs: list[dict]) -> dict | None:
+        for o in outputs:
+            used.index_fill_(0, o["ids"].flatten(), True)
+        restarts[0] += model.quantizer.restarts
+        if step % cfg.log_every:
+            return None
+        row = {"usage": round(float(used.float().mean()), 4), "restarts": restarts[0]}
+        used.zero_()
+        restarts[0] = 0
+        return row
+
+    trainer = Trainer(trainer_config(cfg), run, model, make_batch, loss_fn, progress=progress,
+                      after_step=after_step, desc="vq", units="images")
+    summary = trainer.fit()
+    if summary["status"].startswith("interrupted"):  # resumable, not finished: no tokenizer
+        raise Interrupted(f"image tokenizer training {summary['status']} at step "
+                          f"{summary['step']}; checkpoint saved in {trainer.ckpt_dir}")
+    stats = {"steps": summary["step"], "train_seconds": summary["elapsed_s"],
+             "images": len(images), "params": sum(p.numel() for p in model.parameters())}
     tok = ImageTokenizer(model.to(memory_format=torch.contiguous_format).eval(), stats)
     tok.save(run)
     return stats

@@ -1,9 +1,16 @@
-"""VQ image tokenizer: quantizer mechanics, a learning check, exact resume, bad input."""
+"""VQ image tokenizer: quantizer mechanics, a learning check through the trainer, exact resume
+after SIGKILL, bad input."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +27,7 @@ from omnimask.modalities.image.tokenizer import (
     load_images,
     psnr,
     train_vq,
+    trainer_config,
 )
 from omnimask.modalities.image.vq import VQVAE, Quantizer, VQConfig
 from omnimask.train import checkpoint
@@ -69,28 +77,69 @@ def test_encode_decode_shapes():
         m.decode(ids[:, :10])
 
 
-def test_learns_and_resumes_exactly(shapes_dir, tmp_path):
+def _rows(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learns_and_logs_through_the_trainer(shapes_dir, tmp_path):
+    cfg = load_config(ImageTokenizerConfig, None, TINY + ["max_steps=60"])
+    stats = train_vq([str(shapes_dir / "train-*.tar")], tmp_path, cfg, progress=False)
+    log = _rows(tmp_path)
+    assert stats["steps"] == 60 and [r["step"] for r in log] == list(range(1, 61))
+    psnr_db = [r["psnr_db"] for r in log]
+    assert sum(psnr_db[-10:]) / 10 > sum(psnr_db[:10]) / 10 + 2  # it learns
+    every = [r for r in log if r["step"] % 10 == 0]  # log_every=10: usage and throughput
+    assert all(0 < r["usage"] <= 1 and r["images_per_s"] > 0 for r in every)
+    assert all("usage" not in r for r in log if r["step"] % 10)
+    assert log[0]["lr"] == pytest.approx(2e-3 / 5)  # the trainer's warmup, then its cosine
+    assert log[-1]["lr"] == pytest.approx(2e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(
+        math.pi * 54 / 55))))
+    _, st = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
+    assert st["schedule"]["total"] == 60 and st["config"]["optimizer"] == "adam"
+    assert not (tmp_path / "tb").exists()  # the tokenizer directory holds what it did
+
+
+def test_time_budget_maps_to_a_time_schedule():
+    t = trainer_config(load_config(ImageTokenizerConfig, None, ["max_minutes=5"]))
+    assert (t.schedule_by, t.max_minutes, t.max_steps) == ("time", 5.0, 0)
+    t = trainer_config(load_config(ImageTokenizerConfig, None, ["max_steps=7"]))
+    assert (t.schedule_by, t.max_minutes, t.max_steps) == ("steps", 0.0, 7)
+    assert (t.betas, t.clip, t.min_lr_ratio) == ([0.9, 0.99], 1.0, 0.02)
+
+
+_TRAIN = ("import sys; from omnimask.config import load_config; "
+          "from omnimask.modalities.image.tokenizer import ImageTokenizerConfig, train_vq; "
+          "train_vq([sys.argv[1]], sys.argv[2], "
+          "load_config(ImageTokenizerConfig, None, sys.argv[3:]), progress=False)")
+
+
+def test_killed_and_resumed_run_equals_an_unbroken_one(shapes_dir, tmp_path, caplog):
     data = [str(shapes_dir / "train-*.tar")]
-    learn = load_config(ImageTokenizerConfig, None, TINY + ["max_steps=100"])
-    train_vq(data, tmp_path / "learn", learn, progress=False)
-    log = [json.loads(ln) for ln in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["psnr_db"] > log[0]["psnr_db"] + 2  # it learns
-    cfg = load_config(ImageTokenizerConfig, None, TINY + ["max_steps=30"])
+    over = TINY + ["max_steps=20", "vq.dead_after=3"]  # dead-code restarts draw from the RNG
+    cfg = load_config(ImageTokenizerConfig, None, over)
     train_vq(data, tmp_path / "a", cfg, progress=False)
-    # interrupted run: the last checkpoint lost, half-written folders that must be ignored
-    train_vq(data, tmp_path / "b", cfg, progress=False)
+    killed = subprocess.run([sys.executable, "-c", _TRAIN, data[0], str(tmp_path / "b"), *over],
+                            env={**os.environ, "OMNIMASK_TEST_SIGKILL_AT": "13"},
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ck = tmp_path / "b" / "checkpoints"
-    shutil.copytree(ck / "step_00000030", ck / "step_00000031.tmp")
-    shutil.rmtree(ck / "step_00000030")
-    (ck / "step_00000026").mkdir()  # no COMPLETE marker
-    assert checkpoint.latest(ck).name == "step_00000020"
-    train_vq(data, tmp_path / "b", cfg, progress=False)
+    assert [p.name for p in checkpoint.complete(ck)] == ["step_00000010"]
+    # half-written folders of a kill: ignored
+    shutil.copytree(ck / "step_00000010", ck / "step_00000014.tmp")
+    (ck / "step_00000012").mkdir()  # no COMPLETE marker
+    assert train_vq(data, tmp_path / "b", cfg, progress=False)["steps"] == 20
     a = ImageTokenizer.load(tmp_path / "a").model.state_dict()
     b = ImageTokenizer.load(tmp_path / "b").model.state_dict()
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
-    with pytest.raises(OmnimaskError, match="budget"):
-        train_vq(data, tmp_path / "b", load_config(ImageTokenizerConfig, None,
-                                                    TINY + ["max_steps=40"]), progress=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    same = ("step", "loss", "psnr_db", "lr", "usage", "restarts")
+    rows = [{k: r.get(k) for k in same} for r in _rows(tmp_path / "b")]
+    assert rows == [{k: r.get(k) for k in same} for r in _rows(tmp_path / "a")]
+    assert rows[19]["restarts"] > 0  # after the resume too
+    # another budget on resume: the checkpoint's schedule is kept, and said so
+    with caplog.at_level(logging.WARNING):
+        more = train_vq(data, tmp_path / "b", load_config(ImageTokenizerConfig, None,
+                                                          TINY + ["max_steps=40"]), progress=False)
+    assert more["steps"] == 20 and "schedule of the checkpoint (20 steps)" in caplog.text
 
 
 def test_cli_train_eval_and_bad_input(shapes_dir, tmp_path):
