@@ -259,23 +259,24 @@ def test_interrupted_pretraining_exits_3_then_resumes(tiny_run, tmp_path, capsys
 def test_interrupted_image_tokenizer_exits_3_then_resumes(small_shards, tmp_path, capsys,
                                                           monkeypatch):
     from omnimask.modalities.image import tokenizer as it
+    from omnimask.train import trainer
 
-    lr = it._lr
+    lr = trainer.lr_at  # the one schedule, asked once a step
 
-    def preempted(cfg, step, frac):
+    def preempted(cfg, step, *args, **kw):
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return lr(cfg, step, frac)
+        return lr(cfg, step, *args, **kw)
 
     out = tmp_path / "vq"
     argv = ["tokenizer", "train", "image", "--data", str(small_shards / "train-*.tar"),
             "--out", str(out), *VQ_TINY, "max_steps=3", "-q"]
-    monkeypatch.setattr(it, "_lr", preempted)
+    monkeypatch.setattr(trainer, "lr_at", preempted)
     assert main(argv) == EXIT_INTERRUPTED
     err = capsys.readouterr().err.strip()
     assert err.startswith("omnimask: image tokenizer training interrupted by SIGTERM at step 2")
     assert "run the same command again to resume" in err and "\n" not in err
     assert not (out / it.WEIGHTS).exists()  # not finished: no tokenizer to mistake for one
-    monkeypatch.setattr(it, "_lr", lr)
+    monkeypatch.setattr(trainer, "lr_at", lr)
     assert main(argv) == 0
     assert "steps: 3" in capsys.readouterr().out and (out / it.WEIGHTS).is_file()
