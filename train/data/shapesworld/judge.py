@@ -162,10 +162,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_judge(scenes: int = 2000, epochs: int = 8, batch_size: int = 128, lr: float = 3e-3,
                 seed: int = 0, progress: bool = True) -> ShapeClassifier:
-    """A classifier trained on the objects of ``scenes`` rendered, degraded scenes (the
-    defaults: ~50 s on 2 CPU cores; 0.94 of the objects of 256 fresh scenes judged right),
-    through the one training loop: AdamW, warmup then cosine, in a temporary run directory
-    (the judge is the only output; an interrupted training starts again)."""
+    """A classifier trained on the objects of ``scenes`` rendered, degraded scenes, through
+    the one training loop: AdamW, warmup then cosine, in a temporary run directory (the
+    judge is the only output; an interrupted training starts again)."""
     from omnimask.train.trainer import Trainer, TrainerConfig, step_seed
 
     torch.manual_seed(seed)
