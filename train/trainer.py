@@ -239,7 +239,9 @@ class Trainer:
     its state kept in the checkpoints. ``loss_fn(name, batch)`` returns ``loss``, optionally
     ``units`` (counted for the throughput, ``<units>_per_s``), scalar metrics (logged,
     averaged over micro-batches) and anything else (not logged; ``after_step`` sees it).
-    ``desc`` labels the progress bar."""
+    ``parallelize(model) -> model`` runs once, after the move to the device and before the
+    optimizer is built: what it returns is trained, clipped and checkpointed (identity by
+    default; the distributed issue fills it). ``desc`` labels the progress bar."""
 
     def __init__(self, cfg: TrainerConfig, run_dir: str | os.PathLike, model: torch.nn.Module,
                  make_batch: Callable[[int, int], tuple[str, dict]] | None = None,
@@ -250,7 +252,7 @@ class Trainer:
                  after_step: Callable[[int, list[dict]], dict | None] | None = None,
                  desc: str = "pretrain", units: str = "tokens") -> None:
         if (make_batch is None) == (data is None):
-            raise TypeError("Trainer needs make_batch or data, not both")
+            raise TypeError("Trainer needs exactly one of make_batch and data")
         if data is not None and not all(callable(getattr(data, a, None)) for a in
                                         ("make_batch", "state_dict", "load_state_dict")):
             raise TypeError(f"data ({type(data).__name__}) needs make_batch, state_dict and "
@@ -263,7 +265,6 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         model = model.to(self.device)
-        # the distributed issue fills this (DDP/FSDP); the optimizer sees what it returns
         self.model = parallelize(model) if parallelize is not None else model
         self.data = data
         self.make_batch = data.make_batch if data is not None else make_batch
