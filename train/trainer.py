@@ -513,19 +513,20 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         resumed = self.restore()
-        self._open_tb()
-        self._stop = StopSignals()
         self.model.train()
         status, last_good = "done", self.restored
-        if not resumed:
-            self.run_eval()
         total = self.schedule["total"]  # 0: none (a time schedule)
-        bar, at = self._bar()
         per = f"{self.units}_per_s"
-        t_start = self.clock() - self.elapsed
-        count_window, t_window = 0, self.clock()
         kill_at = int(os.environ.get("OMNIMASK_TEST_SIGKILL_AT", "-1"))  # tests: a preemption
+        bar = None
+        self._stop = StopSignals()  # restored in `finally`, whatever raises after this
         try:
+            self._open_tb()
+            if not resumed:
+                self.run_eval()
+            bar, at = self._bar()
+            t_start = self.clock() - self.elapsed
+            count_window, t_window = 0, self.clock()
             while not total or self.step < total:
                 if self._stop.signal:
                     status = f"interrupted by {self._stop.signal}"
@@ -567,7 +568,8 @@ class Trainer:
                     or ckpt.step_of(last_good) != self.step):
                 last_good = self.save()
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self._stop.restore()
             if self.tb is not None:
                 self.tb.close()

@@ -351,3 +351,15 @@ def test_after_step_sees_each_applied_step_and_adds_to_its_row(tmp_path):
     rows = _rows(tmp_path)
     assert [r.get("extra") for r in rows] == [None, 4, None, None, None, 12]
     assert all("ids" not in r for r in rows)
+
+
+def test_signal_handlers_are_restored_when_the_first_evaluation_raises(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    t = _trainer(tmp_path)
+
+    def boom(model):
+        raise ValueError("evaluation failed")
+    t.evaluate = boom
+    with pytest.raises(ValueError, match="evaluation failed"):
+        t.fit()
+    assert signal.getsignal(signal.SIGTERM) == before
