@@ -17,7 +17,6 @@ the directory lacks initialised fresh and listed (``model.load_report``), timm's
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +30,7 @@ import torch
 
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig, OmniModel, head_specs
-from omnimask.safeio import atomic_write_bytes, fsync_path
+from omnimask.safeio import atomic_write, atomic_write_bytes
 
 FORMAT, FORMAT_VERSION = "omnimask-model", 1
 CONFIG, WEIGHTS, VOCAB, TOKENIZERS = "config.json", "model.safetensors", "vocab.json", "tokenizers"
@@ -80,14 +79,7 @@ def save_pretrained(model: OmniModel, directory: str | os.PathLike,
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def _copy_tokenizers(root: Path, toks: dict[str, Path]) -> None:
