@@ -38,9 +38,16 @@ def _packed(cfg, n: int = 3) -> dict:
     return {"packed": pack(samples)}
 
 
-def test_state_dict_keys_are_encoder_or_heads_and_each_tensor_has_one_key():
-    model = _model(_ctx())
+@pytest.mark.parametrize("image_input", ["vq_latents", "pixels"])
+def test_state_dict_keys_are_encoder_or_heads_and_each_tensor_has_one_key(image_input):
+    from omnimask.modalities.image.encoder import ImageEncoderConfig
+
+    enc = ImageEncoderConfig(image_size=16, grid=4, channels=[8, 16], stem_channels=4)
+    model = _model(_ctx(), image_input=image_input, image_encoder=enc)
     keys = list(model.state_dict())
+    # the pixel encoder, where there is one, belongs to the image embedder
+    assert any(k.startswith("encoder.embedders.image.encoder.") for k in keys) == (
+        image_input == "pixels")
     assert all(k.startswith(("encoder.", "heads.")) for k in keys), keys
     assert {k.split(".")[1] for k in keys if k.startswith("heads.")} == {
         n for n in OBJECTIVES.names() if any(True for _ in model.heads[n].parameters())}
