@@ -47,3 +47,34 @@ def plant_pickle():
     def plant(path, marker) -> None:
         path.write_bytes(pickle.dumps({"fingerprint": "x", "corpus": _Payload(marker)}))
     return plant
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shapes_dir, tmp_path_factory):
+    """A model directory (untrained d=32 encoder, pretraining heads, tokenizers copied in)
+    built the way ``omnimask pretrain`` builds its model, on ``shapes_dir``'s train split;
+    images from pixels. For end-to-end task tests (finetune -> export -> eval -> API)."""
+    from omnimask.config import load_config
+    from omnimask.registry import TOKENIZERS
+    from omnimask.train.pretrain import PretrainConfig, Pretraining
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    train = str(shapes_dir / "train-*.tar")
+    TOKENIZERS.get("text").train([train], str(d / "text"), progress=False)
+    TOKENIZERS.get("image").train([train], str(d / "image"),
+                                  ["max_steps=2", "vq.codebook_size=128", "batch_size=16"],
+                                  progress=False)
+    TOKENIZERS.get("speech").train([train], str(d / "speech"),
+                                   ["kind=kmeans", "codebook_size=32", "iterations=3"],
+                                   progress=False)
+    cfg = load_config(PretrainConfig, None, **{
+        "out": str(d / "run"),
+        "data": {"train": [train], "val": [str(shapes_dir / "test-novel-*.tar")]},
+        "tokenizers": {"text": str(d / "text"), "image": str(d / "image"),
+                       "speech": str(d / "speech")},
+        "model": {"trunk": {"dim": 32, "layers": 2, "heads": 2, "ffn_dim": 64,
+                            "max_positions": 512}, "image_input": "pixels",
+                  "image_encoder": {"channels": [8, 16, 32], "stem_channels": 8}}})
+    pre = Pretraining(cfg, progress=False)
+    pre.lock.release()
+    return pre.model.save_pretrained(d / "model")

@@ -46,6 +46,10 @@ class Corpus:
     speech: list[torch.Tensor] | None = None  # sample -> [n, frame_dim] float16
     units: list[torch.Tensor] | None = None  # sample -> [n] long
     pixels: torch.Tensor | None = None  # [N, 3, S, S] uint8, the images the VQ codes are of
+    texts: list[list[str]] | None = None  # sample -> captions as written (metric references)
+    # sample -> questions: {"question": str, "ids": text ids, "answers": [str, ...] (one or
+    # several annotators' answers), "type": str}; None when the shards have no qa.json
+    qa: list[list[dict]] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -87,7 +91,9 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
     keys_present = set.intersection(*[set(r.get("keys", [])) for r in
                                       manifest_entries(paths).values()] or [set()])
     want_speech = speech_tok is not None and "speech.flac" in keys_present
-    procs = ["image", "text"] + (["speech", "meta"] if want_speech else [])
+    want_qa = "qa.json" in keys_present
+    procs = (["image", "text"] + (["speech", "meta"] if want_speech else [])
+             + (["qa"] if want_qa else []))
     size = image_tok.model.cfg.image_size
     cfg = DataConfig(shards=paths, processors=procs, batch_size=64, shuffle_buffer=0,
                      shuffle_shards=False, image_size=size)
@@ -100,7 +106,7 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
         raise OmnimaskError(f"corpus features must be vq or patch_encoder, got {features!r}")
     vq = image_tok.model
     out = {"keys": [], "captions": [], "spoken": [], "codes": [], "latents": [], "features": [],
-           "speech": [], "units": [], "pixels": []}
+           "speech": [], "units": [], "pixels": [], "texts": [], "qa": []}
     bar = tqdm(desc="tokenising corpus", unit="sample", disable=not progress)
     with torch.no_grad():
         for b in ShardLoader(cfg, rank=0, world_size=1):
@@ -115,6 +121,9 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                 out["keys"].append(b["__key__"][i])
                 out["captions"].append([e.ids for e in text_tok.tok.encode_batch(
                     b["captions"][i], add_special_tokens=False)])
+                out["texts"].append(list(b["captions"][i]))
+                if want_qa:
+                    out["qa"].append(_questions(b["qa"][i], text_tok))
                 if want_speech:
                     sp = b["meta"][i].get("speech", {})
                     out["spoken"].append(int(sp.get("caption_index", 0)))
@@ -134,7 +143,20 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                   features=torch.cat(out["features"]), grid=(side, side),
                   speech=out["speech"] if want_speech else None,
                   units=out["units"] if want_speech else None,
-                  pixels=torch.cat(out["pixels"]))
+                  pixels=torch.cat(out["pixels"]), texts=out["texts"],
+                  qa=out["qa"] if want_qa else None)
+
+
+def _questions(qa: list[dict], text_tok) -> list[dict]:
+    """qa.json entries with their text ids; ``answers`` is a list (VQA v2 keeps ten)."""
+    ids = text_tok.tok.encode_batch([str(q["question"]) for q in qa], add_special_tokens=False)
+    out = []
+    for q, e in zip(qa, ids):
+        a = q.get("answers", q["answer"])
+        out.append({"question": str(q["question"]), "ids": e.ids,
+                    "answers": [str(x) for x in (a if isinstance(a, list) else [a])],
+                    "type": str(q.get("type", "other"))})
+    return out
 
 
 def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[str, str | None],
@@ -148,7 +170,7 @@ def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[s
         raise OmnimaskError(f"no shards match {shards}")
     fp = _fingerprint(paths, {"tokenizers": {k: tokenizer_id(v) for k, v in tokenizers.items()},
                               "features": features, "patch_encoder": patch_encoder,
-                              "version": 2})  # 2: pixels kept
+                              "version": 3})  # 2: pixels; 3: texts, qa
     p = Path(path)
     if p.is_file():
         try:
