@@ -51,6 +51,7 @@ class ObjectivesConfig:
     mim_ratio: float = 0.4  # BEiT blockwise masking
     mim_min_block: int = 4
     itm_neg_prob: float = 0.5
+    itm_features: str = "cls"  # the ITM head's input: "cls" (UNITER) or "pair" (+ u*v, |u-v|)
     itm_hard_negatives: bool = False  # negatives sampled by ITC similarity (ALBEF style)
     wra_weight: float = 0.1
     ot_beta: float = 0.5
@@ -76,6 +77,8 @@ class ObjectivesConfig:
                      "cm3_max_spans", "speech_span", prefix=p)
         check_fields(self, ">0", "mrc_temperature", "ot_beta", "cm3_poisson", prefix=p)
         check_fields(self, ">=0", "mix_ramp_steps", "wra_weight", "speech_max_units", prefix=p)
+        if self.itm_features not in ("cls", "pair"):
+            raise ValueError(f"{p}itm_features must be cls or pair, got {self.itm_features!r}")
         for key in ("mix", "mix_start"):
             for name, v in getattr(self, key).items():
                 if not float(v) >= 0:

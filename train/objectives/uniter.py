@@ -178,6 +178,10 @@ class ITMHeadConfig:
     wra_weight: float = 0.1
     ot_beta: float = 0.5
     ot_iterations: int = 50
+    # "cls": UNITER's Linear(H, 2) on the pooled <cls>; "pair": on [<cls>, u*v, |u-v|] with u,
+    # v the mean fused caption and image states (InferSent's matching features: the product
+    # gives a text-image interaction from the first step, before attention has learned one)
+    features: str = "cls"
 
 
 class ITMHead(nn.Module):
@@ -186,12 +190,21 @@ class ITMHead(nn.Module):
     def __init__(self, model_cfg, cfg: ITMHeadConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or ITMHeadConfig()
-        self.fc = nn.Linear(model_cfg.trunk.dim, 2)
+        if self.cfg.features not in ("cls", "pair"):
+            raise ValueError(f"objectives.itm_features must be cls or pair, got "
+                             f"{self.cfg.features!r}")
+        d = model_cfg.trunk.dim
+        self.fc = nn.Linear(d if self.cfg.features == "cls" else 3 * d, 2)
         init_linear(self.fc)
 
     def logits(self, encoder, h: torch.Tensor, p) -> torch.Tensor:
-        """[B, 2] (no match, match) from the pooled ``<cls>`` of each pair."""
-        return self.fc(encoder.pooled(h, p))
+        """[B, 2] (no match, match) from the pooled ``<cls>`` of each pair (and, with
+        ``features="pair"``, the product and distance of its mean caption and image states)."""
+        x = encoder.pooled(h, p)
+        if self.cfg.features == "pair":
+            u, v = segment_means(h, p, 0, skip_first=True), segment_means(h, p, 1)
+            x = torch.cat([x, u * v, (u - v).abs()], -1)
+        return self.fc(x)
 
     def forward(self, encoder, b: dict) -> dict:
         p, pos = b["packed"], b["positive"]
@@ -219,6 +232,20 @@ class ITMHead(nn.Module):
                         beta=self.cfg.ot_beta, iterations=self.cfg.ot_iterations)
 
 
+def segment_means(h: torch.Tensor, p, segment: int, skip_first: bool = False) -> torch.Tensor:
+    """[B, dim] mean of each sample's hidden states in ``segment`` (without the sample's
+    first position, its ``<cls>``, when ``skip_first``); zeros for a sample without any."""
+    seg = p.segment.to(h.device)
+    sel = seg == segment
+    if skip_first:
+        sel[p.cu_seqlens[:-1].long().to(h.device)] = False
+    idx = p.sample_index().to(h.device)[sel]
+    b = len(p.cu_seqlens) - 1
+    total = h.new_zeros(b, h.shape[1]).index_add_(0, idx, h[sel])
+    count = torch.bincount(idx, minlength=b).clamp(min=1).to(h.dtype)
+    return total / count[:, None]
+
+
 @objective("itm")
 class ITM(Objective):
     head = ITMHead
@@ -226,7 +253,7 @@ class ITM(Objective):
     @classmethod
     def head_config(cls, c) -> ITMHeadConfig:
         return ITMHeadConfig(wra_weight=c.wra_weight, ot_beta=c.ot_beta,
-                             ot_iterations=c.ot_iterations)
+                             ot_iterations=c.ot_iterations, features=c.itm_features)
 
     def batch(self, corpus, idx, gen) -> dict:
         idx = list(idx)
