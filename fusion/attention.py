@@ -5,14 +5,18 @@
 boundaries. Kinds: ``bidirectional``; ``causal``; ``prefix`` (bidirectional over each
 sample's first ``prefix_len[i]`` positions, causal after: captioning with an image
 prefix); ``cm3`` (a CM3 document is already rearranged by the data transform, so its
-attention is causal).
+attention is causal); ``blocks`` (several queries of one context packed in one sample,
+e.g. the questions of one image: ``prefix_len`` is then a LongTensor [T] of block ids per
+packed position, 0 = the shared context, k >= 1 = block k; a position attends to the
+keys of its sample in block 0 or in its own block, so the context sees only itself and
+the blocks never see each other).
 
 Backends: ``sdpa`` (PyTorch scaled_dot_product_attention on per-sample padded blocks with
 a boolean mask; CPU and everywhere), ``varlen`` (``torch.nn.attention.varlen.varlen_attn``,
 CUDA, no padding), ``xformers`` (``memory_efficient_attention`` with block-diagonal
 masks, CUDA; its kernels only load with the torch it was built for), ``flex``
 (FlexAttention over the packed sequence with a document ``mask_mod``: no padding and
-every mask kind, prefix-LM included; compiled on CUDA; on CPU unfused and forward only). ``auto`` probes
+every mask kind, prefix-LM and blocks included; compiled on CUDA; on CPU unfused and forward only). ``auto`` probes
 the candidates once per (device, dtype, mask) on a tiny problem against a float64
 reference, keeps those that agree, and picks the fastest; the choice is logged. A
 missing or broken xformers never breaks an import.
@@ -29,13 +33,27 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("omnimask.attention")
-MASKS = ("bidirectional", "causal", "prefix", "cm3")
+MASKS = ("bidirectional", "causal", "prefix", "cm3", "blocks")
 BACKENDS = ("auto", "sdpa", "varlen", "xformers", "flex")
 _CHOICE: dict[tuple, str] = {}
 
 
 def _lengths(cu: torch.Tensor) -> list[int]:
     return (cu[1:] - cu[:-1]).tolist()
+
+
+def block_ids(prefix_len, total: int, device=None) -> torch.Tensor:
+    """mask='blocks': the [T] block ids carried by ``prefix_len``, checked."""
+    if prefix_len is None:
+        raise ValueError("mask='blocks' needs prefix_len: a LongTensor [T] of block ids per "
+                         "packed position (0 = the shared context)")
+    ids = torch.as_tensor(prefix_len, device=device)
+    if ids.ndim != 1 or ids.numel() != total or ids.is_floating_point():
+        raise ValueError(f"mask='blocks' needs prefix_len as integer block ids, one per packed "
+                         f"position ({total}), got shape {tuple(ids.shape)} {ids.dtype}")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"mask='blocks' block ids must be >= 0, got {int(ids.min())}")
+    return ids.long()
 
 
 def block_mask(lengths: list[int], mask: str, prefix_len=None, device=None) -> torch.Tensor:
@@ -47,6 +65,11 @@ def block_mask(lengths: list[int], mask: str, prefix_len=None, device=None) -> t
     i = torch.arange(L, device=device)
     valid = i[None] < lens[:, None]  # [B, L]
     m = valid[:, :, None] & valid[:, None, :]
+    if mask == "blocks":  # block ids [T] -> [B, L]; a key in block 0 or the query's block
+        ids = block_ids(prefix_len, sum(lengths), device)
+        blk = ids.new_zeros(len(lengths), L)
+        blk[valid] = ids
+        m = m & ((blk[:, None, :] == 0) | (blk[:, None, :] == blk[:, :, None]))
     if mask in ("causal", "cm3", "prefix"):
         causal = i[:, None] >= i[None, :]
         if mask == "prefix":
@@ -109,8 +132,8 @@ def _varlen(q, k, v, cu, mask, prefix_len, scale):
         if "window_size" not in inspect.signature(varlen_attn).parameters:
             raise NotImplementedError("this torch's varlen_attn has no causal mode")
         kw["window_size"] = (-1, 0)
-    elif mask == "prefix":
-        raise NotImplementedError("varlen_attn has no prefix-LM mask")
+    elif mask in ("prefix", "blocks"):
+        raise NotImplementedError(f"varlen_attn has no {mask} mask")
     cu = cu.to(device=q.device, dtype=torch.int32)
     n = int(max(_lengths(cu)))
     return varlen_attn(q, k, v, cu, cu, n, n, **kw)
@@ -125,7 +148,7 @@ def _xformers(q, k, v, cu, mask, prefix_len, scale):
     elif mask in ("causal", "cm3"):
         bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lens)
     else:
-        raise NotImplementedError("xformers has no block-diagonal prefix-LM mask")
+        raise NotImplementedError(f"xformers has no block-diagonal {mask} mask")
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
                                            scale=scale)[0]
 
@@ -140,7 +163,7 @@ def _flex_mask(cu: torch.Tensor, mask: str, prefix_len, device):
 
     lengths = _lengths(cu)
     key = (tuple(lengths), mask, None if prefix_len is None else tuple(
-        int(p) for p in prefix_len), str(device))
+        torch.as_tensor(prefix_len).tolist()), str(device))
     if _FLEX["key"] == key:
         return _FLEX["mask"]
     lens = torch.tensor(lengths, device=device)
@@ -152,6 +175,11 @@ def _flex_mask(cu: torch.Tensor, mask: str, prefix_len, device):
     elif mask in ("causal", "cm3"):
         def mod(b, h, qi, ki):
             return (doc[qi] == doc[ki]) & (qi >= ki)
+    elif mask == "blocks":
+        blk = block_ids(prefix_len, doc.numel(), device)
+
+        def mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & ((blk[ki] == 0) | (blk[ki] == blk[qi]))
     else:
         if prefix_len is None:
             raise ValueError("mask='prefix' needs prefix_len (one length per sample)")
@@ -196,7 +224,11 @@ def reference(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None) ->
         s, e = int(cu[b]), int(cu[b + 1])
         qs, ks, vs = (x[s:e].double().transpose(0, 1) for x in (q, k, v))  # [H, n, D]
         att = qs @ ks.transpose(1, 2) * (scale or 1 / math.sqrt(q.shape[-1]))
-        m = block_mask([n], mask, None if prefix_len is None else [prefix_len[b]], q.device)[0, 0]
+        if mask == "blocks":
+            pre = block_ids(prefix_len, q.shape[0])[s:e]
+        else:
+            pre = None if prefix_len is None else [prefix_len[b]]
+        m = block_mask([n], mask, pre, q.device)[0, 0]
         att = att.masked_fill(~m, float("-inf")).softmax(-1)
         outs.append((att @ vs).transpose(0, 1))
     return torch.cat(outs).to(q.dtype)
@@ -206,7 +238,9 @@ def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 5, 17, 24], dtype=torch.int32)
     q, k, v = (torch.randn(24, 2, 16, generator=g).to(device, dtype) for _ in range(3))
-    pre = [2, 4, 3] if mask == "prefix" else None
+    pre = {"prefix": [2, 4, 3],  # blocks: a context, interleaved and empty-context samples
+           "blocks": torch.tensor([0, 0, 1, 1, 2] + [0, 0, 0, 1, 2, 1, 2, 2, 3, 0, 3, 1]
+                                  + [1, 1, 2, 2, 2, 1, 1])}.get(mask)
     want = reference(q, k, v, cu, mask, pre).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     candidates = ["sdpa"] if device.type != "cuda" else ["varlen", "xformers", "flex", "sdpa"]

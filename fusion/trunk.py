@@ -23,7 +23,7 @@ from omnimask.config import check_fields
 from omnimask.errors import ConfigError
 from omnimask.modalities.vocab import MODALITIES
 
-from .attention import attention, math_attention
+from .attention import attention, block_ids, math_attention
 from .packing import PackedBatch
 
 
@@ -78,6 +78,26 @@ class TrunkConfig:
     @property
     def plain_softmax(self) -> bool:
         return self.clip_gamma == 0.0 and self.clip_zeta == 1.0
+
+
+def block_positions(cu: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Position of each packed position under mask='blocks': how many earlier positions of
+    its sample it may attend to (the context's, then its own block's), i.e. its index in
+    [context + its block] alone."""
+    T = blocks.numel()
+    lens = (cu[1:] - cu[:-1]).long()
+    sample = torch.repeat_interleave(torch.arange(lens.numel(), device=blocks.device), lens)
+    key = sample * (int(blocks.max()) + 1 if T else 1) + blocks  # one group per (sample, block)
+    order = torch.sort(key, stable=True).indices
+    k = key[order]
+    first = torch.ones_like(k, dtype=torch.bool)
+    first[1:] = k[1:] != k[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(T, device=k.device), 0), 0).values
+    rank = torch.empty_like(blocks)
+    rank[order] = torch.arange(T, device=k.device) - start  # index within its group
+    ctx = torch.cumsum((blocks == 0).long(), 0) - (blocks == 0).long()  # context before, packed
+    ctx = ctx - ctx[cu[:-1].long()].repeat_interleave(lens) if T else ctx  # ...in its sample
+    return torch.where(blocks == 0, rank, rank + ctx)
 
 
 def _norm(cfg: TrunkConfig, dim: int) -> nn.Module:
@@ -215,12 +235,16 @@ class Trunk(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def embed(self, batch: PackedBatch, features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, batch: PackedBatch, features: torch.Tensor | None = None,
+              blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings; positions are indices within each sample. ``features``: [T, dim]
-        already-projected continuous inputs, used where ``batch.ids == -1``."""
+        already-projected continuous inputs, used where ``batch.ids == -1``. ``blocks``
+        (mask='blocks' block ids): positions count only what each position sees."""
         cu = batch.cu_seqlens.to(batch.ids.device)
         starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
         pos = torch.arange(batch.num_tokens, device=batch.ids.device) - starts
+        if blocks is not None:
+            pos = block_positions(cu, blocks.to(pos.device))
         longest = int(pos.max()) + 1
         if longest > self.cfg.max_positions:  # a config mismatch, not a bug: say which key
             raise ConfigError(f"model.trunk.max_positions={self.cfg.max_positions} is smaller "
@@ -251,8 +275,11 @@ class Trunk(nn.Module):
 
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
                 features: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [T, dim] of the packed batch."""
-        x = self.embed(batch, features)
+        """Hidden states [T, dim] of the packed batch. mask='blocks' (``prefix_len`` = block
+        ids [T]) also numbers each block's positions after its context, so a block's
+        outputs are those of [context + block] alone."""
+        blocks = block_ids(prefix_len, batch.num_tokens) if mask == "blocks" else None
+        x = self.embed(batch, features, blocks)
         cu = batch.cu_seqlens
         for blk in self.blocks:
             if self.cfg.checkpointing and self.training:

@@ -19,6 +19,23 @@ def _problem(lengths, h=3, d=8, seed=0, device="cpu", dtype=torch.float32):
     return q, k, v, cu
 
 
+def _pre(mask, lengths, prefix):
+    """The ``prefix_len`` argument of a mask: prefix lengths, block ids [T] or None."""
+    if mask == "prefix":
+        return prefix
+    if mask == "blocks":  # per sample: a context, then blocks (some interleaved)
+        g = torch.Generator().manual_seed(len(lengths))
+        return torch.cat([torch.randint(0, 4, (n,), generator=g) for n in lengths])
+    return None
+
+
+def _alone(pre, mask, b, s, e):
+    """Sample b's own ``prefix_len``."""
+    if pre is None:
+        return None
+    return pre[s:e] if mask == "blocks" else [pre[b]]
+
+
 def _setting(backend):
     """(device, dtype, tolerance) a backend is tested in: the CUDA-only ones in bf16."""
     if backend == "xformers":
@@ -34,7 +51,7 @@ def test_packed_equals_per_sample(mask, backend):
     lengths = [1, 7, 3, 12]
     dev, dtype, tol = _setting(backend)
     q, k, v, cu = _problem(lengths, device=dev, dtype=dtype)
-    pre = [1, 3, 2, 5] if mask == "prefix" else None
+    pre = _pre(mask, lengths, [1, 3, 2, 5])
     try:
         got = A.attention(q, k, v, cu, max(lengths), mask, pre, backend=backend)
     except NotImplementedError:
@@ -45,7 +62,7 @@ def test_packed_equals_per_sample(mask, backend):
     for b, n in enumerate(lengths):
         s, e = int(cu[b]), int(cu[b + 1])
         alone = A.attention(q[s:e], k[s:e], v[s:e], torch.tensor([0, n], dtype=torch.int32), n,
-                            mask, None if pre is None else [pre[b]], backend=backend)
+                            mask, _alone(pre, mask, b, s, e), backend=backend)
         torch.testing.assert_close(got[s:e].float(), alone.float(), atol=tol, rtol=tol)
 
 
@@ -98,12 +115,12 @@ def test_bad_arguments():
         A.attention(q, k, v, cu, 3, "prefix", backend="sdpa")
 
 
-@pytest.mark.parametrize("mask", ["bidirectional", "prefix"])
+@pytest.mark.parametrize("mask", ["bidirectional", "prefix", "blocks"])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_gradients_match_reference(mask, backend):
     dev, _, _ = _setting(backend)
     q, k, v, cu = _problem([2, 5, 4], device=dev)
-    pre = [1, 2, 4] if mask == "prefix" else None
+    pre = _pre(mask, [2, 5, 4], [1, 2, 4])
     if backend == "flex" and not CUDA:
         xs = [t.clone().requires_grad_() for t in (q, k, v)]
         with pytest.raises(NotImplementedError, match="no backward on CPU"):
@@ -122,7 +139,7 @@ def test_gradients_match_reference(mask, backend):
 @pytest.mark.parametrize("mask", A.MASKS)
 def test_math_attention_equals_reference(mask):
     q, k, v, cu = _problem([3, 8, 1])
-    pre = [2, 3, 1] if mask == "prefix" else None
+    pre = _pre(mask, [3, 8, 1], [2, 3, 1])
     torch.testing.assert_close(A.math_attention(q, k, v, cu, mask, pre), A.reference(q, k, v, cu, mask, pre),
                                atol=1e-5, rtol=1e-5)
 
@@ -140,3 +157,68 @@ def test_cross_attention_per_query_masks():
         want = (att[..., None] * v.transpose(0, 1)).sum(1)  # [H, D]
         torch.testing.assert_close(out[i], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1], v[5])  # one allowed key: its value exactly
+
+
+def test_blocks_mask_what_it_says():
+    """Context (block 0) sees only itself; block k sees the context and itself."""
+    blk = torch.tensor([0, 0, 1, 2, 1] + [1, 0])
+    m = A.block_mask([5, 2], "blocks", blk)[:, 0]
+    assert m[0].int().tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 1],
+                                   [1, 1, 0, 1, 0], [1, 1, 1, 0, 1]]
+    assert m[1, :2, :2].int().tolist() == [[1, 1], [0, 1]]  # no context before: still fine
+    assert not m[1, :2, 2:].any()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"] + (["math"]))
+def test_blocks_equal_context_plus_block_alone(backend):
+    """Each block's outputs = [context + that block] as one bidirectional sample; the
+    context's outputs do not move when a block's tokens change."""
+    dev = "cuda" if CUDA and backend == "flex" else "cpu"
+    blk = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3] + [0, 1, 0, 2, 1])
+    lengths = [9, 5]
+    q, k, v, cu = _problem(lengths, device=dev)
+
+    def run(q, k, v, cu, mask, pre):
+        if backend == "math":
+            return A.math_attention(q, k, v, cu, mask, pre)
+        return A.attention(q, k, v, cu, None, mask, pre, backend=backend)
+
+    out = run(q, k, v, cu, "blocks", blk)
+    torch.testing.assert_close(out, A.reference(q, k, v, cu, "blocks", blk), atol=1e-5, rtol=1e-5)
+    for b, n in enumerate(lengths):
+        s = int(cu[b])
+        ids = blk[s:s + n]
+        for j in ids.unique().tolist():
+            if j == 0:
+                continue
+            sel = s + ((ids == 0) | (ids == j)).nonzero(as_tuple=True)[0].to(dev)
+            alone = run(q[sel], k[sel], v[sel], torch.tensor([0, sel.numel()], dtype=torch.int32),
+                        "bidirectional", None)
+            mine = ids[(ids == 0) | (ids == j)] == j
+            torch.testing.assert_close(out[sel][mine.to(dev)], alone[mine.to(dev)], atol=1e-5, rtol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[blk.to(dev) == 2] += 3.0
+    v2[blk.to(dev) == 2] -= 5.0
+    out2 = run(q, k2, v2, cu, "blocks", blk)
+    keep = (blk != 2).to(dev)
+    torch.testing.assert_close(out2[keep], out[keep], atol=1e-6, rtol=1e-6)  # others unmoved
+    assert not torch.allclose(out2[~keep], out[~keep])
+
+
+def test_blocks_bad_ids_and_unsupported_backends(monkeypatch):
+    q, k, v, cu = _problem([3, 2])
+    for bad, what in [(None, "needs prefix_len"), ([0, 1], "one per packed position"),
+                      (torch.tensor([0.0, 1, 1, 0, 1]), "integer block ids"),
+                      (torch.tensor([0, 1, -1, 0, 1]), ">= 0")]:
+        with pytest.raises(ValueError, match=what):
+            A.attention(q, k, v, cu, 3, "blocks", bad, backend="sdpa")
+    for name in ("varlen", "xformers"):  # the probe skips them: they raise NotImplementedError
+        fake = type("M", (), {"varlen_attn": lambda *a, **kw: None})
+        monkeypatch.setitem(__import__("sys").modules, "torch.nn.attention.varlen", fake)
+        with pytest.raises((NotImplementedError, ImportError)):
+            A._IMPL[name](q, k, v, cu, "blocks", torch.tensor([0, 1, 1, 0, 1]), None)
+
+
+def test_probe_picks_a_backend_for_blocks(monkeypatch):
+    monkeypatch.setattr(A, "_CHOICE", {})
+    assert A.choose_backend(torch.device("cpu"), torch.float32, "blocks") == "sdpa"

@@ -195,3 +195,81 @@ def test_mixed_modalities_on_grids_packed_equals_alone_flex_and_sdpa():
     torch.testing.assert_close(outs["sdpa"], outs["flex"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="attention_backend"):
         TrunkConfig(attention_backend="flash9")
+
+
+def _packed_questions(g, vocab=40):
+    """Two samples, each an image (block 0) then questions (blocks 1..n): the VQA layout."""
+    samples, blocks, alone = [], [], []
+    for grid, qs in [((2, 3), [4, 2, 5]), ((2, 2), [3])]:
+        img = Segment("image", ids=torch.randint(0, vocab, (grid[0] * grid[1],), generator=g),
+                      grid=grid)
+        texts = [Segment("text", ids=torch.randint(0, vocab, (n,), generator=g)) for n in qs]
+        samples.append([img, *texts])
+        blocks += [0] * len(img) + sum(([j + 1] * len(t) for j, t in enumerate(texts)), [])
+        alone.append([[img, t] for t in texts])
+    return samples, torch.tensor(blocks), alone
+
+
+@pytest.mark.parametrize("opts", [{}, {"prenorm": False}, {"multiway": True},
+                                  {"gated_attention": True, "qk_norm": True},
+                                  {"clip_gamma": -0.03, "clip_zeta": 1.0},
+                                  {"attention_backend": "flex"}])
+def test_blocks_mask_each_question_as_if_alone(opts):
+    """mask='blocks': each question's outputs = [image + that question] alone under the same
+    mask (positions included), the image's = the image alone (it sees only itself); the
+    image's outputs do not move when a question changes."""
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=40, dim=32, heads=4, layers=2, ffn_dim=48,
+                          **{"attention_backend": "sdpa", **opts})).eval()
+    samples, blocks, alone = _packed_questions(torch.Generator().manual_seed(2))
+    b = pack(samples)
+    with torch.no_grad():
+        h = t(b, "blocks", prefix_len=blocks)
+        for i, pairs in enumerate(alone):
+            lo = int(b.cu_seqlens[i])
+            n_img = len(pairs[0][0])
+            at = lo + n_img
+            torch.testing.assert_close(h[lo:lo + n_img], t(pack([[pairs[0][0]]])), atol=1e-5,
+                                       rtol=1e-5)
+            for img, q in pairs:
+                ref = t(pack([[img, q]]), "blocks",
+                        prefix_len=torch.tensor([0] * n_img + [1] * len(q)))
+                torch.testing.assert_close(h[at:at + len(q)], ref[n_img:], atol=1e-5, rtol=1e-5)
+                at += len(q)
+        changed = [list(s) for s in samples]
+        changed[0][2] = Segment("text", ids=(samples[0][2].ids + 1) % 40)
+        h2 = t(pack(changed), "blocks", prefix_len=blocks)
+    moved = torch.zeros(len(blocks), dtype=torch.bool)
+    moved[:int(b.cu_seqlens[1])] = blocks[:int(b.cu_seqlens[1])] == 2
+    torch.testing.assert_close(h2[~moved], h[~moved], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(h2[moved], h[moved])
+
+
+def test_block_positions_count_what_each_position_sees():
+    from omnimask.fusion.trunk import block_positions
+
+    cu = torch.tensor([0, 7, 11])
+    blocks = torch.tensor([0, 0, 1, 2, 1, 0, 2] + [1, 1, 0, 1])
+    assert block_positions(cu, blocks).tolist() == [0, 1, 2, 2, 3, 2, 4] + [0, 1, 0, 3]
+
+
+def test_encoder_passes_block_ids_through():
+    """The Encoder (image features through its embedder) under mask='blocks'."""
+    from omnimask.model import Encoder, ModelConfig
+
+    torch.manual_seed(0)
+    enc = Encoder(ModelConfig(trunk=TrunkConfig(vocab_size=40, dim=32, layers=1, heads=4,
+                                                ffn_dim=48, attention_backend="sdpa"),
+                              image_feature_dim=8)).eval()
+    g = torch.Generator().manual_seed(0)
+    img = Segment("image", features=torch.randn(4, 8, generator=g), grid=(2, 2))
+    q1, q2 = (Segment("text", ids=torch.randint(0, 40, (n,), generator=g)) for n in (3, 5))
+    with torch.no_grad():
+        h = enc(pack([[img, q1, q2]]), mask="blocks",
+                prefix_len=torch.tensor([0] * 4 + [1] * 3 + [2] * 5))
+        alone = enc(pack([[img, q2]]), mask="blocks", prefix_len=torch.tensor([0] * 4 + [1] * 5))
+    torch.testing.assert_close(h[7:], alone[4:], atol=1e-5, rtol=1e-5)
+    # one layer: the image's keys/values are its embeddings, so a question also equals
+    # [image + question] as one bidirectional sample
+    with torch.no_grad():
+        torch.testing.assert_close(h[7:], enc(pack([[img, q2]]))[4:], atol=1e-5, rtol=1e-5)
