@@ -71,4 +71,5 @@ TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.tra
 # Named model variants (sizes as data): name -> () -> ModelConfig (see omnimask.variants).
 MODELS: Registry[Callable[[], Any]] = Registry("model", ("omnimask.variants",))
 # Task heads on the encoder: classes built as Head(model_cfg, head_cfg) (see omnimask.heads).
-HEADS: Registry[Any] = Registry("head", ("omnimask.heads.vqa",))
+HEADS: Registry[Any] = Registry("head", ("omnimask.heads.vqa",
+                                           "omnimask.heads.retrieval"))
