@@ -6,6 +6,9 @@ gamma=0, zeta=1 is the softmax), gated attention (each head's output times
 ``sigmoid(G(x))``, bias initialised to logit(pi)), multiway FFN experts per modality
 (BEiT-3: shared attention, one FFN per modality), learned modality embeddings,
 activation checkpointing. Output heads gather the target positions before projecting.
+Incremental decoding: ``Trunk.forward(..., cache=KVCache())`` keeps each layer's keys and
+values of a batch of equal-length samples (the prefix), then ``Trunk.step`` feeds one new
+token per sequence, attending to everything before it (prefix-LM/causal decoding).
 ``Trunk.from_hf_bert`` loads a transformers ``BertModel``/``BertForMaskedLM``.
 """
 
@@ -110,6 +113,45 @@ def clipped_softmax(scores: torch.Tensor, mask: torch.Tensor, gamma: float, zeta
     return torch.clamp((zeta - gamma) * p + gamma, 0.0, 1.0).masked_fill(~mask, 0.0)
 
 
+class KVCache:
+    """Each layer's keys and values ``[B, heads, L, head_dim]`` of B sequences of one length
+    L (beams, a batch of images): filled by ``Trunk.forward(..., cache=)``, grown by
+    ``Trunk.step``; ``reorder(idx)`` picks/repeats sequences (beam search)."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> None:
+        """One layer's packed keys/values [T, H, D] of equal-length samples."""
+        B = cu.numel() - 1
+        if k.shape[0] % max(B, 1) or not bool((cu[1:] - cu[:-1] == k.shape[0] // B).all()):
+            raise ValueError("a KV cache needs samples of one length (pad or group them); "
+                             f"got lengths {(cu[1:] - cu[:-1]).tolist()}")
+        self.keys.append(k.view(B, -1, *k.shape[1:]).transpose(1, 2))
+        self.values.append(v.view(B, -1, *v.shape[1:]).transpose(1, 2))
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append one position's [B, H, D] keys/values to ``layer``; returns the layer's."""
+        self.keys[layer] = torch.cat([self.keys[layer], k[:, :, None]], 2)
+        self.values[layer] = torch.cat([self.values[layer], v[:, :, None]], 2)
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, idx: torch.Tensor) -> KVCache:
+        """Keep sequence ``idx[i]`` as sequence i (in place; returns self)."""
+        idx = torch.as_tensor(idx, device=self.keys[0].device if self.keys else None).long()
+        self.keys = [k.index_select(0, idx) for k in self.keys]
+        self.values = [v.index_select(0, idx) for v in self.values]
+        return self
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TrunkConfig) -> None:
         super().__init__()
@@ -130,11 +172,17 @@ class Attention(nn.Module):
             p = self.cfg.gate_init_prob
             nn.init.constant_(self.gate.bias, math.log(p / (1 - p)))
 
-    def forward(self, x, cu, max_seqlen, mask, prefix_len):
-        T = x.shape[0]
-        q, k, v = self.qkv(x).view(T, 3, self.cfg.heads, self.head_dim).unbind(1)
+    def _qkv(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.cfg.heads, self.head_dim).unbind(1)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x, cu, max_seqlen, mask, prefix_len, cache: KVCache | None = None):
+        T = x.shape[0]
+        q, k, v = self._qkv(x)
+        if cache is not None:
+            cache.add(k, v, cu)
         if self.cfg.plain_softmax:
             o = attention(q, k, v, cu, max_seqlen, mask, prefix_len, self.cfg.attention_backend)
         else:
@@ -144,6 +192,21 @@ class Attention(nn.Module):
         if self.cfg.gated_attention:
             o = o * torch.sigmoid(self.gate(x))[..., None]
         return self.out(o.reshape(T, -1))
+
+    def step(self, x, cache: KVCache, layer: int):
+        """One new position per cached sequence ([B, dim]): attends to all it follows."""
+        q, k, v = self._qkv(x)
+        k, v = cache.extend(layer, k, v)  # [B, H, L + 1, D]
+        s = (q[:, :, None] @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, 1, L+1]
+        if self.cfg.plain_softmax:
+            p = s.softmax(-1)
+        else:
+            p = clipped_softmax(s, torch.ones_like(s, dtype=torch.bool), self.cfg.clip_gamma,
+                                self.cfg.clip_zeta)
+        o = (p @ v)[:, :, 0]  # [B, H, D]
+        if self.cfg.gated_attention:
+            o = o * torch.sigmoid(self.gate(x))[..., None]
+        return self.out(o.reshape(x.shape[0], -1))
 
 
 class FFN(nn.Module):
@@ -180,11 +243,19 @@ class Block(nn.Module):
                 out[sel] = ffn(x[sel])
         return out
 
-    def forward(self, x, modality, cu, max_seqlen, mask, prefix_len):
+    def forward(self, x, modality, cu, max_seqlen, mask, prefix_len, cache=None):
+        def attn(y):
+            return self.attn(y, cu, max_seqlen, mask, prefix_len, cache)
+        return self._residual(x, modality, attn)
+
+    def step(self, x, modality, cache: KVCache, layer: int):
+        return self._residual(x, modality, lambda y: self.attn.step(y, cache, layer))
+
+    def _residual(self, x, modality, attn):
         if self.cfg.prenorm:
-            x = x + self.drop(self.attn(self.norm1(x), cu, max_seqlen, mask, prefix_len))
+            x = x + self.drop(attn(self.norm1(x)))
             return x + self.drop(self._ffn(self.norm2(x), modality))
-        x = self.norm1(x + self.drop(self.attn(x, cu, max_seqlen, mask, prefix_len)))
+        x = self.norm1(x + self.drop(attn(x)))
         return self.norm2(x + self.drop(self._ffn(x, modality)))
 
 
@@ -245,22 +316,14 @@ class Trunk(nn.Module):
         pos = torch.arange(batch.num_tokens, device=batch.ids.device) - starts
         if blocks is not None:
             pos = block_positions(cu, blocks.to(pos.device))
-        longest = int(pos.max()) + 1
-        if longest > self.cfg.max_positions:  # a config mismatch, not a bug: say which key
-            raise ConfigError(f"model.trunk.max_positions={self.cfg.max_positions} is smaller "
-                              f"than a sample of {longest} tokens; raise it to at least "
-                              f"{longest}")
+        self._check_positions(int(pos.max()) + 1)
         is_feat = batch.ids < 0
         x = self.tok(batch.ids.clamp_min(0))
         if is_feat.any():
             if features is None:
                 raise ValueError("the batch holds feature positions but no features were given")
             x = torch.where(is_feat[:, None], features, x)
-        x = x + self.pos(pos)
-        if self.cfg.token_type_embedding:
-            x = x + self.token_type
-        if self.cfg.modality_embeddings:
-            x = x + self.modality(batch.modality)
+        x = self._add_position(x, pos, batch.modality)
         if self.cfg.grid_positions:
             rc = batch.position_2d.to(x.device)
             on = rc[:, 0] >= 0
@@ -273,20 +336,62 @@ class Trunk(nn.Module):
             x = self.embed_norm(x)
         return self.drop(x)
 
+    def _check_positions(self, longest: int) -> None:
+        if longest > self.cfg.max_positions:  # a config mismatch, not a bug: say which key
+            raise ConfigError(f"model.trunk.max_positions={self.cfg.max_positions} is smaller "
+                              f"than a sample of {longest} tokens; raise it to at least "
+                              f"{longest}")
+
+    def _add_position(self, x, pos, modality):
+        """Position, token-type and modality embeddings (not the 2-D grid's)."""
+        x = x + self.pos(pos)
+        if self.cfg.token_type_embedding:
+            x = x + self.token_type
+        if self.cfg.modality_embeddings:
+            x = x + self.modality(modality)
+        return x
+
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
-                features: torch.Tensor | None = None) -> torch.Tensor:
+                features: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> torch.Tensor:
         """Hidden states [T, dim] of the packed batch. mask='blocks' (``prefix_len`` = block
         ids [T]) also numbers each block's positions after its context, so a block's
-        outputs are those of [context + block] alone."""
+        outputs are those of [context + block] alone. ``cache`` (an empty ``KVCache``; the
+        samples of one length) keeps each layer's keys/values for ``step``."""
         blocks = block_ids(prefix_len, batch.num_tokens) if mask == "blocks" else None
+        if cache is not None and (len(cache.keys) or mask == "blocks"):
+            raise ValueError("a KV cache starts empty, and not under mask='blocks' (later "
+                             "tokens attend to every earlier position)")
         x = self.embed(batch, features, blocks)
         cu = batch.cu_seqlens
         for blk in self.blocks:
-            if self.cfg.checkpointing and self.training:
+            if self.cfg.checkpointing and self.training and cache is None:
                 x = checkpoint(blk, x, batch.modality, cu, batch.max_seqlen, mask, prefix_len,
                                use_reentrant=False)
             else:
-                x = blk(x, batch.modality, cu, batch.max_seqlen, mask, prefix_len)
+                x = blk(x, batch.modality, cu, batch.max_seqlen, mask, prefix_len, cache)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def step(self, ids: torch.Tensor, cache: KVCache, modality: str = "text") -> torch.Tensor:
+        """Hidden states [B, dim] of one new token per cached sequence (``ids`` [B], token
+        ids of ``modality``, off any 2-D grid), at the position after the cache; it attends
+        to every cached position and is appended to the cache. Equals the full forward with
+        mask='prefix' (or causal) at that position."""
+        if not cache.keys:
+            raise ValueError("Trunk.step needs a filled KVCache: run forward(..., cache=) first")
+        if ids.ndim != 1 or ids.shape[0] != cache.batch_size:
+            raise ValueError(f"Trunk.step takes one id per cached sequence "
+                             f"({cache.batch_size}), got shape {tuple(ids.shape)}")
+        L = len(cache)
+        self._check_positions(L + 1)
+        ids = ids.to(self.tok.weight.device)
+        m = torch.full_like(ids, MODALITIES.index(modality))
+        x = self._add_position(self.tok(ids), torch.full_like(ids, L), m)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk.step(x, m, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -273,3 +273,69 @@ def test_encoder_passes_block_ids_through():
     # [image + question] as one bidirectional sample
     with torch.no_grad():
         torch.testing.assert_close(h[7:], enc(pack([[img, q2]]))[4:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [{}, {"prenorm": False, "embed_norm": True,
+                                       "token_type_embedding": True},
+                                  {"norm": "rmsnorm", "activation": "swiglu", "qk_norm": True},
+                                  {"gated_attention": True, "clip_gamma": -0.03, "clip_zeta": 1.02},
+                                  {"multiway": True}, {"attention_backend": "flex"}])
+def test_kv_cache_decoding_equals_full_prefix_forward(opts):
+    """Prefill [image + bos] once, then one token at a time: the hidden states and logits at
+    every step equal the full forward with mask='prefix' (prefix = image + bos); after
+    ``reorder`` the cache continues the picked sequences."""
+    from omnimask.fusion.trunk import KVCache
+
+    torch.manual_seed(0)
+    t = Trunk(TrunkConfig(vocab_size=40, dim=32, heads=4, layers=2, ffn_dim=48,
+                          **{"attention_backend": "sdpa", **opts})).eval()
+    g = torch.Generator().manual_seed(3)
+    B, P, n = 3, 5, 4  # 2x2 image + bos, then n tokens
+    imgs = torch.randint(0, 40, (B, 4), generator=g)
+    text = torch.randint(0, 40, (B, 1 + n), generator=g)
+
+    def full(imgs, text):
+        b = pack([[Segment("image", ids=i, grid=(2, 2)), Segment("text", ids=s)]
+                  for i, s in zip(imgs, text)])
+        h = t(b, "prefix", prefix_len=[P] * len(imgs))
+        return h.view(len(imgs), -1, 32)
+
+    with torch.no_grad():
+        want = full(imgs, text)
+        cache = KVCache()
+        pre = t(pack([[Segment("image", ids=i, grid=(2, 2)), Segment("text", ids=s[:1])]
+                      for i, s in zip(imgs, text)]), "prefix", prefix_len=[P] * B, cache=cache)
+        torch.testing.assert_close(pre.view(B, P, 32), want[:, :P], atol=1e-5, rtol=1e-5)
+        for j in range(1, n + 1):
+            h = t.step(text[:, j], cache)
+            assert len(cache) == P + j
+            torch.testing.assert_close(h, want[:, P + j - 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(t.mlm_logits(h, torch.arange(B)),
+                                       t.mlm_logits(want[:, P + j - 1], torch.arange(B)),
+                                       atol=1e-5, rtol=1e-5)
+        idx = torch.tensor([2, 0, 0, 1])  # beams: pick, repeat, drop
+        cache.reorder(idx)
+        nxt = torch.randint(0, 40, (4,), generator=g)
+        h = t.step(nxt, cache)
+        want = full(imgs[idx], torch.cat([text[idx], nxt[:, None]], 1))
+        torch.testing.assert_close(h, want[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_bad_use():
+    from omnimask.fusion.trunk import KVCache
+
+    t = Trunk(TrunkConfig(vocab_size=40, dim=32, heads=4, layers=1, ffn_dim=48,
+                          max_positions=6, attention_backend="sdpa")).eval()
+    with pytest.raises(ValueError, match="one length"):
+        t(_batch([3, 4], vocab=40), cache=KVCache())
+    with pytest.raises(ValueError, match="filled KVCache"):
+        t.step(torch.tensor([1]), KVCache())
+    cache = KVCache()
+    t(_batch([5, 5], vocab=40), "causal", cache=cache)
+    with pytest.raises(ValueError, match="one id per cached sequence"):
+        t.step(torch.tensor([1, 2, 3]), cache)
+    t.step(torch.tensor([1, 2]), cache)
+    from omnimask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_positions"):
+        t.step(torch.tensor([1, 2]), cache)
