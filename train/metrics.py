@@ -22,6 +22,7 @@ import subprocess
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from functools import lru_cache
 
 import torch
 
@@ -101,6 +102,7 @@ def _process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+@lru_cache(maxsize=1 << 16)  # answers repeat a lot ("yes", "2"): VQA v2 val has 2M
 def normalize_answer(s: str) -> str:
     """The official VQA answer normalisation: newlines and tabs to spaces, punctuation rules,
     lower case, number words to digits, articles dropped, contractions restored."""
