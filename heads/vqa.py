@@ -1,12 +1,19 @@
-"""VQA answer classifier on the encoder's pooled ``<cls>`` (UNITER's VQA head:
-``Linear(H, 2H) - GELU - LayerNorm - Linear(2H, num_answers)``). Its loss (binary
-cross-entropy on soft answer scores) and metrics arrive with the task-heads issue; the
-forward returns the logits."""
+"""VQA answer classifier (UNITER's VQA head): ``Linear(H, 2H) - GELU - LayerNorm -
+Linear(2H, num_answers)`` on the pooled ``<cls>`` of each question, trained with binary
+cross-entropy on soft answer scores (summed over answers, averaged over questions).
+
+Several questions of one image share one packed sequence: the image is the shared
+context (block 0) and each question a block of its own (mask ``blocks``: a question sees
+the image and itself, the image only itself), so the image is encoded once. The batch
+gives each question's ``<cls>`` position.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omnimask.config import check_fields
@@ -16,9 +23,19 @@ from omnimask.registry import HEADS
 
 @dataclass
 class VQAHeadConfig:
-    num_answers: int = 3129  # VQA v2's answer vocabulary (UNITER, ViLBERT)
+    # the answer vocabulary, most frequent first (set from the training data); empty: only
+    # num_answers is known
+    answers: list[str] = field(default_factory=list)
+    num_answers: int = 3129  # VQA v2's answer vocabulary (UNITER, ViLBERT); len(answers) if set
+    # question type -> the training data's most frequent answer (the prior baseline)
+    priors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.answers:
+            self.answers = [str(a) for a in self.answers]
+            if len(set(self.answers)) != len(self.answers):
+                raise ValueError("heads.vqa.answers has repeated answers")
+            self.num_answers = len(self.answers)
         check_fields(self, ">=1", "num_answers", prefix="heads.vqa.")
 
 
@@ -35,7 +52,23 @@ class VQAHead(nn.Module):
                                         nn.Linear(2 * d, self.cfg.num_answers))
         init_linear(self.classifier[0], self.classifier[3])
 
-    def forward(self, encoder, batch: dict) -> dict:
-        """``batch["packed"]``: one question + image per sample -> logits [B, num_answers]."""
+    def logits(self, encoder, batch: dict) -> torch.Tensor:
+        """[Q, num_answers]: one row per question (``batch["cls"]`` positions when
+        questions are packed as blocks, else each sample's first position)."""
         p = batch["packed"]
-        return {"logits": self.classifier(encoder.pooled(encoder(p), p))}
+        if "blocks" in batch:
+            h = encoder(p, mask="blocks", prefix_len=batch["blocks"])
+            return self.classifier(encoder.pooled(h, p, batch["cls"]))
+        return self.classifier(encoder.pooled(encoder(p), p))
+
+    def forward(self, encoder, batch: dict) -> dict:
+        logits = self.logits(encoder, batch)
+        out = {"logits": logits}
+        if "target" in batch:
+            t = batch["target"].to(logits.device)
+            lf = logits.float()
+            loss = F.binary_cross_entropy_with_logits(lf, t, reduction="sum") / len(t)
+            acc = t.gather(1, lf.argmax(-1, keepdim=True)).mean()
+            out |= {"loss": loss, "vqa": loss.detach(), "vqa_acc": acc.detach(),
+                    "tokens": batch["packed"].num_tokens}
+        return out

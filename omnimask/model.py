@@ -225,10 +225,12 @@ class Encoder(nn.Module):
         return replace(batch, ids=batch.ids.masked_fill(is_code, -1)), feats
 
     # -- outputs -----------------------------------------------------------------------------
-    def pooled(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """UNITER pooler on each sample's first position: [B, dim]."""
-        first = batch.cu_seqlens[:-1].long().to(hidden.device)
-        return torch.tanh(self.pooler(hidden[first]))
+    def pooled(self, hidden: torch.Tensor, batch: PackedBatch,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """UNITER pooler on each sample's first position ([B, dim]), or on ``positions``."""
+        if positions is None:
+            positions = batch.cu_seqlens[:-1]
+        return torch.tanh(self.pooler(hidden[positions.long().to(hidden.device)]))
 
     def vocab_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits over the shared vocabulary at ``positions`` (the trunk's tied head)."""

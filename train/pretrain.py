@@ -187,41 +187,10 @@ class Pretraining:
                            word_start=word_starts(text), cfg=cfg.objectives, pixels=pixels)
         self.names = sorted(mix)  # every objective with a positive ratio at some step
         self.objectives = {n: OBJECTIVES.create(n, self.ctx) for n in self.names}
-        mc = cfg.model
-        mc.trunk.vocab_size = self.vocab.size
-        # from pixels the projection maps VQ code vectors (CM3's inputs, MRFR's targets)
-        mc.image_feature_dim = int((self.train.latents if pixels else self.train.features
-                                    ).shape[-1])
-        if pixels:  # the encoder's token grid is the VQ grid, position by position
-            rows, cols = self.train.grid
-            if rows != cols:
-                raise ConfigError(f"model.image_input=pixels needs a square token grid, the "
-                                  f"image tokenizer gives {rows}x{cols}")
-            try:
-                mc.image_encoder = replace(mc.image_encoder, dim=mc.trunk.dim, grid=rows,
-                                           image_size=int(self.train.pixels.shape[-1]))
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        mc.image_codes = image.size
-        mc.image_code_offset = self.vocab.ranges()["image"][0]
-        mc.code_dim = int(self.ctx.codebook.shape[1])
-        mc.mrc_temperature = cfg.objectives.mrc_temperature
-        if self.train.has_speech:
-            mc.speech_feature_dim = int(self.train.speech[0].shape[-1])
-            mc.speech_units = speech.size
-        seed_everything(cfg.trainer.seed)  # the initial weights are a function of the seed
-        self.model = OmniModel(mc, pretraining_heads(cfg.objectives))
-        self.model.vocab = self.vocab
-        self.model.tokenizer_dirs = {k: v for k, v in tk.items() if v}
-        with torch.no_grad():  # data, not initialisation: MRC and code inputs score against it
-            self.model.encoder.embedders["image"].codebook.copy_(
-                torch.nn.functional.normalize(self.ctx.codebook, dim=-1))
-        if cfg.init_from_tokenizers:
-            q = speech.quantizer if speech is not None else None
-            self.model.init_from_tokenizers(self.ctx.codebook, self.vocab,
-                                            # proj maps VQ latents (pixels: CM3's codes)
-                                            cfg.data.features == "vq",
-                                            getattr(q, "centroids", None), cfg.trainer.seed)
+        cfg.model.mrc_temperature = cfg.objectives.mrc_temperature
+        self.model = build_model(cfg.model, self.toks, self.vocab, self.train,
+                                 pretraining_heads(cfg.objectives), tk, cfg.trainer.seed,
+                                 cfg.init_from_tokenizers, cfg.data.features == "vq")
         self.vocab.save(self.run / "vocab.json")
         save_config(cfg, self.run)
         self._val_batches = self._fixed_val_batches()
@@ -311,6 +280,48 @@ class Pretraining:
         finally:
             self.lock.release()
         return summary
+
+
+def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dirs: dict,
+                seed: int, init_from_tokenizers: bool = True, vq_features: bool = True
+                ) -> OmniModel:
+    """A fresh model for ``toks``/``vocab``, its input sizes set from ``corpus`` (``mc`` is
+    completed in place): what pretraining and fine-tuning from scratch start from."""
+    image, speech = toks["image"], toks.get("speech")
+    pixels = mc.image_input == "pixels"
+    codebook = image.model.quantizer.codes().detach()
+    mc.trunk.vocab_size = vocab.size
+    # from pixels the projection maps VQ code vectors (CM3's inputs, MRFR's targets)
+    mc.image_feature_dim = int((corpus.latents if pixels else corpus.features).shape[-1])
+    if pixels:  # the encoder's token grid is the VQ grid, position by position
+        rows, cols = corpus.grid
+        if rows != cols:
+            raise ConfigError(f"model.image_input=pixels needs a square token grid, the "
+                              f"image tokenizer gives {rows}x{cols}")
+        try:
+            mc.image_encoder = replace(mc.image_encoder, dim=mc.trunk.dim, grid=rows,
+                                       image_size=int(corpus.pixels.shape[-1]))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    mc.image_codes = image.size
+    mc.image_code_offset = vocab.ranges()["image"][0]
+    mc.code_dim = int(codebook.shape[1])
+    if corpus.has_speech and speech is not None:
+        mc.speech_feature_dim = int(corpus.speech[0].shape[-1])
+        mc.speech_units = speech.size
+    seed_everything(seed)  # the initial weights are a function of the seed
+    model = OmniModel(mc, heads)
+    model.vocab = vocab
+    model.tokenizer_dirs = {k: v for k, v in tokenizer_dirs.items() if v}
+    with torch.no_grad():  # data, not initialisation: MRC and code inputs score against it
+        model.encoder.embedders["image"].codebook.copy_(
+            torch.nn.functional.normalize(codebook, dim=-1))
+    if init_from_tokenizers:
+        q = speech.quantizer if speech is not None else None
+        # proj maps VQ latents (pixels: CM3's codes)
+        model.init_from_tokenizers(codebook, vocab, vq_features, getattr(q, "centroids", None),
+                                   seed)
+    return model
 
 
 def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:

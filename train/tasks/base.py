@@ -7,7 +7,7 @@ A task is a class registered in ``TASKS`` under the name of the head it trains
 - ``Config``: a dataclass of its settings (``tasks.<name>`` in a fine-tuning config);
 - ``metric``: the validation metric ``finetune`` maximises (the best checkpoint);
 - ``head_config(corpus)``: the head's settings from the training data (VQA's answer list),
-  or None for the head's defaults;
+  or None for the head's defaults; ``bind(model)``: read them back from the built model;
 - ``check(corpus, what)``: raise ``OmnimaskError`` naming ``what`` when the data lacks what
   the task needs (no ``qa.json``, no speech);
 - ``batch(corpus, indices, gen)``: a training batch (all randomness from ``gen``);
@@ -67,6 +67,10 @@ class Task:
 
     def head_config(self, corpus) -> Any:
         return None
+
+    def bind(self, model) -> None:
+        """Called once the model exists (its head built, loaded or fresh): read what the
+        data side needs from the head's settings (VQA's answer list)."""
 
     def check(self, corpus, what: str) -> None:
         if corpus.pixels is None and self.ctx.pixels:

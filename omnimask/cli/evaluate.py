@@ -1,0 +1,37 @@
+"""``omnimask eval TASK --model DIR --data SHARDS``: a task model's metrics on shards."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import QUIET, _write_json
+
+TASKS = ("vqa", "retrieval", "caption")
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from ..train.evaluate_task import evaluate_model, metrics_table
+
+    result = evaluate_model(a.task, a.model, a.data, split=a.split, limit=a.limit,
+                            examples=a.examples, progress=not a.quiet)
+    print(metrics_table(result))
+    if a.out:
+        _write_json(result, a.out)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", parents=[QUIET], help="evaluate a task model on shards",
+                        description="Evaluate a model directory's task head on shards: "
+                        "prints a table and writes {task, split, n, metrics, model, data} "
+                        "as JSON with --out.")
+    ev.add_argument("task", choices=TASKS, help="the task to evaluate")
+    ev.add_argument("--model", required=True, help="a model directory with the task's head "
+                                                   "(RUN/model of omnimask finetune)")
+    ev.add_argument("--data", required=True, nargs="+", help="shard paths or globs")
+    ev.add_argument("--split", help="name of the split the shards hold (reported; default: "
+                                    "from the shard names)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N images")
+    ev.add_argument("--out", help="write the metrics JSON here")
+    ev.add_argument("--examples", help="write qualitative PNGs into this folder")
+    ev.set_defaults(fn=cmd_eval)

@@ -1,0 +1,69 @@
+"""``omnimask eval TASK``: a model directory's task head on shards, as the metrics JSON
+``{"task", "split", "n", "metrics", "model", "data"}``; and the table it prints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omnimask.errors import OmnimaskError
+
+from .tasks.base import TASKS, TaskContext
+
+
+def split_name(paths: list[str]) -> str:
+    """The split shard names say (``val-000000.tar`` -> ``val``), or ``custom``."""
+    names = {re.sub(r"-\d+\.tar$", "", Path(p).name) for p in paths}
+    return names.pop() if len(names) == 1 else "custom"
+
+
+def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None = None,
+                   limit: int | None = None, examples: str | None = None,
+                   progress: bool = True) -> dict:
+    import omnimask
+
+    from .corpus import build_corpus
+    from .data.shards import expand_shards
+
+    if task not in TASKS:
+        raise OmnimaskError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}")
+    if limit is not None and limit < 1:
+        raise OmnimaskError(f"--limit must be >= 1, got {limit}")
+    model = omnimask.load(model_dir)
+    if task not in model.heads:
+        raise OmnimaskError(f"{model_dir} has no {task} head (its heads: "
+                            f"{', '.join(model.heads) or 'none'}); fine-tune one with "
+                            f"omnimask finetune {task}")
+    toks = model.tokenizers or {}
+    if "text" not in toks or "image" not in toks:
+        raise OmnimaskError(f"{model_dir} carries no text and image tokenizers")
+    paths = expand_shards(data)
+    corpus = build_corpus(paths, toks["text"], toks["image"], toks.get("speech"),
+                          progress=progress)
+    ctx = TaskContext(vocab=model.vocab, text=toks["text"],
+                      pixels=model.cfg.image_input == "pixels", speech=toks.get("speech"))
+    t = TASKS.create(task, ctx)
+    t.bind(model)
+    model.eval()
+    metrics = t.evaluate(model, corpus, limit, Path(examples) if examples else None)
+    n = len(corpus) if limit is None else min(limit, len(corpus))
+    return {"task": task, "split": split or split_name(paths), "n": n, "metrics": metrics,
+            "model": str(model_dir), "data": [str(p) for p in paths]}
+
+
+def metrics_table(result: dict) -> str:
+    """``metric | value`` rows (nested ones such as VQA's ``per_type`` as ``per_type.color``)."""
+    rows = []
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, (int, float)):
+            rows.append((prefix, f"{v:.4f}" if isinstance(v, float) else str(v)))
+
+    walk("", result["metrics"])
+    w = max([len(k) for k, _ in rows] + [6])
+    head = f"{result['task']} on {result['split']} ({result['n']} images), {result['model']}"
+    return "\n".join([head, f"{'metric':<{w}}  value", f"{'-' * w}  -----",
+                      *(f"{k:<{w}}  {v}" for k, v in rows)])

@@ -1,0 +1,272 @@
+"""``omnimask finetune TASK``: config, build (model from a model directory or from scratch,
+corpora, tasks), run, and the best model exported.
+
+``init``: a model directory (``omnimask export`` of a pretraining run, or a fine-tuned
+model) or ``scratch`` (a fresh model of ``model`` settings for ``tokenizers``). The task
+heads a directory lacks start fresh; its encoder loads strictly. ``task=multitask`` trains
+every task with a positive ``mix`` ratio on one encoder, one task per optimizer step drawn
+by the ratios (as pretraining mixes objectives). Validation runs each task's own
+evaluation on the first ``data.val_limit`` validation images; whenever the score
+(``metric``: the task's, or for multitask the mean of the tasks' metrics) beats the best
+so far, the model is written to ``RUN/model/`` (a model directory with only the task
+heads), with ``RUN/model/metrics.json`` saying which step and score it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnimask.config import check_fields, load_config, save_config
+from omnimask.errors import ConfigError
+from omnimask.model import ModelConfig
+from omnimask.runlock import RunLock
+from omnimask.safeio import atomic_write_bytes
+
+from .distributed import rank_and_world
+from .pretrain import TokenizerPaths, build_model, load_tokenizers
+from .tasks.base import TASKS, TaskContext
+from .trainer import Trainer, TrainerConfig, step_seed
+
+log = logging.getLogger("omnimask.finetune")
+TASK_NAMES = ("vqa", "retrieval", "caption")
+BEST = "metrics.json"  # in RUN/model: the step and score of the exported weights
+
+
+@dataclass
+class FinetuneData:
+    train: list[str] = field(default_factory=list)  # shard paths / globs
+    val: list[str] = field(default_factory=list)
+    val_limit: int = 256  # validation images each evaluation reads (the first ones)
+
+    def __post_init__(self) -> None:
+        check_fields(self, ">=1", "val_limit", prefix="data.")
+
+
+@dataclass
+class FinetuneConfig:
+    out: str = "runs/finetune"
+    task: str = "vqa"  # vqa | retrieval | caption | multitask
+    init: str = "scratch"  # a model directory, or scratch (model + tokenizers below)
+    mix: dict[str, float] = field(default_factory=lambda: {"vqa": 1.0, "retrieval": 1.0,
+                                                          "caption": 1.0})  # multitask
+    data: FinetuneData = field(default_factory=FinetuneData)
+    tokenizers: TokenizerPaths = field(default_factory=TokenizerPaths)  # scratch only
+    model: ModelConfig = field(default_factory=ModelConfig)  # scratch only
+    tasks: dict[str, Any] = field(default_factory=dict)  # tasks.<name>.<key>: each task's
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
+        max_steps=500, batch_size=16, lr=5e-4, warmup_steps=50, eval_every=100,
+        checkpoint_every=100))
+
+    def __post_init__(self) -> None:
+        if self.task not in (*TASK_NAMES, "multitask"):
+            raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}, multitask; got "
+                             f"{self.task!r}")
+        for name, v in self.mix.items():
+            if name not in TASK_NAMES:
+                raise ValueError(f"mix.{name}: unknown task; known: {', '.join(TASK_NAMES)}")
+            if not float(v) >= 0:
+                raise ValueError(f"mix.{name} must be >= 0, got {v}")
+        for name in self.tasks:
+            if name not in TASK_NAMES:
+                raise ValueError(f"tasks.{name}: unknown task; known: {', '.join(TASK_NAMES)}")
+
+    @property
+    def task_names(self) -> list[str]:
+        if self.task != "multitask":
+            return [self.task]
+        names = sorted(n for n, v in self.mix.items() if float(v) > 0)
+        if not names:
+            raise ConfigError("mix: no task has a positive ratio (task=multitask)")
+        return names
+
+
+def task_config(name: str, given: Any) -> Any:
+    """``tasks.<name>`` validated against the task's ``Config`` (errors name the key)."""
+    cls = TASKS.get(name)
+    if cls.Config is None:
+        if given:
+            raise ConfigError(f"tasks.{name}: this task has no settings")
+        return None
+    try:
+        return load_config(cls.Config, None, **dict(given or {}))
+    except ConfigError as e:
+        raise ConfigError(f"tasks.{name}: {e}") from None
+
+
+class Finetuning:
+    """Everything ``omnimask finetune`` builds, usable from Python and tests."""
+
+    def __init__(self, cfg: FinetuneConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.names = cfg.task_names
+        self.task_cfgs = {n: task_config(n, cfg.tasks.get(n)) for n in self.names}
+        self.run = Path(cfg.out)
+        self.lock = RunLock(self.run)
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # -- build -------------------------------------------------------------------------------
+    def _tokenizers(self) -> tuple[dict, dict[str, str]]:
+        """Loaded tokenizers and their directories: the model directory's, or the config's."""
+        from omnimask.pretrained import KINDS, TOKENIZERS, read_config
+        from omnimask.pretrained import load_tokenizers as dir_tokenizers
+
+        init = self.cfg.init
+        if init == "scratch":
+            tc = self.cfg.tokenizers
+            dirs = {"text": tc.text, "image": tc.image, "speech": tc.speech}
+            return load_tokenizers(tc), {k: v for k, v in dirs.items() if v}
+        d = Path(init)
+        if not d.is_dir():
+            raise ConfigError(f"init: no model directory at {init!r} (or use init=scratch)")
+        kinds = [k for k in read_config(d)["tokenizers"] if k in KINDS]
+        for k in ("text", "image"):
+            if k not in kinds:
+                raise ConfigError(f"init: {d} carries no {k} tokenizer; fine-tuning needs it")
+        toks = dir_tokenizers(d, kinds)
+        toks.setdefault("speech", None)
+        return toks, {k: str(d / TOKENIZERS / k) for k in kinds}
+
+    def _build(self) -> None:
+        from omnimask.pretrained import load, read_config
+
+        from .corpus import load_or_build
+
+        cfg = self.cfg
+        self.toks, tk = self._tokenizers()
+        text, image, speech = self.toks["text"], self.toks["image"], self.toks.get("speech")
+        self.vocab = text.vocab(image.size, speech.size if speech else 0)
+        if cfg.init != "scratch":
+            mc = read_config(cfg.init)["model"]
+            image_input = mc.get("image_input", "vq_latents")
+        else:
+            image_input = cfg.model.image_input
+        if image_input == "patch_encoder":
+            raise ConfigError("fine-tuning reads pixels or VQ latents; this model reads "
+                              "patch-encoder features (model.image_input=patch_encoder)")
+        self.train = load_or_build(self.run / "corpus-train.safetensors", cfg.data.train, tk,
+                                   self.toks, "vq", progress=self.progress)
+        self.val = load_or_build(self.run / "corpus-val.safetensors", cfg.data.val, tk,
+                                 self.toks, "vq", progress=self.progress)
+        self.ctx = TaskContext(vocab=self.vocab, text=text, pixels=image_input == "pixels",
+                               speech=speech)
+        self.tasks = {n: TASKS.create(n, self.ctx, self.task_cfgs[n]) for n in self.names}
+        for n, t in self.tasks.items():
+            t.check(self.train, f"data.train ({n})")
+            t.check(self.val, f"data.val ({n})")
+        if cfg.init == "scratch":
+            heads = {n: t.head_config(self.train) for n, t in self.tasks.items()}
+            self.model = build_model(cfg.model, self.toks, self.vocab, self.train, heads, tk,
+                                     cfg.trainer.seed)
+        else:
+            saved = read_config(cfg.init)["heads"]
+            heads = {n: (saved[n] if n in saved else t.head_config(self.train))
+                     for n, t in self.tasks.items()}
+            self.model = load(cfg.init, heads=heads)
+            self.model.tokenizer_dirs = tk
+        for t in self.tasks.values():
+            t.bind(self.model)
+        self.vocab.save(self.run / "vocab.json")
+        save_config(cfg, self.run)
+        self.best = self._read_best()
+
+    def _read_best(self) -> dict:
+        p = self.run / "model" / BEST
+        try:
+            return json.loads(p.read_text()) if p.is_file() else {}
+        except ValueError:
+            return {}
+
+    # -- data --------------------------------------------------------------------------------
+    def make_batch(self, step: int, micro: int) -> tuple[str, dict]:
+        seed = self.cfg.trainer.seed
+        g = torch.Generator().manual_seed(step_seed(seed, step))
+        if len(self.names) > 1:
+            w = torch.tensor([float(self.cfg.mix[n]) for n in self.names])
+            name = self.names[int(torch.multinomial(w, 1, generator=g))]
+        else:
+            name = self.names[0]
+        rank, _ = rank_and_world()
+        gd = torch.Generator().manual_seed(step_seed(seed + 7919 * (rank + 1), step, micro))
+        n = min(self.cfg.trainer.batch_size, len(self.train))
+        idx = torch.randperm(len(self.train), generator=gd)[:n].tolist()
+        return name, self.tasks[name].batch(self.train, idx, gd)
+
+    def loss(self, name: str, batch: dict) -> dict:
+        return self.tasks[name].loss(self.model, batch)
+
+    # -- validation and the best model --------------------------------------------------------
+    def evaluate(self, model) -> dict:
+        metrics: dict[str, float] = {}
+        scores = []
+        for n, t in self.tasks.items():
+            m = t.evaluate(model, self.val, self.cfg.data.val_limit)
+            scores.append(float(m[t.metric]))
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    metrics[k if len(self.tasks) == 1 else f"{n}.{k}"] = round(float(v), 5)
+        score = sum(scores) / len(scores)
+        metrics["score"] = round(score, 5)
+        step = self.trainer.step if hasattr(self, "trainer") else 0
+        if step > 0 and score > self.best.get("score", float("-inf")):
+            self._export(step, score, metrics)
+        return {"metrics": metrics}
+
+    def _export(self, step: int, score: float, metrics: dict) -> None:
+        """The model (task heads only) as ``RUN/model``, replaced whole: written beside it,
+        then swapped in."""
+        from omnimask.model import OmniModel
+
+        out, tmp = self.run / "model", self.run / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        m = self.model
+        heads = {n: m.head_configs[n] for n in self.names}
+        slim = OmniModel(m.cfg, heads)
+        slim.load_state_dict({k: v for k, v in m.state_dict().items()
+                              if k.startswith("encoder.") or k.split(".")[1] in heads})
+        slim.vocab, slim.tokenizer_dirs = m.vocab, m.tokenizer_dirs
+        slim.save_pretrained(tmp)
+        self.best = {"step": step, "score": score, "metric": self.metric_name,
+                     "metrics": metrics}
+        atomic_write_bytes(tmp / BEST, (json.dumps(self.best, indent=1) + "\n").encode())
+        old = self.run / "model.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @property
+    def metric_name(self) -> str:
+        if len(self.tasks) == 1:
+            return next(iter(self.tasks.values())).metric
+        return "mean of " + ", ".join(f"{n}.{t.metric}" for n, t in self.tasks.items())
+
+    # -- run ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        t0 = time.perf_counter()
+        self.trainer = Trainer(self.cfg.trainer, self.run, self.model, self.make_batch,
+                               self.loss, self.evaluate, self.progress,
+                               desc=f"finetune {self.cfg.task}")
+        try:
+            summary = self.trainer.fit()
+            summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+            if not (self.run / "model").is_dir():  # no evaluation beat -inf: keep the last
+                self._export(self.trainer.step, float("nan"), {})
+            summary["best"] = self._read_best()
+            summary["model"] = str(self.run / "model")
+            atomic_write_bytes(self.run / "summary.json", json.dumps(summary, indent=1).encode())
+        finally:
+            self.lock.release()
+        return summary

@@ -1,0 +1,204 @@
+"""VQA: questions about an image answered from a closed answer vocabulary.
+
+Training data: several questions of one image packed into one sequence ([image][<cls> q1]
+[<cls> q2]...; block mask: the image is encoded once, questions do not see each other),
+soft answer scores as targets (``soft_score``: 1 for a single annotator's answer; with
+several annotators, 0.3 per agreeing annotator up to 1, as UNITER's and bottom-up
+attention's preprocessing). Evaluation: the official VQA accuracy with answer
+normalisation, per question type, and the prior baseline (each type's most frequent
+training answer, kept in the head's settings).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omnimask.config import check_fields
+from omnimask.errors import OmnimaskError
+from omnimask.fusion.packing import Segment, pack
+
+from ..objectives.base import image_segment, text_segment
+from .base import Task, first, task
+
+
+@dataclass
+class VQAConfig:
+    questions_per_sequence: int = 6  # questions packed with one image; 0: one per sequence
+    max_answers: int = 3129  # the answer vocabulary: the most frequent training answers
+    eval_images: int = 64  # images per evaluation batch
+    max_question_tokens: int = 40
+
+    def __post_init__(self) -> None:
+        p = "tasks.vqa."
+        check_fields(self, ">=0", "questions_per_sequence", prefix=p)
+        check_fields(self, ">=1", "max_answers", "eval_images", "max_question_tokens", prefix=p)
+
+
+def soft_score(count: int, annotators: int) -> float:
+    """Target score of an answer given by ``count`` of ``annotators`` people."""
+    if annotators <= 1:
+        return float(count >= 1)
+    return min(1.0, 0.3 * count)
+
+
+def normalized(a: str) -> str:
+    from ..metrics import normalize_answer
+
+    return normalize_answer(a)
+
+
+@task("vqa")
+class VQA(Task):
+    metric = "accuracy"
+    Config = VQAConfig
+
+    def __init__(self, ctx, cfg=None) -> None:
+        super().__init__(ctx, cfg)
+        self.answers: list[str] = []
+        self.index: dict[str, int] = {}
+
+    def check(self, corpus, what: str) -> None:
+        super().check(corpus, what)
+        if corpus.qa is None or not any(corpus.qa):
+            raise OmnimaskError(f"{what}: the shards have no questions (qa.json); VQA needs "
+                                "them")
+
+    def head_config(self, corpus) -> dict:
+        counts = Counter(normalized(a) for qs in corpus.qa for q in qs for a in q["answers"])
+        answers = [a for a, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))]
+        by_type: dict[str, Counter] = {}
+        for qs in corpus.qa:
+            for q in qs:
+                by_type.setdefault(q["type"], Counter()).update(
+                    normalized(a) for a in q["answers"])
+        priors = {t: min(c.items(), key=lambda x: (-x[1], x[0]))[0] for t, c in by_type.items()}
+        return {"answers": answers[:self.cfg.max_answers], "priors": priors}
+
+    def bind(self, model) -> None:
+        hc = model.head_configs.get(self.name)
+        if hc is None or not hc.answers:
+            raise OmnimaskError("the model's vqa head has no answer list (heads.vqa.answers)")
+        self.answers = list(hc.answers)
+        self.index = {a: i for i, a in enumerate(self.answers)}
+        self.priors = dict(hc.priors)
+
+    # -- data ------------------------------------------------------------------------------
+    def _target(self, answers: list[str]) -> torch.Tensor:
+        t = torch.zeros(len(self.answers))
+        for a, c in Counter(normalized(a) for a in answers).items():
+            if a in self.index:  # answers outside the vocabulary: no target (UNITER)
+                t[self.index[a]] = soft_score(c, len(answers))
+        return t
+
+    def _question(self, q: dict) -> Segment:
+        return text_segment(self.ctx, q["ids"][:self.cfg.max_question_tokens])
+
+    def pack_questions(self, corpus, images: list[int], questions: list[list[dict]]) -> dict:
+        """Image ``images[k]`` with its ``questions[k]``: packed as blocks, or one question
+        per sequence when ``questions_per_sequence`` is 0."""
+        if self.cfg.questions_per_sequence == 0:
+            samples = [[self._question(q), image_segment(corpus, i, self.ctx.pixels)]
+                       for i, qs in zip(images, questions) for q in qs]
+            return {"packed": pack(samples)}
+        samples, cls, start = [], [], 0
+        for i, qs in zip(images, questions):
+            segs = [image_segment(corpus, i, self.ctx.pixels)]
+            at = start + len(segs[0])
+            for q in qs:
+                segs.append(self._question(q))
+                cls.append(at)
+                at += len(segs[-1])
+            samples.append(segs)
+            start = at
+        p = pack(samples)
+        return {"packed": p, "blocks": p.segment, "cls": torch.tensor(cls)}
+
+    def batch(self, corpus, idx: list[int], gen: torch.Generator) -> dict:
+        k = self.cfg.questions_per_sequence
+        images, questions = [], []
+        for i in idx:
+            qs = corpus.qa[i]
+            if not qs:
+                continue
+            if k and len(qs) > k:
+                qs = [qs[j] for j in torch.randperm(len(qs), generator=gen)[:k].tolist()]
+            images.append(i)
+            questions.append(qs)
+        if not images:
+            raise OmnimaskError("a VQA batch without questions: the sampled images have none")
+        b = self.pack_questions(corpus, images, questions)
+        b["target"] = torch.stack([self._target(q["answers"]) for qs in questions for q in qs])
+        return b
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, model, corpus, images: list[int], questions: list[list[dict]]
+                ) -> list[tuple[str, float]]:
+        """(answer, probability) for every question, in order."""
+        b = self.pack_questions(corpus, images, questions)
+        probs = model(b, task=self.name)["logits"].float().sigmoid()
+        score, best = probs.max(-1)
+        return [(self.answers[int(j)], float(s)) for j, s in zip(best, score)]
+
+    @torch.no_grad()
+    def evaluate(self, model, corpus, limit: int | None = None,
+                 examples: Path | None = None) -> dict:
+        from ..metrics import vqa_report
+
+        self.check(corpus, "evaluation data")
+        was = model.training
+        model.eval()
+        preds, answers, types, shown = [], [], [], []
+        try:
+            idx = [i for i in first(corpus, limit) if corpus.qa[i]]
+            step = self.cfg.eval_images
+            for s in range(0, len(idx), step):
+                chunk = idx[s:s + step]
+                qs = [corpus.qa[i] for i in chunk]
+                out = self.predict(model, corpus, chunk, qs)
+                k = 0
+                for i, q in zip(chunk, qs):
+                    for x in q:
+                        preds.append(out[k][0])
+                        answers.append(x["answers"])
+                        types.append(x["type"])
+                        if len(shown) < 12:
+                            shown.append((i, x["question"], out[k][0], x["answers"][0]))
+                        k += 1
+        finally:
+            model.train(was)
+        report = vqa_report(preds, answers, types)
+        prior = vqa_report([self.priors.get(t, "") for t in types], answers, types)
+        report["prior_baseline"] = prior["accuracy"]
+        report["prior_per_type"] = prior["per_type"]
+        if examples is not None:
+            report_examples(corpus, shown, Path(examples) / "vqa_examples.png")
+        return report
+
+
+def report_examples(corpus, shown: list[tuple], path: Path) -> Path:
+    """A grid of images with a question, the model's answer and the truth under each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (i, q, pred, truth) in zip(axes.flat, shown):
+        ax.imshow(corpus.pixels[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        mark = "right" if pred == truth else "wrong"
+        ax.set_title(f"{q}\nmodel: {pred} ({mark})\ntruth: {truth}", fontsize=9)
+    fig.suptitle("VQA: questions, the model's answers and the truth", fontsize=12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
