@@ -72,4 +72,5 @@ TOKENIZERS: Registry[Any] = Registry("tokenizer", ("omnimask.modalities.text.tra
 MODELS: Registry[Callable[[], Any]] = Registry("model", ("omnimask.variants",))
 # Task heads on the encoder: classes built as Head(model_cfg, head_cfg) (see omnimask.heads).
 HEADS: Registry[Any] = Registry("head", ("omnimask.heads.vqa",
-                                           "omnimask.heads.retrieval"))
+                                           "omnimask.heads.retrieval",
+                                           "omnimask.heads.captioning"))

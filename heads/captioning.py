@@ -1,0 +1,306 @@
+"""Captioning head: prefix-LM training on the shared trunk and beam search over a KV cache.
+
+A sample is ``[image][<cls> caption <eos>]``: the image and ``<cls>`` are the prefix
+(bidirectional among themselves), the caption is causal (mask ``prefix``, prefix length =
+image tokens + 1). Each caption position predicts the next token, ``<eos>`` included,
+through the encoder's tied vocabulary head, over the allowed ids only: text tokens (no
+specials) and ``<eos>``, so image codes and speech units are never predicted.
+
+Decoding (:func:`generate`) encodes each image and ``<cls>`` once, keeps every layer's keys
+and values (``fusion.trunk.KVCache``) and feeds one token per beam per step: greedy for one
+beam, else beam search as in Hugging Face transformers (``2 * beams`` candidates per
+image, a finished caption scored ``sum(log p) / len ** length_penalty``, ``len`` counting
+``<eos>``; an image is done when ``beams`` captions are finished and no live beam can
+still beat the worst of them), with fairseq's no-repeat-n-gram ban.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from omnimask.config import check_fields
+from omnimask.errors import OmnimaskError
+from omnimask.fusion.packing import IGNORE, Segment, pack
+from omnimask.fusion.trunk import KVCache
+from omnimask.registry import HEADS
+
+START, END = "cls", "eos"  # the caption's first token (in the prefix) and its end token
+
+
+@dataclass
+class CaptionHeadConfig:
+    max_len: int = 30  # caption tokens generated at most, <eos> included (longer truncated)
+    beams: int = 3
+    length_penalty: float = 1.0  # alpha: a finished caption scores sum(log p) / len ** alpha
+    no_repeat_ngram: int = 0  # > 0: no n-gram of this size twice in a caption
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = "heads.caption."
+        check_fields(self, ">=1", "max_len", "beams", prefix=p)
+        check_fields(self, ">=0", "no_repeat_ngram", prefix=p)
+        check_fields(self, "[0,1)", "label_smoothing", prefix=p)
+
+
+def allowed_ids(vocab, size: int | None = None) -> torch.Tensor:
+    """[size] bool: the ids a caption may hold: text tokens but the specials, and <eos>."""
+    a = torch.zeros(size or vocab.size, dtype=torch.bool)
+    a[:vocab.text_size] = True
+    a[sorted(vocab.specials.values())] = False
+    a[vocab.special(END)] = True
+    return a
+
+
+def caption_sample(vocab, image: Segment, caption: Sequence[int], max_len: int
+                   ) -> list[Segment]:
+    """``[image][<cls> caption <eos>]`` with next-token targets on the text (the caption cut
+    to ``max_len - 1`` tokens so that <eos> fits)."""
+    cap = [int(t) for t in caption][:max_len - 1]
+    ids = torch.tensor([vocab.special(START), *cap, vocab.special(END)])
+    return [image, Segment("text", ids=ids, targets=torch.cat([ids[1:], torch.tensor([IGNORE])]))]
+
+
+def caption_batch(vocab, images: list[Segment], captions: list[Sequence[int]], max_len: int
+                  ) -> dict:
+    """A training batch: image k with caption k (see :func:`caption_sample`)."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    p = pack([caption_sample(vocab, i, c, max_len) for i, c in zip(images, captions)])
+    return {"packed": p, "prefix_len": [len(i) + 1 for i in images],
+            "allowed": allowed_ids(vocab)}
+
+
+def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor | None,
+                  smoothing: float) -> torch.Tensor:
+    """Cross-entropy over the allowed ids; label smoothing spreads over those ids only (the
+    banned ones have probability 0, so PyTorch's smoothing over all would be infinite)."""
+    if allowed is not None:
+        allowed = allowed.to(logits.device)[:logits.shape[-1]]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    if not smoothing:
+        return nll.mean()
+    n = allowed.sum() if allowed is not None else logits.shape[-1]
+    keep = allowed if allowed is not None else torch.ones_like(logp[0], dtype=torch.bool)
+    uniform = -logp.masked_fill(~keep, 0.0).sum(-1) / n
+    return ((1 - smoothing) * nll + smoothing * uniform).mean()
+
+
+@HEADS.register("caption")
+class CaptionHead(nn.Module):
+    """No parameters of its own: the trunk's tied vocabulary head predicts the caption."""
+
+    Config = CaptionHeadConfig
+
+    def __init__(self, model_cfg=None, cfg: CaptionHeadConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or CaptionHeadConfig()
+
+    def forward(self, encoder, batch: dict) -> dict:
+        p = batch["packed"]
+        h = encoder(p, mask="prefix", prefix_len=batch["prefix_len"])
+        pos = p.target_positions.to(h.device)
+        target = p.targets.to(h.device)[pos]
+        logits = encoder.vocab_logits(h, pos).float()
+        loss = smoothed_loss(logits, target, batch.get("allowed"), self.cfg.label_smoothing)
+        acc = (logits.masked_fill(~batch["allowed"].to(h.device), float("-inf"))
+               if "allowed" in batch else logits).argmax(-1).eq(target).float().mean()
+        return {"loss": loss, "caption": loss.detach(), "caption_acc": acc.detach(),
+                "tokens": p.num_tokens}
+
+
+# -- decoding --------------------------------------------------------------------------------
+# step(rows, tokens) -> [len(rows), V] log-probabilities of the token after each new row,
+# row i being row rows[i] of the previous call extended by tokens[i]
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _banned(seq: list[int], n: int) -> list[int]:
+    from omnimask.train.objectives.cm3_generate import _banned as banned
+
+    return sorted(banned(seq, n)) if n else []
+
+
+def _ban(logp: torch.Tensor, seqs: list[list[int]], n: int) -> torch.Tensor:
+    if n:
+        for r, s in enumerate(seqs):
+            ban = _banned(s, n)
+            if ban:
+                logp[r, ban] = float("-inf")
+    return logp
+
+
+def greedy_search(first: torch.Tensor, step: Step, max_len: int, end: int,
+                  no_repeat_ngram: int = 0) -> list[list[int]]:
+    """The most likely token each step until ``end`` or ``max_len`` tokens; ``first``: [B, V]
+    log-probabilities of the first token. Returns the tokens, ``end`` left out."""
+    B = first.shape[0]
+    outs: list[list[int]] = [[] for _ in range(B)]
+    live = list(range(B))  # image of each row
+    logp = first
+    for t in range(max_len):
+        nxt = _ban(logp.clone(), [outs[b] for b in live], no_repeat_ngram).argmax(-1).tolist()
+        keep = []
+        for r, (b, tok) in enumerate(zip(live, nxt)):
+            if tok != end:
+                outs[b].append(tok)
+                keep.append(r)
+        live = [live[r] for r in keep]
+        if not live or t == max_len - 1:
+            break
+        logp = step(torch.tensor(keep), torch.tensor([nxt[r] for r in keep]))
+    return outs
+
+
+def beam_search(first: torch.Tensor, step: Step, beams: int, max_len: int, end: int,
+                length_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[list[int]]:
+    """Beam search (see the module docstring) from ``first`` [B, V], the log-probabilities
+    of each image's first token. Returns each image's best caption, ``end`` left out."""
+    B = first.shape[0]
+
+    def score(total: float, n: int) -> float:
+        return total / n ** length_penalty
+
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    # live beams, one per row of ``logp``: (image, sum of log-probabilities, tokens)
+    live = [(b, 0.0, []) for b in range(B)]
+    logp = first
+    for t in range(1, max_len + 1):
+        logp = _ban(logp.float().clone(), [s for _, _, s in live], no_repeat_ngram)
+        total = torch.tensor([s for _, s, _ in live], dtype=logp.dtype)[:, None] + logp.cpu()
+        V = total.shape[1]
+        image = torch.tensor([b for b, _, _ in live])
+        new = []  # the next live beams: (image, sum of log-probabilities, tokens, parent row)
+        for b in range(B):
+            mine = (image == b).nonzero(as_tuple=True)[0]
+            if done[b] or not mine.numel():
+                continue
+            cand = total[mine].flatten()
+            top = cand.topk(min(2 * beams, int(torch.isfinite(cand).sum())))
+            mine_new = []
+            for rank, (s, j) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                row, tok = int(mine[j // V]), j % V
+                if tok == end:
+                    if rank < beams:  # as HF: an <eos> ranked past the beams is not kept
+                        finished[b].append((score(s, t), live[row][2]))
+                    continue
+                mine_new.append((b, s, live[row][2] + [tok], row))
+                if len(mine_new) == beams:
+                    break
+            finished[b] = sorted(finished[b], key=lambda x: -x[0])[:beams]
+            if not mine_new:
+                done[b] = True
+            elif len(finished[b]) == beams:
+                # the best a live beam can still reach: sum(log p) only falls, so at the
+                # longest length when the penalty favours length, else at the current one
+                reach = score(mine_new[0][1], max_len if length_penalty > 0 else t)
+                done[b] = finished[b][-1][0] >= reach
+            if not done[b]:
+                new += mine_new
+        live = [(b, s, seq) for b, s, seq, _ in new]
+        if t == max_len or not live:
+            break
+        logp = step(torch.tensor([x[3] for x in new]), torch.tensor([x[2][-1] for x in new]))
+    for b, s, seq in live:  # max_len reached: the live beams compete too (HF's finalize)
+        if not done[b]:
+            finished[b].append((score(s, len(seq)), seq))
+    return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
+
+
+def _encode(encoder, batch, prefix_len, cache: KVCache | None) -> torch.Tensor:
+    """``encoder(batch, mask="prefix")``, filling ``cache`` on the way: ``Encoder.forward``
+    takes no cache, so a one-call pre-hook hands it to the trunk."""
+    if cache is None:
+        return encoder(batch, mask="prefix", prefix_len=prefix_len)
+    hook = encoder.trunk.register_forward_pre_hook(
+        lambda mod, args, kwargs: (args, {**kwargs, "cache": cache}), with_kwargs=True)
+    try:
+        return encoder(batch, mask="prefix", prefix_len=prefix_len)
+    finally:
+        hook.remove()
+
+
+def _image_segments(model, images) -> list[Segment]:
+    if isinstance(images, Segment):
+        images = [images]
+    if isinstance(images, torch.Tensor) or (images and not isinstance(images[0], Segment)):
+        from omnimask.train.objectives.cm3_generate import _image
+
+        return [_image(model, x) for x in images]
+    return list(images)
+
+
+@torch.no_grad()
+def generate(model, images, beams: int | None = None, max_len: int | None = None,
+             length_penalty: float | None = None, no_repeat_ngram: int | None = None,
+             use_cache: bool = True) -> list[list[int]]:
+    """Caption ids (``<eos>`` left out) of each image: ``images`` as the model reads them
+    (uint8 pixels [B, 3, S, S] or patch features [B, P, d], or ``Segment``s of one length).
+    Unset settings come from the model's caption head (else the defaults); greedy when
+    ``beams`` is 1. ``use_cache=False`` runs the full sequence every step (for tests)."""
+    cfg = CaptionHeadConfig()
+    if "caption" in model.heads:  # the settings it was fine-tuned with
+        cfg = model.heads["caption"].cfg
+    beams = cfg.beams if beams is None else beams
+    max_len = cfg.max_len if max_len is None else max_len
+    alpha = cfg.length_penalty if length_penalty is None else length_penalty
+    ngram = cfg.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
+    if beams < 1 or max_len < 1 or ngram < 0:
+        raise OmnimaskError(f"captioning needs beams >= 1, max_len >= 1, no_repeat_ngram >= 0;"
+                            f" got {beams}, {max_len}, {ngram}")
+    vocab = model.vocab
+    if vocab is None:
+        raise OmnimaskError("the model has no vocabulary (load it from a model directory)")
+    segs = _image_segments(model, images)
+    if not segs:
+        return []
+    if len({len(s) for s in segs}) > 1:
+        raise OmnimaskError(f"images of one captioning call give one number of tokens each; "
+                            f"got {sorted({len(s) for s in segs})}")
+    enc = model.encoder
+    was_training = model.training
+    model.eval()
+    try:
+        start = torch.tensor([vocab.special(START)])
+        P = len(segs[0]) + 1
+        allowed = None
+
+        def log_probs(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            nonlocal allowed
+            logits = enc.vocab_logits(h, pos.to(h.device)).float()
+            if allowed is None:
+                allowed = allowed_ids(vocab, logits.shape[-1]).to(logits.device)
+            return logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+
+        prefix = pack([[s, Segment("text", ids=start)] for s in segs])
+        cache = KVCache() if use_cache else None
+        h = _encode(enc, prefix, [P] * len(segs), cache)
+        first = log_probs(h, prefix.cu_seqlens[1:].long() - 1)
+        if use_cache:
+            def step(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+                cache.reorder(rows)
+                h = enc.trunk.step(toks, cache)
+                return log_probs(h, torch.arange(len(toks)))
+        else:
+            state = {"image": list(range(len(segs))), "seq": [[] for _ in segs]}
+
+            def step(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+                state["image"] = [state["image"][r] for r in rows.tolist()]
+                state["seq"] = [state["seq"][r] + [t] for r, t in zip(rows.tolist(),
+                                                                      toks.tolist())]
+                p = pack([[segs[i], Segment("text", ids=torch.cat([start, torch.tensor(s)]))]
+                          for i, s in zip(state["image"], state["seq"])])
+                h = _encode(enc, p, [P] * len(rows), None)
+                return log_probs(h, p.cu_seqlens[1:].long() - 1)
+        end = vocab.special(END)
+        if beams == 1:
+            return greedy_search(first, step, max_len, end, ngram)
+        return beam_search(first, step, beams, max_len, end, alpha, ngram)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,195 @@
+"""Captioning head: prefix-LM loss, beam search (exact on a tiny vocabulary), KV-cached
+decoding equal to full forwards, the no-repeat-n-gram ban, only caption ids generated."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from omnimask.fusion.packing import Segment, pack
+from omnimask.fusion.trunk import KVCache, TrunkConfig
+from omnimask.heads import captioning as C
+from omnimask.modalities.vocab import Vocab
+from omnimask.model import ModelConfig, OmniModel
+from omnimask.train.objectives.cm3_generate import _banned
+
+V, END = 4, 3  # the mock vocabulary: tokens 0..2 and the end token
+
+
+def _table(img: int, seq) -> torch.Tensor:
+    """Fixed random next-token log-probabilities of image ``img`` after ``seq``."""
+    seed = 7919 * img + sum((t + 1) * 5 ** i for i, t in enumerate(seq))
+    return (2 * torch.randn(V, generator=torch.Generator().manual_seed(seed))).log_softmax(-1)
+
+
+def _mock(B: int, table=_table):
+    rows = [(b, []) for b in range(B)]
+
+    def step(idx, toks):
+        rows[:] = [(rows[r][0], rows[r][1] + [t]) for r, t in zip(idx.tolist(), toks.tolist())]
+        return torch.stack([table(b, s) for b, s in rows])
+    return torch.stack([table(b, []) for b in range(B)]), step
+
+
+def _exhaustive(b: int, max_len: int, alpha: float, n: int) -> list[int]:
+    """The best caption of image ``b`` over every sequence, scored as the beam search does."""
+    best = None
+    for L in range(max_len + 1):
+        for seq in itertools.product(range(V - 1), repeat=L):
+            if any(seq[i] in _banned(list(seq[:i]), n) for i in range(L)) if n else False:
+                continue
+            lp = torch.tensor(0.0)
+            for i in range(L):
+                lp = lp + _table(b, seq[:i])[seq[i]]
+            cands = []
+            if max_len > L:
+                cands.append(float(lp + _table(b, seq)[END]) / (L + 1) ** alpha)
+            elif L:
+                cands.append(float(lp) / L ** alpha)
+            for s in cands:
+                if best is None or s > best[0]:
+                    best = (s, list(seq))
+    return best[1]
+
+
+@pytest.mark.parametrize("alpha,n", [(1.0, 0), (0.0, 0), (2.0, 0), (-0.5, 0), (1.0, 1)])
+def test_beam_search_with_every_beam_is_exhaustive_search(alpha, n):
+    B, max_len = 3, 3
+    first, step = _mock(B)
+    got = C.beam_search(first, step, beams=V ** max_len, max_len=max_len, end=END,
+                        length_penalty=alpha, no_repeat_ngram=n)
+    assert got == [_exhaustive(b, max_len, alpha, n) for b in range(B)]
+
+
+def test_greedy_is_argmax_and_beam_keeps_more_than_greedy():
+    first, step = _mock(2)
+    got = C.greedy_search(first, step, max_len=5, end=END)
+    for b, seq in enumerate(got):
+        want = []
+        while len(want) < 5:
+            t = int(_table(b, want).argmax())
+            if t == END:
+                break
+            want.append(t)
+        assert seq == want
+
+
+def test_no_repeat_ngram_never_repeats():
+    """A model that always prefers the same token: without the ban it repeats forever."""
+    def sticky(img, seq):
+        return torch.tensor([0.0, -1.0, -2.0, -9.0]).log_softmax(-1)
+
+    for search in (lambda f, s, n: C.greedy_search(f, s, 9, END, n),
+                   lambda f, s, n: C.beam_search(f, s, 3, 9, END, 1.0, n)):
+        assert search(*_mock(1, sticky), 0)[0] == [0] * 9
+        for n in (1, 2, 3):
+            seq = search(*_mock(1, sticky), n)[0]
+            grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+            assert len(grams) == len(set(grams)) and len(seq) >= 2
+
+
+# -- with a tiny model -------------------------------------------------------------------------
+VOCAB = Vocab(text_size=20, image_codes=8, speech_units=4,
+              specials={"pad": 0, "cls": 1, "eos": 2, "sep": 3})
+
+
+def _model(**trunk) -> OmniModel:
+    """A tiny random model with peaked logits (N(0, 0.3) weights: no near-ties)."""
+    torch.manual_seed(0)
+    m = OmniModel(ModelConfig(trunk=TrunkConfig(vocab_size=VOCAB.size, dim=32, layers=2, heads=4,
+                                                ffn_dim=48, attention_backend="sdpa", **trunk),
+                              image_feature_dim=8, speech_feature_dim=12, image_codes=8,
+                              speech_units=4, code_dim=8),
+                  {"caption": {"max_len": 8, "beams": 3}})
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.3)
+    m.vocab = VOCAB
+    return m.eval()
+
+
+def _images(n=3, seed=0):
+    return torch.randn(n, 4, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("trunk", [{}, {"prenorm": False, "clip_gamma": -0.03,
+                                        "gated_attention": True}])
+def test_cached_decoding_equals_uncached_and_only_caption_ids(trunk):
+    m = _model(**trunk)
+    allowed = C.allowed_ids(VOCAB)
+    for kw in ({"beams": 1}, {"beams": 3}, {"beams": 4, "no_repeat_ngram": 2,
+                                             "length_penalty": 0.5}):
+        cached = C.generate(m, _images(), **kw)
+        assert cached == C.generate(m, _images(), use_cache=False, **kw)
+        ids = torch.tensor([t for c in cached for t in c])
+        assert len(ids) and allowed[ids].all() and not (ids == VOCAB.special("eos")).any()
+        assert all(len(c) <= 8 for c in cached)
+
+
+def test_greedy_generate_is_the_argmax_of_full_forwards():
+    """beams=1 through the cache = the argmax of the full prefix-LM forward each step."""
+    m = _model()
+    images = _images(2)
+    got = C.generate(m, images, beams=1, max_len=6)
+    allowed = C.allowed_ids(VOCAB)
+    for x, caption in zip(images, got):
+        seq = []
+        while len(seq) < 6:
+            p = pack([[Segment("image", features=x, grid=(2, 2)),
+                       Segment("text", ids=torch.tensor([VOCAB.special("cls"), *seq]))]])
+            with torch.no_grad():
+                h = m.encoder(p, mask="prefix", prefix_len=[5])
+            t = int(m.encoder.vocab_logits(h, torch.tensor([p.num_tokens - 1]))[0]
+                    .masked_fill(~allowed, float("-inf")).argmax())
+            if t == VOCAB.special("eos"):
+                break
+            seq.append(t)
+        assert caption == seq
+
+
+def test_training_loss_is_the_decoders_log_likelihood():
+    """The head's loss (prefix-LM mask, next token incl. <eos>, over caption ids) = the mean
+    -log p the KV-cached decoder gives the same tokens; label smoothing stays finite."""
+    m = _model()
+    images = _images(2)
+    caps = [[5, 9, 7], [11, 4, 6]]
+    segs = [Segment("image", features=x, grid=(2, 2)) for x in images]
+    b = C.caption_batch(VOCAB, segs, caps, max_len=8)
+    with torch.no_grad():
+        out = m(b, task="caption")
+        cache = KVCache()
+        prefix = pack([[s, Segment("text", ids=torch.tensor([1]))] for s in segs])
+        h = C._encode(m.encoder, prefix, [5, 5], cache)
+        allowed = C.allowed_ids(VOCAB)
+        lp = m.encoder.vocab_logits(h, prefix.cu_seqlens[1:].long() - 1)
+        nll = []
+        for j, tok in enumerate(torch.tensor([c + [2] for c in caps]).T):
+            logp = lp.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+            nll.append(-logp.gather(1, tok[:, None])[:, 0])
+            if j < 3:
+                lp = m.encoder.vocab_logits(m.encoder.trunk.step(tok, cache), torch.arange(2))
+    torch.testing.assert_close(out["loss"], torch.stack(nll).mean(), atol=1e-5, rtol=1e-5)
+    m.heads["caption"].cfg.label_smoothing = 0.1
+    m.train()
+    smoothed = m(b, task="caption")["loss"]
+    assert torch.isfinite(smoothed) and smoothed > out["loss"]
+    smoothed.backward()
+    assert m.encoder.trunk.tok.weight.grad.abs().sum() > 0
+
+
+def test_bad_settings_and_inputs():
+    m = _model()
+    with pytest.raises(Exception, match="beams"):
+        C.generate(m, _images(), beams=0)
+    mixed = [Segment("image", features=torch.randn(4, 8), grid=(2, 2)),
+             Segment("image", features=torch.randn(9, 8), grid=(3, 3))]
+    with pytest.raises(Exception, match="one number of tokens"):
+        C.generate(m, mixed)
+    m.vocab = None
+    with pytest.raises(Exception, match="no vocabulary"):
+        C.generate(m, _images())
+    with pytest.raises(ValueError, match="label_smoothing"):
+        C.CaptionHeadConfig(label_smoothing=1.0)
