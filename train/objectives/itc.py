@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimask.fusion.packing import Segment, pack
+from omnimask.heads.matching import info_nce, position_means
 from omnimask.model import init_linear
-from omnimask.train.distributed import group_rank_and_world
 
 from .base import Context, Objective, image_segment, objective, pick_caption, text_segment
 
@@ -43,25 +43,6 @@ def embed_pairs(model, ctx: Context, corpus, idx, caps, with_tokens: bool = Fals
     return (t, v, b["packed"].num_tokens) if with_tokens else (t, v)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    rank, size = group_rank_and_world()
-    if size == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x))
-
-
-def info_nce(t: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE; rows of this rank's block are its positives."""
-    rank, _ = group_rank_and_world()
-    tt, vv = gather_with_grad(t), gather_with_grad(v)
-    scale = logit_scale.exp().clamp(max=100.0)
-    labels = torch.arange(len(t), device=t.device) + rank * len(t)
-    return (F.cross_entropy(scale * t @ vv.T, labels)
-            + F.cross_entropy(scale * v @ tt.T, labels)) / 2
-
-
 class ITCHead(nn.Module):
     def __init__(self, model_cfg, cfg=None) -> None:
         super().__init__()
@@ -76,10 +57,7 @@ class ITCHead(nn.Module):
     def embed(self, encoder, p, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean-pooled states of each packed sample through the projections, l2-normalised:
         the first ``n_text`` samples are texts, the rest images."""
-        h = encoder(p)
-        sample = p.sample_index().to(h.device)
-        pooled = torch.zeros(p.num_samples, h.shape[1], device=h.device, dtype=h.dtype)
-        pooled = pooled.index_add(0, sample, h) / torch.bincount(sample)[:, None].to(h.dtype)
+        pooled = position_means(encoder(p), p)
         text = self.norm["text"](pooled[:n_text])
         image = self.norm["image"](pooled[n_text:])
         return (F.normalize(self.text(text), dim=-1), F.normalize(self.image(image), dim=-1))

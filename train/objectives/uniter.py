@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimask.fusion.packing import pack
+from omnimask.heads.matching import pair_features
 from omnimask.model import init_linear, mlp_ln
 
 from .base import (
@@ -200,11 +201,7 @@ class ITMHead(nn.Module):
     def logits(self, encoder, h: torch.Tensor, p) -> torch.Tensor:
         """[B, 2] (no match, match) from the pooled ``<cls>`` of each pair (and, with
         ``features="pair"``, the product and distance of its mean caption and image states)."""
-        x = encoder.pooled(h, p)
-        if self.cfg.features == "pair":
-            u, v = segment_means(h, p, 0, skip_first=True), segment_means(h, p, 1)
-            x = torch.cat([x, u * v, (u - v).abs()], -1)
-        return self.fc(x)
+        return self.fc(pair_features(encoder, h, p, self.cfg.features))
 
     def forward(self, encoder, b: dict) -> dict:
         p, pos = b["packed"], b["positive"]
@@ -230,20 +227,6 @@ class ITMHead(nn.Module):
                       for P, xs in ((T, txt), (V, img)))
         return wra_loss(T.float(), V.float(), tpad, vpad, pos.to(h.device),
                         beta=self.cfg.ot_beta, iterations=self.cfg.ot_iterations)
-
-
-def segment_means(h: torch.Tensor, p, segment: int, skip_first: bool = False) -> torch.Tensor:
-    """[B, dim] mean of each sample's hidden states in ``segment`` (without the sample's
-    first position, its ``<cls>``, when ``skip_first``); zeros for a sample without any."""
-    seg = p.segment.to(h.device)
-    sel = seg == segment
-    if skip_first:
-        sel[p.cu_seqlens[:-1].long().to(h.device)] = False
-    idx = p.sample_index().to(h.device)[sel]
-    b = len(p.cu_seqlens) - 1
-    total = h.new_zeros(b, h.shape[1]).index_add_(0, idx, h[sel])
-    count = torch.bincount(idx, minlength=b).clamp(min=1).to(h.dtype)
-    return total / count[:, None]
 
 
 @objective("itm")
