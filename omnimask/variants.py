@@ -24,11 +24,11 @@ def _variant(trunk: dict, **model: Any) -> ModelConfig:
     return ModelConfig(trunk=TrunkConfig(**trunk), **model)
 
 
-# pre-LN with BERT/UNITER's embedding LayerNorm; images as frozen VQ latents, and VQ codes
-# entering like them; BatchNorm before the ITC projections: the settings
+# pre-LN with BERT/UNITER's embedding LayerNorm; images from pixels, VQ codes entering like
+# the VQ latents; BatchNorm before the ITC projections: the settings
 # configs/pretrain/shapes_tiny.yaml learned with
 _PRE_LN = {"norm_eps": 1e-6, "embed_norm": True, "max_positions": 512}
-_SHAPES = {"image_input": "vq_latents", "image_code_input": "features", "itc_batchnorm": True}
+_SHAPES = {"image_input": "pixels", "image_code_input": "features", "itc_batchnorm": True}
 
 
 @MODELS.register("omnimask-tiny")

@@ -27,12 +27,22 @@ def _tiny(**kw):
                                  **kw)
 
 
+def _image(cfg, g: torch.Generator) -> Segment:
+    """An image as the model reads it: uint8 pixels or feature rows."""
+    if cfg.image_input == "pixels":
+        e = cfg.image_encoder
+        return Segment("image", pixels=torch.randint(0, 256, (3, e.image_size, e.image_size),
+                                                     generator=g, dtype=torch.uint8),
+                       grid=(e.grid, e.grid))
+    return Segment("image", features=torch.randn(16, cfg.image_feature_dim, generator=g),
+                   grid=(4, 4))
+
+
 def _packed(cfg, n: int = 3) -> dict:
-    """Text + image features + speech frames per sample, fixed by a seed."""
+    """Text + image + speech frames per sample, fixed by a seed."""
     g = torch.Generator().manual_seed(0)
     samples = [[Segment("text", ids=torch.randint(0, 200, (5 + k,), generator=g)),
-                Segment("image", features=torch.randn(16, cfg.image_feature_dim, generator=g),
-                        grid=(4, 4)),
+                _image(cfg, g),
                 Segment("speech", features=torch.randn(6, cfg.speech_feature_dim, generator=g))]
                for k in range(n)]
     return {"packed": pack(samples)}
@@ -165,7 +175,8 @@ def test_save_pretrained_then_load_gives_identical_outputs(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors",
                                                    "tokenizers", "vocab.json"]
     info = json.loads((d / "config.json").read_text())
-    assert info["heads"] == {"vqa": {"num_answers": 5}} and info["format_version"] == 1
+    assert info["heads"] == {"vqa": {"answers": [], "num_answers": 5, "priors": {}}}
+    assert info["format_version"] == 1
     loaded = omnimask.load(d).eval()
     assert loaded.tokenizers is None and loaded.vocab.size == 300
     with torch.no_grad():
@@ -232,7 +243,8 @@ def test_fine_tuning_start_is_strict_on_the_encoder_and_lists_fresh_heads(tmp_pa
             assert torch.equal(ft.state_dict()[k], v), k
     # load_encoder into a model built elsewhere: the same strictness, the head keys returned
     fresh = omnimask.create_model(
-        "omnimask-tiny", heads=["vqa"], image_feature_dim=8, speech_feature_dim=12,
+        "omnimask-tiny", heads=["vqa"], image_input="vq_latents", image_feature_dim=8,
+        speech_feature_dim=12,
         image_codes=32, speech_units=16, code_dim=8,
         trunk={"vocab_size": ctx.vocab.size, "dim": 32, "layers": 2, "ffn_dim": 64,
                "embed_norm": False})
