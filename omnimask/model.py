@@ -345,6 +345,14 @@ class OmniModel(nn.Module):
             head = self.heads["speech"]
             head.embed.copy_(c @ _isometry(c.shape[1], head.embed.shape[1], g))
 
+    # -- inference (omnimask/inference.py) ---------------------------------------------------
+    def answer(self, image, question, **kw):
+        """VQA: ``{"answer", "score"}`` for an image (path, PIL, array, tensor) and a
+        question; lists give lists (see ``omnimask.inference.answer``)."""
+        from omnimask.inference import answer
+
+        return answer(self, image, question, **kw)
+
     # -- the model directory (omnimask/pretrained.py) ----------------------------------------
     def save_pretrained(self, directory: str | Path,
                         tokenizers: Mapping[str, str | Path] | None = None) -> Path:
