@@ -193,3 +193,44 @@ def test_bad_settings_and_inputs():
         C.generate(m, _images())
     with pytest.raises(ValueError, match="label_smoothing"):
         C.CaptionHeadConfig(label_smoothing=1.0)
+
+
+# -- the task, end to end on the tiny model directory ------------------------------------------
+def test_caption_task_finetunes_and_evaluates(tiny_model_dir, shapes_dir, tmp_path):
+    import omnimask
+    from omnimask.train.corpus import build_corpus
+    from omnimask.train.data.shards import expand_shards
+    from omnimask.train.tasks.base import TASKS, TaskContext
+
+    model = omnimask.load(tiny_model_dir, heads={"caption": {"max_len": 10, "beams": 2,
+                                                             "no_repeat_ngram": 2}})
+    toks = model.tokenizers
+    corpus = build_corpus(expand_shards([str(shapes_dir / "test-novel-*.tar")]), toks["text"],
+                          toks["image"], None, progress=False)
+    cls = TASKS.get("caption")
+    # METEOR and the PTB tokenizer start a JVM (~20 s): tests/unit/test_caption_metrics.py
+    task = cls(TaskContext(vocab=model.vocab, text=toks["text"], pixels=True),
+               cls.Config(meteor=False, tokenizer="simple", examples=5))
+    task.bind(model)
+    assert task.metric == "cider" and task.head.max_len == 10
+    g = torch.Generator().manual_seed(0)
+    b = task.batch(corpus, list(range(4)), g)
+    assert b["prefix_len"] == [len(b["packed"].feature_index["image"]) // 4 + 1] * 4
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(5):
+        out = task.loss(model, b)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["caption"]))
+    assert losses[-1] < 0.9 * losses[0]
+    report = task.evaluate(model, corpus, limit=6, examples=tmp_path)
+    for k in ("bleu4", "cider", "meteor", "color_precision", "shape_precision",
+              "pair_precision", "color_precision_chance", "shape_precision_chance",
+              "pair_precision_chance"):
+        assert k in report, k
+    assert report["images"] == 6 and report["cider"] >= 0 and report["meteor"] is None
+    assert (tmp_path / "caption_examples.png").stat().st_size > 10_000
+    assert model.training  # evaluation leaves the model as it found it

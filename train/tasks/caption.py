@@ -1,0 +1,145 @@
+"""Captioning: image -> caption with the prefix-LM caption head (``heads/captioning.py``).
+
+Training batch: each sampled image with one of its captions (drawn from ``gen``) as
+``[image][<cls> caption <eos>]``. Evaluation: captions of the first ``limit`` images by
+the head's decoding settings (beam search on the KV cache), scored with coco-caption's
+BLEU-4, CIDEr-D and METEOR (``train/metrics.caption_metrics``) against every reference,
+and, on ShapesWorld, by the (colour, shape) objects they name (``train/evaluate.
+object_match``, as pretraining scores CM3's captions) beside chance: the same caption
+against the next evaluated image's references.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omnimask.config import check_fields
+from omnimask.errors import OmnimaskError
+from omnimask.heads.captioning import CaptionHeadConfig, caption_batch, generate
+
+from ..objectives.base import image_segment, pick_caption
+from .base import Task, first, task
+
+# our object scores -> object_match's keys
+OBJECT_SCORES = {"color_precision": "colour_precision", "shape_precision": "shape_precision",
+                 "pair_precision": "precision"}
+
+
+@dataclass
+class CaptionConfig:
+    eval_images: int = 32  # images captioned at once in evaluation
+    examples: int = 12  # images shown in the examples PNG
+    meteor: bool = True  # METEOR too (needs Java; ~20 s of JVM per evaluation)
+    tokenizer: str = "auto"  # caption_metrics' tokenizer: auto (PTB with Java) | ptb | simple
+
+    def __post_init__(self) -> None:
+        p = "tasks.caption."
+        check_fields(self, ">=1", "eval_images", prefix=p)
+        check_fields(self, ">=0", "examples", prefix=p)
+        if self.tokenizer not in ("auto", "ptb", "simple"):
+            raise ValueError(f"{p}tokenizer must be auto, ptb or simple, got {self.tokenizer!r}")
+
+
+@task("caption")
+class Caption(Task):
+    metric = "cider"
+    Config = CaptionConfig
+
+    def __init__(self, ctx, cfg=None) -> None:
+        super().__init__(ctx, cfg)
+        self.head = CaptionHeadConfig()  # the head's settings, read back by ``bind``
+
+    def bind(self, model) -> None:
+        hc = model.head_configs.get(self.name)
+        if hc is not None:
+            self.head = hc
+
+    def check(self, corpus, what: str) -> None:
+        super().check(corpus, what)
+        if not any(corpus.captions):
+            raise OmnimaskError(f"{what}: the shards have no captions; captioning needs them")
+
+    def batch(self, corpus, idx: list[int], gen: torch.Generator) -> dict:
+        idx = [i for i in idx if corpus.captions[i]]
+        if not idx:
+            raise OmnimaskError("a caption batch without captions: the sampled images have none")
+        caps = [pick_caption(corpus, i, gen) for i in idx]
+        images = [image_segment(corpus, i, self.ctx.pixels) for i in idx]
+        return caption_batch(self.ctx.vocab, images, caps, self.head.max_len)
+
+    def references(self, corpus, i: int) -> list[str]:
+        """Image ``i``'s captions as written (decoded from their ids when not kept)."""
+        if corpus.texts is not None and corpus.texts[i]:
+            return list(corpus.texts[i])
+        return [self.ctx.text.decode(c) for c in corpus.captions[i]]
+
+    @torch.no_grad()
+    def captions(self, model, corpus, idx: list[int]) -> list[str]:
+        """Generated captions of images ``idx`` (the head's decoding settings)."""
+        out = []
+        for s in range(0, len(idx), self.cfg.eval_images):
+            segs = [image_segment(corpus, i, self.ctx.pixels)
+                    for i in idx[s:s + self.cfg.eval_images]]
+            out += [self.ctx.text.decode(ids) for ids in generate(model, segs)]
+        return out
+
+    def evaluate(self, model, corpus, limit: int | None = None,
+                 examples: Path | None = None) -> dict:
+        from omnimask.train.evaluate import object_match
+        from omnimask.train.metrics import caption_metrics
+
+        self.check(corpus, "evaluation data")
+        idx = [i for i in first(corpus, limit) if corpus.captions[i]]
+        if not idx:
+            raise OmnimaskError("evaluation data: none of the evaluated images has a caption")
+        preds = self.captions(model, corpus, idx)
+        refs = [self.references(corpus, i) for i in idx]
+        keys = [corpus.keys[i] for i in idx]
+        report = caption_metrics(dict(zip(keys, preds)), dict(zip(keys, refs)),
+                                 meteor=self.cfg.meteor, tokenizer=self.cfg.tokenizer)
+        report.setdefault("meteor", None)  # None: METEOR off or unable to run (no Java)
+        own = [object_match(p, r) for p, r in zip(preds, refs)]
+        chance = [object_match(p, refs[(k + 1) % len(refs)]) for k, p in enumerate(preds)]
+        for name, key in OBJECT_SCORES.items():
+            report[name] = round(sum(m[key] for m in own) / len(own), 4)
+            report[f"{name}_chance"] = round(sum(m[key] for m in chance) / len(chance), 4)
+        report["images"] = len(idx)
+        if examples is not None and self.cfg.examples:
+            n = self.cfg.examples
+            caption_examples(corpus, list(zip(idx, preds, refs))[:n],
+                             Path(examples) / "caption_examples.png")
+        return report
+
+
+def caption_examples(corpus, shown: list[tuple[int, str, list[str]]], path: Path,
+                     size: int = 128) -> Path:
+    """A PNG grid: each image with the model's caption and its first reference under it,
+    under a title. Drawn with PIL (a dependency already; matplotlib is not)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, big = ImageFont.load_default(size=12), ImageFont.load_default(size=15)
+    cols, pad, width, line = min(4, max(1, len(shown))), 10, 30, 15
+    cells = [(i, textwrap.wrap(f"model: {pred or '(empty)'}", width),
+              textwrap.wrap(f"reference: {refs[0]}", width)) for i, pred, refs in shown]
+    text_h = line * max((len(a) + len(b) for _, a, b in cells), default=0) + pad
+    cell_w, cell_h = max(size, 7 * width) + pad, size + text_h + pad
+    rows = (len(cells) + cols - 1) // cols
+    sheet = Image.new("RGB", (pad + cols * cell_w, 30 + rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 8), "Captioning: the model's caption (blue) and a reference (black)",
+              fill="black", font=big)
+    for k, (i, mine, ref) in enumerate(cells):
+        x, y = pad + (k % cols) * cell_w, 30 + (k // cols) * cell_h
+        if corpus.pixels is not None:
+            img = Image.fromarray(corpus.pixels[i].permute(1, 2, 0).numpy())
+            sheet.paste(img.resize((size, size), Image.NEAREST), (x, y))
+        for j, (text, colour) in enumerate([(t, "navy") for t in mine]
+                                           + [(t, "black") for t in ref]):
+            draw.text((x, y + size + 4 + j * line), text, fill=colour, font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
