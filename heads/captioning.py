@@ -214,16 +214,8 @@ def beam_search(first: torch.Tensor, step: Step, beams: int, max_len: int, end: 
 
 
 def _encode(encoder, batch, prefix_len, cache: KVCache | None) -> torch.Tensor:
-    """``encoder(batch, mask="prefix")``, filling ``cache`` on the way: ``Encoder.forward``
-    takes no cache, so a one-call pre-hook hands it to the trunk."""
-    if cache is None:
-        return encoder(batch, mask="prefix", prefix_len=prefix_len)
-    hook = encoder.trunk.register_forward_pre_hook(
-        lambda mod, args, kwargs: (args, {**kwargs, "cache": cache}), with_kwargs=True)
-    try:
-        return encoder(batch, mask="prefix", prefix_len=prefix_len)
-    finally:
-        hook.remove()
+    """The prefix-LM forward, filling ``cache`` (when given) with every layer's keys/values."""
+    return encoder(batch, mask="prefix", prefix_len=prefix_len, cache=cache)
 
 
 def _image_segments(model, images) -> list[Segment]:

@@ -194,15 +194,16 @@ class Encoder(nn.Module):
         return out
 
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
-                masked: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                masked: dict[str, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
         """Hidden states [T, dim] (the batch moves to the encoder's device when elsewhere).
-        ``masked``: modality -> [n_m] bool, feature rows replaced by the mask embedding."""
+        ``masked``: modality -> [n_m] bool, feature rows replaced by the mask embedding;
+        ``cache``: a ``fusion.trunk.KVCache`` to fill (incremental decoding: ``trunk.step``)."""
         if batch.ids.device != self.device:
             batch = batch.to(self.device)
         feats = self.input_features(batch, masked)
         if self.codes_as_features:
             batch, feats = self._code_features(batch, feats)
-        return self.trunk(batch, mask, prefix_len, features=feats)
+        return self.trunk(batch, mask, prefix_len, features=feats, cache=cache)
 
     @property
     def codes_as_features(self) -> bool:
