@@ -203,14 +203,18 @@ class RetrievalHead(nn.Module):
                     ssim = (s @ v.T).float()
                 sp, sl = self._pairs(ssim, b["speech_match"], b["speech"], b["image"], g)
                 pairs, labels = pairs + sp, labels + sl
-        logits = self.itm_logits(encoder, pairs).float()
-        target = torch.tensor(labels, device=logits.device)
-        itm = F.cross_entropy(logits, target)
-        loss = loss + self.cfg.itm_weight * itm
-        out["itm_acc"] = (logits.argmax(-1) == target).float().mean()
+        tokens = p.num_tokens
+        if self.cfg.itm_weight > 0:  # itm_weight=0: ITC alone, no pairs through the trunk
+            logits = self.itm_logits(encoder, pairs).float()
+            target = torch.tensor(labels, device=logits.device)
+            itm = F.cross_entropy(logits, target)
+            loss = loss + self.cfg.itm_weight * itm
+            out["itm_acc"] = (logits.argmax(-1) == target).float().mean()
+            tokens += sum(len(s) for pair in pairs for s in pair)
+        else:
+            itm = torch.zeros((), device=loss.device)
         return {"loss": loss, "retrieval": loss.detach(), **out, "itm": itm.detach(),
-                "temperature": 1 / self.logit_scale.detach().exp(),
-                "tokens": p.num_tokens}
+                "temperature": 1 / self.logit_scale.detach().exp(), "tokens": tokens}
 
     def _pairs(self, sim: torch.Tensor, match: torch.Tensor, queries: list[list[Segment]],
                images: list[Segment], g: torch.Generator) -> tuple[list, list[int]]:

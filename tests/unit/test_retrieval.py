@@ -144,6 +144,34 @@ def test_training_pairs_label_every_matching_pair_positive():
         assert bool(match[i, j]) == (y == 1)
 
 
+def test_batch_marks_shared_captions_and_itm_weight_zero_is_itc_only():
+    from omnimask.modalities.vocab import Vocab
+    from omnimask.train.corpus import Corpus
+    from omnimask.train.tasks.base import TASKS, TaskContext
+
+    g = torch.Generator().manual_seed(0)
+    n = 4
+    caps = [[[5, 6, 7]], [[8, 9]], [[8, 9], [10, 11, 12]], [[13, 14]]]  # 1 and 2 share one
+    lat = torch.randn(n, 4, 8, generator=g).half()
+    corpus = Corpus(keys=[str(i) for i in range(n)], captions=caps, spoken=[0, 0, 1, 0],
+                    codes=torch.zeros(n, 4, dtype=torch.long), latents=lat, features=lat,
+                    grid=(2, 2), speech=[torch.randn(6 + i, 12, generator=g).half()
+                                         for i in range(n)],
+                    units=[torch.zeros(6 + i, dtype=torch.long) for i in range(n)])
+    ctx = TaskContext(vocab=Vocab(text_size=TEXT, specials={"cls": CLS}), text=None,
+                      pixels=False)
+    task = TASKS.create("retrieval", ctx)
+    b = task.batch(corpus, list(range(n)), g)
+    assert b["match"][1].tolist() == [False, True, True, False]  # "8 9" fits image 2 too
+    assert b["speech_match"][2].tolist() == [False, False, True, False]  # spoken: "10 11 12"
+    model = _model(heads={"retrieval": {"itm_weight": 0.0}})
+    out = task.loss(model.train(), b)
+    assert float(out["itm"]) == 0.0 and "itm_acc" not in out
+    torch.testing.assert_close(out["loss"].detach(), out["itc"] + out["s2i"])
+    out["loss"].backward()
+    assert model.heads["retrieval"].speech.weight.grad is not None  # s2i trains speech
+
+
 # -- starting from pretraining -----------------------------------------------------------
 def test_starts_from_the_pretraining_itc_and_itm_heads():
     model = _model(itc_batchnorm=True,
