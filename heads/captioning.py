@@ -144,7 +144,9 @@ def greedy_search(first: torch.Tensor, step: Step, max_len: int, end: int,
     live = list(range(B))  # image of each row
     logp = first
     for t in range(max_len):
-        nxt = _ban(logp.clone(), [outs[b] for b in live], no_repeat_ngram).argmax(-1).tolist()
+        best = _ban(logp.clone(), [outs[b] for b in live], no_repeat_ngram).max(-1)
+        # every token banned: the caption ends there
+        nxt = best.indices.masked_fill(~torch.isfinite(best.values), end).tolist()
         keep = []
         for r, (b, tok) in enumerate(zip(live, nxt)):
             if tok != end:
@@ -181,6 +183,9 @@ def beam_search(first: torch.Tensor, step: Step, beams: int, max_len: int, end: 
             mine = (image == b).nonzero(as_tuple=True)[0]
             if done[b] or not mine.numel():
                 continue
+            for r in mine[~torch.isfinite(total[mine]).any(-1)].tolist():
+                if live[r][2]:  # every token banned after it: it ends there (as greedy)
+                    finished[b].append((score(live[r][1], len(live[r][2])), live[r][2]))
             cand = total[mine].flatten()
             top = cand.topk(min(2 * beams, int(torch.isfinite(cand).sum())))
             mine_new = []

@@ -81,9 +81,15 @@ def test_no_repeat_ngram_never_repeats():
     def sticky(img, seq):
         return torch.tensor([0.0, -1.0, -2.0, -9.0]).log_softmax(-1)
 
+    def no_end(img, seq):
+        return torch.tensor([0.0, -1.0, -2.0, float("-inf")])
+
     for search in (lambda f, s, n: C.greedy_search(f, s, 9, END, n),
                    lambda f, s, n: C.beam_search(f, s, 3, 9, END, 1.0, n)):
         assert search(*_mock(1, sticky), 0)[0] == [0] * 9
+        # n=1, the end token never likely: every token banned after three, the caption
+        # ends there (not with a banned token)
+        assert sorted(search(*_mock(1, no_end), 1)[0]) == [0, 1, 2]
         for n in (1, 2, 3):
             seq = search(*_mock(1, sticky), n)[0]
             grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
