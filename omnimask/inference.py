@@ -119,3 +119,83 @@ def answer(model, image, question: str | list[str], batch_size: int = 64):
     finally:
         model.train(was)
     return out[0] if single and isinstance(question, str) else out
+
+
+@torch.no_grad()
+def caption(model, image, beams: int | None = None, max_len: int | None = None,
+            batch_size: int = 64):
+    """The caption of ``image`` (a string; a list for a list of images); ``beams`` and
+    ``max_len`` default to the caption head's settings (beam search when beams > 1)."""
+    from omnimask.heads.captioning import generate
+    from omnimask.train.objectives.base import image_segment
+
+    images, single = as_list(image)
+    task = _task(model, "caption")
+    out = []
+    for s in range(0, len(images), batch_size):
+        ims = prepare_images(model, images[s:s + batch_size])
+        segs = [image_segment(ims, i, task.ctx.pixels) for i in range(len(ims))]
+        out += [task.ctx.text.decode(ids)
+                for ids in generate(model, segs, beams=beams, max_len=max_len)]
+    return out[0] if single else out
+
+
+def _speech_frames(model, audio, i: int) -> torch.Tensor:
+    """A spoken query as the speech tokenizer's frames: a file path or (wave, rate)."""
+    import soundfile
+
+    sp = (model.tokenizers or {}).get("speech")
+    if sp is None:
+        raise OmnimaskError("this model has no speech tokenizer: spoken queries need one")
+    if isinstance(audio, (str, os.PathLike)):
+        try:
+            wave, rate = soundfile.read(str(audio), dtype="float32", always_2d=True)
+        except (OSError, RuntimeError) as e:
+            raise OmnimaskError(f"query {i}: {audio} is not readable audio ({e})") from None
+        wave = torch.from_numpy(wave.T.copy())
+    elif isinstance(audio, tuple) and len(audio) == 2:
+        wave, rate = torch.as_tensor(np.asarray(audio[0], dtype=np.float32)), int(audio[1])
+    else:
+        raise OmnimaskError(f"query {i}: a spoken query is an audio file path or a (wave, "
+                            f"sample_rate) pair, got {type(audio).__name__}")
+    return sp.features(wave, rate, f"query {i}").float()
+
+
+@torch.no_grad()
+def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
+    """The ``k`` gallery images that best match ``query``: a caption (str) or a spoken one
+    (an audio file path, or a (wave, sample_rate) pair). Returns ``{"indices", "scores"}``
+    (best first; scores: ITC cosines, the re-ranked top ones lifted above the rest); a list
+    of queries gives a list. ``rerank_k``: how many ITC candidates ITM re-ranks (default:
+    the head's ``rerank_k``)."""
+    from omnimask.heads.retrieval import rank
+    from omnimask.train.objectives.base import image_segment
+
+    task = _task(model, "retrieval")
+    queries = list(query) if isinstance(query, list) else [query]
+    items, _ = as_list(gallery)
+    if not items:
+        raise OmnimaskError("retrieve: the gallery is empty")
+    ims = prepare_images(model, items)
+    segs = [image_segment(ims, i, task.ctx.pixels) for i in range(len(ims))]
+    spoken = [not isinstance(q, str) for q in queries]
+    if any(spoken) and not all(spoken):
+        raise OmnimaskError("retrieve: give either captions or spoken queries in one call")
+    was = model.training
+    model.eval()
+    try:
+        if spoken[0]:
+            from omnimask.fusion.packing import Segment
+
+            qs = [Segment("speech", features=_speech_frames(model, q, i))
+                  for i, q in enumerate(queries)]
+        else:
+            text = model.tokenizers["text"].tok
+            qs = [text.encode(q, add_special_tokens=False).ids for q in queries]
+        scores = rank(model, qs, segs, k=rerank_k, query_side="speech" if spoken[0] else "text")
+    finally:
+        model.train(was)
+    top = scores.topk(min(k, len(items)), dim=-1)
+    out = [{"indices": i.tolist(), "scores": [round(float(s), 4) for s in v]}
+           for i, v in zip(top.indices, top.values)]
+    return out if isinstance(query, list) else out[0]

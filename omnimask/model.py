@@ -354,6 +354,19 @@ class OmniModel(nn.Module):
 
         return answer(self, image, question, **kw)
 
+    def caption(self, image, **kw):
+        """Captioning: the caption of an image (``beams=``, ``max_len=``); lists give lists."""
+        from omnimask.inference import caption
+
+        return caption(self, image, **kw)
+
+    def retrieve(self, query, gallery, k: int = 5, **kw):
+        """Retrieval: ``{"indices", "scores"}`` of the ``k`` gallery images that best match a
+        caption or a spoken caption (audio path or (wave, rate))."""
+        from omnimask.inference import retrieve
+
+        return retrieve(self, query, gallery, k, **kw)
+
     # -- the model directory (omnimask/pretrained.py) ----------------------------------------
     def save_pretrained(self, directory: str | Path,
                         tokenizers: Mapping[str, str | Path] | None = None) -> Path:

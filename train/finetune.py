@@ -175,6 +175,13 @@ class Finetuning:
                      for n, t in self.tasks.items()}
             self.model = load(cfg.init, heads=heads)
             self.model.tokenizer_dirs = tk
+            for n in self.names:  # a fresh head that can start from pretraining heads does
+                hook = getattr(self.model.heads[n], "init_from_directory", None)
+                if n not in saved and hook is not None:
+                    done = hook(cfg.init)
+                    if done:
+                        log.info("heads.%s starts from the pretraining heads: %s", n,
+                                 ", ".join(done))
         for t in self.tasks.values():
             t.bind(self.model)
         self.vocab.save(self.run / "vocab.json")

@@ -82,3 +82,65 @@ def test_bad_finetune_inputs_fail_naming_the_setting(tiny_model_dir, shapes_dir,
                   tasks={"vqa": {"questions_per_sequence": -1}})
     with pytest.raises(ConfigError, match="init"):
         _finetune(tmp_path / "nowhere", shapes_dir, tmp_path / "b", "vqa")
+
+
+@pytest.fixture(scope="module")
+def multitask_run(tiny_model_dir, shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "multi"
+    return out, _finetune(tiny_model_dir, shapes_dir, out, "multitask",
+                          tasks={"caption": {"meteor": False, "tokenizer": "simple"}})
+
+
+def test_multitask_trains_every_head_on_one_encoder(multitask_run):
+    out, summary = multitask_run
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = {r["objective"] for r in rows if r.get("split") == "train"}
+    assert trained <= {"vqa", "retrieval", "caption"} and len(trained) >= 2
+    val = [r for r in rows if r.get("split") == "val"][-1]["metrics"]
+    assert {"vqa.accuracy", "retrieval.t2i_r1", "caption.cider", "score"} <= set(val)
+    model = omnimask.load(out / "model")
+    assert set(model.heads) == {"vqa", "retrieval", "caption"}
+    assert summary["best"]["metric"].startswith("mean of")
+
+
+@pytest.mark.parametrize("task,keys", [
+    ("retrieval", {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "s2i_r1",
+                   "s2i_r5", "s2i_r10", "ceiling_r1"}),
+    ("caption", {"bleu4", "cider", "color_precision", "shape_precision", "pair_precision",
+                 "color_precision_chance", "pair_precision_chance"})])
+def test_eval_of_each_task(multitask_run, shapes_dir, tmp_path, task, keys):
+    out, _ = multitask_run
+    js = tmp_path / f"{task}.json"
+    assert main(["eval", task, "--model", str(out / "model"), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--limit", "12", "--out", str(js),
+                 "--examples", str(tmp_path / "ex"), "-q"]) == 0
+    m = json.loads(js.read_text())["metrics"]
+    assert keys <= set(m)
+    assert all(0 <= m[k] <= 1 for k in keys if k not in ("cider",))
+    assert any(p.suffix == ".png" for p in (tmp_path / "ex").iterdir())
+
+
+def test_caption_and_retrieve_api(multitask_run, shapes_dir, tmp_path):
+    import tarfile
+
+    import soundfile
+
+    out, _ = multitask_run
+    model = omnimask.load(out / "model")
+    with tarfile.open(sorted(shapes_dir.glob("test-novel-*.tar"))[0]) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()[:40]}
+    pngs = [tmp_path / f"{k}.png" for k in range(3)]
+    keys = sorted({n.rsplit(".", 2)[0] for n in members if n.endswith("image.png")})[:3]
+    for p, key in zip(pngs, keys):
+        p.write_bytes(members[f"{key}.image.png"])
+    caps = model.caption(pngs, beams=2)
+    assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
+    assert model.caption(pngs[0], beams=2) == caps[0]
+    r = model.retrieve("a red circle", pngs, k=2)
+    assert len(r["indices"]) == 2 and r["scores"][0] >= r["scores"][1]
+    wav = tmp_path / "q.flac"
+    wav.write_bytes(members[f"{keys[0]}.speech.flac"])
+    spoken = model.retrieve(str(wav), pngs, k=3)
+    assert sorted(spoken["indices"]) == [0, 1, 2]
+    wave, rate = soundfile.read(str(wav), dtype="float32")
+    assert model.retrieve([(wave, rate)], pngs, k=3)[0]["indices"] == spoken["indices"]
