@@ -100,14 +100,35 @@ def test_unknown_task_names_the_heads():
         _model(_ctx())({"packed": None}, task="vqa")
 
 
+@pytest.fixture(scope="module")
+def task_corpus(tiny_model_dir, shapes_dir):
+    from omnimask.train.corpus import build_corpus
+    from omnimask.train.data.shards import expand_shards
+
+    toks = omnimask.load(tiny_model_dir).tokenizers
+    return build_corpus(expand_shards([str(shapes_dir / "test-novel-*.tar")]), toks["text"],
+                        toks["image"], toks["speech"], progress=False)
+
+
 @pytest.mark.parametrize("name", HEADS.names())
-def test_every_task_head_runs_on_a_packed_batch(name):
-    model = _tiny(heads=[name])
-    b = _packed(model.cfg)
-    out = model(b, task=name)
-    assert out["logits"].shape[0] == b["packed"].num_samples
-    if name == "vqa":
-        assert out["logits"].shape == (3, model.heads["vqa"].cfg.num_answers)
+def test_every_task_head_trains_through_its_task(name, tiny_model_dir, task_corpus):
+    """Each head has the task (same name) that builds its batches; one step's loss is finite
+    and reaches the encoder."""
+    from omnimask.train.tasks.base import TASKS, TaskContext
+
+    assert name in TASKS
+    m = omnimask.load(tiny_model_dir)
+    ctx = TaskContext(vocab=m.vocab, text=m.tokenizers["text"], pixels=True,
+                      speech=m.tokenizers["speech"])
+    task = TASKS.create(name, ctx)
+    model = omnimask.load(tiny_model_dir, heads={name: task.head_config(task_corpus)})
+    task.bind(model)
+    out = task.loss(model, task.batch(task_corpus, list(range(6)),
+                                      torch.Generator().manual_seed(0)))
+    assert torch.isfinite(out["loss"]) and name in out
+    out["loss"].backward()
+    grads = [p.grad for p in model.encoder.trunk.parameters() if p.grad is not None]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)
 
 
 def test_vqa_head_takes_its_settings_and_refuses_unknown_ones():
