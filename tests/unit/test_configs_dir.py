@@ -19,11 +19,13 @@ from omnimask.config import (
     packaged_config,
     packaged_configs,
 )
+from omnimask.train.finetune import FinetuneConfig, task_config
 from omnimask.train.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / "configs"
-SCHEMAS = {"demo": DemoConfig, "data": DataConfig, "pretrain": PretrainConfig}
+SCHEMAS = {"demo": DemoConfig, "data": DataConfig, "pretrain": PretrainConfig,
+           "finetune": FinetuneConfig}
 # pyproject.toml's package-dir: repository folder -> package
 PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
             "fusion": "omnimask/fusion", "heads": "omnimask/heads", "train": "omnimask/train",
@@ -34,6 +36,9 @@ PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
 def test_config_file_loads(path):
     cfg = load_config(SCHEMAS[path.parent.name], path)
     assert isinstance(cfg, SCHEMAS[path.parent.name])
+    if isinstance(cfg, FinetuneConfig):  # each task's settings against its own schema
+        for name, given in cfg.tasks.items():
+            task_config(name, given)
 
 
 def test_pretrain_config_rejects_unknown_and_mistyped_keys():
