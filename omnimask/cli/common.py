@@ -21,6 +21,18 @@ QUIET = argparse.ArgumentParser(add_help=False)
 QUIET.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def add_run_arguments(p: argparse.ArgumentParser, schema: str, example: str) -> None:
+    """``--config``, ``--out``, ``--print-config`` and the ``key=value`` overrides of a
+    command that writes a run directory from a config of ``schema``."""
+    p.add_argument("--config", required=True,
+                   help=f"YAML with {schema} keys: a file, or a packaged config's name "
+                        f"({example}; omnimask list configs)")
+    p.add_argument("--out", help="run directory (overrides the config's out)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit without running")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
+
+
 def _check_out_dir(path: str | os.PathLike, what: str) -> None:
     """An output directory the command can create or write into, else an error naming it;
     nothing is created here (a later config error leaves no trace)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import Interrupted
-from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir
+from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir, add_run_arguments
 
 TASKS = ("vqa", "retrieval", "caption", "multitask")
 
@@ -51,11 +51,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("task", choices=TASKS, help="the task to fine-tune")
     ft.add_argument("--init", help="a model directory (omnimask export) or scratch "
                                    "(overrides the config's init)")
-    ft.add_argument("--config", required=True,
-                    help="YAML with FinetuneConfig keys: a file or a packaged config's name "
-                         "(omnimask list configs)")
-    ft.add_argument("--out", help="run directory (overrides the config's out)")
-    ft.add_argument("--print-config", action="store_true",
-                    help="print the resolved config as YAML and exit without running")
-    ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
+    add_run_arguments(ft, "FinetuneConfig", "shapes_tasks")
     ft.set_defaults(fn=cmd_finetune)

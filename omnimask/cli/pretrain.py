@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import Interrupted
-from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir
+from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir, add_run_arguments
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
@@ -49,11 +49,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint (trainer.resume=auto). SIGTERM/SIGUSR2 stop it after "
                         f"a checkpoint, exit status {EXIT_INTERRUPTED}: run the same command "
                         "again to resume.")
-    pt.add_argument("--config", required=True,
-                    help="YAML with PretrainConfig keys: a file, or a packaged config's name "
-                         "(shapes_tiny; omnimask list configs)")
-    pt.add_argument("--out", help="run directory (overrides the config's out)")
-    pt.add_argument("--print-config", action="store_true",
-                    help="print the resolved config as YAML and exit without running")
-    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
+    add_run_arguments(pt, "PretrainConfig", "shapes_tiny")
     pt.set_defaults(fn=cmd_pretrain)

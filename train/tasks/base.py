@@ -20,6 +20,7 @@ A task is a class registered in ``TASKS`` under the name of the head it trains
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,17 @@ class Task:
     def evaluate(self, model, corpus, limit: int | None = None,
                  examples: Path | None = None) -> dict:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for the block, its training mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def first(corpus, limit: int | None) -> list[int]:

@@ -22,7 +22,7 @@ from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
 
 from ..objectives.base import image_segment, text_segment
-from .base import Task, first, task
+from .base import Task, evaluating, first, task
 
 
 @dataclass
@@ -150,27 +150,21 @@ class VQA(Task):
         from ..metrics import vqa_report
 
         self.check(corpus, "evaluation data")
-        was = model.training
-        model.eval()
         preds, answers, types, shown = [], [], [], []
-        try:
-            idx = [i for i in first(corpus, limit) if corpus.qa[i]]
-            step = self.cfg.eval_images
-            for s in range(0, len(idx), step):
-                chunk = idx[s:s + step]
+        idx = [i for i in first(corpus, limit) if corpus.qa[i]]
+        with evaluating(model):
+            for s in range(0, len(idx), self.cfg.eval_images):
+                chunk = idx[s:s + self.cfg.eval_images]
                 qs = [corpus.qa[i] for i in chunk]
-                out = self.predict(model, corpus, chunk, qs)
-                k = 0
+                out = iter(self.predict(model, corpus, chunk, qs))
                 for i, q in zip(chunk, qs):
                     for x in q:
-                        preds.append(out[k][0])
+                        pred = next(out)[0]
+                        preds.append(pred)
                         answers.append(x["answers"])
                         types.append(x["type"])
                         if len(shown) < 12:
-                            shown.append((i, x["question"], out[k][0], x["answers"][0]))
-                        k += 1
-        finally:
-            model.train(was)
+                            shown.append((i, x["question"], pred, x["answers"][0]))
         report = vqa_report(preds, answers, types)
         prior = vqa_report([self.priors.get(t, "") for t in types], answers, types)
         report["prior_baseline"] = prior["accuracy"]
