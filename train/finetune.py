@@ -88,6 +88,17 @@ class FinetuneConfig:
         return names
 
 
+def flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric metrics with nested ones named by their path (``per_type.color``)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out |= flat(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
 def task_config(name: str, given: Any) -> Any:
     """``tasks.<name>`` validated against the task's ``Config`` (errors name the key)."""
     cls = TASKS.get(name)
@@ -220,9 +231,8 @@ class Finetuning:
         for n, t in self.tasks.items():
             m = t.evaluate(model, self.val, self.cfg.data.val_limit)
             scores.append(float(m[t.metric]))
-            for k, v in m.items():
-                if isinstance(v, (int, float)):
-                    metrics[k if len(self.tasks) == 1 else f"{n}.{k}"] = round(float(v), 5)
+            for k, v in flat(m).items():
+                metrics[k if len(self.tasks) == 1 else f"{n}.{k}"] = round(v, 5)
         score = sum(scores) / len(scores)
         metrics["score"] = round(score, 5)
         step = self.trainer.step if hasattr(self, "trainer") else 0
