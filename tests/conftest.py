@@ -50,15 +50,12 @@ def plant_pickle():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(shapes_dir, tmp_path_factory):
-    """A model directory (untrained d=32 encoder, pretraining heads, tokenizers copied in)
-    built the way ``omnimask pretrain`` builds its model, on ``shapes_dir``'s train split;
-    images from pixels. For end-to-end task tests (finetune -> export -> eval -> API)."""
-    from omnimask.config import load_config
+def tiny_tokenizers(shapes_dir, tmp_path_factory):
+    """text, image (2 steps, 128 codes) and speech (k-means, 32 units) tokenizers trained
+    on ``shapes_dir``'s train split: ``DIR/{text,image,speech}``."""
     from omnimask.registry import TOKENIZERS
-    from omnimask.train.pretrain import PretrainConfig, Pretraining
 
-    d = tmp_path_factory.mktemp("tiny_model")
+    d = tmp_path_factory.mktemp("tokenizers")
     train = str(shapes_dir / "train-*.tar")
     TOKENIZERS.get("text").train([train], str(d / "text"), progress=False)
     TOKENIZERS.get("image").train([train], str(d / "image"),
@@ -67,11 +64,24 @@ def tiny_model_dir(shapes_dir, tmp_path_factory):
     TOKENIZERS.get("speech").train([train], str(d / "speech"),
                                    ["kind=kmeans", "codebook_size=32", "iterations=3"],
                                    progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shapes_dir, tiny_tokenizers, tmp_path_factory):
+    """A model directory (untrained d=32 encoder, pretraining heads, tokenizers copied in)
+    built the way ``omnimask pretrain`` builds its model, on ``shapes_dir``'s train split;
+    images from pixels. For end-to-end task tests (finetune -> export -> eval -> API)."""
+    from omnimask.config import load_config
+    from omnimask.train.pretrain import PretrainConfig, Pretraining
+
+    d, t = tmp_path_factory.mktemp("tiny_model"), tiny_tokenizers
     cfg = load_config(PretrainConfig, None, **{
         "out": str(d / "run"),
-        "data": {"train": [train], "val": [str(shapes_dir / "test-novel-*.tar")]},
-        "tokenizers": {"text": str(d / "text"), "image": str(d / "image"),
-                       "speech": str(d / "speech")},
+        "data": {"train": [str(shapes_dir / "train-*.tar")],
+                 "val": [str(shapes_dir / "test-novel-*.tar")]},
+        "tokenizers": {"text": str(t / "text"), "image": str(t / "image"),
+                       "speech": str(t / "speech")},
         "model": {"trunk": {"dim": 32, "layers": 2, "heads": 2, "ffn_dim": 64,
                             "max_positions": 512}, "image_input": "pixels",
                   "image_encoder": {"channels": [8, 16, 32], "stem_channels": 8}}})

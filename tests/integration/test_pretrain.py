@@ -20,16 +20,11 @@ from omnimask.train.data.shapesworld import judge
 
 
 @pytest.fixture(scope="module")
-def tiny_config(shapes_dir, tmp_path_factory):
+def tiny_config(shapes_dir, tiny_tokenizers, tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrain")
     train, val = str(shapes_dir / "train-*.tar"), str(shapes_dir / "test-novel-*.tar")
-    TOKENIZERS.get("text").train([train], str(d / "text"), progress=False)
-    TOKENIZERS.get("image").train([train], str(d / "image"),
-                                  ["max_steps=2", "vq.codebook_size=128", "batch_size=16"],
-                                  progress=False)
-    TOKENIZERS.get("speech").train([train], str(d / "speech"),
-                                   ["kind=kmeans", "codebook_size=32", "iterations=3"],
-                                   progress=False)
+    for kind in ("text", "image", "speech"):  # copies: a test retrains one in place
+        shutil.copytree(tiny_tokenizers / kind, d / kind)
     # a judge trained on a few scenes: the run loads it and scores its drawn images
     judge.load_or_train(d / "judge.safetensors", progress=False, scenes=40, epochs=1)
     cfg = {"data": {"train": [train], "val": [val], "val_batches": 1, "val_batch_size": 8},
