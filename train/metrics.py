@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -298,10 +297,17 @@ def _ptb_tokenize(lines: list[str], timeout: float) -> list[str]:
     """coco-caption's tokenisation (pycocoevalcap's PTBTokenizer: Stanford PTBTokenizer
     lower-cased, punctuation tokens dropped), fed on stdin: pycocoevalcap's own wrapper
     writes a temporary file into its package directory and has no timeout."""
+    from importlib.resources import as_file, files
+
     from pycocoevalcap.tokenizer import ptbtokenizer as ptb
 
-    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)),
-                       ptb.STANFORD_CORENLP_3_4_1_JAR)
+    with as_file(files("pycocoevalcap.tokenizer") / ptb.STANFORD_CORENLP_3_4_1_JAR) as jar:
+        return _ptb_run(str(jar), lines, timeout)
+
+
+def _ptb_run(jar: str, lines: list[str], timeout: float) -> list[str]:
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
     # one caption a line: every kind of line break inside a caption becomes a space
     text = "".join(" ".join(s.split()) + "\n" for s in lines)
     r = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",

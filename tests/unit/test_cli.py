@@ -24,7 +24,8 @@ def test_help_works_everywhere(cmd, capsys):
 
 def test_only_implemented_commands_exist():
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert set(sub) == {"data", "bench", "demo", "tokenizer", "pretrain", "export", "list"}
+    assert set(sub) == {"data", "bench", "demo", "tokenizer", "pretrain", "finetune", "eval",
+                        "export", "list"}
 
 
 def test_shapes_then_inspect(tmp_path, capsys):

@@ -106,7 +106,8 @@ def test_unknown_config_name_lists_the_packaged_ones(name, tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "--config", name, "--print-config"]) == 2
     _one_line_error(capsys, f"config file not found: {name}",
-                    "nor a packaged config: data/shapesworld, demo/default, pretrain/shapes_tiny")
+                    "nor a packaged config: data/shapesworld, demo/default, finetune/shapes_tasks, "
+                    "pretrain/shapes_tiny")
 
 
 # -- export ------------------------------------------------------------------------------------
