@@ -143,4 +143,11 @@ def test_caption_and_retrieve_api(multitask_run, shapes_dir, tmp_path):
     spoken = model.retrieve(str(wav), pngs, k=3)
     assert sorted(spoken["indices"]) == [0, 1, 2]
     wave, rate = soundfile.read(str(wav), dtype="float32")
-    assert model.retrieve([(wave, rate)], pngs, k=3)[0]["indices"] == spoken["indices"]
+    # a (wave, rate) pair is the same query as its file (an untrained model nearly ties the
+    # gallery, so the scores are compared, not the order)
+    from omnimask.inference import _speech_frames
+
+    torch.testing.assert_close(_speech_frames(model, (wave, rate), 0),
+                               _speech_frames(model, str(wav), 0))
+    again = model.retrieve([(wave, rate)], pngs, k=3)[0]
+    assert again["scores"] == pytest.approx(spoken["scores"], abs=1e-4)
