@@ -161,10 +161,21 @@ def _speech_frames(model, audio, i: int) -> torch.Tensor:
     return sp.features(wave, rate, f"query {i}").float()
 
 
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
+
+
+def _is_audio(q) -> bool:
+    """A spoken query: a (wave, rate) pair, a path object, or a string naming an existing
+    audio file (any other string is a caption)."""
+    if isinstance(q, str):
+        return q.lower().endswith(AUDIO_SUFFIXES) and Path(q).is_file()
+    return True
+
+
 @torch.no_grad()
 def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
     """The ``k`` gallery images that best match ``query``: a caption (str) or a spoken one
-    (an audio file path, or a (wave, sample_rate) pair). Returns ``{"indices", "scores"}``
+    (an existing .flac/.wav/.ogg/.mp3 file, a path object, or a (wave, sample_rate) pair). Returns ``{"indices", "scores"}``
     (best first; scores: ITC cosines, the re-ranked top ones lifted above the rest); a list
     of queries gives a list. ``rerank_k``: how many ITC candidates ITM re-ranks (default:
     the head's ``rerank_k``)."""
@@ -178,7 +189,7 @@ def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
         raise OmnimaskError("retrieve: the gallery is empty")
     ims = prepare_images(model, items)
     segs = [image_segment(ims, i, task.ctx.pixels) for i in range(len(ims))]
-    spoken = [not isinstance(q, str) for q in queries]
+    spoken = [_is_audio(q) for q in queries]
     if any(spoken) and not all(spoken):
         raise OmnimaskError("retrieve: give either captions or spoken queries in one call")
     was = model.training

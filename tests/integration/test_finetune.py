@@ -152,3 +152,28 @@ def test_caption_and_retrieve_api(multitask_run, shapes_dir, tmp_path):
                                _speech_frames(model, str(wav), 0))
     again = model.retrieve([(wave, rate)], pngs, k=3)[0]
     assert again["scores"] == pytest.approx(spoken["scores"], abs=1e-4)
+
+
+def test_the_readme_api_snippet_runs(vqa_run, multitask_run, shapes_dir, tmp_path,
+                                     monkeypatch):
+    """The README's Python API block, run as written against the two tiny runs."""
+    import re
+    import tarfile
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                 if "vqa.answer(" in b)
+    with tarfile.open(sorted(shapes_dir.glob("test-novel-*.tar"))[0]) as tf:
+        names = tf.getnames()
+        png = next(n for n in names if n.endswith(".image.png"))
+        flac = next(n for n in names if n.endswith(".speech.flac"))
+        (tmp_path / "scene.png").write_bytes(tf.extractfile(png).read())
+        (tmp_path / "spoken.flac").write_bytes(tf.extractfile(flac).read())
+    for name, (run, _) in {"vqa": vqa_run, "multitask": multitask_run}.items():
+        (tmp_path / "runs" / "ft" / name).mkdir(parents=True)
+        (tmp_path / "runs" / "ft" / name / "model").symlink_to(run / "model")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert {"vqa", "m", "gallery"} <= set(scope)
