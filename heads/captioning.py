@@ -16,6 +16,7 @@ still beat the worst of them), with fairseq's no-repeat-n-gram ban.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -120,10 +121,29 @@ class CaptionHead(nn.Module):
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _banned(seq: list[int], n: int) -> list[int]:
-    from omnimask.train.objectives.cm3_generate import _banned as banned
+def banned_tokens(out: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in ``out`` (fairseq's
+    no-repeat-n-gram ban)."""
+    if len(out) < n:
+        return set()
+    head = tuple(out[len(out) - n + 1:]) if n > 1 else ()
+    return {out[i + n - 1] for i in range(len(out) - n + 1) if tuple(out[i:i + n - 1]) == head}
 
-    return sorted(banned(seq, n)) if n else []
+
+def _banned(seq: list[int], n: int) -> list[int]:
+    return sorted(banned_tokens(seq, n)) if n else []
+
+
+def image_input(model, x: torch.Tensor) -> Segment:
+    """One image as the model reads it: uint8 pixels [3, S, S] through its image encoder
+    (``model.image_input=pixels``), else feature rows [P, d] on a square grid."""
+    if model.encoder.pixels:
+        g = model.cfg.image_encoder.grid
+        return Segment("image", pixels=x, grid=(g, g))
+    s = math.isqrt(len(x))
+    if s * s != len(x):
+        raise OmnimaskError(f"{len(x)} image feature rows are not a square grid")
+    return Segment("image", features=x.float(), grid=(s, s))
 
 
 def _ban(logp: torch.Tensor, seqs: list[list[int]], n: int) -> torch.Tensor:
@@ -227,9 +247,7 @@ def _image_segments(model, images) -> list[Segment]:
     if isinstance(images, Segment):
         images = [images]
     if isinstance(images, torch.Tensor) or (images and not isinstance(images[0], Segment)):
-        from omnimask.train.objectives.cm3_generate import _image
-
-        return [_image(model, x) for x in images]
+        return [image_input(model, x) for x in images]
     return list(images)
 
 

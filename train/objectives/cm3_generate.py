@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from omnimask.fusion.packing import Segment, pack
+from omnimask.heads.captioning import banned_tokens as _banned
+from omnimask.heads.captioning import image_input as _image
 
 from .base import Context, text_segment
 from .cm3_lm import doc_segments, grid_indices, image_part, text_part
@@ -89,14 +91,6 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int,
         kth = logits.topk(k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen)[:, 0]
-
-
-def _banned(out: list[int], n: int) -> set[int]:
-    """Tokens that would complete an n-gram already present in ``out``."""
-    if len(out) < n:
-        return set()
-    head = tuple(out[len(out) - n + 1:]) if n > 1 else ()
-    return {out[i + n - 1] for i in range(len(out) - n + 1) if tuple(out[i:i + n - 1]) == head}
 
 
 def text_allowed(ctx: Context, tokenizer) -> torch.Tensor:
@@ -192,26 +186,12 @@ def itc_scores(model, ctx: Context, captions: list[list[int]], images: torch.Ten
     return (v * t).sum(-1).float().cpu()
 
 
-def _image(model, x: torch.Tensor) -> Segment:
-    """One image as the model reads it: uint8 pixels [3, S, S] through its image encoder
-    (``model.image_input=pixels``), else patch features [P, d]."""
-    if model.encoder.pixels:
-        g = model.cfg.image_encoder.grid
-        return Segment("image", pixels=x, grid=(g, g))
-    return Segment("image", features=x.float(), grid=_square(len(x)))
-
-
 def _check_pairs(captions: list[list[int]], images: torch.Tensor) -> None:
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions but {len(images)} images: the scores "
                          "are pairwise (caption k with image k)")
 
 
-def _square(n: int) -> tuple[int, int]:
-    s = int(round(n ** 0.5))
-    if s * s != n:
-        raise ValueError(f"{n} patches are not a square grid")
-    return (s, s)
 
 
 def infill(model, ctx: Context, tokenizer, doc: list[int], start: int, end: int,
