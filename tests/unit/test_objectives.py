@@ -262,15 +262,21 @@ def test_every_objective_learns_a_fixed_batch(name):
     model = _model(ctx)
     obj = OBJECTIVES.create(name, ctx)
     b = obj.batch(c, list(range(8)), torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    first = fit_fixed_batch(lambda: obj.loss(model, b), model, name, steps=100, lr=1e-3)
+    assert float(obj.loss(model, b)[name]) < 0.7 * first
+
+
+def fit_fixed_batch(loss, model, key: str, steps: int, lr: float) -> float:
+    """``steps`` AdamW steps on ``loss()`` (one fixed batch); returns the first ``key``."""
+    opt = torch.optim.AdamW(model.parameters(), lr)
     first = None
-    for _ in range(100):
-        out = obj.loss(model, b)
+    for _ in range(steps):
+        out = loss()
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        first = first if first is not None else float(out[name])
-    assert float(obj.loss(model, b)[name]) < 0.7 * first
+        first = first if first is not None else float(out[key])
+    return first
 
 
 def test_init_from_tokenizers_keeps_the_codebook_geometry():

@@ -11,6 +11,8 @@ from omnimask.train.data.shards import expand_shards
 from omnimask.train.tasks.base import TaskContext
 from omnimask.train.tasks.vqa import VQA, VQAConfig, soft_score
 
+from .test_objectives import fit_fixed_batch
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, shapes_dir):
@@ -68,12 +70,5 @@ def test_vqa_loss_falls_on_a_fixed_batch(setup):
     g = torch.Generator().manual_seed(0)
     b = task.batch(corpus, list(range(12)), g)
     assert b["target"].shape[0] == len(b["cls"]) and b["target"].sum(1).max() == 1
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(30):
-        out = task.loss(model, b)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        first = first if first is not None else float(out["vqa"])
-    assert float(out["vqa"]) < 0.5 * first
+    first = fit_fixed_batch(lambda: task.loss(model, b), model, "vqa", steps=30, lr=3e-3)
+    assert float(task.loss(model, b)["vqa"]) < 0.5 * first
