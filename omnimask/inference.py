@@ -81,18 +81,9 @@ def prepare_images(model, images: list) -> Images:
 
 
 def _task(model, name: str):
-    from omnimask.train.tasks.base import TASKS, TaskContext
+    from omnimask.train.tasks.base import task_for
 
-    if name not in model.heads:
-        raise OmnimaskError(f"this model has no {name} head (its heads: "
-                            f"{', '.join(model.heads) or 'none'}); fine-tune one with "
-                            f"omnimask finetune {name}")
-    toks = model.tokenizers or {}
-    ctx = TaskContext(vocab=model.vocab, text=toks.get("text"),
-                      pixels=model.cfg.image_input == "pixels", speech=toks.get("speech"))
-    t = TASKS.create(name, ctx)
-    t.bind(model)
-    return t
+    return task_for(model, name)
 
 
 @torch.no_grad()
@@ -105,19 +96,17 @@ def answer(model, image, question: str | list[str], batch_size: int = 64):
     if len(questions) != len(images):
         raise OmnimaskError(f"{len(images)} images and {len(questions)} questions; give one "
                             "question per image")
+    from omnimask.train.tasks.base import evaluating
+
     task = _task(model, "vqa")
-    was = model.training
-    model.eval()
     out = []
-    try:
+    with evaluating(model):
         for s in range(0, len(images), batch_size):
             ims = prepare_images(model, images[s:s + batch_size])
             qs = [[{"ids": model.tokenizers["text"].tok.encode(q, add_special_tokens=False).ids}]
                   for q in questions[s:s + batch_size]]
             out += [{"answer": a, "score": round(p, 4)}
                     for a, p in task.predict(model, ims, list(range(len(ims))), qs)]
-    finally:
-        model.train(was)
     return out[0] if single and isinstance(question, str) else out
 
 
@@ -181,6 +170,7 @@ def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
     the head's ``rerank_k``)."""
     from omnimask.heads.retrieval import rank
     from omnimask.train.objectives.base import image_segment
+    from omnimask.train.tasks.base import evaluating
 
     task = _task(model, "retrieval")
     queries = list(query) if isinstance(query, list) else [query]
@@ -192,9 +182,7 @@ def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
     spoken = [_is_audio(q) for q in queries]
     if any(spoken) and not all(spoken):
         raise OmnimaskError("retrieve: give either captions or spoken queries in one call")
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if spoken[0]:
             from omnimask.fusion.packing import Segment
 
@@ -204,8 +192,6 @@ def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
             text = model.tokenizers["text"].tok
             qs = [text.encode(q, add_special_tokens=False).ids for q in queries]
         scores = rank(model, qs, segs, k=rerank_k, query_side="speech" if spoken[0] else "text")
-    finally:
-        model.train(was)
     top = scores.topk(min(k, len(items)), dim=-1)
     out = [{"indices": i.tolist(), "scores": [round(float(s), 4) for s in v]}
            for i, v in zip(top.indices, top.values)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omnimask.errors import OmnimaskError
 
-from .tasks.base import TASKS, TaskContext
+from .tasks.base import TASKS, task_for
 
 
 def split_name(paths: list[str]) -> str:
@@ -30,20 +30,13 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
     if limit is not None and limit < 1:
         raise OmnimaskError(f"--limit must be >= 1, got {limit}")
     model = omnimask.load(model_dir)
-    if task not in model.heads:
-        raise OmnimaskError(f"{model_dir} has no {task} head (its heads: "
-                            f"{', '.join(model.heads) or 'none'}); fine-tune one with "
-                            f"omnimask finetune {task}")
+    t = task_for(model, task, where=str(model_dir))
     toks = model.tokenizers or {}
     if "text" not in toks or "image" not in toks:
         raise OmnimaskError(f"{model_dir} carries no text and image tokenizers")
     paths = expand_shards(data)
     corpus = build_corpus(paths, toks["text"], toks["image"], toks.get("speech"),
                           progress=progress)
-    ctx = TaskContext(vocab=model.vocab, text=toks["text"],
-                      pixels=model.cfg.image_input == "pixels", speech=toks.get("speech"))
-    t = TASKS.create(task, ctx)
-    t.bind(model)
     model.eval()
     metrics = t.evaluate(model, corpus, limit, Path(examples) if examples else None)
     n = len(corpus) if limit is None else min(limit, len(corpus))

@@ -88,6 +88,21 @@ class Task:
         raise NotImplementedError
 
 
+def task_for(model, name: str, where: str = "this model") -> Task:
+    """Task ``name`` bound to a loaded model (its tokenizers and head settings): what
+    ``omnimask eval`` and the Python API run; ``where`` names the model in errors."""
+    if name not in model.heads:
+        raise OmnimaskError(f"{where} has no {name} head (its heads: "
+                            f"{', '.join(model.heads) or 'none'}); fine-tune one with "
+                            f"omnimask finetune {name}")
+    toks = model.tokenizers or {}
+    ctx = TaskContext(vocab=model.vocab, text=toks.get("text"),
+                      pixels=model.cfg.image_input == "pixels", speech=toks.get("speech"))
+    t = TASKS.create(name, ctx)
+    t.bind(model)
+    return t
+
+
 @contextlib.contextmanager
 def evaluating(model):
     """The model in eval mode for the block, its training mode restored after."""

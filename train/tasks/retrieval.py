@@ -27,7 +27,7 @@ from omnimask.config import check_fields
 from omnimask.fusion.packing import Segment, pack
 
 from ..objectives.base import image_segment, pick_caption, text_segment
-from .base import Task, first, task
+from .base import Task, evaluating, first, task
 
 KS = (1, 5, 10)
 
@@ -117,13 +117,9 @@ class Retrieval(Task):
         from ..metrics import ceiling_r1, recall_at_k
 
         self.check(corpus, "evaluation data")
-        was = model.training
-        model.eval()
-        try:
-            idx = first(corpus, limit)
+        idx = first(corpus, limit)
+        with evaluating(model):
             sc = self.scores(model, corpus, idx)
-        finally:
-            model.train(was)
         owner = sc["text_to_image"]
         # each direction from its own re-ranked matrix (recall_at_k reads [texts, images])
         m = recall_at_k(sc["t2i"], owner, KS, prefix="t", i2t=False)
