@@ -98,15 +98,20 @@ class DemoConfig:
     num_test_novel: int = 200
     shard_size: int = 500
     workers: int = 0
-    vq_minutes: float = 5.0  # image tokenizer training budget (quick: a tenth)
     speech_units: int = 500  # k-means units
-    pretrain_minutes: float = 4.0  # multi-task pretraining budget (quick: 10 steps)
+    # training stages are sized in steps, so a busy machine takes longer but learns the
+    # same; stage_max_minutes only stops a stuck one (the report says when it cut a stage)
+    vq_steps: int = 1400  # VQ image tokenizer (quick: a tenth)
+    pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
+    finetune_steps: int = 600  # multitask fine-tuning of the task heads (quick: 10)
+    stage_max_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
-                     "shard_size", "speech_units")
+                     "shard_size", "speech_units", "vq_steps", "pretrain_steps",
+                     "finetune_steps")
         check_fields(self, ">=0", "workers")
-        check_fields(self, ">0", "vq_minutes", "pretrain_minutes")
+        check_fields(self, ">0", "stage_max_minutes")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 

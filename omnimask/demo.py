@@ -3,8 +3,10 @@
 Stages so far: generate the data (all splits, with speech), inspect every shard, measure
 the dataset (objects, questions, answer priors, speech), read it through the resumable
 pipeline (throughput, and a mid-epoch resume that must continue with the same samples),
-draw a contact sheet, and train and evaluate the tokenizers (text BPE, k-means speech
-units, VQ image codes with a reconstruction grid). Later issues add pretraining and tasks.
+draw a contact sheet, train and evaluate the tokenizers (text BPE, k-means speech units,
+VQ image codes with a reconstruction grid), pretrain (``pretrain/shapes_tiny``), and
+fine-tune and evaluate the task heads (``demo_tasks.py``). Training stages are sized in
+steps; ``stage_max_minutes`` only stops a stuck machine, and the report says so.
 Writes ``config.yaml``, ``report.json``, ``report.md``, ``report.html`` and PNGs.
 """
 
@@ -19,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import DataConfig, DemoConfig, save_config
+from .demo_tasks import stage_tasks
 
 
 def _split_sizes(cfg: DemoConfig, quick: bool) -> dict[str, int]:
@@ -103,13 +106,14 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
     from .train.data.shapesworld.prepare import train_tokenizers
 
     return train_tokenizers(run / "data", run / "tokenizers", speech_units=cfg.speech_units,
-                            vq_minutes=cfg.vq_minutes / (10 if quick else 1),
+                            vq_steps=max(1, cfg.vq_steps // (10 if quick else 1)),
+                            vq_max_minutes=cfg.stage_max_minutes,
                             grid=run / "vq_reconstructions.png", progress=progress)
 
 
 def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
-    """The packaged ``pretrain/shapes_tiny`` config on the demo's data and tokenizers, on
-    the demo's time budget (the schedule is shortened with it)."""
+    """The packaged ``pretrain/shapes_tiny`` config on the demo's data and tokenizers, for
+    ``pretrain_steps`` (its schedule scaled to them)."""
     from .config import load_config, packaged_config
     from .train.pretrain import PretrainConfig, Pretraining
 
@@ -127,16 +131,16 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
                  "trainer.warmup_steps=2", "data.val_batch_size=8", "generate.captions=2",
                  "generate.images=2", "model.trunk.dim=32", "model.trunk.ffn_dim=64"]
     else:
-        scale = cfg.pretrain_minutes / base.trainer.max_minutes
-        steps = max(20, int(base.trainer.max_steps * scale))
-        over += [f"trainer.max_minutes={cfg.pretrain_minutes}", f"trainer.max_steps={steps}",
+        steps = cfg.pretrain_steps
+        over += [f"trainer.max_minutes={cfg.stage_max_minutes}", f"trainer.max_steps={steps}",
                  f"trainer.eval_every={max(10, steps // 4)}",
                  f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}",
                  f"objectives.mix_ramp_steps={base.objectives.mix_ramp_steps * steps // base.trainer.max_steps}"]
     pcfg = load_config(PretrainConfig, tiny, over)
     s = Pretraining(pcfg, progress=progress).fit()
     samples = s.get("samples", {})
-    return {"steps": s["step"], "train_seconds": s["elapsed_s"], "status": s["status"],
+    return {"steps": s["step"], "max_steps": pcfg.trainer.max_steps,
+            "train_seconds": s["elapsed_s"], "status": s["status"],
             "val": s["val"], "checkpoint": s["checkpoint"],
             "captions": samples.get("captions", [])[:4],
             **{k: samples.get(k) for k in (
@@ -212,13 +216,21 @@ def _write_reports(run: Path, report: dict) -> None:
             lines.append(f"| image VQ | {x['size']} | PSNR {x['psnr_db']:.1f} dB, usage "
                          f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image | "
                          f"{x['train_and_eval_seconds']} |")
+            if (x.get("steps") or x.get("max_steps", 0)) < x.get("max_steps", 0):
+                lines += ["", f"**The time cap stopped the VQ at step {x['steps']} of "
+                              f"{x['max_steps']}: its codes are weaker than on a machine that "
+                              "finishes it.**"]
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
         from .train.evaluate import caption_scores, image_scores, summary_table
 
         x = m["pretrain"]
-        lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
-                  summary_table(x)]
+        lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", ""]
+        if x["steps"] < x.get("max_steps", x["steps"]):
+            lines += [f"**The time cap stopped pretraining at step {x['steps']} of "
+                      f"{x['max_steps']} ({x['status']}): the numbers below are below what "
+                      "this stage learns on a machine that finishes it.**", ""]
+        lines += [summary_table(x)]
         if x.get("captions_scored"):
             lines += ["", caption_scores(x)]
         if x.get("images_judged"):
@@ -229,6 +241,10 @@ def _write_reports(run: Path, report: dict) -> None:
             rel = Path(x["generated_images"]).relative_to(run)
             lines += ["", "Generated images (top: VQ reconstructions of val images; bottom: "
                           "drawn from their captions):", "", f"![{rel}]({rel})"]
+    if "tasks" in m:
+        from .demo_tasks import report_lines
+
+        lines += report_lines(m["tasks"])
     (run / "report.md").write_text("\n".join(lines) + "\n")
     body = "".join(f"<p>{html.escape(ln)}</p>" if not ln.startswith("![") else
                    f'<img src="{html.escape(ln[ln.index("(") + 1:-1])}">' for ln in lines if ln)
@@ -249,7 +265,9 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
               ("pipeline", lambda: _stage_pipeline(cfg, run)),
               ("preview", lambda: _stage_preview(run)),
               ("tokenizers", lambda: _stage_tokenizers(cfg, run, quick, progress)),
-              ("pretrain", lambda: _stage_pretrain(cfg, run, quick, progress))]
+              ("pretrain", lambda: _stage_pretrain(cfg, run, quick, progress)),
+              ("tasks", lambda: stage_tasks(10 if quick else cfg.finetune_steps,
+                                            cfg.stage_max_minutes, run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -265,6 +283,10 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
                                      for k in report["metrics"]["tokenizers"]})
         if name == "pretrain" and status == "ok":
             report["models"]["pretrained"] = report["metrics"]["pretrain"]["checkpoint"]
+        if name == "tasks" and status == "ok":  # one multitask model serves every task
+            t = report["metrics"]["tasks"]
+            report["models"]["pretrained_model"] = t["pretrained_model"]
+            report["models"].update({k: t["model"] for k in t["eval"]})
         _write_reports(run, report)
     _print_summary(report)
     return report
@@ -309,4 +331,8 @@ def _print_summary(report: dict) -> None:
             print(f"pretrain: {caption_scores(x)}")
         if x.get("images_judged"):
             print(f"pretrain: {image_scores(x)}")
+    if "tasks" in m:
+        from .demo_tasks import summary_line
+
+        print(summary_line(m["tasks"]))
     print(f"report: {report['run_dir']}/report.md")

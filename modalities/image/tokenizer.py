@@ -36,8 +36,10 @@ class ImageTokenizerConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
-    max_minutes: float = 15.0  # training budget; the cosine schedule follows elapsed time
-    max_steps: int = 0  # > 0: stop (and schedule) by steps instead of time
+    # the budget: steps (the demo's ~5 quiet minutes on 2 cores), and with them max_minutes
+    # only caps a stuck run (0: no cap); max_steps=0 trains and schedules by max_minutes
+    max_steps: int = 1400
+    max_minutes: float = 0.0
     seed: int = 0
     checkpoint_every: int = 300  # steps
     log_every: int = 50
@@ -156,7 +158,7 @@ def trainer_config(cfg: ImageTokenizerConfig):
     from omnimask.train.trainer import TrainerConfig
 
     return TrainerConfig(
-        max_steps=cfg.max_steps, max_minutes=0.0 if cfg.max_steps else cfg.max_minutes,
+        max_steps=cfg.max_steps, max_minutes=cfg.max_minutes,
         schedule_by="steps" if cfg.max_steps else "time", batch_size=cfg.batch_size,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.02, optimizer="adam",
         betas=[0.9, 0.99], weight_decay=0.0, clip=1.0, precision="fp32", device="cpu",

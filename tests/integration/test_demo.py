@@ -1,6 +1,7 @@
 """`omnimask demo --quick` runs every stage and writes the report files."""
 
 import json
+from pathlib import Path
 
 from omnimask.cli import main
 
@@ -8,13 +9,13 @@ from omnimask.cli import main
 def test_quick_demo(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["demo", "--quick", "--out", str(run), "num_train=300", "num_val=100",
-                 "num_test=100", "num_test_novel=100", "shard_size=10", "vq_minutes=0.2",
+                 "num_test=100", "num_test_novel=100", "shard_size=10", "vq_steps=20",
                  "speech_units=32", "-q"]) == 0
     out = capsys.readouterr().out
     assert "== summary" in out and "resume exact: True" in out
     rep = json.loads((run / "report.json").read_text())
     assert set(rep["stages"]) == {"data", "inspect", "stats", "pipeline", "preview", "tokenizers",
-                                  "pretrain"}
+                                  "pretrain", "tasks"}
     assert all(s["status"] == "ok" for s in rep["stages"].values())
     m = rep["metrics"]
     assert m["data"]["train"]["samples"] == 30 and m["inspect"]["bad"] == 0
@@ -31,9 +32,22 @@ def test_quick_demo(tmp_path, capsys):
     t = m["tokenizers"]
     assert t["text"]["roundtrip_exact"] == 1.0 and t["speech"]["size"] == 32
     assert t["image"]["images"] == 10 and (run / "vq_reconstructions.png").is_file()
+    assert t["image"]["steps"] == t["image"]["max_steps"] == 2  # a tenth of vq_steps
     assert set(rep["models"]) == {"tokenizer_text", "tokenizer_speech", "tokenizer_image",
-                                  "pretrained"}
+                                  "pretrained", "pretrained_model", "vqa", "retrieval", "caption"}
     p = m["pretrain"]
     assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech"}
     assert (run / "pretrain" / "generated_images.png").is_file()
     assert "## Pretraining" in (run / "report.md").read_text()
+    x = m["tasks"]
+    assert x["steps"] == x["max_steps"] == 10
+    for task, split_metric in (("vqa", "accuracy"), ("retrieval", "t2i_r10"),
+                               ("caption", "pair_precision")):
+        for split in ("test", "test-novel"):
+            assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
+    assert rep["models"]["vqa"] == rep["models"]["caption"] == x["model"]
+    assert (Path(x["model"]) / "config.json").is_file()
+    assert {"examples/vqa_examples.png", "examples/caption_examples.png",
+            "examples/retrieval_examples.png"} <= set(x["examples"])
+    md = (run / "report.md").read_text()
+    assert "## Tasks" in md and "| VQA accuracy | test |" in md and "](examples/vqa_examples.png)" in md

@@ -251,4 +251,4 @@ def test_prepare_shapes_uses_the_shared_preparation(tmp_path, monkeypatch):
     assert sizes == {"train": d.num_train, "val": d.num_val, "test": d.num_test,
                      "test-novel": d.num_test_novel}
     assert dk["seed"] == d.seed and dk["shard_size"] == d.shard_size
-    assert tk["speech_units"] == d.speech_units and tk["vq_minutes"] == d.vq_minutes
+    assert tk["speech_units"] == d.speech_units and tk["vq_steps"] == d.vq_steps

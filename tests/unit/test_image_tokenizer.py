@@ -100,8 +100,10 @@ def test_learns_and_logs_through_the_trainer(shapes_dir, tmp_path):
 
 
 def test_time_budget_maps_to_a_time_schedule():
-    t = trainer_config(load_config(ImageTokenizerConfig, None, ["max_minutes=5"]))
+    t = trainer_config(load_config(ImageTokenizerConfig, None, ["max_steps=0", "max_minutes=5"]))
     assert (t.schedule_by, t.max_minutes, t.max_steps) == ("time", 5.0, 0)
+    t = trainer_config(load_config(ImageTokenizerConfig, None, ["max_steps=7", "max_minutes=2"]))
+    assert (t.schedule_by, t.max_minutes, t.max_steps) == ("steps", 2.0, 7)  # a cap only
     t = trainer_config(load_config(ImageTokenizerConfig, None, ["max_steps=7"]))
     assert (t.schedule_by, t.max_minutes, t.max_steps) == ("steps", 0.0, 7)
     assert (t.betas, t.clip, t.min_lr_ratio) == ([0.9, 0.99], 1.0, 0.02)

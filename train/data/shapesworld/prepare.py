@@ -37,7 +37,8 @@ def generate_splits(out: str | Path, sizes: dict[str, int], seed: int = 0,
 
 
 def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
-                     vq_minutes: float = 5.0, grid: str | Path | None = None,
+                     vq_steps: int = 1400, vq_max_minutes: float = 0.0,
+                     grid: str | Path | None = None,
                      progress: bool = True) -> dict:
     """Train the text BPE, k-means speech units and the image VQ on ``data``'s train split
     into ``out/<kind>`` and measure each on the val split; ``grid``: where the VQ's
@@ -48,14 +49,16 @@ def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
     train, val = [str(data / "train-*.tar")], [str(data / "val-*.tar")]
     plans = [("text", [], {}),
              ("speech", ["kind=kmeans", f"codebook_size={speech_units}"], {}),
-             ("image", [f"max_minutes={vq_minutes}"],
+             ("image", [f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}"],
               {"grid": str(grid) if grid is not None else None})]
     metrics: dict = {}
     for kind, overrides, eval_kwargs in plans:
         t0 = time.perf_counter()
         ops = TOKENIZERS.get(kind)
-        ops.train(train, str(out / kind), overrides, progress=progress)
+        trained = ops.train(train, str(out / kind), overrides, progress=progress)
         m = ops.evaluate(str(out / kind), val, progress=progress, **eval_kwargs)
+        if kind == "image":  # whether the time cap cut it
+            m |= {"steps": trained.get("steps"), "max_steps": vq_steps}
         m["train_and_eval_seconds"] = round(time.perf_counter() - t0, 1)
         metrics[kind] = m
     return metrics
