@@ -106,6 +106,7 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
     from .train.data.shapesworld.prepare import train_tokenizers
 
     return train_tokenizers(run / "data", run / "tokenizers", speech_units=cfg.speech_units,
+                            vq_codes=cfg.vq_codes,
                             vq_steps=max(1, cfg.vq_steps // (10 if quick else 1)),
                             vq_max_minutes=cfg.stage_max_minutes,
                             grid=run / "vq_reconstructions.png", progress=progress)

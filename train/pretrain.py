@@ -348,6 +348,7 @@ def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
                                           cfg.tokenizers.speech or cfg.tokenizers.text)):
         log.warning("preparing tokenizers under %s", run / "tokenizers")
         train_tokenizers(run / "data", run / "tokenizers", speech_units=demo.speech_units,
+                         vq_codes=demo.vq_codes,
                          vq_steps=demo.vq_steps,
                          vq_max_minutes=demo.stage_max_minutes, grid=run / "vq_reconstructions.png",
                          progress=progress)

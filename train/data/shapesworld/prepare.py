@@ -37,7 +37,7 @@ def generate_splits(out: str | Path, sizes: dict[str, int], seed: int = 0,
 
 
 def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
-                     vq_steps: int = 1400, vq_max_minutes: float = 0.0,
+                     vq_codes: int = 128, vq_steps: int = 1400, vq_max_minutes: float = 0.0,
                      grid: str | Path | None = None,
                      progress: bool = True) -> dict:
     """Train the text BPE, k-means speech units and the image VQ on ``data``'s train split
@@ -49,7 +49,8 @@ def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
     train, val = [str(data / "train-*.tar")], [str(data / "val-*.tar")]
     plans = [("text", [], {}),
              ("speech", ["kind=kmeans", f"codebook_size={speech_units}"], {}),
-             ("image", [f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}"],
+             ("image", [f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
+                        f"vq.codebook_size={vq_codes}"],
               {"grid": str(grid) if grid is not None else None})]
     metrics: dict = {}
     for kind, overrides, eval_kwargs in plans:
