@@ -5,6 +5,7 @@ the metrics beside their baselines and the demo-tier targets, and the example PN
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 TASKS = ("vqa", "retrieval", "caption")
@@ -59,11 +60,12 @@ def stage_tasks(steps: int, max_minutes: float, run: Path, quick: bool,
             f"data.train=[{run / 'data' / 'train-*.tar'}]",
             f"data.val=[{run / 'data' / 'val-*.tar'}]",
             f"trainer.max_steps={steps}", f"trainer.max_minutes={max_minutes}",
-            f"trainer.eval_every={max(1, steps // 3)}",
+            "trainer.eval_every=0",  # validation (and the export) once, at the end
             f"trainer.checkpoint_every={max(1, steps // 3)}",
             f"trainer.warmup_steps={max(1, min(50, steps // 10))}"]
+    over += ["data.val_limit=8" if quick else "data.val_limit=100"]
     if quick:
-        over += ["trainer.batch_size=4", "data.val_limit=8", "tasks.caption.eval_images=8"]
+        over += ["trainer.batch_size=4", "tasks.caption.eval_images=8"]
     cfg = load_config(FinetuneConfig, packaged_config("finetune/shapes_tasks"), over)
     s = Finetuning(cfg, progress=progress).fit()
     model = s["model"]
@@ -71,7 +73,9 @@ def stage_tasks(steps: int, max_minutes: float, run: Path, quick: bool,
     for task in TASKS:
         evals[task] = {}
         for split in EVAL_SPLITS:
-            shards = sorted((run / "data").glob(f"{split}-*.tar"))
+            # exact names: "test-*.tar" would also match the test-novel shards
+            shards = sorted(p for p in (run / "data").glob(f"{split}-*.tar")
+                            if re.fullmatch(rf"{re.escape(split)}-\d+\.tar", p.name))
             ex = run / "examples" if split == "test" else None
             evals[task][split] = evaluate_model(task, model, [str(p) for p in shards],
                                                 split=split, limit=16 if quick else None,

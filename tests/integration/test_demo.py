@@ -45,6 +45,7 @@ def test_quick_demo(tmp_path, capsys):
                                ("caption", "pair_precision")):
         for split in ("test", "test-novel"):
             assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
+            assert x["eval"][task][split]["n"] == 10  # the split's own shards only
     assert rep["models"]["vqa"] == rep["models"]["caption"] == x["model"]
     assert (Path(x["model"]) / "config.json").is_file()
     assert {"examples/vqa_examples.png", "examples/caption_examples.png",
