@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import DataConfig, DemoConfig, save_config
-from .demo_tasks import stage_tasks
+from .demo_tasks import cut_note, stage_tasks
 
 
 def _split_sizes(cfg: DemoConfig, quick: bool) -> dict[str, int]:
@@ -217,21 +217,14 @@ def _write_reports(run: Path, report: dict) -> None:
             lines.append(f"| image VQ | {x['size']} | PSNR {x['psnr_db']:.1f} dB, usage "
                          f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image | "
                          f"{x['train_and_eval_seconds']} |")
-            if (x.get("steps") or x.get("max_steps", 0)) < x.get("max_steps", 0):
-                lines += ["", f"**The time cap stopped the VQ at step {x['steps']} of "
-                              f"{x['max_steps']}: its codes are weaker than on a machine that "
-                              "finishes it.**"]
+            lines += ["", *cut_note("the VQ", x)]
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
         from .train.evaluate import caption_scores, image_scores, summary_table
 
         x = m["pretrain"]
-        lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", ""]
-        if x["steps"] < x.get("max_steps", x["steps"]):
-            lines += [f"**The time cap stopped pretraining at step {x['steps']} of "
-                      f"{x['max_steps']} ({x['status']}): the numbers below are below what "
-                      "this stage learns on a machine that finishes it.**", ""]
-        lines += [summary_table(x)]
+        lines += ["", f"## Pretraining ({x['steps']} steps, {x['train_seconds']:.0f} s)", "",
+                  *cut_note("pretraining", x), summary_table(x)]
         if x.get("captions_scored"):
             lines += ["", caption_scores(x)]
         if x.get("images_judged"):

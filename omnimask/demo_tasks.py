@@ -29,23 +29,26 @@ TARGETS = [
 ]
 
 
-def _get(metrics: dict, key: str):
-    for part in key.split("."):
-        if not isinstance(metrics, dict) or part not in metrics:
-            return None
-        metrics = metrics[part]
-    return metrics
+def cut_note(what: str, x: dict) -> list[str]:
+    """The report's bold line when the time cap stopped a stage before its steps."""
+    if x.get("steps", 0) >= x.get("max_steps", 0):
+        return []
+    return [f"**The time cap stopped {what} at step {x['steps']} of {x['max_steps']}: "
+            "its numbers are below what this stage learns on a machine that finishes it.**",
+            ""]
 
 
 def baseline(result: dict, key: str | None) -> float | None:
     """A metric's baseline in one evaluation: a metric it carries, or retrieval's chance
     recall (k / gallery size)."""
+    from .train.finetune import flat
+
     if key is None:
         return None
     if key.endswith("_chance") and key[0] == "r" and key[1:].split("_")[0].isdigit():
         k = int(key[1:].split("_")[0])
         return min(1.0, k / max(result["n"], 1))
-    return _get(result["metrics"], key)
+    return flat(result["metrics"]).get(key)
 
 
 def stage_tasks(steps: int, max_minutes: float, run: Path, quick: bool,
@@ -89,11 +92,13 @@ def stage_tasks(steps: int, max_minutes: float, run: Path, quick: bool,
 
 def results_rows(x: dict) -> list[dict]:
     """One row per (metric, split): value, baseline, target and whether it holds."""
+    from .train.finetune import flat
+
     rows = []
     for task, key, label, target, base in TARGETS:
         for split in EVAL_SPLITS:
             r = x["eval"].get(task, {}).get(split)
-            v = _get(r["metrics"], key) if r else None
+            v = flat(r["metrics"]).get(key) if r else None
             if v is None:
                 continue
             b = baseline(r, base)
@@ -105,19 +110,14 @@ def results_rows(x: dict) -> list[dict]:
 
 def report_lines(x: dict) -> list[str]:
     """The report's task section (markdown)."""
-    cut = x["steps"] < x["max_steps"]
     lines = ["", f"## Tasks (multitask fine-tuning, {x['steps']} of {x['max_steps']} steps, "
-                 f"{x['train_seconds']:.0f} s)", ""]
-    if cut:
-        lines += [f"**The time cap stopped fine-tuning at step {x['steps']} of "
-                  f"{x['max_steps']} ({x['status']}): these numbers are below what the "
-                  "stage learns on a machine that finishes it.**", ""]
-    lines += ["One encoder with the VQA, retrieval and caption heads, fine-tuned from the "
-              "pretrained model and evaluated on the test split and on test-novel (colour-shape "
-              "pairs never seen in training). Baseline: VQA the most frequent answer per "
-              "question type, retrieval chance, captions matched against another image's "
-              "objects. Targets: the demo tier.", "",
-              "| metric | split | value | baseline | target | |", "|---|---|---|---|---|---|"]
+                 f"{x['train_seconds']:.0f} s)", "", *cut_note("fine-tuning", x),
+             "One encoder with the VQA, retrieval and caption heads, fine-tuned from the "
+             "pretrained model and evaluated on the test split and on test-novel (colour-shape "
+             "pairs never seen in training). Baseline: VQA the most frequent answer per "
+             "question type, retrieval chance, captions matched against another image's "
+             "objects. Targets: the demo tier.", "",
+             "| metric | split | value | baseline | target | |", "|---|---|---|---|---|---|"]
     for r in results_rows(x):
         b = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
         t = "" if r["target"] is None else f">= {r['target']:.2f}"
@@ -129,10 +129,6 @@ def report_lines(x: dict) -> list[str]:
 
 
 def summary_line(x: dict) -> str:
-    parts = []
-    for task, key, label, target, _ in TARGETS:
-        r = x["eval"].get(task, {}).get("test")
-        v = _get(r["metrics"], key) if r else None
-        if v is not None and target is not None:
-            parts.append(f"{label} {v:.3f} (target {target:.2f})")
+    parts = [f"{r['label']} {r['value']:.3f} (target {r['target']:.2f})"
+             for r in results_rows(x) if r["split"] == "test" and r["target"] is not None]
     return f"tasks ({x['steps']} steps) on test: " + ", ".join(parts)
