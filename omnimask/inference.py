@@ -80,12 +80,6 @@ def prepare_images(model, images: list) -> Images:
     return Images(pixels=pixels, features=z, grid=(side, side))
 
 
-def _task(model, name: str):
-    from omnimask.train.tasks.base import task_for
-
-    return task_for(model, name)
-
-
 @torch.no_grad()
 def answer(model, image, question: str | list[str], batch_size: int = 64):
     """The answer to ``question`` about ``image`` (``{"answer", "score"}``, score = the
@@ -96,9 +90,9 @@ def answer(model, image, question: str | list[str], batch_size: int = 64):
     if len(questions) != len(images):
         raise OmnimaskError(f"{len(images)} images and {len(questions)} questions; give one "
                             "question per image")
-    from omnimask.train.tasks.base import evaluating
+    from omnimask.train.tasks.base import evaluating, task_for
 
-    task = _task(model, "vqa")
+    task = task_for(model, "vqa")
     out = []
     with evaluating(model):
         for s in range(0, len(images), batch_size):
@@ -117,9 +111,10 @@ def caption(model, image, beams: int | None = None, max_len: int | None = None,
     ``max_len`` default to the caption head's settings (beam search when beams > 1)."""
     from omnimask.heads.captioning import generate
     from omnimask.train.objectives.base import image_segment
+    from omnimask.train.tasks.base import task_for
 
     images, single = as_list(image)
-    task = _task(model, "caption")
+    task = task_for(model, "caption")
     out = []
     for s in range(0, len(images), batch_size):
         ims = prepare_images(model, images[s:s + batch_size])
@@ -164,15 +159,15 @@ def _is_audio(q) -> bool:
 @torch.no_grad()
 def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
     """The ``k`` gallery images that best match ``query``: a caption (str) or a spoken one
-    (an existing .flac/.wav/.ogg/.mp3 file, a path object, or a (wave, sample_rate) pair). Returns ``{"indices", "scores"}``
-    (best first; scores: ITC cosines, the re-ranked top ones lifted above the rest); a list
-    of queries gives a list. ``rerank_k``: how many ITC candidates ITM re-ranks (default:
+    (an existing .flac/.wav/.ogg/.mp3 file, a path object, or a (wave, sample_rate) pair).
+    Returns ``{"indices", "scores"}`` (best first; scores: ITC cosines, the re-ranked top
+    ones lifted above the rest); a list of queries gives a list. ``rerank_k``: how many ITC candidates ITM re-ranks (default:
     the head's ``rerank_k``)."""
     from omnimask.heads.retrieval import rank
     from omnimask.train.objectives.base import image_segment
-    from omnimask.train.tasks.base import evaluating
+    from omnimask.train.tasks.base import evaluating, task_for
 
-    task = _task(model, "retrieval")
+    task = task_for(model, "retrieval")
     queries = list(query) if isinstance(query, list) else [query]
     items, _ = as_list(gallery)
     if not items:

@@ -13,7 +13,6 @@ from omnimask.fusion.trunk import KVCache, TrunkConfig
 from omnimask.heads import captioning as C
 from omnimask.modalities.vocab import Vocab
 from omnimask.model import ModelConfig, OmniModel
-from omnimask.train.objectives.cm3_generate import _banned
 
 V, END = 4, 3  # the mock vocabulary: tokens 0..2 and the end token
 
@@ -38,7 +37,7 @@ def _exhaustive(b: int, max_len: int, alpha: float, n: int) -> list[int]:
     best = None
     for L in range(max_len + 1):
         for seq in itertools.product(range(V - 1), repeat=L):
-            if any(seq[i] in _banned(list(seq[:i]), n) for i in range(L)) if n else False:
+            if any(seq[i] in C.banned_tokens(list(seq[:i]), n) for i in range(L)) if n else False:
                 continue
             lp = torch.tensor(0.0)
             for i in range(L):

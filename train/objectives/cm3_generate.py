@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimask.fusion.packing import Segment, pack
-from omnimask.heads.captioning import banned_tokens as _banned
-from omnimask.heads.captioning import image_input as _image
+from omnimask.heads.captioning import banned_tokens, image_input
 
 from .base import Context, text_segment
 from .cm3_lm import doc_segments, grid_indices, image_part, text_part
@@ -72,7 +71,7 @@ def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
         logits = logits.masked_fill(ban, float("-inf"))
         if no_repeat_ngram:
             for row, k in enumerate(live):
-                for t in _banned(outs[k], no_repeat_ngram):
+                for t in banned_tokens(outs[k], no_repeat_ngram):
                     logits[row, t] = float("-inf")
         nxt = _pick(logits, temperature, top_k, gen)
         for row, k in enumerate(live):
@@ -167,7 +166,7 @@ def itm_scores(model, ctx: Context, captions: list[list[int]], images: torch.Ten
     reads: [C, P, d] patch features, or uint8 pixels [C, 3, S, S])."""
     _check_pairs(captions, images)
     model.eval()
-    p = pack([[text_segment(ctx, c), _image(model, x)] for c, x in zip(captions, images)])
+    p = pack([[text_segment(ctx, c), image_input(model, x)] for c, x in zip(captions, images)])
     h = model.encoder(p)
     return model.heads["itm"].logits(model.encoder, h, p).float().softmax(-1)[:, 1].cpu()
 
@@ -181,7 +180,7 @@ def itc_scores(model, ctx: Context, captions: list[list[int]], images: torch.Ten
     model.eval()
     cls = torch.tensor([ctx.sp("cls")])
     samples = [[text_segment(ctx, c)] for c in captions] + [
-        [Segment("text", ids=cls), _image(model, x)] for x in images]
+        [Segment("text", ids=cls), image_input(model, x)] for x in images]
     t, v = model.heads["itc"].embed(model.encoder, pack(samples), len(captions))
     return (v * t).sum(-1).float().cpu()
 
@@ -190,8 +189,6 @@ def _check_pairs(captions: list[list[int]], images: torch.Tensor) -> None:
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions but {len(images)} images: the scores "
                          "are pairwise (caption k with image k)")
-
-
 
 
 def infill(model, ctx: Context, tokenizer, doc: list[int], start: int, end: int,
