@@ -95,10 +95,10 @@ def test_no_repeat_ngram_and_top1_sampling():
 
 
 def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
-    assert cg._banned([1, 2, 3, 1, 2], 3) == {3}
-    assert cg._banned([1, 2, 1, 4, 1], 2) == {2, 4}
-    assert cg._banned([5, 6], 3) == set()
-    assert cg._banned([7, 7, 7], 1) == {7}
+    assert cg.banned_tokens([1, 2, 3, 1, 2], 3) == {3}
+    assert cg.banned_tokens([1, 2, 1, 4, 1], 2) == {2, 4}
+    assert cg.banned_tokens([5, 6], 3) == set()
+    assert cg.banned_tokens([7, 7, 7], 1) == {7}
 
 
 def test_images_from_captions_keeps_the_best_scored_candidate():
