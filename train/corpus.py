@@ -50,6 +50,14 @@ class Corpus:
     # sample -> questions: {"question": str, "ids": text ids, "answers": [str, ...] (one or
     # several annotators' answers), "type": str}; None when the shards have no qa.json
     qa: list[list[dict]] | None = None
+    # [N, P, C] float16: each patch's fraction of pixels of each semantic class (seg.png;
+    # C = the largest class id present + 1); None when the shards have no seg.png
+    regions: torch.Tensor | None = None
+    # [N, P, 1 + len(region_colors)] float16: each patch's fraction of pixels of each object
+    # colour (0: no object), from inst.png and meta.json's objects (an attribute, as a
+    # detector's); None without them
+    region_attrs: torch.Tensor | None = None
+    region_colors: list[str] | None = None  # colour names, attribute ids 1.. in this order
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -92,8 +100,11 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                                       manifest_entries(paths).values()] or [set()])
     want_speech = speech_tok is not None and "speech.flac" in keys_present
     want_qa = "qa.json" in keys_present
-    procs = (["image", "text"] + (["speech", "meta"] if want_speech else [])
-             + (["qa"] if want_qa else []))
+    want_seg = "seg.png" in keys_present and "inst.png" in keys_present
+    want_meta = want_speech or (want_seg and "meta.json" in keys_present)
+    procs = (["image", "text"] + (["speech"] if want_speech else [])
+             + (["meta"] if want_meta else []) + (["qa"] if want_qa else [])
+             + (["masks"] if want_seg else []))
     size = image_tok.model.cfg.image_size
     cfg = DataConfig(shards=paths, processors=procs, batch_size=64, shuffle_buffer=0,
                      shuffle_shards=False, image_size=size)
@@ -106,7 +117,8 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
         raise OmnimaskError(f"corpus features must be vq or patch_encoder, got {features!r}")
     vq = image_tok.model
     out = {"keys": [], "captions": [], "spoken": [], "codes": [], "latents": [], "features": [],
-           "speech": [], "units": [], "pixels": [], "texts": [], "qa": []}
+           "speech": [], "units": [], "pixels": [], "texts": [], "qa": [], "seg": [],
+           "colors": []}
     bar = tqdm(desc="tokenising corpus", unit="sample", disable=not progress)
     with torch.no_grad():
         for b in ShardLoader(cfg, rank=0, world_size=1):
@@ -117,6 +129,11 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
             out["codes"].append(vq.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(n, -1))
             out["latents"].append(z.half())
             out["features"].append((pe(b["image"]) if pe is not None else z).half())
+            if want_seg:
+                out["seg"].extend(b["seg"])
+                if want_meta:
+                    out["colors"].extend(_instance_colors(b["inst"][i], b["meta"][i])
+                                         for i in range(n))
             for i in range(n):
                 out["keys"].append(b["__key__"][i])
                 out["captions"].append([e.ids for e in text_tok.tok.encode_batch(
@@ -138,13 +155,55 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
     if not out["keys"]:
         raise OmnimaskError(f"no samples in {shards}")
     side = vq.cfg.tokens_side
+    regions = patch_classes(torch.stack(out["seg"]), side) if want_seg else None
+    attrs = names = None
+    if want_seg and want_meta and any(c is not None for c, _ in out["colors"]):
+        names = sorted({n for _, ns in out["colors"] for n in ns if n})
+        ids = torch.stack([_color_ids(c, ns, names) for c, ns in out["colors"]])
+        attrs = patch_classes(ids, side, len(names) + 1)
     return Corpus(keys=out["keys"], captions=out["captions"], spoken=out["spoken"],
                   codes=torch.cat(out["codes"]), latents=torch.cat(out["latents"]),
                   features=torch.cat(out["features"]), grid=(side, side),
                   speech=out["speech"] if want_speech else None,
                   units=out["units"] if want_speech else None,
                   pixels=torch.cat(out["pixels"]), texts=out["texts"],
-                  qa=out["qa"] if want_qa else None)
+                  qa=out["qa"] if want_qa else None, regions=regions, region_attrs=attrs,
+                  region_colors=names)
+
+
+def _instance_colors(inst: torch.Tensor, meta: dict) -> tuple[torch.Tensor | None, list[str]]:
+    """The instance map and, per instance id, its object's colour name (meta.json's
+    ``objects``: ``id`` and ``color``); (None, []) when meta.json names no colours."""
+    objs = [o for o in meta.get("objects", []) if "id" in o and "color" in o]
+    if not objs:
+        return None, []
+    names = [""] * (1 + max(int(o["id"]) for o in objs))
+    for o in objs:
+        names[int(o["id"])] = str(o["color"])
+    return inst, names
+
+
+def _color_ids(inst: torch.Tensor | None, by_id: list[str], names: list[str]) -> torch.Tensor:
+    """[H, W] attribute ids: 1 + the colour's index in ``names`` under each object, else 0."""
+    if inst is None:
+        raise OmnimaskError("some samples' meta.json name object colours and some do not")
+    lut = torch.zeros(max(256, len(by_id)), dtype=torch.long)
+    for k, n in enumerate(by_id):
+        if n:
+            lut[k] = 1 + names.index(n)
+    return lut[inst.long()]
+
+
+def patch_classes(seg: torch.Tensor, side: int, classes: int = 0) -> torch.Tensor:
+    """[N, H, W] class ids -> [N, side * side, C] float16: each patch's (raster order)
+    fraction of pixels of each class, C = ``classes`` or the largest id + 1."""
+    n, h, w = seg.shape
+    if h % side or w % side:
+        raise OmnimaskError(f"seg.png of {h}x{w} pixels does not split into {side}x{side} "
+                            f"patches")
+    hot = torch.nn.functional.one_hot(seg.long(), classes or int(seg.max()) + 1).float()
+    hot = hot.view(n, side, h // side, side, w // side, -1).mean((2, 4))
+    return hot.reshape(n, side * side, -1).half()
 
 
 def _questions(qa: list[dict], text_tok) -> list[dict]:
@@ -170,7 +229,7 @@ def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[s
         raise OmnimaskError(f"no shards match {shards}")
     fp = _fingerprint(paths, {"tokenizers": {k: tokenizer_id(v) for k, v in tokenizers.items()},
                               "features": features, "patch_encoder": patch_encoder,
-                              "version": 3})  # 2: pixels; 3: texts, qa
+                              "version": 5})  # 2: pixels; 3: texts, qa; 4-5: regions
     p = Path(path)
     if p.is_file():
         try:

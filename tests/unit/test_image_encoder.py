@@ -229,3 +229,41 @@ def test_corpus_keeps_the_shard_pixels_and_old_caches_rebuild(small_shards, toke
     save_tree(path, {"fingerprint": old, "corpus": fields})
     again = C.load_or_build(path, shards, names, tokenizers, progress=False)
     assert again.pixels is not None and torch.equal(again.pixels, c.pixels)
+
+
+def test_corpus_region_labels_are_the_shards_seg_and_object_colours(small_shards, tokenizers,
+                                                                     tmp_path):
+    import json
+
+    from omnimask.train import corpus as C
+
+    shards = sorted(str(p) for p in small_shards.glob("train-*.tar"))[:1]
+    c = C.load_or_build(tmp_path / "c.safetensors", shards, {"text": None, "image": None},
+                        tokenizers, progress=False)
+    seg, inst, meta = {}, {}, {}
+    with tarfile.open(shards[0]) as t:
+        for m in t.getmembers():
+            key, _, ext = m.name.partition(".")
+            data = t.extractfile(m).read() if m.isfile() else b""
+            if ext in ("seg.png", "inst.png"):
+                arr = torch.from_numpy(np.array(Image.open(io.BytesIO(data))).astype(np.int64))
+                (seg if ext == "seg.png" else inst)[key] = arr
+            elif ext == "meta.json":
+                meta[key] = json.loads(data)
+    assert c.region_colors == sorted({o["color"] for m in meta.values() for o in m["objects"]})
+    for i, key in enumerate(c.keys):
+        # patch (r, c) of 8x8 pixels: the fraction of its pixels of each class, by a loop
+        for p in range(64):
+            r, q = divmod(p, 8)
+            s = seg[key][8 * r:8 * r + 8, 8 * q:8 * q + 8].flatten().tolist()
+            want = [s.count(k) / 64 for k in range(c.regions.shape[-1])]
+            torch.testing.assert_close(c.regions[i, p].float(), torch.tensor(want), atol=1e-3,
+                                       rtol=0)
+            color = {o["id"]: 1 + c.region_colors.index(o["color"])
+                     for o in meta[key]["objects"]}
+            ids = [color.get(v, 0) for v in inst[key][8 * r:8 * r + 8, 8 * q:8 * q + 8]
+                   .flatten().tolist()]
+            want = [ids.count(k) / 64 for k in range(1 + len(c.region_colors))]
+            torch.testing.assert_close(c.region_attrs[i, p].float(), torch.tensor(want),
+                                       atol=1e-3, rtol=0)
+    assert c.regions.float().sum(-1).sub(1).abs().max() < 1e-2
