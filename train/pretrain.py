@@ -25,6 +25,7 @@ from omnimask.safeio import atomic_write_bytes
 
 from . import checkpoint as ckpt
 from .distributed import rank_and_world
+from .encoder_warmup import EncoderWarmupConfig
 from .evaluate import samples, val_history
 from .objectives.base import (
     OBJECTIVES,
@@ -37,6 +38,7 @@ from .trainer import Trainer, TrainerConfig, seed_everything, step_seed
 
 log = logging.getLogger("omnimask.pretrain")
 TOKENIZER_IDS = "tokenizers.json"  # fingerprints of the tokenizers a run was trained with
+WARMUP = "encoder_warmup.json"  # the image encoder's warm-up result
 
 
 @dataclass
@@ -99,6 +101,9 @@ class PretrainConfig:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # the pixel encoder learns the shards' semantic classes before the first step
+    # (train/encoder_warmup.py); skipped when the run resumes from a checkpoint
+    encoder_warmup: EncoderWarmupConfig = field(default_factory=EncoderWarmupConfig)
 
 
 def load_tokenizers(paths: TokenizerPaths) -> dict:
@@ -182,7 +187,14 @@ class Pretraining:
         if "speech" in mix and not self.train.has_speech:
             raise ConfigError("objectives.mix.speech > 0 but the training shards have no "
                               "speech or tokenizers.speech is not set")
+        if cfg.encoder_warmup.steps > 0 and (self.train.regions is None
+                                             or self.val.regions is None):
+            raise ConfigError("encoder_warmup.steps > 0 needs semantic labels (seg.png) in "
+                              "data.train and data.val")
         pixels = cfg.model.image_input == "pixels"
+        if cfg.encoder_warmup.steps > 0 and not pixels:
+            raise ConfigError(f"encoder_warmup.steps > 0 trains the pixel encoder; "
+                              f"model.image_input is {cfg.model.image_input!r}, not 'pixels'")
         self.ctx = Context(vocab=self.vocab, codebook=image.model.quantizer.codes().detach(),
                            word_start=word_starts(text), cfg=cfg.objectives, pixels=pixels)
         self.names = sorted(mix)  # every objective with a positive ratio at some step
@@ -195,15 +207,18 @@ class Pretraining:
         save_config(cfg, self.run)
         self._val_batches = self._fixed_val_batches()
 
+    def _resumes(self) -> bool:
+        """The trainer will start from a checkpoint (a named one, or ``auto`` finding one)."""
+        tc = self.cfg.trainer
+        return tc.resume not in ("auto", "never") or (
+            tc.resume == "auto" and bool(ckpt.complete(self.run / "checkpoints")))
+
     def _check_resume_inputs(self, tokenizer_ids: dict[str, str]) -> None:
         """A run that will resume keeps its vocabulary and tokenizers: ``VocabMismatch``
         naming both otherwise, raised before anything in the run directory is rewritten."""
         from omnimask.modalities.vocab import Vocab, VocabMismatch
 
-        tc = self.cfg.trainer
-        resumes = tc.resume not in ("auto", "never") or (
-            tc.resume == "auto" and bool(ckpt.complete(self.run / "checkpoints")))
-        if resumes:
+        if self._resumes():
             saved_vocab, saved_ids = self.run / "vocab.json", self.run / TOKENIZER_IDS
             if saved_vocab.is_file():
                 Vocab.load(saved_vocab).check_compatible(self.vocab, "configured tokenizers")
@@ -264,13 +279,31 @@ class Pretraining:
         return next(self.model.parameters()).device
 
     # -- run ---------------------------------------------------------------------------------
+    def warm_up(self) -> dict | None:
+        """The image encoder's region-label warm-up (``encoder_warmup``) on a fresh run;
+        its result is kept in ``RUN/encoder_warmup.json``."""
+        wc = self.cfg.encoder_warmup
+        if wc.steps <= 0 or self._resumes():
+            return None
+        from .encoder_warmup import warm_up_encoder
+
+
+        enc = self.model.encoder.embedders["image"].encoder
+        out = warm_up_encoder(enc, self.train, self.val, wc, self.cfg.trainer.seed,
+                              self.progress)
+        atomic_write_bytes(self.run / WARMUP, json.dumps(out, indent=1).encode())
+        return out
+
     def fit(self) -> dict:
         t0 = time.perf_counter()
+        warm = self.warm_up()
         trainer = Trainer(self.cfg.trainer, self.run, self.model, self.make_batch, self.loss,
                           self.evaluate, self.progress)
         try:
             summary = trainer.fit()
             summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+            if (self.run / WARMUP).is_file():
+                summary["encoder_warmup"] = warm or json.loads((self.run / WARMUP).read_text())
             summary["val"] = val_history(self.run / "metrics.jsonl")
             if not summary["status"].startswith("interrupted"):
                 summary["samples"] = (samples(self.model, self.ctx, self.toks, self.val,

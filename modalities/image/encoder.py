@@ -48,6 +48,9 @@ class ImageEncoderConfig:
     # images (docs/experiments/2026-11-29-pixel-encoder.md); GroupNorm: batch-independent
     norm: str = "batchnorm"
     groups: int = 8  # GroupNorm groups (gcd with each width, so any width works)
+    # parameters fixed and norms in eval mode (no gradients, running statistics kept): an
+    # encoder that has learned what to see (pretraining's encoder_warmup) keeps it
+    frozen: bool = False
 
     def __post_init__(self) -> None:
         p = PREFIX
@@ -183,6 +186,24 @@ class ImageEncoder(nn.Module):
         self.map_channels: list[int] = list(self.body.channels)
         self.map_strides: list[int] = list(self.body.strides)
         self.proj = nn.Conv2d(self.map_channels[-1], cfg.dim, 1)
+        self.frozen = False
+        if cfg.frozen:
+            self.freeze()
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Fix (or free) every parameter and hold the norms in eval mode."""
+        self.frozen = frozen
+        for p in self.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if self.frozen:  # the module says "training"; its norms run on kept statistics
+            for m in self.modules():
+                if m is not self:
+                    m.training = False
+        return self
 
     def forward(self, pixels: torch.Tensor, blank: torch.Tensor | None = None) -> ImageFeatures:
         """``blank`` [B, grid, grid] bool: those patches are set to 0 after normalisation

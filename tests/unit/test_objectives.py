@@ -13,7 +13,7 @@ from omnimask.fusion.trunk import TrunkConfig
 from omnimask.modalities.text.tokenizer import special_tokens
 from omnimask.modalities.vocab import Vocab
 from omnimask.model import ModelConfig, OmniModel
-from omnimask.train.corpus import Corpus
+from omnimask.train.corpus import Corpus, patch_classes
 from omnimask.train.objectives.base import (
     OBJECTIVES,
     Context,
@@ -338,3 +338,19 @@ def test_image_codes_enter_like_their_latents():
         enc.cfg = replace(enc.cfg, image_code_input="embedding")
         assert not enc.codes_as_features
         assert not torch.allclose(enc(ids), enc(vec))
+
+
+def test_patch_classes_are_each_patch_pixel_fractions():
+    g = torch.Generator().manual_seed(3)
+    seg = torch.randint(0, 5, (3, 8, 8), generator=g, dtype=torch.uint8)
+    got = patch_classes(seg, 2)  # 2x2 patches of 4x4 pixels, raster order
+    assert got.shape == (3, 4, 5) and got.dtype == torch.float16
+    for n in range(3):
+        for r in range(2):
+            for c in range(2):
+                patch = seg[n, 4 * r:4 * r + 4, 4 * c:4 * c + 4].flatten().tolist()
+                want = [patch.count(k) / 16 for k in range(5)]
+                torch.testing.assert_close(got[n, 2 * r + c].float(), torch.tensor(want))
+    with pytest.raises(Exception, match="3x3 patches"):
+        patch_classes(seg, 3)
+
