@@ -60,7 +60,10 @@ class FinetuneConfig:
     data: FinetuneData = field(default_factory=FinetuneData)
     tokenizers: TokenizerPaths = field(default_factory=TokenizerPaths)  # scratch only
     model: ModelConfig = field(default_factory=ModelConfig)  # scratch only
-    tasks: dict[str, Any] = field(default_factory=dict)  # tasks.<name>.<key>: each task's
+    tasks: dict[str, Any] = field(default_factory=dict)  # tasks.<name>.<key>: task settings
+    # heads.<name>.<key>: head settings over the head's own (fresh, or as the model directory
+    # saved it), e.g. heads.retrieval.speech_itm=false
+    heads: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         max_steps=500, batch_size=16, lr=5e-4, warmup_steps=50, eval_every=100,
         checkpoint_every=100))
@@ -74,9 +77,14 @@ class FinetuneConfig:
                 raise ValueError(f"mix.{name}: unknown task; known: {', '.join(TASK_NAMES)}")
             if not float(v) >= 0:
                 raise ValueError(f"mix.{name} must be >= 0, got {v}")
-        for name in self.tasks:
-            if name not in TASK_NAMES:
-                raise ValueError(f"tasks.{name}: unknown task; known: {', '.join(TASK_NAMES)}")
+        for key in ("tasks", "heads"):
+            for name, v in getattr(self, key).items():
+                if name not in TASK_NAMES:
+                    raise ValueError(f"{key}.{name}: unknown task; known: "
+                                     f"{', '.join(TASK_NAMES)}")
+                if key == "heads" and not isinstance(v, dict):
+                    raise ValueError(f"heads.{name} must be a mapping of head settings, got "
+                                     f"{v!r}")
 
     @property
     def task_names(self) -> list[str]:
@@ -149,6 +157,24 @@ class Finetuning:
         toks.setdefault("speech", None)
         return toks, {k: str(d / TOKENIZERS / k) for k in kinds}
 
+    def _head(self, name: str, base: Any) -> Any:
+        """Head ``name``'s settings: ``base`` (a dict, dataclass or None) with
+        ``heads.<name>`` over it, validated by the head's schema (errors name the key)."""
+        from dataclasses import asdict, is_dataclass
+
+        from omnimask.model import head_config
+        from omnimask.registry import HEADS
+
+        over = self.cfg.heads.get(name)
+        if not over:
+            return base
+        given = asdict(base) if is_dataclass(base) else dict(base or {})
+        try:
+            return head_config(HEADS.get(name), name, given | over)
+        except ConfigError as e:
+            raise ConfigError(f"heads.{name}: {str(e).removeprefix(f'head {name!r}: ')}"
+                              ) from None
+
     def _build(self) -> None:
         from omnimask.pretrained import load, read_config
 
@@ -177,12 +203,12 @@ class Finetuning:
             t.check(self.train, f"data.train ({n})")
             t.check(self.val, f"data.val ({n})")
         if cfg.init == "scratch":
-            heads = {n: t.head_config(self.train) for n, t in self.tasks.items()}
+            heads = {n: self._head(n, t.head_config(self.train)) for n, t in self.tasks.items()}
             self.model = build_model(cfg.model, self.toks, self.vocab, self.train, heads, tk,
                                      cfg.trainer.seed)
         else:
             saved = read_config(cfg.init)["heads"]
-            heads = {n: (saved[n] if n in saved else t.head_config(self.train))
+            heads = {n: self._head(n, saved[n] if n in saved else t.head_config(self.train))
                      for n, t in self.tasks.items()}
             self.model = load(cfg.init, heads=heads)
             self.model.tokenizer_dirs = tk

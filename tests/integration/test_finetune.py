@@ -83,13 +83,18 @@ def test_bad_finetune_inputs_fail_naming_the_setting(tiny_model_dir, shapes_dir,
                   tasks={"vqa": {"questions_per_sequence": -1}})
     with pytest.raises(ConfigError, match="init"):
         _finetune(tmp_path / "nowhere", shapes_dir, tmp_path / "b", "vqa")
+    with pytest.raises(ConfigError, match="heads.vqa: .*'hidden'"):
+        _finetune(tiny_model_dir, shapes_dir, tmp_path / "c", "vqa", heads={"vqa": {"hidden": 3}})
+    with pytest.raises(ConfigError, match="heads.segment: unknown task"):
+        _finetune(tiny_model_dir, shapes_dir, tmp_path / "d", "vqa", heads={"segment": {}})
 
 
 @pytest.fixture(scope="module")
 def multitask_run(tiny_model_dir, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "multi"
     return out, _finetune(tiny_model_dir, shapes_dir, out, "multitask",
-                          tasks={"caption": {"meteor": False, "tokenizer": "simple"}})
+                          tasks={"caption": {"meteor": False, "tokenizer": "simple"}},
+                          heads={"retrieval": {"speech_itm": False, "rerank_k": 4}})
 
 
 def test_multitask_trains_every_head_on_one_encoder(multitask_run):
@@ -102,6 +107,9 @@ def test_multitask_trains_every_head_on_one_encoder(multitask_run):
     model = omnimask.load(out / "model")
     assert set(model.heads) == {"vqa", "retrieval", "caption"}
     assert summary["best"]["metric"].startswith("mean of")
+    # heads.<name>.<key> over the fresh head's settings, kept in the exported model
+    rc = model.heads["retrieval"].cfg
+    assert (rc.speech_itm, rc.rerank_k, rc.features) == (False, 4, "pair")
 
 
 @pytest.mark.parametrize("task,keys", [
