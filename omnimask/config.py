@@ -101,11 +101,11 @@ class DemoConfig:
     speech_units: int = 500  # k-means units
     # training stages are sized in steps, so a busy machine takes longer but learns the
     # same; stage_max_minutes only stops a stuck one (the report says when it cut a stage)
-    vq_steps: int = 1400  # VQ image tokenizer (quick: a tenth)
+    vq_steps: int = 1000  # VQ image tokenizer (quick: a tenth)
     # VQ codes: more reconstruct better (1024: +0.7 dB), fewer make learnable MIM targets
     vq_codes: int = 128
     pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
-    finetune_steps: int = 600  # multitask fine-tuning of the task heads (quick: 10)
+    finetune_steps: int = 1000  # multitask fine-tuning of the task heads (quick: 10)
     stage_max_minutes: float = 30.0
 
     def __post_init__(self) -> None:

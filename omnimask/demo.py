@@ -130,7 +130,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
     if quick:
         over += ["trainer.max_steps=10", "trainer.batch_size=8", "trainer.eval_every=0",
                  "trainer.warmup_steps=2", "data.val_batch_size=8", "generate.captions=2",
-                 "generate.images=2", "model.trunk.dim=32", "model.trunk.ffn_dim=64"]
+                 "generate.images=2", "model.trunk.dim=32", "model.trunk.ffn_dim=64",
+                 "encoder_warmup.steps=5"]
     else:
         steps = cfg.pretrain_steps
         over += [f"trainer.max_minutes={cfg.stage_max_minutes}", f"trainer.max_steps={steps}",
