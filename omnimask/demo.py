@@ -261,8 +261,10 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
               ("preview", lambda: _stage_preview(run)),
               ("tokenizers", lambda: _stage_tokenizers(cfg, run, quick, progress)),
               ("pretrain", lambda: _stage_pretrain(cfg, run, quick, progress)),
-              ("tasks", lambda: stage_tasks(10 if quick else cfg.finetune_steps,
-                                            cfg.stage_max_minutes, run, quick, progress))]
+              ("tasks", lambda: stage_tasks(
+                  {"vqa": 10 if quick else cfg.finetune_vqa_steps,
+                   "multitask": 10 if quick else cfg.finetune_steps},
+                  cfg.stage_max_minutes, run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -278,10 +280,10 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
                                      for k in report["metrics"]["tokenizers"]})
         if name == "pretrain" and status == "ok":
             report["models"]["pretrained"] = report["metrics"]["pretrain"]["checkpoint"]
-        if name == "tasks" and status == "ok":  # one multitask model serves every task
+        if name == "tasks" and status == "ok":  # each task's model
             t = report["metrics"]["tasks"]
             report["models"]["pretrained_model"] = t["pretrained_model"]
-            report["models"].update({k: t["model"] for k in t["eval"]})
+            report["models"].update(t["models"])
         _write_reports(run, report)
     _print_summary(report)
     return report

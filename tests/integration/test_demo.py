@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import omnimask
 from omnimask.cli import main
 
 
@@ -40,14 +41,17 @@ def test_quick_demo(tmp_path, capsys):
     assert (run / "pretrain" / "generated_images.png").is_file()
     assert "## Pretraining" in (run / "report.md").read_text()
     x = m["tasks"]
-    assert x["steps"] == x["max_steps"] == 10
+    assert [(r["steps"], r["max_steps"]) for r in x["runs"].values()] == [(10, 10)] * 2
     for task, split_metric in (("vqa", "accuracy"), ("retrieval", "t2i_r10"),
                                ("caption", "pair_precision")):
         for split in ("test", "test-novel"):
             assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
             assert x["eval"][task][split]["n"] == 10  # the split's own shards only
-    assert rep["models"]["vqa"] == rep["models"]["caption"] == x["model"]
-    assert (Path(x["model"]) / "config.json").is_file()
+    # VQA alone, retrieval and captions on one encoder
+    assert rep["models"]["retrieval"] == rep["models"]["caption"] != rep["models"]["vqa"]
+    for task in ("vqa", "retrieval", "caption"):
+        assert (Path(rep["models"][task]) / "config.json").is_file()
+    assert set(omnimask.load(rep["models"]["caption"]).heads) == {"retrieval", "caption"}
     assert {"examples/vqa_examples.png", "examples/caption_examples.png",
             "examples/retrieval_examples.png"} <= set(x["examples"])
     md = (run / "report.md").read_text()

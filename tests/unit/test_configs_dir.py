@@ -25,7 +25,7 @@ from omnimask.train.pretrain import PretrainConfig
 REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / "configs"
 SCHEMAS = {"demo": DemoConfig, "data": DataConfig, "pretrain": PretrainConfig,
-           "finetune": FinetuneConfig}
+           "finetune": FinetuneConfig, "recipes": DemoConfig}
 # pyproject.toml's package-dir: repository folder -> package
 PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
             "fusion": "omnimask/fusion", "heads": "omnimask/heads", "train": "omnimask/train",

@@ -7,8 +7,11 @@ def _tasks(steps: int) -> dict:
     vqa = {"n": 10, "metrics": {"accuracy": 0.5, "prior_baseline": 0.4,
                                 "per_type": {"color": 0.8}, "prior_per_type": {"color": 0.2}}}
     ret = {"n": 20, "metrics": {"t2i_r10": 0.95, "t2i_r1": 0.3}}
-    return {"steps": steps, "max_steps": 10, "train_seconds": 3.0, "status": "done",
-            "examples": ["examples/vqa_examples.png"],
+    runs = {"vqa": {"tasks": ["vqa"], "steps": steps, "max_steps": 10, "status": "done",
+                    "train_seconds": 2.0},
+            "multitask": {"tasks": ["retrieval", "caption"], "steps": 4, "max_steps": 4,
+                          "status": "done", "train_seconds": 1.0}}
+    return {"runs": runs, "train_seconds": 3.0, "examples": ["examples/vqa_examples.png"],
             "eval": {"vqa": {"test": vqa}, "retrieval": {"test-novel": ret}}}
 
 
@@ -34,7 +37,8 @@ def test_the_report_says_when_the_time_cap_cut_a_stage():
     note = cut_note("pretraining", {"steps": 435, "max_steps": 900})
     assert "step 435 of 900" in note[0] and note[-1] == ""  # a blank line before any table
     md = "\n".join(report_lines(_tasks(6)))
-    assert "stopped fine-tuning at step 6 of 10" in md
+    assert "stopped vqa fine-tuning at step 6 of 10" in md
+    assert "vqa 6 of 10 steps; retrieval + caption 4 of 4 steps; 3 s" in md
     assert "| VQA accuracy | test | 0.500 | 0.400 | >= 0.70 | short |" in md
     assert "![examples/vqa_examples.png](examples/vqa_examples.png)" in md
     assert "stopped" not in "\n".join(report_lines(_tasks(10)))
