@@ -104,6 +104,9 @@ class DemoConfig:
     vq_steps: int = 1000  # VQ image tokenizer (quick: a tenth)
     # VQ codes: more reconstruct better (1024: +0.7 dB), fewer make learnable MIM targets
     vq_codes: int = 128
+    # the pixel encoder's region-label warm-up before pretraining, then frozen (0: shapes_tiny
+    # as it is, the encoder trained end to end); quick: 5
+    encoder_warmup_steps: int = 1000
     pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
     finetune_vqa_steps: int = 600  # the VQA head fine-tuned alone (quick: 10)
     finetune_steps: int = 400  # the retrieval and caption heads, together (quick: 10)
@@ -113,7 +116,7 @@ class DemoConfig:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
                      "shard_size", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
                      "finetune_vqa_steps", "finetune_steps")
-        check_fields(self, ">=0", "workers")
+        check_fields(self, ">=0", "workers", "encoder_warmup_steps")
         check_fields(self, ">0", "stage_max_minutes")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")

@@ -114,7 +114,8 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
 
 def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
     """The packaged ``pretrain/shapes_tiny`` config on the demo's data and tokenizers, for
-    ``pretrain_steps`` (its schedule scaled to them)."""
+    ``pretrain_steps`` (its schedule scaled to them), after ``encoder_warmup_steps`` of the
+    encoder's warm-up (then frozen)."""
     from .config import load_config, packaged_config
     from .train.pretrain import PretrainConfig, Pretraining
 
@@ -130,19 +131,22 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
     if quick:
         over += ["trainer.max_steps=10", "trainer.batch_size=8", "trainer.eval_every=0",
                  "trainer.warmup_steps=2", "data.val_batch_size=8", "generate.captions=2",
-                 "generate.images=2", "model.trunk.dim=32", "model.trunk.ffn_dim=64",
-                 "encoder_warmup.steps=5"]
+                 "generate.images=2", "model.trunk.dim=32", "model.trunk.ffn_dim=64"]
     else:
         steps = cfg.pretrain_steps
         over += [f"trainer.max_minutes={cfg.stage_max_minutes}", f"trainer.max_steps={steps}",
                  f"trainer.eval_every={max(10, steps // 4)}",
                  f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}",
                  f"objectives.mix_ramp_steps={base.objectives.mix_ramp_steps * steps // base.trainer.max_steps}"]
+    warm = min(5, cfg.encoder_warmup_steps) if quick else cfg.encoder_warmup_steps
+    if warm:  # the encoder learns what to see first, then keeps it (train/encoder_warmup.py)
+        over += [f"encoder_warmup.steps={warm}", "model.image_encoder.frozen=true"]
     pcfg = load_config(PretrainConfig, tiny, over)
     s = Pretraining(pcfg, progress=progress).fit()
     samples = s.get("samples", {})
     return {"steps": s["step"], "max_steps": pcfg.trainer.max_steps,
             "train_seconds": s["elapsed_s"], "status": s["status"],
+            "encoder_warmup": s.get("encoder_warmup"),
             "val": s["val"], "checkpoint": s["checkpoint"],
             "captions": samples.get("captions", [])[:4],
             **{k: samples.get(k) for k in (

@@ -39,6 +39,9 @@ def test_quick_demo(tmp_path, capsys):
     p = m["pretrain"]
     assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech"}
     assert (run / "pretrain" / "generated_images.png").is_file()
+    # the encoder's warm-up ran first (a few steps when quick), then the encoder was frozen
+    assert p["encoder_warmup"]["steps"] == 5 and p["encoder_warmup"]["classes"] == 7
+    assert "frozen: true" in (run / "pretrain" / "config.yaml").read_text()
     assert "## Pretraining" in (run / "report.md").read_text()
     x = m["tasks"]
     assert [(r["steps"], r["max_steps"]) for r in x["runs"].values()] == [(10, 10)] * 2
