@@ -50,6 +50,21 @@ def object_patch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     return float((logits.argmax(-1) == target.argmax(-1))[clear].float().mean())
 
 
+def check_labels(train, val, cfg: EncoderWarmupConfig) -> int:
+    """The number of semantic classes the warm-up predicts; a ConfigError naming the split
+    when either corpus lacks labels or pixels, or holds a class beyond ``cfg.classes``."""
+    for what, c in (("data.train", train), ("data.val", val)):
+        if c.regions is None or c.pixels is None:
+            raise ConfigError(f"encoder_warmup.steps > 0 needs semantic labels (seg.png) and "
+                              f"pixels; {what} has none")
+    k = cfg.classes or int(train.regions.shape[-1])
+    for what, c in (("data.train", train), ("data.val", val)):
+        if c.regions.shape[-1] > k:
+            raise ConfigError(f"encoder_warmup.classes is {k} but {what}'s seg.png holds "
+                              f"class {c.regions.shape[-1] - 1}")
+    return k
+
+
 def _attrs(c, names: list[str]) -> torch.Tensor | None:
     """``c``'s colour attributes [N, P, 1 + len(names)] in ``names``' order (colours
     ``names`` lacks count as no object)."""
@@ -69,15 +84,7 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
     objects' colours where the corpus has them (``region_attrs``), for ``cfg.steps`` steps
     (all randomness from ``seed``); returns the validation object-patch accuracies before
     and after, the classes and the seconds taken."""
-    for what, c in (("data.train", train), ("data.val", val)):
-        if c.regions is None or c.pixels is None:
-            raise ConfigError(f"encoder_warmup.steps > 0 needs semantic labels (seg.png) and "
-                              f"pixels; {what} has none")
-    k = cfg.classes or int(train.regions.shape[-1])
-    for what, c in (("data.train", train), ("data.val", val)):
-        if c.regions.shape[-1] > k:
-            raise ConfigError(f"encoder_warmup.classes is {k} but {what}'s seg.png holds "
-                              f"class {c.regions.shape[-1] - 1}")
+    k = check_labels(train, val, cfg)
     names = list(train.region_colors or [])
     attrs = {id(c): _attrs(c, names) for c in (train, val)}
     colors = all(a is not None for a in attrs.values()) and bool(names)
@@ -110,7 +117,7 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
         return [object_patch_accuracy(h(tok).flatten(0, 1).float().cpu(), t)
                 for h, t in zip(heads, targets(val, vidx))]
 
-    frozen = getattr(encoder, "frozen", False)
+    frozen = encoder.frozen
     encoder.freeze(False)  # model.image_encoder.frozen applies after the warm-up
     before, t0 = accuracies(), time.perf_counter()
     encoder.train()

@@ -25,7 +25,7 @@ from omnimask.safeio import atomic_write_bytes
 
 from . import checkpoint as ckpt
 from .distributed import rank_and_world
-from .encoder_warmup import EncoderWarmupConfig
+from .encoder_warmup import EncoderWarmupConfig, check_labels, warm_up_encoder
 from .evaluate import samples, val_history
 from .objectives.base import (
     OBJECTIVES,
@@ -187,14 +187,13 @@ class Pretraining:
         if "speech" in mix and not self.train.has_speech:
             raise ConfigError("objectives.mix.speech > 0 but the training shards have no "
                               "speech or tokenizers.speech is not set")
-        if cfg.encoder_warmup.steps > 0 and (self.train.regions is None
-                                             or self.val.regions is None):
-            raise ConfigError("encoder_warmup.steps > 0 needs semantic labels (seg.png) in "
-                              "data.train and data.val")
         pixels = cfg.model.image_input == "pixels"
-        if cfg.encoder_warmup.steps > 0 and not pixels:
-            raise ConfigError(f"encoder_warmup.steps > 0 trains the pixel encoder; "
-                              f"model.image_input is {cfg.model.image_input!r}, not 'pixels'")
+        if cfg.encoder_warmup.steps > 0:  # before anything is written to the run directory
+            if not pixels:
+                raise ConfigError(f"encoder_warmup.steps > 0 trains the pixel encoder; "
+                                  f"model.image_input is {cfg.model.image_input!r}, not "
+                                  f"'pixels'")
+            check_labels(self.train, self.val, cfg.encoder_warmup)
         self.ctx = Context(vocab=self.vocab, codebook=image.model.quantizer.codes().detach(),
                            word_start=word_starts(text), cfg=cfg.objectives, pixels=pixels)
         self.names = sorted(mix)  # every objective with a positive ratio at some step
@@ -285,9 +284,6 @@ class Pretraining:
         wc = self.cfg.encoder_warmup
         if wc.steps <= 0 or self._resumes():
             return None
-        from .encoder_warmup import warm_up_encoder
-
-
         enc = self.model.encoder.embedders["image"].encoder
         out = warm_up_encoder(enc, self.train, self.val, wc, self.cfg.trainer.seed,
                               self.progress)
