@@ -110,13 +110,14 @@ class DemoConfig:
     pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
     finetune_vqa_steps: int = 600  # the VQA head fine-tuned alone (quick: 10)
     finetune_steps: int = 400  # the retrieval and caption heads, together (quick: 10)
+    finetune_segment_steps: int = 300  # the segmentation head (quick: 10; 0: none)
     stage_max_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
                      "shard_size", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
                      "finetune_vqa_steps", "finetune_steps")
-        check_fields(self, ">=0", "workers", "encoder_warmup_steps")
+        check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps")
         check_fields(self, ">0", "stage_max_minutes")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")

@@ -267,7 +267,9 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
               ("pretrain", lambda: _stage_pretrain(cfg, run, quick, progress)),
               ("tasks", lambda: stage_tasks(
                   {"vqa": 10 if quick else cfg.finetune_vqa_steps,
-                   "multitask": 10 if quick else cfg.finetune_steps},
+                   "multitask": 10 if quick else cfg.finetune_steps,
+                   "segment": min(10, cfg.finetune_segment_steps) if quick
+                   else cfg.finetune_segment_steps},
                   cfg.stage_max_minutes, run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)

@@ -1,20 +1,25 @@
 """The demo's task stage: the pretrained encoder exported, the VQA head fine-tuned on it
-alone and the retrieval and caption heads together (``finetune vqa`` and ``finetune
-multitask``, the packaged ``finetune/shapes_tasks`` config on the demo's data, sized in
-steps), each task evaluated on test and test-novel, and the report section: the metrics
-beside their baselines and the demo-tier targets, and the example PNGs."""
+alone, the retrieval and caption heads together and the segmentation head alone
+(``finetune vqa``, ``multitask`` and ``segment``, the packaged ``finetune/shapes_tasks``
+config on the demo's data, sized in steps), each task evaluated on test and test-novel,
+and the report section: the metrics beside their baselines and the demo-tier targets, and
+the example PNGs."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-TASKS = ("vqa", "retrieval", "caption")
+TASKS = ("vqa", "retrieval", "caption", "segment", "refer")  # evaluated
+TRAINED = ("vqa", "retrieval", "caption", "segment")  # fine-tuning tasks (``mix`` keys)
 EVAL_SPLITS = ("test", "test-novel")
 # the demo's fine-tuning runs: (name, ``finetune`` task, the tasks its model serves). VQA
 # trains alone: in the three-task mix it stayed at its prior while alone it learned
 # (docs/experiments/2026-11-29-shape-from-pixels.md)
-RUNS = (("vqa", "vqa", ("vqa",)), ("multitask", "multitask", ("retrieval", "caption")))
+RUNS = (("vqa", "vqa", ("vqa",)), ("multitask", "multitask", ("retrieval", "caption")),
+        ("segment", "segment", ("segment", "refer")))
+# quick mode's interactive protocol: a few objects, a few clicks
+QUICK_SETTINGS = {"segment": {"noc_objects": 4, "noc_max_clicks": 3}}
 
 # (task, metric key, label, demo-tier target, baseline: a metric key, "r10_chance" or None)
 TARGETS = [
@@ -31,6 +36,13 @@ TARGETS = [
     ("caption", "color_precision", "caption colour precision", None, "color_precision_chance"),
     ("caption", "shape_precision", "caption shape precision", None, "shape_precision_chance"),
     ("caption", "pair_precision", "caption pair precision", 0.40, "pair_precision_chance"),
+    ("segment", "miou", "semantic mIoU", 0.50, None),
+    ("segment", "pq", "panoptic PQ", None, None),
+    ("segment", "point_miou", "one-click mIoU", None, None),
+    ("segment", "box_miou", "box-prompt mIoU", None, None),
+    ("segment", "noc85", "clicks to IoU 0.85 (fewer is better)", None, None),
+    ("refer", "miou", "referring mIoU", 0.40, None),
+    ("refer", "ciou", "referring cIoU", None, None),
 ]
 
 
@@ -67,7 +79,9 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
     pre = export_run(run / "pretrain", run / "pretrain" / "model")
     runs, models = {}, {}
     for name, task, serves in RUNS:
-        n = steps[name]
+        n = steps.get(name, 0)
+        if not n:
+            continue
         over = [f"out={run / ('finetune' if name == 'multitask' else f'finetune-{name}')}",
                 f"task={task}", f"init={pre}",
                 f"data.train=[{run / 'data' / 'train-*.tar'}]",
@@ -78,7 +92,7 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                 f"trainer.warmup_steps={max(1, min(50, n // 10))}",
                 "data.val_limit=8" if quick else "data.val_limit=100"]
         if task == "multitask":
-            over += [f"mix.{t}=0" for t in TASKS if t not in serves]
+            over += [f"mix.{t}=0" for t in TRAINED if t not in serves]
         if quick:
             over += ["trainer.batch_size=4", "tasks.caption.eval_images=8"]
         cfg = load_config(FinetuneConfig, packaged_config("finetune/shapes_tasks"), over)
@@ -88,7 +102,7 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                       "best": s.get("best", {}), "model": s["model"]}
         models |= {t: s["model"] for t in serves}
     evals: dict = {}
-    for task in TASKS:
+    for task in (t for t in TASKS if t in models):
         evals[task] = {}
         for split in EVAL_SPLITS:
             # exact names: "test-*.tar" would also match the test-novel shards
@@ -98,9 +112,13 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
             evals[task][split] = evaluate_model(task, models[task], [str(p) for p in shards],
                                                 split=split, limit=16 if quick else None,
                                                 examples=str(ex) if ex else None,
-                                                progress=progress)
+                                                progress=progress,
+                                                settings=QUICK_SETTINGS.get(task) if quick
+                                                else None)
     pngs = sorted(str(p.relative_to(run)) for p in (run / "examples").glob("*.png"))
-    return {"runs": runs, "models": models, "pretrained_model": str(pre), "eval": evals,
+    # report.json's models: one per fine-tuned head (refer is the segment model's task)
+    heads = {t: m for t, m in models.items() if t in TRAINED}
+    return {"runs": runs, "models": heads, "pretrained_model": str(pre), "eval": evals,
             "examples": pngs, "train_seconds": round(sum(r["train_seconds"]
                                                          for r in runs.values()), 1)}
 
@@ -133,8 +151,9 @@ def report_lines(x: dict) -> list[str]:
     notes = [ln for name, r in x["runs"].items() for ln in cut_note(f"{name} fine-tuning", r)]
     lines = ["", f"## Tasks (fine-tuning: {_runs_label(x)}; {x['train_seconds']:.0f} s)", "",
              *notes,
-             "The pretrained model fine-tuned twice: the VQA head alone, and the retrieval "
-             "and caption heads together on one encoder; each task evaluated on the test "
+             "The pretrained model fine-tuned three times: the VQA head alone, the retrieval "
+             "and caption heads together on one encoder, and the segmentation head (semantic "
+             "masks, referring expressions, clicks and boxes); each task evaluated on the test "
              "split and on test-novel (colour-shape pairs never seen in training). Baseline: "
              "VQA the most frequent answer per question type, retrieval chance, captions "
              "matched against another image's objects. Targets: the demo tier.", "",

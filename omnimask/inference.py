@@ -191,3 +191,86 @@ def retrieve(model, query, gallery, k: int = 5, rerank_k: int | None = None):
     out = [{"indices": i.tolist(), "scores": [round(float(s), 4) for s in v]}
            for i, v in zip(top.indices, top.values)]
     return out if isinstance(query, list) else out[0]
+
+
+def _size(x) -> tuple[int, int]:
+    """(height, width) of an image as ``_one`` returns it (PIL or array)."""
+    if isinstance(x, np.ndarray):
+        return int(x.shape[0]), int(x.shape[1])
+    return int(x.size[1]), int(x.size[0])
+
+
+def _clicks(point, h: int, w: int) -> torch.Tensor:
+    """``(x, y)`` or a list of ``(x, y[, positive])`` in pixels -> [n, 3] normalised clicks."""
+    pts = [point] if len(point) in (2, 3) and not isinstance(point[0], (list, tuple)) else point
+    rows = []
+    for p in pts:
+        if len(p) not in (2, 3):
+            raise OmnimaskError(f"segment: a click is (x, y) or (x, y, positive), got {p!r}")
+        x, y = float(p[0]), float(p[1])
+        if not (0 <= x < w and 0 <= y < h):
+            raise OmnimaskError(f"segment: click ({x}, {y}) lies outside the {w}x{h} image")
+        rows.append([(x + 0.5) / w, (y + 0.5) / h, float(bool(p[2]) if len(p) == 3 else 1)])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@torch.no_grad()
+def segment(model, image, text: str | None = None, point=None, box=None,
+            classes: list[str] | None = None, batch_size: int = 32):
+    """Segment ``image`` (a list of images gives a list):
+
+    - no prompt: the per-pixel class ids, a long tensor [H, W] at the image's own size
+      (names: ``model.head_configs["segment"].class_names``, or ``classes``: other class
+      names, open vocabulary);
+    - ``text`` (a referring expression), ``point`` ((x, y) in pixels, or a list of (x, y,
+      positive) clicks) or ``box`` ((x0, y0, x1, y1) in pixels): ``{"mask": bool [H, W],
+      "score"}`` (score: the mean mask probability inside the mask, times, for an
+      expression, the probability of the object it picked).
+    """
+    import torch.nn.functional as F
+
+    from omnimask.heads.segmentation import semantic_map
+    from omnimask.train.objectives.base import text_segment
+    from omnimask.train.tasks.base import evaluating, task_for
+
+    if sum(x is not None for x in (text, point, box)) > 1:
+        raise OmnimaskError("segment: give one prompt (text, point or box) per call")
+    task = task_for(model, "segment")
+    items, single = as_list(image)
+    pil = [_one(x, i) for i, x in enumerate(items)]
+    sizes = [_size(x) for x in pil]
+    out = []
+    with evaluating(model):
+        for s in range(0, len(pil), batch_size):
+            chunk = pil[s:s + batch_size]
+            ims = prepare_images(model, chunk)
+            idx = list(range(len(ims)))
+            prompts, texts = [], None
+            for k, (h, w) in enumerate(sizes[s:s + batch_size]):
+                if point is not None:
+                    prompts.append({"image": k, "kind": "point", "clicks": _clicks(point, h, w)})
+                elif box is not None:
+                    x0, y0, x1, y1 = (float(v) for v in box)
+                    if not (x0 < x1 and y0 < y1):
+                        raise OmnimaskError(f"segment: box {tuple(box)} must be (x0, y0, x1, "
+                                            "y1) with x0 < x1 and y0 < y1")
+                    prompts.append({"image": k, "kind": "box", "box": torch.tensor(
+                        [x0 / w, y0 / h, x1 / w, y1 / h]).clamp(0, 1)})
+            if text is not None:
+                ids = model.tokenizers["text"].tok.encode(text, add_special_tokens=False).ids
+                texts = [[text_segment(task.ctx, ids)] for _ in idx]
+            r = task.run(model, ims, idx, prompts, texts, names=classes)
+            for k, (h, w) in enumerate(sizes[s:s + batch_size]):
+                if text is None and point is None and box is None:
+                    ids = semantic_map(r["class_logits"][k], r["masks"][k])
+                    out.append(F.interpolate(ids[None, None].float(), size=(h, w),
+                                             mode="nearest")[0, 0].long())
+                    continue
+                logit = F.interpolate(r["prompt_masks"][k][None, None], size=(h, w),
+                                      mode="bilinear", align_corners=False)[0, 0]
+                mask = logit > 0
+                prob = logit.sigmoid()
+                score = float(prob[mask].mean()) if mask.any() else 0.0
+                score *= float(r["prompt_scores"][k])  # an expression: its grounding too
+                out.append({"mask": mask, "score": round(score, 4)})
+    return out[0] if single else out

@@ -155,9 +155,10 @@ class Encoder(nn.Module):
         return self.cfg.image_input == "pixels"
 
     # -- inputs ------------------------------------------------------------------------------
-    def input_features(self, batch: PackedBatch, masked: dict[str, torch.Tensor] | None = None
-                       ) -> torch.Tensor | None:
-        """[T, dim] embedded continuous inputs at feature positions (zeros elsewhere)."""
+    def input_features(self, batch: PackedBatch, masked: dict[str, torch.Tensor] | None = None,
+                       maps: list | None = None) -> torch.Tensor | None:
+        """[T, dim] embedded continuous inputs at feature positions (zeros elsewhere);
+        ``maps`` receives the pixel encoder's feature maps of the batch's images."""
         if not batch.features and not batch.pixels:
             return None
         masked = masked or {}
@@ -170,7 +171,7 @@ class Encoder(nn.Module):
                                     f"for images with model.image_input=pixels (it has "
                                     f"{self.cfg.image_input!r})")
             index = batch.feature_index[m].to(dev)
-            h = self.embedders[m].embed_pixels(px.to(dev), masked.get(m))
+            h = self.embedders[m].embed_pixels(px.to(dev), masked.get(m), maps)
             if h.shape[0] != index.shape[0]:
                 raise OmnimaskError(f"{px.shape[0]} images give {h.shape[0]} tokens, their "
                                     f"segments have {index.shape[0]} positions: the segment "
@@ -194,13 +195,16 @@ class Encoder(nn.Module):
         return out
 
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
-                masked: dict[str, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
+                masked: dict[str, torch.Tensor] | None = None, cache=None,
+                maps: list | None = None) -> torch.Tensor:
         """Hidden states [T, dim] (the batch moves to the encoder's device when elsewhere).
         ``masked``: modality -> [n_m] bool, feature rows replaced by the mask embedding;
-        ``cache``: a ``fusion.trunk.KVCache`` to fill (incremental decoding: ``trunk.step``)."""
+        ``cache``: a ``fusion.trunk.KVCache`` to fill (incremental decoding: ``trunk.step``);
+        ``maps``: a list that receives the pixel encoder's feature maps (finest first,
+        [images, C, H, W] each: the dense features a segmentation head decodes)."""
         if batch.ids.device != self.device:
             batch = batch.to(self.device)
-        feats = self.input_features(batch, masked)
+        feats = self.input_features(batch, masked, maps)
         if self.codes_as_features:
             batch, feats = self._code_features(batch, feats)
         return self.trunk(batch, mask, prefix_len, features=feats, cache=cache)
@@ -366,6 +370,14 @@ class OmniModel(nn.Module):
         from omnimask.inference import retrieve
 
         return retrieve(self, query, gallery, k, **kw)
+
+    def segment(self, image, text: str | None = None, point=None, box=None, **kw):
+        """Segmentation: per-pixel class ids of an image, or with a prompt (``text``, a
+        ``point`` (x, y) or a ``box`` (x0, y0, x1, y1), in pixels) ``{"mask", "score"}``
+        (see ``omnimask.inference.segment``)."""
+        from omnimask.inference import segment
+
+        return segment(self, image, text=text, point=point, box=box, **kw)
 
     # -- the model directory (omnimask/pretrained.py) ----------------------------------------
     def save_pretrained(self, directory: str | Path,

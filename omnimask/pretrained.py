@@ -187,9 +187,13 @@ def _fit(model: OmniModel, sd: dict[str, torch.Tensor], where: Path, strict_head
 
 
 def _report(where: Path, report: dict[str, list[str]]) -> None:
-    if report["fresh"]:
+    if report["fresh"]:  # one entry per head: "heads.vqa (4 tensors)"
+        by_head: dict[str, int] = {}
+        for k in report["fresh"]:
+            name = ".".join(k.split(".")[:2]) if k.startswith("heads.") else k
+            by_head[name] = by_head.get(name, 0) + 1
         log.warning("%s: initialised fresh (not in the file): %s", where,
-                    ", ".join(report["fresh"]))
+                    ", ".join(f"{h} ({n} tensors)" if n > 1 else h for h, n in by_head.items()))
     if report["unused"]:
         heads = sorted({k.split(".")[1] for k in report["unused"]})
         log.info("%s: heads not loaded: %s", where, ", ".join(heads))

@@ -73,4 +73,5 @@ MODELS: Registry[Callable[[], Any]] = Registry("model", ("omnimask.variants",))
 # Task heads on the encoder: classes built as Head(model_cfg, head_cfg) (see omnimask.heads).
 HEADS: Registry[Any] = Registry("head", ("omnimask.heads.vqa",
                                            "omnimask.heads.retrieval",
-                                           "omnimask.heads.captioning"))
+                                           "omnimask.heads.captioning",
+                                           "omnimask.heads.segmentation"))

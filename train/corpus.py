@@ -58,6 +58,15 @@ class Corpus:
     # detector's); None without them
     region_attrs: torch.Tensor | None = None
     region_colors: list[str] | None = None  # colour names, attribute ids 1.. in this order
+    # segmentation: [N, S, S] uint8 class per pixel (seg.png) and instance per pixel
+    # (inst.png, 0: none), at the pixels' size; None without them
+    seg: torch.Tensor | None = None
+    inst: torch.Tensor | None = None
+    # class id -> name: the meta.json name (category, class or shape) of the objects whose
+    # pixels carry it, "background" for an unnamed class 0, "class K" for another
+    seg_classes: list[str] | None = None
+    # sample -> referring expressions: {"expression": str, "ids": text ids, "instance": int}
+    refs: list[list[dict]] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -100,11 +109,12 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                                       manifest_entries(paths).values()] or [set()])
     want_speech = speech_tok is not None and "speech.flac" in keys_present
     want_qa = "qa.json" in keys_present
+    want_refs = "refs.json" in keys_present
     want_seg = "seg.png" in keys_present and "inst.png" in keys_present
     want_meta = want_speech or (want_seg and "meta.json" in keys_present)
     procs = (["image", "text"] + (["speech"] if want_speech else [])
              + (["meta"] if want_meta else []) + (["qa"] if want_qa else [])
-             + (["masks"] if want_seg else []))
+             + (["masks"] if want_seg else []) + (["refs"] if want_refs else []))
     size = image_tok.model.cfg.image_size
     cfg = DataConfig(shards=paths, processors=procs, batch_size=64, shuffle_buffer=0,
                      shuffle_shards=False, image_size=size)
@@ -118,7 +128,7 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
     vq = image_tok.model
     out = {"keys": [], "captions": [], "spoken": [], "codes": [], "latents": [], "features": [],
            "speech": [], "units": [], "pixels": [], "texts": [], "qa": [], "seg": [],
-           "colors": []}
+           "inst": [], "colors": [], "names": {}, "refs": []}
     bar = tqdm(desc="tokenising corpus", unit="sample", disable=not progress)
     with torch.no_grad():
         for b in ShardLoader(cfg, rank=0, world_size=1):
@@ -131,9 +141,12 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
             out["features"].append((pe(b["image"]) if pe is not None else z).half())
             if want_seg:
                 out["seg"].extend(b["seg"])
+                out["inst"].extend(b["inst"])
                 if want_meta:
                     out["colors"].extend(_instance_colors(b["inst"][i], b["meta"][i])
                                          for i in range(n))
+                    for i in range(n):
+                        _class_names(b["seg"][i], b["inst"][i], b["meta"][i], out["names"])
             for i in range(n):
                 out["keys"].append(b["__key__"][i])
                 out["captions"].append([e.ids for e in text_tok.tok.encode_batch(
@@ -141,6 +154,8 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                 out["texts"].append(list(b["captions"][i]))
                 if want_qa:
                     out["qa"].append(_questions(b["qa"][i], text_tok))
+                if want_refs:
+                    out["refs"].append(_expressions(b["refs"][i], text_tok))
                 if want_speech:
                     sp = b["meta"][i].get("speech", {})
                     out["spoken"].append(int(sp.get("caption_index", 0)))
@@ -161,6 +176,11 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
         names = sorted({n for _, ns in out["colors"] for n in ns if n})
         ids = torch.stack([_color_ids(c, ns, names) for c, ns in out["colors"]])
         attrs = patch_classes(ids, side, len(names) + 1)
+    seg = inst = classes = None
+    if want_seg:
+        seg = torch.stack(out["seg"]).to(torch.uint8)
+        inst = torch.stack(out["inst"]).to(torch.uint8)
+        classes = _name_classes(int(seg.max()) + 1, out["names"])
     return Corpus(keys=out["keys"], captions=out["captions"], spoken=out["spoken"],
                   codes=torch.cat(out["codes"]), latents=torch.cat(out["latents"]),
                   features=torch.cat(out["features"]), grid=(side, side),
@@ -168,7 +188,40 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                   units=out["units"] if want_speech else None,
                   pixels=torch.cat(out["pixels"]), texts=out["texts"],
                   qa=out["qa"] if want_qa else None, regions=regions, region_attrs=attrs,
-                  region_colors=names)
+                  region_colors=names, seg=seg, inst=inst,
+                  seg_classes=classes, refs=out["refs"] if want_refs else None)
+
+
+NAME_KEYS = ("category", "class", "shape")  # meta.json object keys that name its class
+
+
+def _class_names(seg: torch.Tensor, inst: torch.Tensor, meta: dict,
+                 names: dict[int, str]) -> None:
+    """Record in ``names`` the class id under each meta.json object that names its class
+    (the most frequent class id under its instance's pixels)."""
+    for o in meta.get("objects", []):
+        key = next((k for k in NAME_KEYS if k in o), None)
+        if key is None or "id" not in o:
+            continue
+        under = seg[inst == int(o["id"])]
+        if under.numel():
+            names.setdefault(int(under.long().mode().values), str(o[key]))
+
+
+def _name_classes(n: int, names: dict[int, str]) -> list[str]:
+    out = [names.get(k, f"class {k}") for k in range(n)]
+    if 0 not in names:
+        out[0] = "background"
+    return out
+
+
+def _expressions(refs: list[dict], text_tok) -> list[dict]:
+    """refs.json entries ({"expression", "instance"}) with their text ids."""
+    refs = [r for r in refs if "expression" in r and "instance" in r]
+    ids = text_tok.tok.encode_batch([str(r["expression"]) for r in refs],
+                                    add_special_tokens=False)
+    return [{"expression": str(r["expression"]), "ids": e.ids, "instance": int(r["instance"])}
+            for r, e in zip(refs, ids)]
 
 
 def _instance_colors(inst: torch.Tensor, meta: dict) -> tuple[torch.Tensor | None, list[str]]:
@@ -229,7 +282,7 @@ def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[s
         raise OmnimaskError(f"no shards match {shards}")
     fp = _fingerprint(paths, {"tokenizers": {k: tokenizer_id(v) for k, v in tokenizers.items()},
                               "features": features, "patch_encoder": patch_encoder,
-                              "version": 5})  # 2: pixels; 3: texts, qa; 4-5: regions
+                              "version": 6})  # 2: pixels; 3: texts, qa; 4-5: regions; 6: masks
     p = Path(path)
     if p.is_file():
         try:

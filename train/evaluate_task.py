@@ -19,7 +19,7 @@ def split_name(paths: list[str]) -> str:
 
 def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None = None,
                    limit: int | None = None, examples: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, settings: dict | None = None) -> dict:
     import omnimask
 
     from .corpus import build_corpus
@@ -30,7 +30,7 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
     if limit is not None and limit < 1:
         raise OmnimaskError(f"--limit must be >= 1, got {limit}")
     model = omnimask.load(model_dir)
-    t = task_for(model, task, where=str(model_dir))
+    t = task_for(model, task, where=str(model_dir), settings=settings)
     toks = model.tokenizers or {}
     if "text" not in toks or "image" not in toks:
         raise OmnimaskError(f"{model_dir} carries no text and image tokenizers")

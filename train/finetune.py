@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from omnimask.config import check_fields, load_config, save_config
+from omnimask.config import check_fields, save_config
 from omnimask.errors import ConfigError
 from omnimask.model import ModelConfig
 from omnimask.runlock import RunLock
@@ -32,11 +32,11 @@ from omnimask.safeio import atomic_write_bytes
 
 from .distributed import rank_and_world
 from .pretrain import TokenizerPaths, build_model, load_tokenizers
-from .tasks.base import TASKS, TaskContext
+from .tasks.base import TASKS, TaskContext, task_config
 from .trainer import Trainer, TrainerConfig, step_seed
 
 log = logging.getLogger("omnimask.finetune")
-TASK_NAMES = ("vqa", "retrieval", "caption")
+TASK_NAMES = ("vqa", "retrieval", "caption", "segment")
 BEST = "metrics.json"  # in RUN/model: the step and score of the exported weights
 
 
@@ -53,7 +53,7 @@ class FinetuneData:
 @dataclass
 class FinetuneConfig:
     out: str = "runs/finetune"
-    task: str = "vqa"  # vqa | retrieval | caption | multitask
+    task: str = "vqa"  # vqa | retrieval | caption | segment | multitask
     init: str = "scratch"  # a model directory, or scratch (model + tokenizers below)
     mix: dict[str, float] = field(default_factory=lambda: {"vqa": 1.0, "retrieval": 1.0,
                                                           "caption": 1.0})  # multitask
@@ -105,19 +105,6 @@ def flat(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out
-
-
-def task_config(name: str, given: Any) -> Any:
-    """``tasks.<name>`` validated against the task's ``Config`` (errors name the key)."""
-    cls = TASKS.get(name)
-    if cls.Config is None:
-        if given:
-            raise ConfigError(f"tasks.{name}: this task has no settings")
-        return None
-    try:
-        return load_config(cls.Config, None, **dict(given or {}))
-    except ConfigError as e:
-        raise ConfigError(f"tasks.{name}: {e}") from None
 
 
 class Finetuning:

@@ -35,11 +35,12 @@ class ImageEmbedder(FeatureEmbedder):
         """VQ code ids [n] (0-based) -> [n, dim] through their code vectors."""
         return self(self.codebook[codes])
 
-    def embed_pixels(self, pixels: torch.Tensor, masked: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def embed_pixels(self, pixels: torch.Tensor, masked: torch.Tensor | None = None,
+                     maps: list | None = None) -> torch.Tensor:
         """uint8 images [k, 3, S, S] -> [k * grid * grid, dim] tokens (image by image, raster
         order); ``masked`` [k * grid * grid] bool: those patches are blanked before the
-        encoder and their tokens become the mask embedding after the norm."""
+        encoder and their tokens become the mask embedding after the norm; ``maps``: a list
+        that receives the encoder's feature maps (finest first, [k, C, H, W] each)."""
         if self.encoder is None:
             raise OmnimaskError("this model reads image features, not pixels (model."
                                 "image_input is not pixels); give image segments features")
@@ -50,7 +51,10 @@ class ImageEmbedder(FeatureEmbedder):
                 raise OmnimaskError(f"{k} images of {g}x{g} tokens take a mask of "
                                     f"{k * g * g} flags, got {tuple(masked.shape)}")
             blank = masked.view(k, g, g)
-        tokens = self.encoder(pixels, blank).tokens.flatten(0, 1)
+        out = self.encoder(pixels, blank)
+        if maps is not None:
+            maps.extend(out.maps)
+        tokens = out.tokens.flatten(0, 1)
         h = self.norm(tokens)
         if masked is not None:
             h = torch.where(masked.to(h.device)[:, None], self.mask_embed.to(h.dtype), h)

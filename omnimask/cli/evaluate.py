@@ -6,14 +6,30 @@ import argparse
 
 from .common import QUIET, _write_json
 
-TASKS = ("vqa", "retrieval", "caption")
+TASKS = ("vqa", "retrieval", "caption", "segment", "refer")
+
+
+def settings(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings -> the task's settings (values parsed as YAML scalars)."""
+    import yaml
+
+    from ..errors import ConfigError
+
+    out = {}
+    for p in pairs or []:
+        key, eq, value = p.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set takes KEY=VALUE, got {p!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from ..train.evaluate_task import evaluate_model, metrics_table
 
     result = evaluate_model(a.task, a.model, a.data, split=a.split, limit=a.limit,
-                            examples=a.examples, progress=not a.quiet)
+                            examples=a.examples, progress=not a.quiet,
+                            settings=settings(a.set))
     print(metrics_table(result))
     if a.out:
         _write_json(result, a.out)
@@ -34,4 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=int, help="evaluate only the first N images")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.add_argument("--examples", help="write qualitative PNGs into this folder")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a task setting (tasks.<task> of a fine-tuning config), e.g. "
+                         "--set noc_max_clicks=20; repeatable")
     ev.set_defaults(fn=cmd_eval)

@@ -7,7 +7,7 @@ import argparse
 from ..errors import Interrupted
 from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir, add_run_arguments
 
-TASKS = ("vqa", "retrieval", "caption", "multitask")
+TASKS = ("vqa", "retrieval", "caption", "segment", "multitask")
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune", parents=[QUIET], help="fine-tune task heads (vqa, "
-                        "retrieval, caption, multitask) on an encoder",
+                        "retrieval, caption, segment, multitask) on an encoder",
                         description="Fine-tune a task head (or all of them: multitask) on "
                         "a model directory's encoder or from scratch; writes a run directory "
                         "(resumable, metrics.jsonl, TensorBoard) and the best model by the "

@@ -35,7 +35,8 @@ def test_quick_demo(tmp_path, capsys):
     assert t["image"]["images"] == 10 and (run / "vq_reconstructions.png").is_file()
     assert t["image"]["steps"] == t["image"]["max_steps"] == 2  # a tenth of vq_steps
     assert set(rep["models"]) == {"tokenizer_text", "tokenizer_speech", "tokenizer_image",
-                                  "pretrained", "pretrained_model", "vqa", "retrieval", "caption"}
+                                  "pretrained", "pretrained_model", "vqa", "retrieval", "caption",
+                                  "segment"}
     p = m["pretrain"]
     assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech"}
     assert (run / "pretrain" / "generated_images.png").is_file()
@@ -44,18 +45,23 @@ def test_quick_demo(tmp_path, capsys):
     assert "frozen: true" in (run / "pretrain" / "config.yaml").read_text()
     assert "## Pretraining" in (run / "report.md").read_text()
     x = m["tasks"]
-    assert [(r["steps"], r["max_steps"]) for r in x["runs"].values()] == [(10, 10)] * 2
+    assert [(r["steps"], r["max_steps"]) for r in x["runs"].values()] == [(10, 10)] * 3
     for task, split_metric in (("vqa", "accuracy"), ("retrieval", "t2i_r10"),
-                               ("caption", "pair_precision")):
+                               ("caption", "pair_precision"), ("segment", "miou"),
+                               ("refer", "miou")):
         for split in ("test", "test-novel"):
             assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
             assert x["eval"][task][split]["n"] == 10  # the split's own shards only
     # VQA alone, retrieval and captions on one encoder
     assert rep["models"]["retrieval"] == rep["models"]["caption"] != rep["models"]["vqa"]
-    for task in ("vqa", "retrieval", "caption"):
+    for task in ("vqa", "retrieval", "caption", "segment"):
         assert (Path(rep["models"][task]) / "config.json").is_file()
     assert set(omnimask.load(rep["models"]["caption"]).heads) == {"retrieval", "caption"}
+    assert set(omnimask.load(rep["models"]["segment"]).heads) == {"segment"}
+    assert x["eval"]["segment"]["test"]["metrics"]["objects"] == 4  # quick's protocol
     assert {"examples/vqa_examples.png", "examples/caption_examples.png",
-            "examples/retrieval_examples.png"} <= set(x["examples"])
+            "examples/retrieval_examples.png", "examples/segment_examples.png",
+            "examples/refer_examples.png"} <= set(x["examples"])
     md = (run / "report.md").read_text()
     assert "## Tasks" in md and "| VQA accuracy | test |" in md and "](examples/vqa_examples.png)" in md
+    assert "| semantic mIoU | test |" in md and "| referring mIoU | test-novel |" in md

@@ -10,6 +10,7 @@ import torch
 import omnimask
 from omnimask.cli import main
 from omnimask.config import load_config
+from omnimask.errors import OmnimaskError
 from omnimask.train.finetune import FinetuneConfig, Finetuning
 
 
@@ -85,8 +86,8 @@ def test_bad_finetune_inputs_fail_naming_the_setting(tiny_model_dir, shapes_dir,
         _finetune(tmp_path / "nowhere", shapes_dir, tmp_path / "b", "vqa")
     with pytest.raises(ConfigError, match="heads.vqa: .*'hidden'"):
         _finetune(tiny_model_dir, shapes_dir, tmp_path / "c", "vqa", heads={"vqa": {"hidden": 3}})
-    with pytest.raises(ConfigError, match="heads.segment: unknown task"):
-        _finetune(tiny_model_dir, shapes_dir, tmp_path / "d", "vqa", heads={"segment": {}})
+    with pytest.raises(ConfigError, match="heads.nope: unknown task"):
+        _finetune(tiny_model_dir, shapes_dir, tmp_path / "d", "vqa", heads={"nope": {}})
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +163,55 @@ def test_caption_and_retrieve_api(multitask_run, shapes_dir, tmp_path):
     assert again["scores"] == pytest.approx(spoken["scores"], abs=1e-4)
 
 
-def test_the_readme_api_snippet_runs(vqa_run, multitask_run, shapes_dir, tmp_path,
-                                     monkeypatch):
+@pytest.fixture(scope="module")
+def segment_run(tiny_model_dir, shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "segment"
+    return out, _finetune(tiny_model_dir, shapes_dir, out, "segment",
+                          heads={"segment": {"dim": 32, "mask_dim": 16, "queries": 6,
+                                             "ffn_dim": 64, "points": 64}},
+                          tasks={"segment": {"noc_objects": 4, "noc_max_clicks": 3}})
+
+
+def test_segment_finetune_eval_and_api(segment_run, shapes_dir, tmp_path):
+    out, summary = segment_run
+    assert summary["status"] == "done"
+    model = omnimask.load(out / "model")
+    assert set(model.heads) == {"segment"}
+    names = model.head_configs["segment"].class_names
+    assert names[0] == "background" and "circle" in names
+    for task, keys in [("segment", {"miou", "per_class_iou", "pixel_accuracy", "pq", "sq",
+                                    "rq", "point_miou", "box_miou", "noc85"}),
+                       ("refer", {"miou", "ciou"})]:
+        js = tmp_path / f"{task}.json"
+        assert main(["eval", task, "--model", str(out / "model"), "--data",
+                     str(shapes_dir / "test-novel-*.tar"), "--limit", "6", "--out", str(js),
+                     "--examples", str(tmp_path / "ex"), "-q", "--set", "noc_max_clicks=3",
+                     "--set", "noc_objects=5"]) == 0
+        m = json.loads(js.read_text())["metrics"]
+        assert keys <= set(m), keys - set(m)
+        assert all(0 <= m[k] <= 1 for k in keys if k not in ("per_class_iou", "noc85"))
+    seg = json.loads((tmp_path / "segment.json").read_text())["metrics"]
+    assert 1 <= seg["noc85"] <= 3 and seg["objects"] == 5  # the protocol --set asked for
+    assert {p.name for p in (tmp_path / "ex").iterdir()} == {"segment_examples.png",
+                                                             "refer_examples.png"}
+    img = (torch.rand(3, 48, 80) * 255).to(torch.uint8)  # not the model's size, not square
+    ids = model.segment(img)
+    assert ids.shape == (48, 80) and ids.dtype == torch.long and int(ids.max()) < len(names)
+    for kw in ({"text": "the red circle"}, {"point": (10, 20)}, {"box": (5, 5, 30, 40)},
+               {"point": [(10, 20, True), (40, 30, False)]}):
+        r = model.segment(img, **kw)
+        assert r["mask"].shape == (48, 80) and r["mask"].dtype == torch.bool
+        assert 0 <= r["score"] <= 1
+    two = model.segment([img, img], point=(10, 20))
+    assert len(two) == 2 and torch.equal(two[0]["mask"], two[1]["mask"])
+    with pytest.raises(OmnimaskError, match="outside"):
+        model.segment(img, point=(100, 5))
+    with pytest.raises(OmnimaskError, match="one prompt"):
+        model.segment(img, text="a", point=(1, 1))
+
+
+def test_the_readme_api_snippet_runs(vqa_run, multitask_run, segment_run, shapes_dir,
+                                     tmp_path, monkeypatch):
     """The README's Python API block, run as written against the two tiny runs."""
     import re
     import tarfile
@@ -178,10 +226,11 @@ def test_the_readme_api_snippet_runs(vqa_run, multitask_run, shapes_dir, tmp_pat
         flac = next(n for n in names if n.endswith(".speech.flac"))
         (tmp_path / "scene.png").write_bytes(tf.extractfile(png).read())
         (tmp_path / "spoken.flac").write_bytes(tf.extractfile(flac).read())
-    for name, (run, _) in {"vqa": vqa_run, "multitask": multitask_run}.items():
+    runs = {"vqa": vqa_run, "multitask": multitask_run, "segment": segment_run}
+    for name, (run, _) in runs.items():
         (tmp_path / "runs" / "ft" / name).mkdir(parents=True)
         (tmp_path / "runs" / "ft" / name / "model").symlink_to(run / "model")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
-    assert {"vqa", "m", "gallery"} <= set(scope)
+    assert {"vqa", "m", "gallery", "seg"} <= set(scope)

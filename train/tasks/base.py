@@ -33,15 +33,36 @@ from omnimask.registry import Registry
 
 TASKS: Registry = Registry("task", ("omnimask.train.tasks.vqa",
                                     "omnimask.train.tasks.retrieval",
-                                    "omnimask.train.tasks.caption"))
+                                    "omnimask.train.tasks.caption",
+                                    "omnimask.train.tasks.segment"))
 
 
-def task(name: str):
-    """Register a task class under ``name`` (also its ``name``: the head it trains)."""
+def task(name: str, head: str | None = None):
+    """Register a task class under ``name`` (also its ``name``); ``head``: the head it runs
+    (default: the one of the same name; ``refer`` evaluates the ``segment`` head)."""
     def deco(cls):
         cls.name = name
+        cls.head_name = head or name
         return TASKS.register(name)(cls)
     return deco
+
+
+def pack_blocks(images: list, texts: list[list]) -> dict:
+    """Sample k = ``[images[k]][texts[k][0]][texts[k][1]]...`` packed as blocks (mask
+    ``blocks``: the image sees itself, each text the image and itself; the image is encoded
+    once for all its texts): ``packed``, ``blocks`` and ``cls``, each text's first position."""
+    from omnimask.fusion.packing import pack
+
+    samples, cls, start = [], [], 0
+    for image, ts in zip(images, texts):
+        at = start + len(image)
+        for t in ts:
+            cls.append(at)
+            at += len(t)
+        samples.append([image, *ts])
+        start = at
+    p = pack(samples)
+    return {"packed": p, "blocks": p.segment, "cls": torch.tensor(cls, dtype=torch.long)}
 
 
 @dataclass
@@ -59,6 +80,7 @@ class Task:
     """Defaults shared by every task (see the module docstring)."""
 
     name = ""
+    head_name = ""  # the model head it trains and runs
     metric = ""
     Config: type | None = None
 
@@ -81,24 +103,42 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model, batch: dict) -> dict:
-        return model(batch, task=self.name)
+        return model(batch, task=self.head_name)
 
     def evaluate(self, model, corpus, limit: int | None = None,
                  examples: Path | None = None) -> dict:
         raise NotImplementedError
 
 
-def task_for(model, name: str, where: str = "this model") -> Task:
+def task_config(name: str, given: Any) -> Any:
+    """``tasks.<name>`` validated against the task's ``Config`` (errors name the key)."""
+    from omnimask.config import load_config
+    from omnimask.errors import ConfigError
+
+    cls = TASKS.get(name)
+    if cls.Config is None:
+        if given:
+            raise ConfigError(f"tasks.{name}: this task has no settings")
+        return None
+    try:
+        return load_config(cls.Config, None, **dict(given or {}))
+    except ConfigError as e:
+        raise ConfigError(f"tasks.{name}: {e}") from None
+
+
+def task_for(model, name: str, where: str = "this model", settings: dict | None = None) -> Task:
     """Task ``name`` bound to a loaded model (its tokenizers and head settings): what
-    ``omnimask eval`` and the Python API run; ``where`` names the model in errors."""
-    if name not in model.heads:
-        raise OmnimaskError(f"{where} has no {name} head (its heads: "
+    ``omnimask eval`` and the Python API run; ``where`` names the model in errors;
+    ``settings``: the task's settings (``tasks.<name>``) over its defaults."""
+    head = TASKS.get(name).head_name
+    if head not in model.heads:
+        raise OmnimaskError(f"{where} has no {head} head (its heads: "
                             f"{', '.join(model.heads) or 'none'}); fine-tune one with "
-                            f"omnimask finetune {name}")
+                            f"omnimask finetune {head}")
     toks = model.tokenizers or {}
     ctx = TaskContext(vocab=model.vocab, text=toks.get("text"),
                       pixels=model.cfg.image_input == "pixels", speech=toks.get("speech"))
-    t = TASKS.create(name, ctx)
+    t = TASKS.create(name, ctx, task_config(name, settings) if settings else None)
     t.bind(model)
     return t
 

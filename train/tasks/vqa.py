@@ -22,7 +22,7 @@ from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
 
 from ..objectives.base import image_segment, text_segment
-from .base import Task, evaluating, first, task
+from .base import Task, evaluating, first, pack_blocks, task
 
 
 @dataclass
@@ -104,18 +104,8 @@ class VQA(Task):
             samples = [[self._question(q), image_segment(corpus, i, self.ctx.pixels)]
                        for i, qs in zip(images, questions) for q in qs]
             return {"packed": pack(samples)}
-        samples, cls, start = [], [], 0
-        for i, qs in zip(images, questions):
-            segs = [image_segment(corpus, i, self.ctx.pixels)]
-            at = start + len(segs[0])
-            for q in qs:
-                segs.append(self._question(q))
-                cls.append(at)
-                at += len(segs[-1])
-            samples.append(segs)
-            start = at
-        p = pack(samples)
-        return {"packed": p, "blocks": p.segment, "cls": torch.tensor(cls)}
+        return pack_blocks([image_segment(corpus, i, self.ctx.pixels) for i in images],
+                           [[self._question(q) for q in qs] for qs in questions])
 
     def batch(self, corpus, idx: list[int], gen: torch.Generator) -> dict:
         k = self.cfg.questions_per_sequence
