@@ -110,6 +110,32 @@ def task_corpus(tiny_model_dir, shapes_dir):
                         toks["image"], toks["speech"], progress=False)
 
 
+def test_corpus_keeps_what_segmentation_reads(task_corpus, shapes_dir):
+    """seg.png, inst.png, the class names and refs.json, against the shards' own files."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from omnimask.train.corpus import patch_classes
+    from omnimask.train.data.shapesworld.vocab import SEG_CLASSES
+
+    c = task_corpus
+    assert c.seg_classes == list(SEG_CLASSES)  # named from meta.json's objects
+    assert c.seg.dtype == c.inst.dtype == torch.uint8 and c.seg.shape == c.pixels[:, 0].shape
+    torch.testing.assert_close(patch_classes(c.seg, c.grid[0], c.regions.shape[-1]),
+                               c.regions)
+    with tarfile.open(sorted(shapes_dir.glob("test-novel-*.tar"))[0]) as tf:
+        key = c.keys[0]
+        seg = np.array(Image.open(io.BytesIO(tf.extractfile(f"{key}.seg.png").read())))
+        refs = json.loads(tf.extractfile(f"{key}.refs.json").read())
+    assert (c.seg[0].numpy() == seg).all()  # the generator draws at the corpus's size
+    assert [r["expression"] for r in c.refs[0]] == [r["expression"] for r in refs]
+    for r in c.refs[0]:  # every expression names an instance the image has
+        assert (c.inst[0] == r["instance"]).any() and r["ids"]
+
+
 @pytest.mark.parametrize("name", HEADS.names())
 def test_every_task_head_trains_through_its_task(name, tiny_model_dir, task_corpus):
     """Each head has the task (same name) that builds its batches; one step's loss is finite
