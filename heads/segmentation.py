@@ -251,9 +251,8 @@ class SegmentHead(nn.Module):
         allowed = (m.flatten(2).sigmoid() >= 0.5)
         return allowed | ~allowed.any(-1, keepdim=True)
 
-    def prompt_queries(self, encoder, h, p, prompts: list[dict], mask_features
-                       ) -> torch.Tensor:
-        """[P, d] content of each prompt query."""
+    def prompt_queries(self, prompts: list[dict], mask_features) -> torch.Tensor:
+        """[P, d] content of each visual prompt's query (kinds checked by ``decode``)."""
         out = []
         side = mask_features.shape[-1]
         for pr in prompts:
@@ -268,7 +267,7 @@ class SegmentHead(nn.Module):
                 if (~sign).any():
                     q = q + tok[~sign].mean(0)
                 out.append(q)
-            elif kind == "box":
+            else:  # box
                 from torchvision.ops import roi_align
 
                 box = pr["box"].to(mask_features.device, mask_features.dtype)
@@ -276,9 +275,6 @@ class SegmentHead(nn.Module):
                 f = roi_align(mask_features[b:b + 1], roi, 2, aligned=True).flatten()
                 corners = sine_position(box.view(2, 2), self.cfg.dim // 2).flatten()
                 out.append(self.box(torch.cat([f, corners.to(f.dtype)])))
-            else:
-                raise OmnimaskError(f"unknown visual prompt kind {kind!r}; known: "
-                                    f"{', '.join(VISUAL)}")
         if not out:
             return mask_features.new_zeros(0, self.cfg.dim)
         return torch.stack(out)
@@ -308,15 +304,19 @@ class SegmentHead(nn.Module):
             if pr["kind"] not in KINDS:
                 raise OmnimaskError(f"unknown prompt kind {pr['kind']!r}; known: "
                                     f"{', '.join(KINDS)}")
-        visual = [pr for pr in prompts if pr["kind"] in VISUAL]
-        text = [pr for pr in prompts if pr["kind"] == "text"]
-        content = self.prompt_queries(encoder, h, p, visual, mask_features)
+        visual_at = [k for k, pr in enumerate(prompts) if pr["kind"] in VISUAL]
+        text_at = [k for k, pr in enumerate(prompts) if pr["kind"] == "text"]
+        visual = [prompts[k] for k in visual_at]
+        text = [prompts[k] for k in text_at]
+        content = self.prompt_queries(visual, mask_features)
         n, d = self.cfg.queries, self.cfg.dim
         per_image = [0] * nb
-        slots = []
+        slots = []  # each visual prompt's (image, query slot)
         for pr in visual:
             slots.append((pr["image"], n + per_image[pr["image"]]))
             per_image[pr["image"]] += 1
+        bi = torch.tensor([b for b, _ in slots], dtype=torch.long, device=h.device)
+        si = torch.tensor([q for _, q in slots], dtype=torch.long, device=h.device)
         expr = None  # [E, d] the expressions in the grounding space
         if text:
             pos = torch.tensor([pr["cls"] for pr in text], device=h.device)
@@ -328,8 +328,6 @@ class SegmentHead(nn.Module):
             x = torch.cat([x, x.new_zeros(nb, qn - n, d)], 1)
             pos = torch.cat([pos, pos.new_zeros(nb, qn - n, d)], 1)
             if slots:
-                bi = torch.tensor([s[0] for s in slots], device=h.device)
-                si = torch.tensor([s[1] for s in slots], device=h.device)
                 kinds = torch.tensor([VISUAL.index(pr["kind"]) for pr in visual],
                                      device=h.device)
                 x = x.index_put((bi, si), content)
@@ -345,8 +343,9 @@ class SegmentHead(nn.Module):
             allowed = self.cross_allowed(outs[-1][1], sizes[lv])
             x = layer(x, pos, levels[lv], memory_pos[lv][None], allowed, self_allowed)
             outs.append(self.predict(x, mask_features, classes))
-        return {"outs": outs, "slots": slots, "num_classes": classes.shape[0] - 1,
-                "text": text, "expr": expr, "visual": visual, "prompts": prompts}
+        return {"outs": outs, "slots": (bi, si), "num_classes": classes.shape[0] - 1,
+                "text": text, "expr": expr, "visual_at": visual_at, "text_at": text_at,
+                "prompts": prompts}
 
     def grounding(self, r: dict, e: torch.Tensor) -> torch.Tensor:
         """[E, N] logits of each expression over its image's object queries (query
@@ -361,16 +360,14 @@ class SegmentHead(nn.Module):
         out = {"class_logits": cls[:, :n], "masks": masks[:, :n]}
         if r["prompts"]:  # one mask and score per prompt, in the batch's order
             pm, ps = [None] * len(r["prompts"]), [None] * len(r["prompts"])
-            where = {id(pr): k for k, pr in enumerate(r["prompts"])}
-            for pr, (b, s) in zip(r["visual"], r["slots"]):
-                k = where[id(pr)]
-                pm[k] = masks[b, s]
+            bi, si = r["slots"]
+            for j, k in enumerate(r["visual_at"]):
+                pm[k] = masks[bi[j], si[j]]
                 ps[k] = masks.new_ones(())
             if r["text"]:
                 prob = self.grounding(r, e).float().softmax(-1)
                 best = prob.argmax(-1)
-                for j, pr in enumerate(r["text"]):
-                    k = where[id(pr)]
+                for j, (k, pr) in enumerate(zip(r["text_at"], r["text"])):
                     pm[k] = masks[pr["image"], best[j]]
                     ps[k] = prob[j, best[j]].to(masks.dtype)
             out["prompt_masks"] = torch.stack(pm)
@@ -390,12 +387,12 @@ class SegmentHead(nn.Module):
         totals = {"segment_class": 0.0, "segment_bce": 0.0, "segment_dice": 0.0,
                   "prompt_bce": 0.0, "prompt_dice": 0.0, "refer_ce": 0.0}
         pm = batch.get("prompt_masks")
-        if pm is not None and r["visual"]:  # the visual prompts' target masks
-            order = {id(pr): k for k, pr in enumerate(r["prompts"])}
-            pm = pm[[order[id(pr)] for pr in r["visual"]]]
+        bi, si = r["slots"]
+        if pm is not None and r["visual_at"]:  # the visual prompts' target masks
+            pm = pm[r["visual_at"]]
         for cls, masks, e in r["outs"]:
             dev = cls.device
-            labels = torch.full(cls.shape[:2], k, dtype=torch.long, device=dev)
+            labels = torch.full((cls.shape[0], n), k, dtype=torch.long, device=dev)
             preds, tgts = [], []
             owner = []  # per image: target index -> its matched query
             for b, t in enumerate(targets):
@@ -406,17 +403,15 @@ class SegmentHead(nn.Module):
                 labels[b, rows.to(dev)] = t["labels"][cols].to(dev)
                 preds.append(masks[b, rows.to(dev)])
                 tgts.append(t["masks"][cols])
-            ce = F.cross_entropy(cls[:, :n].float().flatten(0, 1), labels[:, :n].flatten(),
+            ce = F.cross_entropy(cls[:, :n].float().flatten(0, 1), labels.flatten(),
                                  weight.to(dev))
             bce, dice = mask_losses(torch.cat(preds), torch.cat(tgts).to(dev), num_masks,
                                     c.points, c.oversample, c.importance, gen)
             totals["segment_class"] += ce
             totals["segment_bce"] += bce
             totals["segment_dice"] += dice
-            if r["slots"] and pm is not None:
-                bi = torch.tensor([s[0] for s in r["slots"]])
-                si = torch.tensor([s[1] for s in r["slots"]])
-                pb, pd = mask_losses(masks[bi, si], pm.to(dev), len(r["slots"]), c.points,
+            if r["visual_at"] and pm is not None:
+                pb, pd = mask_losses(masks[bi, si], pm.to(dev), len(r["visual_at"]), c.points,
                                      c.oversample, c.importance, gen)
                 totals["prompt_bce"] += pb
                 totals["prompt_dice"] += pd

@@ -279,7 +279,7 @@ class Segment(Task):
                     gt_ids, gt_classes = self.panoptic_truth(corpus, i, lut)
                     pan.add(ids, classes, gt_ids, gt_classes)
                     if len(shown) < self.cfg.examples:
-                        shown.append((i, pred))
+                        shown.append((i, truth, pred))
             inter, clicked = self.interactive(model, corpus, idx)
         report = sem.report() | pan.report() | inter
         if examples is not None and self.cfg.examples:
@@ -326,8 +326,8 @@ class Segment(Task):
             images = sorted({i for i, _ in chunk})
             where = {i: b for b, i in enumerate(images)}
             prompts = []
-            for i, m in chunk:
-                first_click = next_click(np.zeros(m.shape, bool), m.numpy())
+            firsts = [next_click(np.zeros(m.shape, bool), m.numpy()) for _, m in chunk]
+            for (i, m), first_click in zip(chunk, firsts):
                 prompts.append({"image": where[i], "kind": "point",
                                 "clicks": click_tensor([first_click], s)})
                 prompts.append({"image": where[i], "kind": "box", "box": tight_box(m)})
@@ -335,8 +335,7 @@ class Segment(Task):
             for n, (i, m) in enumerate(chunk):
                 point.append(mask_iou(out[2 * n], m))
                 if len(clicked) < 6:
-                    clicked.append((i, [next_click(np.zeros(m.shape, bool), m.numpy())],
-                                    out[2 * n]))
+                    clicked.append((i, [firsts[n]], out[2 * n]))
                 box.append(mask_iou(out[2 * n + 1], m))
         for i, m in objs:
             def predict(clicks, i=i):

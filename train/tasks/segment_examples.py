@@ -40,11 +40,12 @@ def _overlay(img: np.ndarray, labels: torch.Tensor, pal: np.ndarray, alpha: floa
     return np.where(keep, base * 0.6, (1 - alpha) * base + alpha * colour)
 
 
-def semantic_examples(corpus, shown: list[tuple[int, torch.Tensor]], names: list[str],
-                      path: Path, clicks: list[tuple] | None = None) -> Path:
-    """Rows of (image, truth, model) for each image in ``shown`` (image, predicted class
-    map), two per row, a legend of the class colours; then ``clicks``: (image, clicks
-    [(row, col, positive)], mask) drawn as the mask with its clicks."""
+def semantic_examples(corpus, shown: list[tuple[int, torch.Tensor, torch.Tensor]],
+                      names: list[str], path: Path, clicks: list[tuple] | None = None) -> Path:
+    """Rows of (image, truth, model) for each image in ``shown`` (image, true and predicted
+    class maps, both in ``names``' ids), two per row, a legend of the class colours; then
+    ``clicks``: (image, clicks [(row, col, positive)], mask) drawn as the mask with its
+    clicks."""
     plt = _plt()
     pal = _palette(len(names))
     per_row = 2
@@ -54,13 +55,10 @@ def semantic_examples(corpus, shown: list[tuple[int, torch.Tensor]], names: list
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    lut = {n: k for k, n in enumerate(corpus.seg_classes or [])}
-    to_head = torch.tensor([names.index(n) if n in names else 0
-                            for n in sorted(lut, key=lut.get)] or [0])
-    for k, (i, pred) in enumerate(shown):
+    for k, (i, truth, pred) in enumerate(shown):
         r, c = divmod(k, per_row)
         img = _image(corpus, i)
-        truth = to_head[corpus.seg[i].long().clamp(max=len(to_head) - 1)]
+        truth = truth.where(truth < len(names), 0)  # classes the head lacks: background
         for j, (pic, title) in enumerate([(img / 255, "image"),
                                           (_overlay(img, truth, pal), "truth"),
                                           (_overlay(img, pred, pal), "model")]):
