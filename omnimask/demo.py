@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import DataConfig, DemoConfig, save_config
 from .demo_tasks import cut_note, stage_tasks
+from .demo_zoo import stage_zoo
 
 
 def _split_sizes(cfg: DemoConfig, quick: bool) -> dict[str, int]:
@@ -244,6 +245,10 @@ def _write_reports(run: Path, report: dict) -> None:
         from .demo_tasks import report_lines
 
         lines += report_lines(m["tasks"])
+    if m.get("zoo", {}).get("eval"):
+        from .demo_zoo import report_lines as zoo_lines
+
+        lines += zoo_lines(m["zoo"], m.get("tasks"))
     (run / "report.md").write_text("\n".join(lines) + "\n")
     body = "".join(f"<p>{html.escape(ln)}</p>" if not ln.startswith("![") else
                    f'<img src="{html.escape(ln[ln.index("(") + 1:-1])}">' for ln in lines if ln)
@@ -270,7 +275,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
                    "multitask": 10 if quick else cfg.finetune_steps,
                    "segment": min(10, cfg.finetune_segment_steps) if quick
                    else cfg.finetune_segment_steps},
-                  cfg.stage_max_minutes, run, quick, progress))]
+                  cfg.stage_max_minutes, run, quick, progress)),
+              ("zoo", lambda: stage_zoo(run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -290,6 +296,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
             t = report["metrics"]["tasks"]
             report["models"]["pretrained_model"] = t["pretrained_model"]
             report["models"].update(t["models"])
+        if name == "zoo" and status == "ok":
+            report["models"]["zoo"] = report["metrics"]["zoo"]["models"]
         _write_reports(run, report)
     _print_summary(report)
     return report
@@ -338,4 +346,8 @@ def _print_summary(report: dict) -> None:
         from .demo_tasks import summary_line
 
         print(summary_line(m["tasks"]))
+    if m.get("zoo", {}).get("eval"):
+        from .demo_zoo import summary_line as zoo_line
+
+        print(zoo_line(m["zoo"]))
     print(f"report: {report['run_dir']}/report.md")

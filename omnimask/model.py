@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from omnimask.config import check_fields
@@ -297,11 +298,15 @@ def head_specs(heads: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any
     return dict(heads) if isinstance(heads, Mapping) else {h: None for h in heads}
 
 
-class OmniModel(nn.Module):
+class OmniModel(nn.Module, PyTorchModelHubMixin, library_name="omnimask",
+                tags=["omnimask", "multimodal"],
+                repo_url="https://github.com/omnimask/omnimask"):
     """``encoder`` + ``heads``; ``model(batch, task)`` runs ``heads[task](encoder, batch)``.
 
     Not modules: ``vocab`` (the shared vocabulary, when known), ``tokenizers`` (loaded with
-    a model directory) and ``tokenizer_dirs`` (what ``save_pretrained`` copies)."""
+    a model directory) and ``tokenizer_dirs`` (what ``save_pretrained`` copies).
+    huggingface_hub's ``PyTorchModelHubMixin`` adds ``push_to_hub`` and a model card; the
+    directory it writes and reads is omnimask's own (``omnimask/pretrained.py``)."""
 
     def __init__(self, cfg: ModelConfig,
                  heads: Mapping[str, Any] | Iterable[str] | None = None) -> None:
@@ -381,13 +386,58 @@ class OmniModel(nn.Module):
 
     # -- the model directory (omnimask/pretrained.py) ----------------------------------------
     def save_pretrained(self, directory: str | Path,
-                        tokenizers: Mapping[str, str | Path] | None = None) -> Path:
+                        tokenizers: Mapping[str, str | Path] | None = None,
+                        **hub: Any) -> Path:
         """Write a model directory that alone rebuilds this model (``omnimask.load``):
-        weights, config, vocabulary, and ``tokenizers`` (kind -> tokenizer directory;
-        default: the ones this model was loaded with) copied in."""
+        weights, config, vocabulary, ``tokenizers`` (kind -> tokenizer directory; default:
+        the ones this model was loaded with) copied in, and a model card (README.md).
+        ``push_to_hub=True, repo_id=...`` uploads it too (huggingface_hub)."""
+        from omnimask.pretrained import check_target
+
+        d = check_target(directory)
+        self._save_tokenizers = tokenizers
+        try:
+            PyTorchModelHubMixin.save_pretrained(self, d, **hub)
+        finally:
+            del self._save_tokenizers
+        return d
+
+    def _save_pretrained(self, save_directory: Path) -> None:  # the mixin's hook
         from omnimask.pretrained import save_pretrained
 
-        return save_pretrained(self, directory, tokenizers)
+        save_pretrained(self, save_directory, getattr(self, "_save_tokenizers", None),
+                        checked=True)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **kw: Any) -> OmniModel:
+        """A model directory, a zoo name (``omnimask zoo list``), ``hf://org/repo`` or a
+        Hub repository id: ``omnimask.load`` for the first three, the Hub for the last."""
+        from omnimask.pretrained import load
+
+        s = str(source)
+        if s.startswith("hf://") or Path(s).is_dir():
+            return load(s, heads=kw.get("heads"))
+        from omnimask import zoo
+
+        if s in zoo.entries():
+            return load(s, heads=kw.get("heads"))
+        return super().from_pretrained(s, **kw)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None,
+                         cache_dir: str | Path | None = None, force_download: bool = False,
+                         local_files_only: bool = False, token: str | bool | None = None,
+                         **model_kwargs: Any) -> OmniModel:  # the mixin's hook, Hub ids
+        from huggingface_hub import snapshot_download
+
+        from omnimask.pretrained import load
+        from omnimask.zoo.fetch import offline
+
+        d = model_id if Path(model_id).is_dir() else snapshot_download(
+            repo_id=model_id, revision=revision, cache_dir=cache_dir,
+            force_download=force_download, local_files_only=local_files_only or offline(),
+            token=token)
+        return load(d, heads=model_kwargs.get("heads"))
 
     def load_encoder(self, source: str | Path) -> list[str]:
         """Load the encoder of a model directory, strictly (a missing, unexpected or

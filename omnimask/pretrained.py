@@ -39,18 +39,26 @@ log = logging.getLogger("omnimask.pretrained")
 
 
 # -- writing ---------------------------------------------------------------------------------
-def save_pretrained(model: OmniModel, directory: str | os.PathLike,
-                    tokenizers: Mapping[str, str | os.PathLike] | None = None) -> Path:
-    """Write ``model`` as a model directory (see the module docstring); ``tokenizers``: kind
-    -> tokenizer directory to copy in (default: ``model.tokenizer_dirs``). An existing
-    folder is only overwritten when it is a model directory."""
-    from omnimask.modalities.vocab import Vocab
-    from omnimask.train.trainer import weights
-
+def check_target(directory: str | os.PathLike) -> Path:
+    """``directory`` as a place to write a model directory: new, empty, or one already."""
     d = Path(directory)
     if d.exists() and (not d.is_dir() or (any(d.iterdir()) and not (d / CONFIG).is_file())):
         raise OmnimaskError(f"{d} exists and is not a model directory; choose a new or empty "
                             "folder")
+    return d
+
+
+def save_pretrained(model: OmniModel, directory: str | os.PathLike,
+                    tokenizers: Mapping[str, str | os.PathLike] | None = None,
+                    checked: bool = False) -> Path:
+    """Write ``model`` as a model directory (see the module docstring); ``tokenizers``: kind
+    -> tokenizer directory to copy in (default: ``model.tokenizer_dirs``). An existing
+    folder is only overwritten when it is a model directory (``checked``: the caller
+    checked that already)."""
+    from omnimask.modalities.vocab import Vocab
+    from omnimask.train.trainer import weights
+
+    d = Path(directory) if checked else check_target(directory)
     toks = {k: Path(v) for k, v in (model.tokenizer_dirs if tokenizers is None
                                     else tokenizers).items() if v}
     for kind, src in toks.items():
@@ -219,15 +227,16 @@ def load_tokenizers(directory: Path, kinds: Iterable[str]) -> dict:
 
 def load(source: str | os.PathLike, heads: Mapping[str, Any] | Iterable[str] | None = None
          ) -> OmniModel:
-    """The model a model directory holds (``model.tokenizers`` when it has them).
+    """The model a model directory holds (``model.tokenizers`` when it has them);
+    ``source`` may also be a zoo name or ``hf://org/repo`` (``omnimask.zoo.resolve``).
 
     ``heads=None``: the saved heads, every key strict. ``heads`` given (names, or name ->
     settings): the model gets exactly these; the encoder is strict, a saved head of the
     same name loads strictly, the others start fresh; ``model.load_report`` lists the
     fresh keys and the saved ones not used."""
-    d = Path(source)
-    if not d.is_dir():
-        raise OmnimaskError(f"no model directory at {d}")
+    from omnimask.zoo import resolve
+
+    d = resolve(source)
     info = read_config(d)
     cfg = _model_config(info, d / CONFIG)
     _require(d / WEIGHTS, d)

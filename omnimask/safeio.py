@@ -140,3 +140,29 @@ def load_tree(path: str | os.PathLike) -> Any:
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise UnreadableFile(f"{p} cannot be read ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'damaged'})") from None
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Extract a tar archive into ``dest``: regular files and folders only. An absolute
+    path, a ``..`` part, a link or a device anywhere in it refuses the whole archive
+    before anything is written; returns the member names."""
+    import tarfile
+
+    a, d = Path(archive), Path(dest)
+    try:
+        with tarfile.open(a) as tar:
+            members = tar.getmembers()
+            for m in members:
+                parts = Path(m.name).parts
+                if (m.name.startswith(("/", "\\")) or Path(m.name).is_absolute()
+                        or ".." in parts or "\\" in m.name):
+                    raise UnreadableFile(f"{a}: member {m.name!r} points outside the folder; "
+                                         "nothing was extracted")
+                if not (m.isfile() or m.isdir()):
+                    raise UnreadableFile(f"{a}: member {m.name!r} is a link or device; "
+                                         "nothing was extracted")
+            d.mkdir(parents=True, exist_ok=True)
+            tar.extractall(d, members=members, filter="data")
+    except tarfile.TarError as e:
+        raise UnreadableFile(f"{a} is not a readable tar archive ({e})") from None
+    return [m.name for m in members]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from omnimask.config import check_fields, save_config
-from omnimask.errors import ConfigError
+from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig
 from omnimask.runlock import RunLock
 from omnimask.safeio import atomic_write_bytes
@@ -133,9 +133,7 @@ class Finetuning:
             tc = self.cfg.tokenizers
             dirs = {"text": tc.text, "image": tc.image, "speech": tc.speech}
             return load_tokenizers(tc), {k: v for k, v in dirs.items() if v}
-        d = Path(init)
-        if not d.is_dir():
-            raise ConfigError(f"init: no model directory at {init!r} (or use init=scratch)")
+        d = self.init_dir
         kinds = [k for k in read_config(d)["tokenizers"] if k in KINDS]
         for k in ("text", "image"):
             if k not in kinds:
@@ -143,6 +141,15 @@ class Finetuning:
         toks = dir_tokenizers(d, kinds)
         toks.setdefault("speech", None)
         return toks, {k: str(d / TOKENIZERS / k) for k in kinds}
+
+    def _resolve_init(self, init: str) -> Path:
+        """``init``'s model directory: a folder, or a zoo name / ``hf://`` downloaded."""
+        from omnimask.zoo import resolve
+
+        try:
+            return resolve(init, progress=self.progress)
+        except OmnimaskError as e:
+            raise ConfigError(f"init: {e} (or use init=scratch)") from None
 
     def _head(self, name: str, base: Any) -> Any:
         """Head ``name``'s settings: ``base`` (a dict, dataclass or None) with
@@ -168,11 +175,12 @@ class Finetuning:
         from .corpus import load_or_build
 
         cfg = self.cfg
+        self.init_dir = None if cfg.init == "scratch" else self._resolve_init(cfg.init)
         self.toks, tk = self._tokenizers()
         text, image, speech = self.toks["text"], self.toks["image"], self.toks.get("speech")
         self.vocab = text.vocab(image.size, speech.size if speech else 0)
         if cfg.init != "scratch":
-            mc = read_config(cfg.init)["model"]
+            mc = read_config(self.init_dir)["model"]
             image_input = mc.get("image_input", "vq_latents")
         else:
             image_input = cfg.model.image_input
@@ -194,15 +202,15 @@ class Finetuning:
             self.model = build_model(cfg.model, self.toks, self.vocab, self.train, heads, tk,
                                      cfg.trainer.seed)
         else:
-            saved = read_config(cfg.init)["heads"]
+            saved = read_config(self.init_dir)["heads"]
             heads = {n: self._head(n, saved[n] if n in saved else t.head_config(self.train))
                      for n, t in self.tasks.items()}
-            self.model = load(cfg.init, heads=heads)
+            self.model = load(self.init_dir, heads=heads)
             self.model.tokenizer_dirs = tk
             for n in self.names:  # a fresh head that can start from pretraining heads does
                 hook = getattr(self.model.heads[n], "init_from_directory", None)
                 if n not in saved and hook is not None:
-                    done = hook(cfg.init)
+                    done = hook(self.init_dir)
                     if done:
                         log.info("heads.%s starts from the pretraining heads: %s", n,
                                  ", ".join(done))

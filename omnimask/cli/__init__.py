@@ -1,7 +1,8 @@
 """The ``omnimask`` command. ``main(argv)`` is callable from tests.
 
 One module per command group (``data``, ``tokenizer``, ``bench``, ``pretrain``,
-``finetune``, ``evaluate`` for ``eval``, ``export``, ``demo``, ``listing`` for ``list``), each with ``add_parser(sub)`` and its ``cmd_*`` functions; this module builds the parser
+``finetune``, ``evaluate`` for ``eval``, ``export``, ``zoo``, ``demo``, ``listing`` for
+``list``), each with ``add_parser(sub)`` and its ``cmd_*`` functions; this module builds the parser
 from them, splits the ``key=value`` overrides and turns errors into one line.
 Every subcommand exits non-zero with a one-line cause on bad input (``EXIT_*`` below);
 ``--debug`` or ``OMNIMASK_DEBUG=1`` shows the traceback instead.
@@ -16,7 +17,7 @@ import sys
 
 from ..config import check_override
 from ..errors import Interrupted, OmnimaskError
-from . import bench, data, demo, evaluate, export, finetune, listing, pretrain, tokenizer
+from . import bench, data, demo, evaluate, export, finetune, listing, pretrain, tokenizer, zoo
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CTRL_C,
@@ -32,7 +33,7 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_CTRL_C", "EXIT_FAILED", "EXIT_INTERRUPTED", "
            "_at_least", "_check_out_dir", "_write_json", "build_parser", "main"]
 
 # the command groups in the order --help lists them
-GROUPS = (data, tokenizer, bench, pretrain, finetune, evaluate, export, demo, listing)
+GROUPS = (data, tokenizer, bench, pretrain, finetune, evaluate, export, zoo, demo, listing)
 EPILOG = (f"exit status: 0 done; {EXIT_FAILED} failed (data inspect --strict found problems, "
           f"a demo stage failed, an unexpected error); {EXIT_BAD_INPUT} bad input (argument, "
           f"config key, file or directory: named in one line); {EXIT_INTERRUPTED} interrupted "

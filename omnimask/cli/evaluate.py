@@ -1,4 +1,4 @@
-"""``omnimask eval TASK --model DIR --data SHARDS``: a task model's metrics on shards."""
+"""``omnimask eval TASK --model DIR|ZOO_NAME --data SHARDS``: a task model's metrics on shards."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "as JSON with --out.")
     ev.add_argument("task", choices=TASKS, help="the task to evaluate")
     ev.add_argument("--model", required=True, help="a model directory with the task's head "
-                                                   "(RUN/model of omnimask finetune)")
+                                                   "(RUN/model of omnimask finetune), a zoo name or "
+                                                   "hf://org/repo")
     ev.add_argument("--data", required=True, nargs="+", help="shard paths or globs")
     ev.add_argument("--split", help="name of the split the shards hold (reported; default: "
                                     "from the shard names)")

@@ -1,4 +1,4 @@
-"""``omnimask finetune TASK --init DIR|scratch --config FILE``: fine-tune task heads."""
+"""``omnimask finetune TASK --init DIR|ZOO_NAME|scratch --config FILE``: fine-tune task heads."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"SIGTERM/SIGUSR2: checkpoint and exit {EXIT_INTERRUPTED}; the same "
                         "command resumes.")
     ft.add_argument("task", choices=TASKS, help="the task to fine-tune")
-    ft.add_argument("--init", help="a model directory (omnimask export) or scratch "
+    ft.add_argument("--init", help="a model directory (omnimask export), a zoo name "
+                                   "(omnimask zoo list), hf://org/repo, or scratch "
                                    "(overrides the config's init)")
     add_run_arguments(ft, "FinetuneConfig", "shapes_tasks")
     ft.set_defaults(fn=cmd_finetune)

@@ -16,7 +16,7 @@ def test_quick_demo(tmp_path, capsys):
     assert "== summary" in out and "resume exact: True" in out
     rep = json.loads((run / "report.json").read_text())
     assert set(rep["stages"]) == {"data", "inspect", "stats", "pipeline", "preview", "tokenizers",
-                                  "pretrain", "tasks"}
+                                  "pretrain", "tasks", "zoo"}
     assert all(s["status"] == "ok" for s in rep["stages"].values())
     m = rep["metrics"]
     assert m["data"]["train"]["samples"] == 30 and m["inspect"]["bad"] == 0
@@ -36,7 +36,7 @@ def test_quick_demo(tmp_path, capsys):
     assert t["image"]["steps"] == t["image"]["max_steps"] == 2  # a tenth of vq_steps
     assert set(rep["models"]) == {"tokenizer_text", "tokenizer_speech", "tokenizer_image",
                                   "pretrained", "pretrained_model", "vqa", "retrieval", "caption",
-                                  "segment"}
+                                  "segment", "zoo"}
     p = m["pretrain"]
     assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech"}
     assert (run / "pretrain" / "generated_images.png").is_file()
@@ -65,3 +65,15 @@ def test_quick_demo(tmp_path, capsys):
     md = (run / "report.md").read_text()
     assert "## Tasks" in md and "| VQA accuracy | test |" in md and "](examples/vqa_examples.png)" in md
     assert "| semantic mIoU | test |" in md and "| referring mIoU | test-novel |" in md
+    # the shipped zoo models: fetched into the run's own cache, evaluated beside the demo's
+    z = m["zoo"]
+    assert Path(z["cache"]) == run / "zoo" and set(rep["models"]["zoo"]) == set(z["models"])
+    from omnimask.zoo import builtin_manifest
+    from omnimask.zoo.manifest import read_manifest_file
+
+    shipped = {t for e in read_manifest_file(builtin_manifest()) for t in e.tasks}
+    assert set(z["eval"]) == shipped & {"vqa", "retrieval", "caption", "segment", "refer"}
+    assert {"vqa", "retrieval", "caption"} <= set(z["eval"])
+    for task, e in z["eval"].items():
+        assert e["result"]["n"] == 10 and e["model"] in z["models"], task
+    assert "## Zoo models beside the demo's" in md and "| VQA accuracy | " in md

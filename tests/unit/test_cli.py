@@ -11,7 +11,8 @@ from omnimask.cli import build_parser, main
 COMMANDS = [[], ["data"], ["data", "shapes"], ["data", "inspect"], ["data", "convert"],
             ["data", "convert", "coco"], ["data", "convert", "folder"], ["bench"],
             ["bench", "data"], ["bench", "tokenizer"], ["bench", "trunk"], ["demo"], ["tokenizer"], ["tokenizer", "train"],
-            ["tokenizer", "eval"], ["pretrain"], ["export"], ["list"]]
+            ["tokenizer", "eval"], ["pretrain"], ["export"], ["list"], ["zoo"], ["zoo", "list"],
+            ["zoo", "info"], ["zoo", "download"], ["zoo", "publish"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "omnimask")
@@ -25,7 +26,7 @@ def test_help_works_everywhere(cmd, capsys):
 def test_only_implemented_commands_exist():
     sub = build_parser()._subparsers._group_actions[0].choices
     assert set(sub) == {"data", "bench", "demo", "tokenizer", "pretrain", "finetune", "eval",
-                        "export", "list"}
+                        "export", "list", "zoo"}
 
 
 def test_shapes_then_inspect(tmp_path, capsys):
@@ -55,6 +56,10 @@ def test_shapes_then_inspect(tmp_path, capsys):
     (["data", "convert", "folder", "--images", "/nonexistent", "--captions", "c.csv", "--out", "o"],
      "image folder not found"),
     (["demo", "num_trian=5"], "num_trian"),
+    (["zoo", "info", "nobody/nothing"], "no zoo model named 'nobody/nothing'"),
+    (["zoo", "publish", "/nonexistent", "--name", "a/b", "--to", "X"],
+     "/nonexistent is not a directory"),
+    (["zoo", "publish", "/tmp", "--name", "Bad", "--to", "X"], "--name 'Bad' is not 'org/model'"),
 ])
 def test_bad_input_is_one_line_and_nonzero(argv, msg, capsys):
     assert main(argv) == 2

@@ -1,6 +1,7 @@
 """The demo's task section: metrics beside baselines and targets, and the time-cap note."""
 
 from omnimask.demo_tasks import baseline, cut_note, report_lines, results_rows
+from omnimask.demo_zoo import report_lines as zoo_lines
 
 
 def _tasks(steps: int) -> dict:
@@ -42,3 +43,15 @@ def test_the_report_says_when_the_time_cap_cut_a_stage():
     assert "| VQA accuracy | test | 0.500 | 0.400 | >= 0.70 | short |" in md
     assert "![examples/vqa_examples.png](examples/vqa_examples.png)" in md
     assert "stopped" not in "\n".join(report_lines(_tasks(10)))
+
+
+def test_the_zoo_table_sets_each_zoo_metric_beside_the_demo_one():
+    zoo = {"cache": "/r/zoo", "eval": {
+        "vqa": {"model": "omnimask/x-vqa", "result": {"n": 10, "metrics": {
+            "accuracy": 0.75, "per_type": {"color": 0.9}}}},
+        "segment": {"model": "omnimask/x-seg", "result": {"n": 10, "metrics": {"miou": 0.6}}}}}
+    md = "\n".join(zoo_lines(zoo, _tasks(10)))
+    assert "| VQA accuracy | 0.500 | 0.750 | >= 0.70 | omnimask/x-vqa |" in md
+    assert "| VQA colour | 0.800 | 0.900 | >= 0.75 | omnimask/x-vqa |" in md
+    assert "| semantic mIoU |  | 0.600 | >= 0.50 | omnimask/x-seg |" in md  # no demo model
+    assert "VQA count" not in md  # a metric neither evaluation has

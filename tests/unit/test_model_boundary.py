@@ -219,8 +219,9 @@ def test_save_pretrained_then_load_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         h, logits = model.encoder(b["packed"]), model(b, task="vqa")["logits"]
     d = model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors",
-                                                   "tokenizers", "vocab.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["README.md", "config.json",
+                                                   "model.safetensors", "tokenizers",
+                                                   "vocab.json"]
     info = json.loads((d / "config.json").read_text())
     assert info["heads"] == {"vqa": {"answers": [], "num_answers": 5, "priors": {}}}
     assert info["format_version"] == 1
