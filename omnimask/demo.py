@@ -12,7 +12,6 @@ Writes ``config.yaml``, ``report.json``, ``report.md``, ``report.html`` and PNGs
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import time
@@ -249,11 +248,15 @@ def _write_reports(run: Path, report: dict) -> None:
         from .demo_zoo import report_lines as zoo_lines
 
         lines += zoo_lines(m["zoo"], m.get("tasks"))
-    (run / "report.md").write_text("\n".join(lines) + "\n")
-    body = "".join(f"<p>{html.escape(ln)}</p>" if not ln.startswith("![") else
-                   f'<img src="{html.escape(ln[ln.index("(") + 1:-1])}">' for ln in lines if ln)
-    (run / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>omnimask demo"
-                                     f"</title><body style='font-family:sans-serif'>{body}</body>")
+    from .report_html import render_html, training_curves
+
+    runs = {k: Path(r["model"]).parent for k, r in m.get("tasks", {}).get("runs", {}).items()}
+    if training_curves(run, run / "training_curves.png", runs) is not None:
+        lines += ["", "## Training curves", "",
+                  "![training_curves.png](training_curves.png)"]
+    md = "\n".join(lines) + "\n"
+    (run / "report.md").write_text(md)
+    (run / "report.html").write_text(render_html(md, run))
 
 
 def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dict:

@@ -77,3 +77,6 @@ def test_quick_demo(tmp_path, capsys):
     for task, e in z["eval"].items():
         assert e["result"]["n"] == 10 and e["model"] in z["models"], task
     assert "## Zoo models beside the demo's" in md and "| VQA accuracy | " in md
+    page = (run / "report.html").read_text()  # rendered, self-contained
+    assert "<h2>Tasks" in page and "| stage |" not in page and 'src="examples/' not in page
+    assert (run / "training_curves.png").is_file() and "## Training curves" in md

@@ -55,3 +55,54 @@ def test_the_zoo_table_sets_each_zoo_metric_beside_the_demo_one():
     assert "| VQA colour | 0.800 | 0.900 | >= 0.75 | omnimask/x-vqa |" in md
     assert "| semantic mIoU |  | 0.600 | >= 0.50 | omnimask/x-seg |" in md  # no demo model
     assert "VQA count" not in md  # a metric neither evaluation has
+
+
+def _report_dir(tmp_path):
+    """A report folder: a figure and markdown with headings, a table and the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(30, 2))  # wider than any window
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "wide.png", dpi=50)
+    plt.close(fig)
+    md = ("# omnimask demo\n\n| stage | status | seconds |\n|---|---|---|\n| data | ok | 1.0 |\n"
+          "\n| metric | value | |\n|---|---|---|\n| VQA accuracy | 0.5 | short |\n"
+          "| R@10 | 0.9 | pass |\n\n![wide.png](wide.png)\n")
+    return md
+
+
+def test_the_html_report_is_rendered_and_self_contained(tmp_path):
+    from omnimask.report_html import render_html
+
+    page = render_html(_report_dir(tmp_path), tmp_path)
+    assert "<h1>omnimask demo</h1>" in page and "| stage |" not in page
+    assert page.count("<table>") == 2 and "<td>data</td>" in page
+    assert '<td class="short">short</td>' in page and '<td class="pass">pass</td>' in page
+    assert 'src="data:image/png;base64,' in page and 'src="wide.png"' not in page
+    assert "img{max-width:100%" in page  # wide figures shrink to the page
+
+
+def test_training_curves_draw_every_objective(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from omnimask.report_html import training_curves
+
+    assert training_curves(tmp_path, tmp_path / "c.png") is None  # nothing to draw
+    (tmp_path / "pretrain").mkdir()
+    rows = [{"step": 0, "split": "val", "losses": {"mlm": 7.0, "itm": 0.7}}]
+    rows += [{"step": s, "split": "train", "objective": o, o: 7.0 / s, "loss": 7.0 / s}
+             for s in range(1, 40) for o in ("mlm", "itm")]
+    rows += [{"step": 40, "split": "val", "losses": {"mlm": 3.0, "itm": 0.6}}]
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "split": "train", "objective": "vqa", "loss": 3.0 / s}) for s in range(1, 9)))
+    out = training_curves(tmp_path, tmp_path / "c.png", {"vqa": tmp_path / "ft"})
+    w, h = Image.open(out).size
+    assert out == tmp_path / "c.png" and w > 2 * h

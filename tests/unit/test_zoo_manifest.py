@@ -89,3 +89,25 @@ def test_safe_relative_paths_pass(p):
 def test_unsafe_relative_paths_fail(p):
     with pytest.raises(ManifestError):
         safe_relpath(p, "x")
+
+
+def test_the_shipped_manifest_matches_its_files():
+    """Every file the repository's zoo/manifest.json lists is there with its size and hash,
+    and every file under zoo/ is listed (nothing stale ships in the wheel)."""
+    from omnimask.safeio import sha256_file
+    from omnimask.zoo import builtin_manifest
+    from omnimask.zoo.manifest import read_manifest_file
+
+    root = builtin_manifest().parent
+    entries = read_manifest_file(builtin_manifest())
+    assert entries, "zoo/manifest.json lists no model"
+    listed = set()
+    for e in entries:
+        assert e.recipe.get("command") and e.license and e.description, e.name
+        for f in e.files:
+            p = root / f.url
+            assert p.stat().st_size == f.size and sha256_file(p) == f.sha256, f.url
+            listed.add(f.url)
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+               and p.name not in ("manifest.json", "__init__.py") and "__pycache__" not in p.parts}
+    assert on_disk == listed
