@@ -268,8 +268,8 @@ def choose_backend(device: torch.device, dtype: torch.dtype, mask: str) -> str:
     key = (device.type, dtype, mask)
     if key not in _CHOICE:
         _CHOICE[key] = _probe(device, dtype, mask)
-        log.warning("attention backend for %s/%s/%s: %s", device.type, str(dtype).split(".")[-1],
-                    mask, _CHOICE[key])
+        log.info("attention backend for %s/%s/%s: %s", device.type, str(dtype).split(".")[-1],
+                 mask, _CHOICE[key])
     return _CHOICE[key]
 
 

@@ -90,7 +90,7 @@ class ZooEntry:
 
 
 # the metric ``zoo list`` shows for each task
-HEADLINE = {"vqa": ("accuracy",), "retrieval": ("t2i_r10", "t2i_r1"), "caption": ("cider",),
+HEADLINE = {"pretrain": ("mlm_loss",), "vqa": ("accuracy",), "retrieval": ("t2i_r10", "t2i_r1"), "caption": ("cider",),
             "segment": ("miou",), "refer": ("miou",)}
 
 

@@ -75,13 +75,30 @@ def _git_commit() -> str:
         return ""
 
 
-def _run_facts(source: Path) -> dict:
-    """Steps and training seconds of a run directory's ``summary.json``."""
+def _summary(source: Path) -> dict:
     try:
         s = json.loads((source / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+    return s if isinstance(s, dict) else {}
+
+
+def _run_facts(source: Path) -> dict:
+    """Steps and training seconds of a run directory's ``summary.json``."""
+    s = _summary(source)
     return {k: s[k] for k in ("step", "train_seconds") if k in s}
+
+
+def _pretrain_metrics(source: Path) -> list[dict]:
+    """A pretraining run's final validation loss per objective (and its ratio to step 0),
+    as an eval-JSON-shaped record."""
+    val = _summary(source).get("val")
+    if not isinstance(val, dict) or not all(isinstance(v, dict) and "final" in v
+                                            for v in val.values()):
+        return []
+    m = {f"{k}_loss": v["final"] for k, v in val.items()}
+    m |= {f"{k}_ratio": v["ratio"] for k, v in val.items() if "ratio" in v}
+    return [{"task": "pretrain", "split": "val", "metrics": m}]
 
 
 def _read_evals(paths: Iterable[str | os.PathLike]) -> list[dict]:
@@ -170,6 +187,8 @@ def publish(source: str | os.PathLike, name: str, to: str | os.PathLike, *,
         raise
     _prune_empty(final)
     facts = _run_facts(src) if model != src else {}
+    if model != src and not evals:
+        evals = _pretrain_metrics(src)
     entry = ZooEntry(name=name, files=tuple(files), description=description,
                      tasks=tuple(_tasks(config)), architecture=_architecture(config),
                      license=license, metrics=tuple(evals),

@@ -117,15 +117,19 @@ def _cli(args: list[str], env: dict, audit: bool = False) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_two_processes_downloading_at_once_transfer_once(zoo_env):
+def test_two_processes_loading_at_once_transfer_once_and_both_load(zoo_env):
     server, _, _ = zoo_env
     server.delay = 0.1  # ~6 s for the weights: the two processes overlap
-    procs = [_cli(["zoo", "download", NAME, "-q"], dict(os.environ)) for _ in range(2)]
+    code = ("import omnimask, torch; m = omnimask.load('" + NAME + "'); "
+            "print(float(m.encoder.trunk.tok.weight.detach().double().sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert outs[0][0].strip() == outs[1][0].strip()  # the same cached directory
-    assert server.gets(WEIGHTS) == [None]
-    assert omnimask.load(outs[0][0].strip().splitlines()[-1]).heads["vqa"] is not None
+    assert server.gets(WEIGHTS) == [None]  # one transfer
+    want = float(zoo_env[1].encoder.trunk.tok.weight.detach().double().sum())
+    assert [float(o.strip()) for o, _ in outs] == [want, want]  # both loaded the model
 
 
 def test_offline_hits_the_cache_and_a_miss_fails_without_a_socket(zoo_env, tmp_path):
@@ -304,3 +308,15 @@ def test_shared_files_are_stored_once_and_survive_republishing(tmp_path, monkeyp
     monkeypatch.setenv("OMNIMASK_HOME", str(tmp_path / "cache"))
     assert omnimask.load("me/b").heads["vqa"].cfg.num_answers == 4
     assert {"me/a", "me/b"} <= set(zoo.entries())  # beside the shipped ones
+
+
+def test_a_pretraining_run_publishes_its_validation_losses(tmp_path):
+    run = tmp_path / "run"
+    _tiny().save_pretrained(run / "model")
+    (run / "summary.json").write_text(json.dumps({"step": 30, "train_seconds": 12.5, "val": {
+        "mlm": {"step0": 7.0, "final": 2.5, "ratio": 0.357}}}))
+    e = publish(run, "me/pre", tmp_path / "z")
+    assert e.tasks == ("encoder",) and e.recipe["step"] == 30
+    assert e.metrics == ({"task": "pretrain", "split": "val",
+                          "metrics": {"mlm_loss": 2.5, "mlm_ratio": 0.357}},)
+    assert e.headline() == "pretrain mlm_loss 2.500 (val)"

@@ -29,7 +29,7 @@ SCHEMAS = {"demo": DemoConfig, "data": DataConfig, "pretrain": PretrainConfig,
 # pyproject.toml's package-dir: repository folder -> package
 PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
             "fusion": "omnimask/fusion", "heads": "omnimask/heads", "train": "omnimask/train",
-            "configs": "omnimask/configs"}
+            "configs": "omnimask/configs", "zoo": "omnimask/zoo/shipped"}
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("*/*.yaml")), ids=lambda p: p.name)
@@ -105,6 +105,9 @@ def test_wheel_ships_every_module_and_config(tmp_path):
             if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts}
     assert want - names == set()
     assert "omnimask/cli/__main__.py" in names and "omnimask/configs/demo/default.yaml" in names
+    shipped = {f"omnimask/zoo/shipped/{p.relative_to(REPO / 'zoo').as_posix()}"
+               for p in (REPO / "zoo").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped - names == set()  # the zoo's manifest and every model file it lists
 
     # the unpacked wheel, ahead of the editable install, away from the repository's configs/
     site = tmp_path / "site"
@@ -118,3 +121,9 @@ def test_wheel_ships_every_module_and_config(tmp_path):
                          cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
     assert run.returncode == 0, run.stderr
     assert "shapes_tiny" in run.stdout and "max_steps:" in run.stdout
+    # the installed zoo: its manifest and models come from the wheel, not the checkout
+    run = subprocess.run([sys.executable, "-m", "omnimask.cli", "zoo", "info",
+                          "omnimask/shapes-tiny-vqa", "--files"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr
+    assert str(site / "omnimask" / "zoo" / "shipped") in run.stdout
