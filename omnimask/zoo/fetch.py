@@ -135,11 +135,9 @@ def fetch_file(url: str, target: Path, f: ZooFile, root: Path, progress: bool | 
             part.unlink(missing_ok=True)
         if not (resumed and part.stat().st_size == f.size):
             _transfer(url, part, f, label, progress)
+        # a transfer that ended without an error is the whole file as the source has it
         size = part.stat().st_size if part.exists() else 0
-        if size < f.size:  # the source closed early without an error: keep it to resume
-            raise DownloadError(f"{label}: the transfer from {url} ended at {size} of "
-                                f"{f.size} bytes; run the same command again to resume")
-        got = sha256_file(part)
+        got = sha256_file(part) if part.exists() else hashlib.sha256().hexdigest()
         if got == f.sha256 and part.stat().st_size == f.size:
             break
         part.unlink(missing_ok=True)
@@ -164,7 +162,8 @@ def _bar(total: int, initial: int, label: str, progress: bool | None):
 
 def _transfer(url: str, part: Path, f: ZooFile, label: str, progress: bool | None) -> None:
     """Append the rest of ``url`` to ``part`` (the whole of it when the source cannot
-    start mid-way); never more than ``f.size`` bytes."""
+    start mid-way); never more than ``_cap(f.size)`` bytes. A stream shorter than its
+    Content-Length is a cut (the part stays, to resume)."""
     if url.startswith("hf://"):
         return _from_hub(url, part, label)
     have = part.stat().st_size if part.exists() else 0
@@ -174,7 +173,7 @@ def _transfer(url: str, part: Path, f: ZooFile, label: str, progress: bool | Non
             raise DownloadError(f"{label}: {src} does not exist")
         with open(src, "rb") as r, open(part, "wb") as w, _bar(f.size, 0, label,
                                                                  progress) as bar:
-            _copy(r, w, f.size, bar, url)
+            _copy(r, w, _cap(f.size), bar, url)
         if src.stat().st_size != f.size:  # a local file is whole or wrong, never cut
             part.unlink(missing_ok=True)
             raise DownloadError(f"{f.path} of {label.split(':')[0]} at {src}: SHA-256 "
@@ -195,8 +194,13 @@ def _transfer(url: str, part: Path, f: ZooFile, label: str, progress: bool | Non
                     raise DownloadError(f"{label}: {url} answered the range request from "
                                         f"byte {have} with {crange!r}")
             mode = "ab" if start else "wb"  # 200: the server sent the whole file
+            length = r.headers.get("Content-Length")
             with open(part, mode) as w, _bar(f.size, start, label, progress) as bar:
-                _copy(r, w, f.size - start, bar, url)
+                n = _copy(r, w, _cap(f.size) - start, bar, url)
+            if length is not None and length.isdigit() and n < int(length):
+                raise DownloadError(f"{label}: the transfer from {url} stopped at byte "
+                                    f"{start + n} of {start + int(length)}; run the same "
+                                    "command again to resume")
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the range lies past the file: start again
             part.unlink(missing_ok=True)
@@ -209,16 +213,20 @@ def _transfer(url: str, part: Path, f: ZooFile, label: str, progress: bool | Non
     return None
 
 
-def _copy(r, w, limit: int, bar, url: str) -> None:
+def _cap(size: int) -> int:
+    """The most bytes read for a file of ``size``: a longer one is hashed whole for the
+    error message up to this, never streamed without end."""
+    return 2 * size + (1 << 20)
+
+
+def _copy(r, w, limit: int, bar, url: str) -> int:
+    """Copy at most ``limit`` bytes from ``r`` to ``w``; the number copied."""
     n = 0
-    while chunk := r.read(CHUNK):
+    while n < limit and (chunk := r.read(min(CHUNK, limit - n))):
         n += len(chunk)
-        if n > limit:  # a source that sends more than the manifest's size is not this file
-            w.write(chunk[: len(chunk) - (n - limit)])
-            bar.update(len(chunk) - (n - limit))
-            return
         w.write(chunk)
         bar.update(len(chunk))
+    return n
 
 
 def _from_hub(url: str, part: Path, label: str) -> None:

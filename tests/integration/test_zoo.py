@@ -72,13 +72,19 @@ def test_publish_download_load_gives_identical_outputs_and_then_hits_the_cache(z
     assert sorted(p.name for p in (cache / "zoo" / ".partial").iterdir()) == []
 
 
-def test_a_tampered_file_names_both_hashes_and_is_not_cached(zoo_env, tmp_path):
+@pytest.mark.parametrize("tamper", ["flip", "shorter", "longer"])
+def test_a_tampered_file_names_both_hashes_and_is_not_cached(zoo_env, tmp_path, tamper):
     server, _, cache = zoo_env
     served = tmp_path / "served" / WEIGHTS
     expected = zoo.entry(NAME).files
     sha = next(f.sha256 for f in expected if f.path == "model.safetensors")
     data = bytearray(served.read_bytes())
-    data[-1] ^= 0xFF  # same size, one byte
+    if tamper == "flip":
+        data[-1] ^= 0xFF  # same size, one byte
+    elif tamper == "shorter":
+        data = data[:-100]
+    else:
+        data += b"\0" * 100
     served.write_bytes(bytes(data))
     with pytest.raises(DownloadError, match=rf"model.safetensors of {NAME} .*SHA-256 "
                                             rf"[0-9a-f]{{64}} .*the manifest says {sha}"):
