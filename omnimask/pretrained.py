@@ -30,7 +30,7 @@ import torch
 
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig, OmniModel, head_specs
-from omnimask.safeio import atomic_write, atomic_write_bytes
+from omnimask.safeio import atomic_write, atomic_write_bytes, versioned_json
 
 FORMAT, FORMAT_VERSION = "omnimask-model", 1
 CONFIG, WEIGHTS, VOCAB, TOKENIZERS = "config.json", "model.safetensors", "vocab.json", "tokenizers"
@@ -124,18 +124,7 @@ def read_config(directory: str | os.PathLike) -> dict:
     """``config.json`` of a model directory, checked: format, version, its fields."""
     d = Path(directory)
     p = _require(d / CONFIG, d)
-    try:
-        info = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OmnimaskError(f"{p} is not JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise OmnimaskError(f"{p} is not an omnimask model config (no \"format\": \"{FORMAT}\")")
-    version = info.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise OmnimaskError(f"{p}: format_version must be a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise OmnimaskError(f"{p} has format version {version}, written by a newer omnimask; "
-                            f"this one reads up to version {FORMAT_VERSION}: upgrade omnimask")
+    info = versioned_json(p.read_bytes(), str(p), FORMAT, FORMAT_VERSION, "model config")
     for key, kind in (("model", dict), ("heads", dict), ("tokenizers", list)):
         if not isinstance(info.get(key), kind):
             raise OmnimaskError(f"{p}: '{key}' must be a JSON {kind.__name__}")

@@ -166,3 +166,22 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[st
     except tarfile.TarError as e:
         raise UnreadableFile(f"{a} is not a readable tar archive ({e})") from None
     return [m.name for m in members]
+
+
+def versioned_json(text: str | bytes, where: str, fmt: str, newest: int, what: str,
+                   error: type[Exception] = OmnimaskError) -> dict:
+    """A JSON object tagged ``{"format": fmt, "format_version": N}`` with 1 <= N <=
+    ``newest``; else ``error`` naming ``where`` (a newer version asks for an upgrade)."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{where} is not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{where} is not an omnimask {what} (no \"format\": \"{fmt}\")")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise error(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > newest:
+        raise error(f"{where} has format version {version}, written by a newer omnimask; "
+                    f"this one reads up to version {newest}: upgrade omnimask")
+    return doc

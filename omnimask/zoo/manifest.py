@@ -157,19 +157,9 @@ def parse_entry(d: Any, where: str, source: str = "") -> ZooEntry:
 def parse_manifest(text: str | bytes, where: str, source: str = "") -> list[ZooEntry]:
     """The entries of a manifest's text; ``where`` names it in errors, ``source`` (its path
     or URL) is what relative file URLs resolve against."""
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{where} is not JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ManifestError(f"{where} is not an omnimask zoo manifest (no \"format\": "
-                            f"\"{FORMAT}\")")
-    version = doc.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ManifestError(f"{where}: format_version must be a positive integer")
-    if version > FORMAT_VERSION:
-        raise ManifestError(f"{where} has format version {version}, written by a newer "
-                            f"omnimask; this one reads up to {FORMAT_VERSION}: upgrade omnimask")
+    from omnimask.safeio import versioned_json
+
+    doc = versioned_json(text, where, FORMAT, FORMAT_VERSION, "zoo manifest", ManifestError)
     models = _field(doc, "models", list, where)
     entries = [parse_entry(m, f"{where}: models[{i}]", source) for i, m in enumerate(models)]
     names = [e.name for e in entries]
