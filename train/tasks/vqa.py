@@ -11,6 +11,7 @@ training answer, kept in the head's settings).
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,15 +174,17 @@ def report_examples(corpus, shown: list[tuple], path: Path) -> Path:
 
     cols = 4
     rows = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (i, q, pred, truth) in zip(axes.flat, shown):
         ax.imshow(corpus.pixels[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        mark = "right" if pred == truth else "wrong"
-        ax.set_title(f"{q}\nmodel: {pred} ({mark})\ntruth: {truth}", fontsize=9)
-    fig.suptitle("VQA: questions, the model's answers and the truth", fontsize=12)
-    fig.tight_layout()
+        right = pred == truth
+        # a long question wraps inside its column; green when right, red when wrong
+        ax.set_title(f"{textwrap.fill(q, 34)}\nmodel: {pred} ({'right' if right else 'wrong'})"
+                     f"\ntruth: {truth}", fontsize=10, color="#0a7d28" if right else "#b00020")
+    fig.suptitle("VQA: questions, the model's answers and the truth", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
