@@ -77,11 +77,9 @@ def training_curves(run: str | Path, out: str | Path,
                     finetune: dict[str, str] | None = None) -> Path | None:
     """``run/pretrain/metrics.jsonl`` (and ``finetune``: label -> run directory) as one
     PNG of loss curves; None when there is nothing to draw."""
-    import matplotlib
+    from .train.tasks.base import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pre = _rows(Path(run) / "pretrain" / "metrics.jsonl")
     ft = {k: _rows(Path(v) / "metrics.jsonl") for k, v in (finetune or {}).items()}
     ft = {k: v for k, v in ft.items() if any(r.get("split") == "train" for r in v)}
@@ -118,7 +116,4 @@ def training_curves(run: str | Path, out: str | Path,
             ax.legend(fontsize=8, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out), dpi=90)

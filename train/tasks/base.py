@@ -154,6 +154,24 @@ def evaluating(model):
         model.train(was)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (example figures are files, never windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` (its folder created) and free it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def first(corpus, limit: int | None) -> list[int]:
     """The indices an evaluation reads: the first ``limit`` samples (all when None)."""
     n = len(corpus) if limit is None else min(limit, len(corpus))

@@ -8,14 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .base import pyplot, save_figure
 
 
 def _image(corpus, i: int) -> np.ndarray:
@@ -46,7 +39,7 @@ def semantic_examples(corpus, shown: list[tuple[int, torch.Tensor, torch.Tensor]
     class maps, both in ``names``' ids), two per row, a legend of the class colours; then
     ``clicks``: (image, clicks [(row, col, positive)], mask) drawn as the mask with its
     clicks."""
-    plt = _plt()
+    plt = pyplot()
     pal = _palette(len(names))
     per_row = 2
     rows = (len(shown) + per_row - 1) // per_row + (1 if clicks else 0)
@@ -79,16 +72,13 @@ def semantic_examples(corpus, shown: list[tuple[int, torch.Tensor, torch.Tensor]
     fig.legend(handles, names[1:], loc="lower center", ncol=min(8, len(names)), fontsize=8)
     fig.suptitle("Segmentation: classes (truth, model) and clicked objects", fontsize=12)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def referring_examples(corpus, shown: list[tuple], path: Path) -> Path:
     """Each (image, expression, predicted mask, true mask): the image with the true object
     outlined in green and the model's mask in dashed yellow, the expression as the title."""
-    plt = _plt()
+    plt = pyplot()
     cols = 4
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(max(rows, 1), cols, figsize=(3.0 * cols, 3.2 * max(rows, 1)),
@@ -107,7 +97,4 @@ def referring_examples(corpus, shown: list[tuple], path: Path) -> Path:
     fig.suptitle("Referring segmentation: the model's mask (dashed yellow), the object (green)",
                  fontsize=12)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

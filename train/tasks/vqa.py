@@ -23,7 +23,7 @@ from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
 
 from ..objectives.base import image_segment, text_segment
-from .base import Task, evaluating, first, pack_blocks, task
+from .base import Task, evaluating, first, pack_blocks, pyplot, save_figure, task
 
 
 @dataclass
@@ -167,11 +167,7 @@ class VQA(Task):
 
 def report_examples(corpus, shown: list[tuple], path: Path) -> Path:
     """A grid of images with a question, the model's answer and the truth under each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = 4
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.5 * rows), squeeze=False)
@@ -185,7 +181,4 @@ def report_examples(corpus, shown: list[tuple], path: Path) -> Path:
                      f"\ntruth: {truth}", fontsize=10, color="#0a7d28" if right else "#b00020")
     fig.suptitle("VQA: questions, the model's answers and the truth", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
