@@ -47,7 +47,7 @@ def _remote_manifest(url: str) -> list[ZooEntry]:
         if not keep.is_file():
             raise OfflineError(f"offline (OMNIMASK_OFFLINE/HF_HUB_OFFLINE) and {where} was "
                                "never read online; unset offline mode once")
-        text = keep.read_bytes()
+        entries = parse_manifest(keep.read_bytes(), where, url)
     else:
         try:
             with urllib.request.urlopen(url, timeout=30) as r:
@@ -59,12 +59,13 @@ def _remote_manifest(url: str) -> list[ZooEntry]:
 
         keep.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(keep, text)
-    _REMOTE[url] = entries = parse_manifest(text, where, url)
+    _REMOTE[url] = entries
     return entries
 
 
 def manifest_sources() -> list[str]:
-    out = [str(builtin_manifest())] if builtin_manifest().is_file() else []
+    shipped = builtin_manifest()
+    out = [str(shipped)] if shipped.is_file() else []
     return out + [s.strip() for s in os.environ.get("OMNIMASK_ZOO", "").split(",") if s.strip()]
 
 

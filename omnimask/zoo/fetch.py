@@ -72,10 +72,14 @@ def cached(entry: ZooEntry, root: Path) -> bool:
     return all(_present(d / f.path, f) for f in entry.files)
 
 
+def _whole(path: Path, f: ZooFile) -> bool:
+    """Files enter the cache only verified, so their size tells."""
+    return path.is_file() and path.stat().st_size == f.size
+
+
 def _present(path: Path, f: ZooFile) -> bool:
-    """Verified on arrival, so its size tells; an archive also needs its unpacked mark."""
-    return path.is_file() and path.stat().st_size == f.size and (
-        not f.extract or _mark(path).is_file())
+    """In the cache, and an archive unpacked too (its mark)."""
+    return _whole(path, f) and (not f.extract or _mark(path).is_file())
 
 
 def _mark(path: Path) -> Path:
@@ -109,7 +113,7 @@ def fetch_entry(entry: ZooEntry, root: Path | None = None, progress: bool | None
             target = d / f.path
             if not force and _present(target, f):  # another process finished it meanwhile
                 continue
-            if not (target.is_file() and target.stat().st_size == f.size) or force:
+            if force or not _whole(target, f):
                 fetch_file(resolve_url(f, entry), target, f, root, progress, entry.name)
             if f.extract:
                 try:

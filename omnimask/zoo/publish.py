@@ -83,16 +83,15 @@ def _summary(source: Path) -> dict:
     return s if isinstance(s, dict) else {}
 
 
-def _run_facts(source: Path) -> dict:
-    """Steps and training seconds of a run directory's ``summary.json``."""
-    s = _summary(source)
-    return {k: s[k] for k in ("step", "train_seconds") if k in s}
+def _run_facts(summary: dict) -> dict:
+    """Steps and training seconds of a run's ``summary.json``."""
+    return {k: summary[k] for k in ("step", "train_seconds") if k in summary}
 
 
-def _pretrain_metrics(source: Path) -> list[dict]:
+def _pretrain_metrics(summary: dict) -> list[dict]:
     """A pretraining run's final validation loss per objective (and its ratio to step 0),
     as an eval-JSON-shaped record."""
-    val = _summary(source).get("val")
+    val = summary.get("val")
     if not isinstance(val, dict) or not all(isinstance(v, dict) and "final" in v
                                             for v in val.values()):
         return []
@@ -186,9 +185,9 @@ def publish(source: str | os.PathLike, name: str, to: str | os.PathLike, *,
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _prune_empty(final)
-    facts = _run_facts(src) if model != src else {}
-    if model != src and not evals:
-        evals = _pretrain_metrics(src)
+    summary = _summary(src) if model != src else {}  # a run directory's
+    facts = _run_facts(summary)
+    evals = evals or _pretrain_metrics(summary)
     entry = ZooEntry(name=name, files=tuple(files), description=description,
                      tasks=tuple(_tasks(config)), architecture=_architecture(config),
                      license=license, metrics=tuple(evals),
