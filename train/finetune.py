@@ -27,13 +27,12 @@ import torch
 from omnimask.config import check_fields, save_config
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig
-from omnimask.runlock import RunLock
 from omnimask.safeio import atomic_write_bytes
 
-from .distributed import rank_and_world
+from . import distributed as dist
 from .pretrain import TokenizerPaths, build_model, load_tokenizers
 from .tasks.base import TASKS, TaskContext, task_config
-from .trainer import Trainer, TrainerConfig, step_seed
+from .trainer import Trainer, TrainerConfig, load_weights, step_seed
 
 log = logging.getLogger("omnimask.finetune")
 TASK_NAMES = ("vqa", "retrieval", "caption", "segment")
@@ -115,12 +114,14 @@ class Finetuning:
         self.names = cfg.task_names
         self.task_cfgs = {n: task_config(n, cfg.tasks.get(n)) for n in self.names}
         self.run = Path(cfg.out)
-        self.lock = RunLock(self.run)
-        try:
-            self._build()
-        except BaseException:
-            self.lock.release()
-            raise
+        self._fwd = None  # the trainer's forward entry (DDP/FSDP) while training
+        with dist.rank0_first(cfg.trainer.parallel, cfg.trainer.device):
+            self.lock = dist.run_lock(self.run)  # rank 0 holds it for all
+            try:
+                self._build()
+            except BaseException:
+                self.lock.release()
+                raise
 
     # -- build -------------------------------------------------------------------------------
     def _tokenizers(self) -> tuple[dict, dict[str, str]]:
@@ -236,14 +237,14 @@ class Finetuning:
             name = self.names[int(torch.multinomial(w, 1, generator=g))]
         else:
             name = self.names[0]
-        rank, _ = rank_and_world()
-        gd = torch.Generator().manual_seed(step_seed(seed + 7919 * (rank + 1), step, micro))
+        # `micro` counts micro-batches over all ranks: each rank draws its own samples
+        gd = torch.Generator().manual_seed(step_seed(seed + 7919, step, micro))
         n = min(self.cfg.trainer.batch_size, len(self.train))
         idx = torch.randperm(len(self.train), generator=gd)[:n].tolist()
         return name, self.tasks[name].batch(self.train, idx, gd)
 
     def loss(self, name: str, batch: dict) -> dict:
-        return self.tasks[name].loss(self.model, batch)
+        return self.tasks[name].loss(self._fwd or self.model, batch)
 
     # -- validation and the best model --------------------------------------------------------
     def evaluate(self, model) -> dict:
@@ -266,13 +267,20 @@ class Finetuning:
         then swapped in."""
         from omnimask.model import OmniModel
 
+        trainer = getattr(self, "trainer", None)
+        # under FSDP every rank evaluates and gathers the weights; rank 0 writes
+        sd = trainer._weights() if trainer is not None and trainer.fsdp else None
+        if not dist.is_main():
+            return
         out, tmp = self.run / "model", self.run / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         m = self.model
         heads = {n: m.head_configs[n] for n in self.names}
         slim = OmniModel(m.cfg, heads)
-        slim.load_state_dict({k: v for k, v in m.state_dict().items()
-                              if k.startswith("encoder.") or k.split(".")[1] in heads})
+        sd = sd if sd is not None else m.state_dict()
+        load_weights(slim, {k: v for k, v in sd.items()
+                            if k.startswith("encoder.") or k.split(".")[1] in heads},
+                     "the fine-tuned weights")
         slim.vocab, slim.tokenizer_dirs = m.vocab, m.tokenizer_dirs
         slim.save_pretrained(tmp)
         self.best = {"step": step, "score": score, "metric": self.metric_name,
@@ -297,11 +305,15 @@ class Finetuning:
         self.trainer = Trainer(self.cfg.trainer, self.run, self.model, self.make_batch,
                                self.loss, self.evaluate, self.progress,
                                desc=f"finetune {self.cfg.task}")
+        self._fwd = self.trainer.forward_model
         try:
             summary = self.trainer.fit()
+            self._fwd = None
             summary["train_seconds"] = round(time.perf_counter() - t0, 1)
             if not (self.run / "model").is_dir():  # no evaluation beat -inf: keep the last
                 self._export(self.trainer.step, float("nan"), {})
+            if not dist.is_main():
+                return summary
             summary["best"] = self._read_best()
             summary["model"] = str(self.run / "model")
             atomic_write_bytes(self.run / "summary.json", json.dumps(summary, indent=1).encode())

@@ -20,11 +20,10 @@ import torch
 from omnimask.config import check_fields, save_config
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig, OmniModel
-from omnimask.runlock import RunLock
 from omnimask.safeio import atomic_write_bytes
 
 from . import checkpoint as ckpt
-from .distributed import rank_and_world
+from . import distributed as dist
 from .encoder_warmup import EncoderWarmupConfig, check_labels, warm_up_encoder
 from .evaluate import samples, val_history
 from .objectives.base import (
@@ -147,7 +146,13 @@ class Pretraining:
             raise ConfigError(f"model.image_input={ii} needs data.features={want}, got "
                               f"data.features={feats}")
         self.run = Path(cfg.out)
-        self.lock = RunLock(self.run)  # before anything in the run directory is touched
+        self._fwd = None  # the trainer's forward entry (DDP/FSDP) while training
+        with dist.rank0_first(cfg.trainer.parallel, cfg.trainer.device):
+            # before anything in the run directory is touched (rank 0 holds it for all)
+            self.lock = dist.run_lock(self.run)
+            self._build_locked(progress)
+
+    def _build_locked(self, progress: bool) -> None:
         try:
             self._build(progress)
         except BaseException:
@@ -241,8 +246,8 @@ class Pretraining:
         g = torch.Generator().manual_seed(step_seed(seed, step))
         w = mix_weights(self.names, self.cfg.objectives, step)
         name = self.names[int(torch.multinomial(w, 1, generator=g))]
-        rank, _ = rank_and_world()
-        gd = torch.Generator().manual_seed(step_seed(seed + 7919 * (rank + 1), step, micro))
+        # `micro` counts micro-batches over all ranks: each rank draws its own samples
+        gd = torch.Generator().manual_seed(step_seed(seed + 7919, step, micro))
         n = min(self.cfg.trainer.batch_size, len(self.train))
         idx = torch.randperm(len(self.train), generator=gd)[:n].tolist()
         return name, self.objectives[name].batch(self.train, idx, gd)
@@ -258,15 +263,16 @@ class Pretraining:
                 out[name].append(self.objectives[name].batch(self.val, idx, g))
         return out
 
-    def loss(self, name: str, batch: dict) -> dict:
+    def loss(self, name: str, batch: dict, model=None) -> dict:
+        """One objective's loss dict; through the trainer's forward entry while training."""
         b = {k: (v.to(self.device) if hasattr(v, "to") and not isinstance(v, list) else v)
              for k, v in batch.items()} if self.device.type != "cpu" else batch
-        return self.objectives[name].loss(self.model, b)
+        return self.objectives[name].loss(model or self._fwd or self.model, b)
 
     def evaluate(self, model) -> dict:
         losses, extra = {}, {}
         for name, batches in self._val_batches.items():
-            outs = [self.loss(name, b) for b in batches]
+            outs = [self.loss(name, b, model) for b in batches]
             losses[name] = round(sum(float(o[name]) for o in outs) / len(outs), 5)
             for key in outs[0]:
                 if key not in ("loss", name, "tokens"):
@@ -285,9 +291,11 @@ class Pretraining:
         if wc.steps <= 0 or self._resumes():
             return None
         enc = self.model.encoder.embedders["image"].encoder
+        # every rank warms up alike (seeded, deterministic on CPU); rank 0 writes
         out = warm_up_encoder(enc, self.train, self.val, wc, self.cfg.trainer.seed,
-                              self.progress)
-        atomic_write_bytes(self.run / WARMUP, json.dumps(out, indent=1).encode())
+                              self.progress and dist.is_main())
+        if dist.is_main():
+            atomic_write_bytes(self.run / WARMUP, json.dumps(out, indent=1).encode())
         return out
 
     def fit(self) -> dict:
@@ -295,8 +303,14 @@ class Pretraining:
         warm = self.warm_up()
         trainer = Trainer(self.cfg.trainer, self.run, self.model, self.make_batch, self.loss,
                           self.evaluate, self.progress)
+        self._fwd = trainer.forward_model
         try:
             summary = trainer.fit()
+            self._fwd = None
+            if trainer.fsdp:  # the end-of-run samples need whole weights: gathered to rank 0
+                self.model = self._unsharded(trainer)
+            if not dist.is_main():  # rank 0 writes the samples and the summary
+                return summary
             summary["train_seconds"] = round(time.perf_counter() - t0, 1)
             if (self.run / WARMUP).is_file():
                 summary["encoder_warmup"] = warm or json.loads((self.run / WARMUP).read_text())
@@ -309,6 +323,18 @@ class Pretraining:
         finally:
             self.lock.release()
         return summary
+
+    def _unsharded(self, trainer: Trainer) -> OmniModel | None:
+        """A plain copy of an FSDP-trained model on rank 0 (every rank must call this)."""
+        from .trainer import load_weights
+
+        w = trainer._weights()
+        if not dist.is_main():
+            return None
+        m = OmniModel(self.cfg.model, pretraining_heads(self.cfg.objectives))
+        load_weights(m, w, "the FSDP-trained weights")
+        m.vocab, m.tokenizer_dirs = self.model.vocab, self.model.tokenizer_dirs
+        return m.to(trainer.device)
 
 
 def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dirs: dict,

@@ -10,8 +10,18 @@ losses of an unbroken one exactly (tested with SIGKILL). A data source that keep
 instead (``data=``: ``make_batch`` plus ``state_dict``/``load_state_dict``) has that state
 stored in every checkpoint and restored on resume.
 
-Hooks: ``parallelize(model)`` wraps the model before the optimizer is built (identity by
-default; the distributed issue fills it with DDP/FSDP), ``after_step(step, outputs)`` runs
+Data parallel (``parallel``: ddp | fsdp, under torchrun or ``omnimask submit``): every rank
+runs ``make_batch(step, rank * accumulate + micro)``, so W ranks with accumulation A
+compute exactly what one process with accumulation W*A does; losses are averaged over
+ranks for the logs; rank 0 alone writes metrics, TensorBoard and checkpoints, which hold
+whole (unsharded) tensors, so a run resumes on any number of ranks. Ranks agree every
+step on stopping (a signal on any rank, the time budget of rank 0's clock) and on a
+non-finite loss, so they save and stop at the same step. The loss function must call the
+model through ``trainer.forward_model`` (the DDP/FSDP entry point; attributes are the
+module's).
+
+Hooks: ``parallelize(model)`` wraps the model before the optimizer is built (after
+``parallel``'s wrapper, identity by default), ``after_step(step, outputs)`` runs
 after each applied optimizer step with the micro-batches' loss dicts and may return extra
 metrics for that step's row (the VQ's codebook usage).
 
@@ -53,6 +63,7 @@ from omnimask.safeio import atomic_write_bytes
 from omnimask.stopsignals import StopSignals
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 
 log = logging.getLogger("omnimask.trainer")
 
@@ -83,11 +94,13 @@ class TrainerConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = True
+    parallel: str = "none"  # none | ddp | fsdp (with more than one process: torchrun, submit)
 
     def __post_init__(self) -> None:
         p = "trainer."  # where it sits in a pretraining config: errors name the full key
         for key, allowed in (("precision", ("auto", "fp32", "bf16")),
-                             ("schedule_by", ("steps", "time")), ("optimizer", ("adamw", "adam"))):
+                             ("schedule_by", ("steps", "time")), ("optimizer", ("adamw", "adam")),
+                             ("parallel", dist.PARALLEL)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{p}{key} must be {'|'.join(allowed)}, got "
                                  f"{getattr(self, key)!r}")
@@ -106,6 +119,9 @@ class TrainerConfig:
         check_fields(self, "[0,1)", "ema", prefix=p)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{p}betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.parallel == "fsdp" and self.ema > 0:
+            raise ValueError(f"{p}ema is not supported with {p}parallel=fsdp (the average "
+                             "would need whole weights on every rank); use ddp")
         problem = device_problem(self.device)
         if problem:
             raise ValueError(f"{p}device {problem}")
@@ -211,17 +227,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def aliases(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict keys that name a tensor an earlier key already names (tied embeddings)
+    -> that earlier key."""
+    out, first = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in first:
+            out[k] = first[key]
+        else:
+            first[key] = k
+    return out
+
+
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict with shared tensors (tied embeddings) stored once each: safetensors
     refuses aliases. ``load_weights`` restores them through the module's own ties."""
-    out, seen = {}, set()
-    for k, v in model.state_dict().items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v
-    return out
+    tied = aliases(model)
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -250,7 +273,7 @@ class Trainer:
                  progress: bool = True, *, data=None,
                  parallelize: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  after_step: Callable[[int, list[dict]], dict | None] | None = None,
-                 desc: str = "pretrain", units: str = "tokens") -> None:
+                 desc: str = "pretrain", units: str = "tokens", local: bool = False) -> None:
         if (make_batch is None) == (data is None):
             raise TypeError("Trainer needs exactly one of make_batch and data")
         if data is not None and not all(callable(getattr(data, a, None)) for a in
@@ -263,15 +286,27 @@ class Trainer:
         self.run.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        self.device = dist.device_for_rank(resolve_device(cfg.device))
+        # local: a helper this process trains alone (the shape judge on rank 0)
+        self.rank, self.world = (0, 1) if local else dist.rank_and_world()
+        if self.world > 1 and cfg.parallel == "none":
+            raise ConfigError(f"launched as {self.world} processes but trainer.parallel=none "
+                              "(each would train alone): set trainer.parallel=ddp or fsdp")
+        if self.world > 1:
+            dist.setup(self.device)
         model = model.to(self.device)
+        self._aliases = aliases(model)  # tied weights, known before FSDP shards them
+        model = dist.wrap(model, cfg.parallel, self.device)
         self.model = parallelize(model) if parallelize is not None else model
+        self.module = dist.unwrap(self.model)  # the plain module: weights, EMA, checkpoints
+        self.fsdp = dist.is_fsdp(self.module)
+        self.forward_model = dist.Forward(self.module, self.model)
         self.data = data
         self.make_batch = data.make_batch if data is not None else make_batch
         self.loss_fn, self.evaluate, self.after_step = loss_fn, evaluate, after_step
         self.progress, self.desc, self.units = progress, desc, units
-        self.opt = make_optimizer(cfg, self.model)
-        self.ema = ({k: v.detach().clone().float() for k, v in weights(self.model).items()
+        self.opt = make_optimizer(cfg, self.module)
+        self.ema = ({k: v.detach().clone().float() for k, v in weights(self.module).items()
                      if v.is_floating_point()} if cfg.ema > 0 else None)
         self.step = 0
         self.schedule = {"warmup": cfg.warmup_steps, "total": cfg.max_steps,
@@ -315,26 +350,105 @@ class Trainer:
         data = {"seed": self.cfg.seed, "step": self.step}
         if self.data is not None:
             data["source"] = self.data.state_dict()
-        return {"step": self.step, "optimizer": self.opt.state_dict(),
+        return {"step": self.step, "optimizer": self._optimizer_state(),
                 "schedule": dict(self.schedule), "nonfinite": dict(self.nonfinite),
                 "elapsed": self.elapsed, "rng": rng_state(), "ema": self.ema,
                 "data": data, "config": asdict(self.cfg)}
 
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state as one process holds it (parameters numbered in group
+        order): under FSDP gathered whole from the shards (every rank calls this)."""
+        if not self.fsdp:
+            return self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        full = get_optimizer_state_dict(self.module, self.opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        mine = self.opt.state_dict()
+        names = self._param_names()
+        state = {}
+        for i, name in enumerate(n for g in names for n in g):
+            if name in full.get("state", {}):
+                state[i] = full["state"][name]
+        return {"state": state, "param_groups": mine["param_groups"]}
+
+    def _param_names(self) -> list[list[str]]:
+        """Each optimizer group's parameter names, in the optimizer's order."""
+        by_id = {id(p): n for n, p in self.module.named_parameters()}
+        return [[by_id[id(p)] for p in g["params"]] for g in self.opt.param_groups]
+
+    def _load_optimizer(self, sd: dict) -> None:
+        if not self.fsdp:
+            self.opt.load_state_dict(sd)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        names = [n for g in self._param_names() for n in g]
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+        full = {"state": {names[int(i)]: v for i, v in sd["state"].items()},
+                "param_groups": groups}
+        # parameters that never had a gradient (an unused modality) have no state
+        set_optimizer_state_dict(self.module, self.opt, full,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """Whole weights (every rank calls this; under FSDP only rank 0 gets them)."""
+        if not self.fsdp:
+            return weights(self.module)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in full.items() if k not in self._aliases}
+
+    def _load_weights(self, sd: dict[str, torch.Tensor], what: str) -> None:
+        if not self.fsdp:
+            load_weights(self.module, sd, what)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        names = set(self.module.state_dict())
+        missing, unexpected = names - set(sd) - set(self._aliases), set(sd) - names
+        if missing or unexpected:
+            raise OmnimaskError(f"{what}: weights do not fit the model: missing "
+                                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        # tied aliases are left out: the shared parameter is loaded once, by its first name
+        set_model_state_dict(self.module, sd, options=StateDictOptions(full_state_dict=True,
+                                                                       strict=False))
+
     def save(self) -> Path:
-        path = ckpt.save(self.ckpt_dir, self.step, weights(self.model), self.state(),
-                         keep=self.cfg.keep)
-        log.info("checkpoint %s", path)
-        return path
+        """Every rank calls this (FSDP gathers); rank 0 writes; all return its path."""
+        w, st = self._weights(), self.state()
+        path = None
+        if self.rank == 0:
+            path = ckpt.save(self.ckpt_dir, self.step, w, st, keep=self.cfg.keep)
+            log.info("checkpoint %s", path)
+        return Path(self._broadcast(str(path)))
 
     def restore(self) -> bool:
         r = self.cfg.resume
         if r == "never":
             return False
         if r == "auto":
-            found = ckpt.load_newest(self.ckpt_dir)
-            if found is None:
+            # rank 0 picks (the newest complete one, past a damaged newest); all load it
+            found = ckpt.load_newest(self.ckpt_dir) if self.rank == 0 else None
+            chosen = self._broadcast(str(found[0]) if found else "")
+            if not chosen:
                 return False
-            path, sd, st = found
+            path = Path(chosen)
+            sd, st = (found[1], found[2]) if found else ckpt.load(path)
         else:
             path = Path(r)
             if not (path / ckpt.MARKER).is_file():
@@ -347,8 +461,8 @@ class Trainer:
             raise OmnimaskError(f"{path} was trained {'with' if self.data is None else 'without'}"
                                 " a stateful data source, this run has "
                                 f"{'none' if self.data is None else 'one'}: start a new run")
-        load_weights(self.model, sd, str(path))
-        self.opt.load_state_dict(st["optimizer"])
+        self._load_weights(sd, str(path))
+        self._load_optimizer(st["optimizer"])
         self.step = st["step"]
         self.schedule = {"by": "steps", "minutes": 0.0, **st["schedule"]}  # older: by steps
         self.nonfinite, self.elapsed = st["nonfinite"], st["elapsed"]
@@ -371,6 +485,7 @@ class Trainer:
         """Rows a killed run logged after its last checkpoint are replayed: drop them, and a
         line torn by the kill. Remembers which steps already have a validation row."""
         p = self.run / "metrics.jsonl"
+        self._barrier()  # every rank has read the checkpoint's choice before rank 0 rewrites
         if not p.is_file():
             return
         keep = []
@@ -385,14 +500,18 @@ class Trainer:
                 keep.append(ln)
                 if row.get("split") == "val":
                     self._val_logged.add(row.get("step"))
-        atomic_write_bytes(p, "".join(ln + "\n" for ln in keep).encode())
+        if self.rank == 0:
+            atomic_write_bytes(p, "".join(ln + "\n" for ln in keep).encode())
+        self._barrier()
 
     # -- logging -----------------------------------------------------------------------------
     def log_row(self, row: dict) -> None:
-        with open(self.run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
         if row.get("split") == "val":
             self._val_logged.add(row["step"])
+        if self.rank != 0:
+            return
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -403,7 +522,7 @@ class Trainer:
                             self.tb.add_scalar(f"{row.get('split')}/{k}/{kk}", vv, row["step"])
 
     def _open_tb(self) -> None:
-        if not self.cfg.tensorboard:
+        if not self.cfg.tensorboard or self.rank != 0:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -413,7 +532,13 @@ class Trainer:
             log.warning("tensorboard is not installed: no tb/ logs")
 
     def run_eval(self) -> dict:
+        """Rank 0 evaluates the plain module while the others wait; under FSDP every rank
+        evaluates (the shards need each other), rank 0 logs."""
         if self.evaluate is None:
+            return {}
+        if self.rank != 0 and not self.fsdp:
+            self._val_logged.add(self.step)  # rank 0 logs this step's row
+            self._barrier()
             return {}
         backup = None
         if self.ema is not None:
@@ -424,24 +549,27 @@ class Trainer:
             with torch.no_grad():
                 for k, v in self.ema.items():
                     live[k].copy_(v)
-        was = self.model.training
-        self.model.eval()
+        was = self.module.training
+        self.module.eval()
         try:
             with torch.no_grad(), self.autocast():
-                out = self.evaluate(self.model)
+                if self.fsdp:
+                    self.module.unshard()
+                out = self.evaluate(self.module)
         finally:  # the live weights come back even when the evaluation fails
-            self.model.train(was)
+            self.module.train(was)
             if backup is not None:
                 with torch.no_grad():
                     for k, v in backup.items():
                         live[k].copy_(v)
         self.log_row({"step": self.step, "split": "val", **out})
+        if not self.fsdp:
+            self._barrier()
         return out
 
     # -- the loop ----------------------------------------------------------------------------
     def _train_step(self) -> dict:
         cfg = self.cfg
-        seed_everything(step_seed(cfg.seed, self.step))
         lr = self.lr()
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -449,14 +577,22 @@ class Trainer:
         outputs: list[dict] = []
         count, finite, name = 0, True, ""
         for micro in range(cfg.accumulate):
-            name, batch = self.make_batch(self.step, micro)
-            with self.autocast():
+            gm = self.rank * cfg.accumulate + micro  # the micro-batch's index over all ranks
+            seed_everything(step_seed(cfg.seed, self.step, gm))  # dropout etc.: per micro-batch
+            name, batch = self.make_batch(self.step, gm)
+            if self.fsdp:  # the root's own parameters, for calls that bypass its forward
+                self.module.unshard()
+            with self._no_sync(micro), self.autocast():
                 out = self.loss_fn(name, batch)
             loss = out["loss"].float()
-            if not torch.isfinite(loss):
+            if self.world > 1:  # all ranks skip together, or none does
+                finite = dist.all_max([0.0 if torch.isfinite(loss) else 1.0])[0] == 0.0
+            elif not torch.isfinite(loss):
                 finite = False
+            if not finite:
                 break
-            (loss / cfg.accumulate).backward()
+            with self._no_sync(micro):
+                (loss / cfg.accumulate).backward()
             outputs.append(out)
             count += int(out.get(self.units, 0))
             for k, v in out.items():
@@ -468,7 +604,13 @@ class Trainer:
             params = [p for g in self.opt.param_groups for p in g["params"]]
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else
                                                    float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor replicated on every rank
+                gnorm = gnorm.full_tensor()
             finite = bool(torch.isfinite(gnorm))
+            if self.world > 1:
+                keys = sorted(logs)  # the same objective, so the same keys, on every rank
+                logs = dict(zip(keys, dist.all_mean([logs[k] for k in keys]), strict=True))
+                count = int(round(dist.all_mean([float(count)])[0] * self.world))
         extra = None
         if finite:
             self.opt.step()
@@ -487,18 +629,49 @@ class Trainer:
             row["grad_norm"] = round(float(gnorm), 4)
         return {**row, **(extra or {})}
 
+    def _no_sync(self, micro: int):
+        """DDP: no gradient all-reduce on the micro-batches before the last one."""
+        if micro < self.cfg.accumulate - 1 and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         if self.ema is None:
             return
-        for k, v in self.model.state_dict().items():
+        for k, v in self.module.state_dict().items():
             if k in self.ema:
                 self.ema[k].mul_(self.cfg.ema).add_(v.detach().float(), alpha=1 - self.cfg.ema)
 
     def fit(self) -> dict:
         """Train to the schedule's end (or the time budget, or a signal); returns a summary."""
-        with RunLock(self.run):
-            return self._fit()
+        if self.rank != 0:  # rank 0 holds the run directory's lock for all of them
+            out = self._fit()
+        else:
+            with RunLock(self.run):
+                out = self._fit()
+        self._barrier()  # not on an error: the launcher stops the other ranks
+        return out
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _broadcast(self, text: str) -> str:
+        return dist.broadcast_str(text) if self.world > 1 else text
+
+    def _agreed_stop(self) -> str:
+        """Why every rank stops before this step ("" to go on): a stop signal on any rank,
+        or the time budget by rank 0's clock; one collective per step with several ranks."""
+        codes = {"SIGTERM": 1, "SIGUSR2": 2}
+        sig = codes.get(self._stop.signal or "", 3 if self._stop.signal else 0)
+        over = float(bool(self.budget_s and self.elapsed >= self.budget_s and self.rank == 0))
+        if self.world > 1:
+            sig, over = dist.all_max([float(sig), over])
+        if sig:
+            name = self._stop.signal or {1: "SIGTERM", 2: "SIGUSR2"}.get(int(sig), "a signal")
+            return f"interrupted by {name}"
+        return "time budget reached" if over else ""
 
     def _bar(self) -> tuple[tqdm, Callable[[], int]]:
         """The progress bar and where it stands: steps, or seconds of the budget for a time
@@ -506,7 +679,7 @@ class Trainer:
         by_time = self.schedule["by"] == "time" and not self.schedule["total"]
         bar = tqdm(total=int(self.budget_s) if by_time else self.schedule["total"],
                    initial=int(self.elapsed) if by_time else self.step, desc=self.desc,
-                   unit="s" if by_time else "step", disable=not self.progress,
+                   unit="s" if by_time else "step", disable=not self.progress or self.rank != 0,
                    dynamic_ncols=True)
         return bar, (lambda: int(self.elapsed)) if by_time else (lambda: self.step)
 
@@ -528,11 +701,9 @@ class Trainer:
             t_start = self.clock() - self.elapsed
             count_window, t_window = 0, self.clock()
             while not total or self.step < total:
-                if self._stop.signal:
-                    status = f"interrupted by {self._stop.signal}"
-                    break
-                if self.budget_s and self.elapsed >= self.budget_s:
-                    status = "time budget reached"
+                stop = self._agreed_stop()
+                if stop:
+                    status = stop
                     break
                 row = self._train_step()
                 self.step += 1

@@ -201,7 +201,7 @@ def train_judge(scenes: int = 2000, epochs: int = 8, batch_size: int = 128, lr: 
                         log_every=per_epoch, seed=seed, tensorboard=False)
     with tempfile.TemporaryDirectory(prefix="omnimask-shape-judge-") as run:
         summary = Trainer(cfg, run, model, make_batch, loss_fn, progress=progress,
-                          desc="shape judge: train", units="crops").fit()
+                          desc="shape judge: train", units="crops", local=True).fit()
     if summary["status"].startswith("interrupted"):
         raise Interrupted(f"shape judge training {summary['status']} at step "
                           f"{summary['step']}; run it again to train the judge")

@@ -1,0 +1,102 @@
+"""Data-parallel training through the one loop, on CPU (gloo), 2 processes via torchrun:
+DDP and FSDP2 reproduce one process with 2x accumulation, and checkpoints move between
+world sizes (elastic resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omnimask.safeio import load_tree
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+
+
+def launch(run: Path, world: int, **overrides) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(WORKER), str(run), json.dumps(overrides)]
+    if world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["world"] == world and out["summary"]["status"] == "done"
+    return out["summary"]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final(run: Path, step: int = 20) -> tuple[dict, dict]:
+    d = run / "checkpoints" / f"step_{step:08d}"
+    return load_file(str(d / "model.safetensors")), load_tree(d / "state.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, atol: float = 1e-6) -> None:
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 21))
+    for x, y in zip(ra, rb, strict=True):
+        assert x["tokens"] == y["tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    (wa, sa), (wb, sb) = final(a), final(b)
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0)
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert set(oa) == set(ob)
+    for i in oa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(oa[i][k], ob[i][k], atol=atol, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("dist") / "single"
+    launch(run, 1, accumulate=2)
+    return run
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_reproduce_one_process_with_twice_the_accumulation(single, tmp_path,
+                                                                    parallel):
+    launch(tmp_path / parallel, 2, parallel=parallel)
+    assert_same_run(single, tmp_path / parallel)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_checkpoint_moves_between_world_sizes(single, tmp_path, parallel):
+    """2 ranks resume what 1 process wrote at step 10, and 1 process resumes what 2 ranks
+    wrote: both end where the unbroken single run ends."""
+    mid = single / "checkpoints" / "step_00000010"
+    launch(tmp_path / "up", 2, parallel=parallel, resume=str(mid))
+    (w, _), (w_up, _) = final(single), final(tmp_path / "up")
+    two = tmp_path / "two"
+    launch(two, 2, parallel=parallel, max_steps=20)
+    launch(tmp_path / "down", 1, accumulate=2, parallel=parallel,
+           resume=str(two / "checkpoints" / "step_00000010"))
+    (w_down, _) = final(tmp_path / "down")
+    for k in w:
+        torch.testing.assert_close(w_up[k], w[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(w_down[k], w[k], atol=1e-6, rtol=0)
+
+
+def test_launched_as_two_processes_without_a_parallel_mode_is_an_error(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", str(WORKER), str(tmp_path / "r"), "{}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0
+    assert "trainer.parallel=none" in p.stderr
