@@ -22,10 +22,16 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _gathers() -> bool:
+    """Training with several ranks: batches are gathered. Evaluation (no grad) stays on
+    each rank's own batch, so rank 0 may evaluate alone and scores match one process."""
+    return _rank_and_world()[1] > 1 and torch.is_grad_enabled()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every rank concatenated, gradients flowing back to each (one rank: ``x``)."""
-    _, size = _rank_and_world()
-    if size == 1:
+    """``x`` of every rank concatenated, gradients flowing back to each (one rank, or no
+    grad: ``x``)."""
+    if not _gathers():
         return x
     import torch.distributed.nn.functional as dist_fn
 
@@ -34,10 +40,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def info_nce(t: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of l2-normalised ``t`` [B, d] and ``v`` [B, d]: row k of each is the
-    other's positive; under DDP every rank's rows are negatives too (rank r's positives
+    other's positive; training under DDP every rank's rows are negatives too (rank r's positives
     sit in its block of the gathered rows). Temperature ``1 / exp(logit_scale)``, the
     scale clamped at 100 (CLIP)."""
-    rank, _ = _rank_and_world()
+    rank = _rank_and_world()[0] if _gathers() else 0
     tt, vv = gather_with_grad(t), gather_with_grad(v)
     scale = logit_scale.exp().clamp(max=100.0)
     labels = torch.arange(len(t), device=t.device) + rank * len(t)

@@ -7,6 +7,12 @@ import contextlib
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+_received: list[str] = []  # every stop signal a StopSignals caught in this process
+
+
+def received() -> str | None:
+    """The last stop signal caught in this process (a job wrapper asks after training)."""
+    return _received[-1] if _received else None
 
 
 class StopSignals:
@@ -22,6 +28,7 @@ class StopSignals:
 
     def _on_signal(self, signum, frame) -> None:
         self.signal = self.signal or signal.Signals(signum).name
+        _received.append(signal.Signals(signum).name)
 
     def restore(self) -> None:
         for s, handler in self._old.items():

@@ -691,6 +691,7 @@ class Trainer:
         total = self.schedule["total"]  # 0: none (a time schedule)
         per = f"{self.units}_per_s"
         kill_at = int(os.environ.get("OMNIMASK_TEST_SIGKILL_AT", "-1"))  # tests: a preemption
+        nap = float(os.environ.get("OMNIMASK_TEST_STEP_SLEEP", "0"))  # tests: slow steps
         bar = None
         self._stop = StopSignals()  # restored in `finally`, whatever raises after this
         try:
@@ -726,6 +727,8 @@ class Trainer:
                                     **{per: f"{row[per]:.0f}"})
                 self.log_row(row)
                 bar.update(at() - bar.n)
+                if nap:
+                    time.sleep(nap)
                 if kill_at == self.step:
                     os.kill(os.getpid(), signal.SIGKILL)  # tests: die like a preempted node
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != total:

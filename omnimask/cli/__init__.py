@@ -17,7 +17,19 @@ import sys
 
 from ..config import check_override
 from ..errors import Interrupted, OmnimaskError
-from . import bench, data, demo, evaluate, export, finetune, listing, pretrain, tokenizer, zoo
+from . import (
+    bench,
+    data,
+    demo,
+    evaluate,
+    export,
+    finetune,
+    listing,
+    pretrain,
+    submit,
+    tokenizer,
+    zoo,
+)
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CTRL_C,
@@ -33,7 +45,8 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_CTRL_C", "EXIT_FAILED", "EXIT_INTERRUPTED", "
            "_at_least", "_check_out_dir", "_write_json", "build_parser", "main"]
 
 # the command groups in the order --help lists them
-GROUPS = (data, tokenizer, bench, pretrain, finetune, evaluate, export, zoo, demo, listing)
+GROUPS = (data, tokenizer, bench, pretrain, finetune, submit, evaluate, export, zoo, demo,
+          listing)
 EPILOG = (f"exit status: 0 done; {EXIT_FAILED} failed (data inspect --strict found problems, "
           f"a demo stage failed, an unexpected error); {EXIT_BAD_INPUT} bad input (argument, "
           f"config key, file or directory: named in one line); {EXIT_INTERRUPTED} interrupted "
@@ -112,8 +125,11 @@ def _describe(e: Exception) -> tuple[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("OMNIMASK_DEBUG", "") not in ("", "0")
-    argv = [t for t in argv if t != "--debug"]
+    if argv[:1] == ["submit"]:  # its own --debug (submitit's executor); the job keeps its own
+        debug = os.environ.get("OMNIMASK_DEBUG", "") not in ("", "0")
+    else:
+        debug = "--debug" in argv or os.environ.get("OMNIMASK_DEBUG", "") not in ("", "0")
+        argv = [t for t in argv if t != "--debug"]
     parser = build_parser()
     leaf = _leaf(parser, argv)
     overrides: list[str] = []

@@ -12,6 +12,7 @@ TASKS = ("vqa", "retrieval", "caption", "segment", "multitask")
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from ..config import load_config, to_yaml
+    from ..train.distributed import is_main
     from ..train.finetune import FinetuneConfig, Finetuning
 
     values = {"task": a.task}
@@ -25,6 +26,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         return 0
     _check_out_dir(cfg.out, "--out" if a.out else "out")
     summary = Finetuning(cfg, progress=not a.quiet).fit()
+    if not is_main():  # rank 0 reports for all ranks
+        return EXIT_INTERRUPTED if summary["status"].startswith("interrupted") else 0
     print(f"{summary['status']} at step {summary['step']} in {summary['elapsed_s']:.0f} s of "
           f"training; checkpoint {summary['checkpoint']}")
     if summary["status"].startswith("interrupted"):

@@ -10,6 +10,7 @@ from .common import EXIT_INTERRUPTED, QUIET, _check_out_dir, add_run_arguments
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from ..config import load_config, to_yaml
+    from ..train.distributed import is_main
     from ..train.evaluate import caption_scores, image_scores, summary_table
     from ..train.pretrain import PretrainConfig, Pretraining
 
@@ -20,6 +21,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         return 0
     _check_out_dir(cfg.out, "--out" if a.out else "out")
     summary = Pretraining(cfg, progress=not a.quiet).fit()
+    if not is_main():  # rank 0 reports for all ranks
+        return EXIT_INTERRUPTED if summary["status"].startswith("interrupted") else 0
     print(f"{summary['status']} at step {summary['step']} in {summary['elapsed_s']:.0f} s of "
           f"training; checkpoint {summary['checkpoint']}")
     if summary["status"].startswith("interrupted"):  # no samples were drawn: resume first

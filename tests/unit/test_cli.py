@@ -26,7 +26,7 @@ def test_help_works_everywhere(cmd, capsys):
 def test_only_implemented_commands_exist():
     sub = build_parser()._subparsers._group_actions[0].choices
     assert set(sub) == {"data", "bench", "demo", "tokenizer", "pretrain", "finetune", "eval",
-                        "export", "list", "zoo"}
+                        "export", "list", "zoo", "submit"}
 
 
 def test_shapes_then_inspect(tmp_path, capsys):
