@@ -32,7 +32,7 @@ from omnimask.safeio import atomic_write_bytes
 from . import distributed as dist
 from .pretrain import TokenizerPaths, build_model, load_tokenizers
 from .tasks.base import TASKS, TaskContext, task_config
-from .trainer import Trainer, TrainerConfig, load_weights, step_seed
+from .trainer import Trainer, TrainerConfig, load_weights, seed_everything, step_seed
 
 log = logging.getLogger("omnimask.finetune")
 TASK_NAMES = ("vqa", "retrieval", "caption", "segment")
@@ -206,6 +206,7 @@ class Finetuning:
             saved = read_config(self.init_dir)["heads"]
             heads = {n: self._head(n, saved[n] if n in saved else t.head_config(self.train))
                      for n, t in self.tasks.items()}
+            seed_everything(cfg.trainer.seed)  # fresh heads: a function of the seed alone
             self.model = load(self.init_dir, heads=heads)
             self.model.tokenizer_dirs = tk
             for n in self.names:  # a fresh head that can start from pretraining heads does
@@ -270,6 +271,9 @@ class Finetuning:
         trainer = getattr(self, "trainer", None)
         # under FSDP every rank evaluates and gathers the weights; rank 0 writes
         sd = trainer._weights() if trainer is not None and trainer.fsdp else None
+        # every rank keeps the best score: under FSDP they all decide when to gather
+        self.best = {"step": step, "score": score, "metric": self.metric_name,
+                     "metrics": metrics}
         if not dist.is_main():
             return
         out, tmp = self.run / "model", self.run / "model.tmp"
@@ -283,8 +287,6 @@ class Finetuning:
                      "the fine-tuned weights")
         slim.vocab, slim.tokenizer_dirs = m.vocab, m.tokenizer_dirs
         slim.save_pretrained(tmp)
-        self.best = {"step": step, "score": score, "metric": self.metric_name,
-                     "metrics": metrics}
         atomic_write_bytes(tmp / BEST, (json.dumps(self.best, indent=1) + "\n").encode())
         old = self.run / "model.old"
         shutil.rmtree(old, ignore_errors=True)

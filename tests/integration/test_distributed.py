@@ -100,3 +100,46 @@ def test_launched_as_two_processes_without_a_parallel_mode_is_an_error(tmp_path)
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode != 0
     assert "trainer.parallel=none" in p.stderr
+
+
+def _finetune(run: Path, model_dir: Path, shapes_dir: Path, world: int, **trainer) -> None:
+    args = ["finetune", "vqa", "--init", str(model_dir), "--config", "shapes_tasks",
+            f"out={run}", f"data.train=[{shapes_dir}/test-novel-*.tar]",
+            f"data.val=[{shapes_dir}/test-novel-*.tar]", "data.val_limit=8",
+            "trainer.max_steps=6", "trainer.batch_size=4", "trainer.eval_every=3",
+            "trainer.checkpoint_every=3", "trainer.warmup_steps=1", "trainer.lr=1e-3",
+            "trainer.tensorboard=false", "trainer.threads=1", "trainer.device=cpu", "-q",
+            *[f"trainer.{k}={v}" for k, v in trainer.items()]]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={world}"] if world > 1 else [sys.executable])
+    p = subprocess.run([*launcher, "-m", "omnimask.cli", *args], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count(str(run / "model")) == 1  # rank 0 alone reports
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_fine_tuning_on_two_ranks_equals_one_process(tiny_model_dir, shapes_dir,
+                                                     tmp_path_factory, parallel):
+    """omnimask finetune under torchrun: the same weights as one process with twice the
+    accumulation, one exported model, one best.json, rank 0's metrics only."""
+    base = tmp_path_factory.mktemp("ft")
+    one = base / "one"
+    if not (one / "summary.json").is_file():
+        _finetune(one, tiny_model_dir, shapes_dir, 1, accumulate=2)
+    two = base / parallel
+    _finetune(two, tiny_model_dir, shapes_dir, 2, parallel=parallel)
+    a = load_file(str(one / "checkpoints" / "step_00000006" / "model.safetensors"))
+    b = load_file(str(two / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert set(a) == set(b)
+    # BatchNorm's running statistics are estimates: one process updates them after every
+    # micro-batch, each rank after its own (DDP then broadcasts rank 0's); training-mode
+    # outputs and so the parameters do not depend on them
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert any(k.endswith(stats) for k in a)
+    for k in a:
+        if not k.endswith(stats):
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    assert [r["step"] for r in rows(two) if r["split"] == "train"] == list(range(1, 7))
+    assert json.loads((two / "model" / "metrics.json").read_text())["step"] in (3, 6)
+    assert (two / "model" / "model.safetensors").is_file()
