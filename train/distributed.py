@@ -127,6 +127,20 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return out
 
 
+def lift_scalars(model: torch.nn.Module) -> list[str]:
+    """FSDP2 shards no 0-d parameters: each (a contrastive logit scale) becomes a
+    1-element vector in place, same value (broadcasting keeps the maths). Returns their
+    state-dict names, so checkpoints can store them as 0-d again."""
+    lifted = []
+    for mod_name, mod in model.named_modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(mod, name, torch.nn.Parameter(p.detach().reshape(1),
+                                                      requires_grad=p.requires_grad))
+                lifted.append(f"{mod_name}.{name}" if mod_name else name)
+    return lifted
+
+
 def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
     """``model`` for data-parallel training: DDP (a replica per rank, gradients averaged)
     or FSDP2 (``fully_shard``: parameters, gradients and optimizer state split across
@@ -146,6 +160,8 @@ def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.n
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if any(p.ndim == 0 for p in model.parameters()):
+        raise ValueError("fully_shard needs no 0-d parameters: lift_scalars(model) first")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh)

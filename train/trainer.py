@@ -296,6 +296,9 @@ class Trainer:
             dist.setup(self.device)
         model = model.to(self.device)
         self._aliases = aliases(model)  # tied weights, known before FSDP shards them
+        # FSDP: 0-d parameters become 1-element vectors; checkpoints keep them 0-d
+        self._lifted = (dist.lift_scalars(model) if cfg.parallel == "fsdp" and self.world > 1
+                        else [])
         model = dist.wrap(model, cfg.parallel, self.device)
         self.model = parallelize(model) if parallelize is not None else model
         self.module = dist.unwrap(self.model)  # the plain module: weights, EMA, checkpoints
@@ -372,7 +375,8 @@ class Trainer:
         state = {}
         for i, name in enumerate(n for g in names for n in g):
             if name in full.get("state", {}):
-                state[i] = full["state"][name]
+                state[i] = {k: (v.reshape(()) if name in self._lifted and k != "step" else v)
+                            for k, v in full["state"][name].items()}
         return {"state": state, "param_groups": mine["param_groups"]}
 
     def _param_names(self) -> list[list[str]]:
@@ -391,8 +395,9 @@ class Trainer:
 
         names = [n for g in self._param_names() for n in g]
         groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-        full = {"state": {names[int(i)]: v for i, v in sd["state"].items()},
-                "param_groups": groups}
+        full = {"state": {names[int(i)]: {
+            k: (t.reshape(1) if names[int(i)] in self._lifted and k != "step" else t)
+            for k, t in v.items()} for i, v in sd["state"].items()}, "param_groups": groups}
         # parameters that never had a gradient (an unused modality) have no state
         set_optimizer_state_dict(self.module, self.opt, full,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
@@ -408,7 +413,8 @@ class Trainer:
 
         full = get_model_state_dict(self.module, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-        return {k: v for k, v in full.items() if k not in self._aliases}
+        return {k: (v.reshape(()) if k in self._lifted else v) for k, v in full.items()
+                if k not in self._aliases}
 
     def _load_weights(self, sd: dict[str, torch.Tensor], what: str) -> None:
         if not self.fsdp:
@@ -424,6 +430,7 @@ class Trainer:
         if missing or unexpected:
             raise OmnimaskError(f"{what}: weights do not fit the model: missing "
                                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        sd = {k: (v.reshape(1) if k in self._lifted else v) for k, v in sd.items()}
         # tied aliases are left out: the shared parameter is loaded once, by its first name
         set_model_state_dict(self.module, sd, options=StateDictOptions(full_state_dict=True,
                                                                        strict=False))

@@ -94,7 +94,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
         failed = 0
         for job, run in jobs:
             try:
-                job.result()
+                job.results()  # every task's
                 print(f"job {job.job_id} done: {run}")
             except Exception as e:  # noqa: BLE001 (submitit re-raises the job's error)
                 failed += 1

@@ -21,11 +21,12 @@ class TinyMLM(torch.nn.Module):
         super().__init__()
         self.trunk = Trunk(TrunkConfig(vocab_size=40, dim=32, heads=4, layers=3, ffn_dim=64,
                                        dropout=0.1, attention_backend="sdpa"))
+        self.scale = torch.nn.Parameter(torch.tensor(0.1))  # 0-d, as ITC's logit scale
 
     def forward(self, batch):
         h = self.trunk(batch)
         pos = (batch.targets != IGNORE).nonzero().squeeze(1)
-        logits = self.trunk.mlm_logits(h, pos)
+        logits = self.trunk.mlm_logits(h, pos) * self.scale.exp()
         return {"loss": F.cross_entropy(logits, batch.targets[pos]), "tokens": len(batch.ids)}
 
 
