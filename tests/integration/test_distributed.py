@@ -143,3 +143,38 @@ def test_fine_tuning_on_two_ranks_equals_one_process(tiny_model_dir, shapes_dir,
     assert [r["step"] for r in rows(two) if r["split"] == "train"] == list(range(1, 7))
     assert json.loads((two / "model" / "metrics.json").read_text())["step"] in (3, 6)
     assert (two / "model" / "model.safetensors").is_file()
+
+
+def test_itc_negatives_are_gathered_across_ranks():
+    """Two ranks with 4 rows each: their mean loss is one process's loss on all 8 rows,
+    and each rank's gradients (summed back through the all-gather, then averaged as DDP
+    does) are that process's gradients of its rows; without grad each rank scores alone."""
+    import torch.nn.functional as F
+
+    from omnimask.heads.matching import info_nce
+
+    from .itc_worker import rows
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", str(WORKER.with_name("itc_worker.py"))],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = sorted((json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")),
+                 key=lambda r: r["rank"])
+    assert [r["rank"] for r in out] == [0, 1]
+    t, v = (x.clone().requires_grad_() for x in rows(0))
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    full = info_nce(F.normalize(t, dim=-1), F.normalize(v, dim=-1), scale)
+    full.backward()
+    assert sum(r["loss"] for r in out) / 2 == pytest.approx(float(full.detach()), rel=1e-12)
+    for r in out:
+        sl = slice(4 * r["rank"], 4 * r["rank"] + 4)
+        torch.testing.assert_close(torch.tensor(r["t_grad"], dtype=torch.float64) / 2,
+                                   t.grad[sl])
+        torch.testing.assert_close(torch.tensor(r["v_grad"], dtype=torch.float64) / 2,
+                                   v.grad[sl])
+        with torch.no_grad():
+            alone = info_nce(F.normalize(t[sl], dim=-1), F.normalize(v[sl], dim=-1), scale)
+        assert r["no_grad_loss"] == pytest.approx(float(alone), rel=1e-12)
+    assert sum(r["scale_grad"] for r in out) / 2 == pytest.approx(float(scale.grad), rel=1e-9)
