@@ -45,12 +45,15 @@ class ImageTokenizerConfig:
     log_every: int = 50
     threads: int = 0  # torch threads; 0 keeps torch's default (all cores)
     max_images: int = 0  # 0: every training image
+    parallel: str = "none"  # none | ddp (several processes: torchrun, omnimask submit)
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
         check_fields(self, ">0", "lr")
         check_fields(self, ">=0", "warmup_steps", "max_minutes", "max_steps", "threads",
                      "max_images")
+        if self.parallel not in ("none", "ddp"):
+            raise ValueError(f"parallel must be none or ddp, got {self.parallel!r}")
         if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
             raise ValueError(f"max_steps or max_minutes must be > 0 (a training budget), got "
                              f"max_steps={self.max_steps}, max_minutes={self.max_minutes}")
@@ -144,11 +147,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dict:
-    """Train (or resume) a VQ-VAE in ``out``, holding the directory's lock meanwhile."""
-    from omnimask.runlock import RunLock
+    """Train (or resume) a VQ-VAE in ``out``, holding the directory's lock meanwhile (rank
+    0 holds it for all ranks when several train it: ``parallel=ddp`` under torchrun)."""
+    from omnimask.train import distributed as dist
 
-    with RunLock(out):
+    with dist.rank0_first(cfg.parallel, "cpu"):
+        lock = dist.run_lock(out)
+    try:
         return _train_vq(data, out, cfg, progress)
+    finally:
+        lock.release()
 
 
 def trainer_config(cfg: ImageTokenizerConfig):
@@ -163,16 +171,19 @@ def trainer_config(cfg: ImageTokenizerConfig):
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.02, optimizer="adam",
         betas=[0.9, 0.99], weight_decay=0.0, clip=1.0, precision="fp32", device="cpu",
         checkpoint_every=cfg.checkpoint_every, eval_every=0, log_every=cfg.log_every,
-        seed=cfg.seed, threads=cfg.threads, tensorboard=False)
+        seed=cfg.seed, threads=cfg.threads, tensorboard=False, parallel=cfg.parallel)
 
 
 def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     from omnimask.train import checkpoint
+    from omnimask.train import distributed as dist
     from omnimask.train.trainer import Trainer, step_seed
 
     run = Path(out)
     run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
+    main = dist.is_main()
+    if main:
+        save_config(cfg, run)
     images = load_images(data, cfg.vq.image_size, cfg.max_images)
     torch.manual_seed(cfg.seed)
     model = VQVAE(cfg.vq)
@@ -191,8 +202,10 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return "vq", {"x": x.contiguous(memory_format=torch.channels_last)}
 
+    fwd = [model]  # the trainer's forward entry (DDP) once it exists
+
     def loss_fn(name: str, batch: dict) -> dict:
-        _, ids, losses = model(batch["x"])
+        _, ids, losses = fwd[0](batch["x"])
         mse = losses["recon"].detach()
         return {"loss": sum(losses.values()), "recon_mse": mse,
                 "psnr_db": 10 * torch.log10(4.0 / mse.clamp_min(1e-12)),  # inputs span [-1, 1]
@@ -215,6 +228,7 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
 
     trainer = Trainer(trainer_config(cfg), run, model, make_batch, loss_fn, progress=progress,
                       after_step=after_step, desc="vq", units="images")
+    fwd[0] = trainer.forward_model
     summary = trainer.fit()
     if summary["status"].startswith("interrupted"):  # resumable, not finished: no tokenizer
         raise Interrupted(f"image tokenizer training {summary['status']} at step "
@@ -222,7 +236,8 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     stats = {"steps": summary["step"], "train_seconds": summary["elapsed_s"],
              "images": len(images), "params": sum(p.numel() for p in model.parameters())}
     tok = ImageTokenizer(model.to(memory_format=torch.contiguous_format).eval(), stats)
-    tok.save(run)
+    if main:
+        tok.save(run)
     return stats
 
 

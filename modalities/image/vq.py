@@ -107,24 +107,46 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        """EMA statistics and dead-code restarts. With several ranks (data-parallel
+        training) the counts and sums are summed over ranks and rank 0's restart latents
+        are broadcast, so every rank keeps the same codebook: one batch of all ranks' rows."""
         k, d = self.cfg.codebook_size, self.cfg.decay
+        group = _group_size() > 1
         onehot_count = torch.bincount(ids, minlength=k).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, z) if self.cfg.ema else None
+        if group:
+            import torch.distributed as dist
+
+            dist.all_reduce(onehot_count)
+            if sums is not None:
+                dist.all_reduce(sums)
         self.ema_count.mul_(d).add_(onehot_count, alpha=1 - d)
         if self.cfg.ema:
-            sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, z)
             self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
             self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
         self.idle.add_(1).masked_fill_(onehot_count > 0, 0)
         dead = self.idle >= self.cfg.dead_after
         n = int(dead.sum())
         if n:  # restart dead codes at random latents of this batch
-            pick = z[torch.randint(z.shape[0], (n,), device=z.device)]
+            pick = z[torch.randint(z.shape[0], (n,), device=z.device)].contiguous()
+            if group:
+                import torch.distributed as dist
+
+                dist.broadcast(pick, src=0)
             self.codebook.data[dead] = pick
             if self.cfg.ema:
                 self.ema_sum[dead] = pick
             self.ema_count[dead] = self.ema_count.mean()
             self.idle[dead] = 0
         self.restarts = n
+
+
+def _group_size() -> int:
+    """The initialised process group's size (1 without one); modalities do not import
+    the training package."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class VQVAE(nn.Module):

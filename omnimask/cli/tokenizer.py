@@ -11,13 +11,15 @@ from .common import QUIET, _check_out_dir, _write_json
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     from ..registry import TOKENIZERS
+    from ..train.distributed import is_main
 
     overrides = list(a.overrides) + ([f"kind={a.codebook}"] if a.codebook else [])
     if a.codebook and a.kind != "speech":
         raise OmnimaskError("--kind (bestrq|kmeans) applies to speech tokenizers only")
     _check_out_dir(a.out, "--out")
     res = TOKENIZERS.get(a.kind).train(a.data, a.out, overrides, progress=not a.quiet)
-    print(", ".join(f"{k}: {v}" for k, v in res.items()))
+    if is_main():  # one report for all ranks (parallel=ddp under torchrun)
+        print(", ".join(f"{k}: {v}" for k, v in res.items()))
     return 0
 
 

@@ -145,7 +145,7 @@ def test_fine_tuning_on_two_ranks_equals_one_process(tiny_model_dir, shapes_dir,
     assert (two / "model" / "model.safetensors").is_file()
 
 
-def test_itc_negatives_are_gathered_across_ranks():
+def test_itc_negatives_and_the_vq_codebook_span_the_ranks(tmp_path):
     """Two ranks with 4 rows each: their mean loss is one process's loss on all 8 rows,
     and each rank's gradients (summed back through the all-gather, then averaged as DDP
     does) are that process's gradients of its rows; without grad each rank scores alone."""
@@ -153,16 +153,15 @@ def test_itc_negatives_are_gathered_across_ranks():
 
     from omnimask.heads.matching import info_nce
 
-    from .itc_worker import rows
+    from .collectives_worker import rows
 
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node=2", str(WORKER.with_name("itc_worker.py"))],
+                        "--nproc-per-node=2", str(WORKER.with_name("collectives_worker.py")),
+                        str(tmp_path)],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    out = sorted((json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")),
-                 key=lambda r: r["rank"])
-    assert [r["rank"] for r in out] == [0, 1]
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     t, v = (x.clone().requires_grad_() for x in rows(0))
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     full = info_nce(F.normalize(t, dim=-1), F.normalize(v, dim=-1), scale)
@@ -178,3 +177,33 @@ def test_itc_negatives_are_gathered_across_ranks():
             alone = info_nce(F.normalize(t[sl], dim=-1), F.normalize(v[sl], dim=-1), scale)
         assert r["no_grad_loss"] == pytest.approx(float(alone), rel=1e-12)
     assert sum(r["scale_grad"] for r in out) / 2 == pytest.approx(float(scale.grad), rel=1e-9)
+    # the VQ's EMA update: without restarts both ranks hold one process's codebook after
+    # the same rows; with restarts (rank 0's latents) both ranks still hold the same one
+    from .collectives_worker import latents, quantizer
+
+    q = quantizer(100)
+    for step in range(3):
+        z = F.normalize(latents(step), dim=-1)
+        q._update(z, q.nearest(z))
+    assert q.restarts == 0
+    for r in out:
+        torch.testing.assert_close(torch.tensor(r["no_restarts"]["ema_count"]), q.ema_count)
+        torch.testing.assert_close(torch.tensor(r["no_restarts"]["codebook"]), q.codebook)
+    a, b = out[0]["restarts"]["codebook"], out[1]["restarts"]["codebook"]
+    assert a == b and a != out[0]["no_restarts"]["codebook"]
+
+
+def test_the_image_tokenizer_trains_on_two_ranks(shapes_dir, tmp_path):
+    from omnimask.modalities.image.tokenizer import ImageTokenizer
+
+    out = tmp_path / "vq"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", "-m", "omnimask.cli", "tokenizer", "train",
+                        "image", "--data", str(shapes_dir / "train-*.tar"), "--out", str(out),
+                        "max_steps=4", "vq.codebook_size=64", "batch_size=8", "parallel=ddp",
+                        "threads=1", "-q"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("kind: image") == 1  # rank 0 reports
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+    assert ImageTokenizer.load(out).size == 64
