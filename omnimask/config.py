@@ -193,7 +193,7 @@ def load_config(schema: type[T], path: str | os.PathLike | Traversable | None = 
     ``overrides`` are dotted ``key=value`` strings, e.g. ``data.batch_size=64``.
     """
     base = OmegaConf.structured(schema)
-    layers: list[tuple[Any, str]] = []
+    layers: list[tuple[Any, str, str | None]] = []  # (layer, its source, the override)
     if path is not None:
         p = find_config(path)
         try:
@@ -202,16 +202,18 @@ def load_config(schema: type[T], path: str | os.PathLike | Traversable | None = 
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        layers.append((OmegaConf.create(loaded), str(p)))
+        layers.append((OmegaConf.create(loaded), str(p), None))
     if values:
-        layers.append((OmegaConf.create(values), "arguments"))
+        layers.append((OmegaConf.create(values), "arguments", None))
     for ov in overrides:
         check_override(ov)
-        layers.append((OmegaConf.from_dotlist([ov]), f"override {ov!r}"))
+        layers.append((OmegaConf.from_dotlist([ov]), f"override {ov!r}", ov))
     cfg = base
-    for layer, source in layers:
+    for layer, source, override in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
+            if override is not None:
+                _replace_maps(cfg, override)
         except OmegaConfBaseException as e:
             raise _wrap(e, source) from None
     try:
@@ -223,6 +225,20 @@ def load_config(schema: type[T], path: str | os.PathLike | Traversable | None = 
         prefix = _failing_prefix(cfg) or ""
         raise ConfigError(f"config error: {msg if msg.startswith(prefix) else prefix + msg}"
                           ) from None
+
+
+def _replace_maps(cfg: Any, override: str) -> None:
+    """``key={...}`` on a free-form mapping (``objectives.mix``, ``heads``) means exactly
+    that mapping: keys the override leaves out are dropped, not kept from the layers below.
+    ``key.sub=v`` still sets one entry, and ``key={...}`` on a settings block (a dataclass)
+    still merges field by field."""
+    key, _, raw = override.partition("=")
+    if not raw.lstrip().startswith("{"):
+        return
+    node = OmegaConf.select(cfg, key)
+    if OmegaConf.is_dict(node) and not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key),
+                         merge=False)
 
 
 def _failing_prefix(node: Any, prefix: str = "") -> str | None:

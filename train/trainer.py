@@ -90,6 +90,9 @@ class TrainerConfig:
     log_every: int = 10  # progress bar and TensorBoard; metrics.jsonl gets every step
     max_nonfinite: int = 5
     resume: str = "auto"  # auto (newest complete checkpoint, if any) | never | PATH
+    # a resumed run keeps its checkpoint's schedule; extend=true takes this config's
+    # max_steps (and max_minutes) instead: a finished run trains on, its cosine stretched
+    extend: bool = False
     seed: int = 0
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -479,9 +482,15 @@ class Trainer:
         want = {"total": self.cfg.max_steps, "by": self.cfg.schedule_by}
         if self.cfg.schedule_by == "time":
             want["minutes"] = self.cfg.max_minutes
-        if any(self.schedule[k] != v for k, v in want.items()):
+        if self.cfg.extend and self.schedule["by"] == want["by"] and any(
+                self.schedule[k] != v for k, v in want.items()):
+            log.warning("trainer.extend: the schedule goes from %s to %s at step %d",
+                        _schedule_words(self.schedule), _schedule_words(want), self.step)
+            self.schedule.update(want)
+        elif any(self.schedule[k] != v for k, v in want.items()):
             log.warning("resuming with the schedule of the checkpoint (%s), not this config's "
-                        "(%s)", _schedule_words(self.schedule), _schedule_words(want))
+                        "(%s); trainer.extend=true takes the config's", _schedule_words(
+                            self.schedule), _schedule_words(want))
         set_rng_state(st["rng"])
         self.restored = path
         self._truncate_metrics(self.step)

@@ -11,9 +11,11 @@ Every subcommand exits non-zero with a one-line cause on bad input (``EXIT_*`` b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import warnings
 
 from ..config import check_override
 from ..errors import Interrupted, OmnimaskError
@@ -143,6 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with _quiet(bool(getattr(args, "quiet", False))):
+        return _run(args, overrides, debug)
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """-q: no progress bars (each command's), and only errors: no warnings from omnimask's
+    loggers or Python's warnings from the libraries, for the command's duration."""
+    if not on:
+        yield
+        return
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _run(args: argparse.Namespace, overrides: list[str], debug: bool) -> int:
     try:
         if hasattr(args, "overrides"):
             for t in overrides:

@@ -14,10 +14,10 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     from ..train.distributed import is_main
 
     overrides = list(a.overrides) + ([f"kind={a.codebook}"] if a.codebook else [])
-    if a.codebook and a.kind != "speech":
-        raise OmnimaskError("--kind (bestrq|kmeans) applies to speech tokenizers only")
+    if a.codebook and a.modality != "speech":
+        raise OmnimaskError("--quantizer (bestrq|kmeans) applies to speech tokenizers only")
     _check_out_dir(a.out, "--out")
-    res = TOKENIZERS.get(a.kind).train(a.data, a.out, overrides, progress=not a.quiet)
+    res = TOKENIZERS.get(a.modality).train(a.data, a.out, overrides, progress=not a.quiet)
     if is_main():  # one report for all ranks (parallel=ddp under torchrun)
         print(", ".join(f"{k}: {v}" for k, v in res.items()))
     return 0
@@ -27,10 +27,10 @@ def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
     from ..registry import TOKENIZERS
 
     kwargs = {}
-    if a.kind == "image":  # the reconstruction grid goes beside the JSON
+    if a.modality == "image":  # the reconstruction grid goes beside the JSON
         kwargs["grid"] = str(Path(a.out).with_suffix("")) + "_recon.png" if a.out else None
-    res = TOKENIZERS.get(a.kind).evaluate(a.tokenizer, a.data, progress=not a.quiet, **kwargs)
-    res = {"task": f"tokenizer-{a.kind}", "tokenizer": a.tokenizer, "data": a.data, "metrics": res}
+    res = TOKENIZERS.get(a.modality).evaluate(a.tokenizer, a.data, progress=not a.quiet, **kwargs)
+    res = {"task": f"tokenizer-{a.modality}", "tokenizer": a.tokenizer, "data": a.data, "metrics": res}
     _write_json(res, a.out)
     if a.out:
         print(", ".join(f"{k}: {v}" for k, v in res["metrics"].items()))
@@ -48,15 +48,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "max_minutes, max_steps, batch_size, lr, vq.codebook_size, "
                                      "vq.channels, vq.ema, ...). Image training resumes from "
                                      "OUT/checkpoints when present.")
-    tt.add_argument("kind", choices=["text", "image", "speech"], help="which modality")
-    tt.add_argument("--kind", dest="codebook", choices=["bestrq", "kmeans"],
-                    help="speech codebook: frozen BEST-RQ projection or k-means units")
+    tt.add_argument("modality", choices=["text", "image", "speech"], help="which modality")
+    # --kind: the flag's former name, still accepted
+    tt.add_argument("--quantizer", "--kind", dest="codebook", choices=["bestrq", "kmeans"],
+                    help="speech units: a frozen BEST-RQ projection or k-means (the config's "
+                         "kind)")
     tt.add_argument("--data", nargs="+", required=True, help="training shards")
     tt.add_argument("--out", required=True, help="output directory")
     tt.add_argument("overrides", nargs="*", help="key=value config overrides")
     tt.set_defaults(fn=cmd_tokenizer_train)
     te = tsub.add_parser("eval", parents=[QUIET], help="evaluate a tokenizer on held-out shards")
-    te.add_argument("kind", choices=["text", "image", "speech"], help="which modality")
+    te.add_argument("modality", choices=["text", "image", "speech"], help="which modality")
     te.add_argument("--tokenizer", required=True, help="directory written by tokenizer train")
     te.add_argument("--data", nargs="+", required=True, help="held-out shards")
     te.add_argument("--out", help="write the metrics JSON here (default: print it)")

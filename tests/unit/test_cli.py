@@ -102,3 +102,24 @@ def test_bench_trunk_json(tmp_path):
     assert r["bench"] == "trunk" and r["device"] == "cpu"
     assert r["omnimask"]["tokens_per_s"] > 0 and r["hf"]["tokens_per_s"] > 0
     assert r["ratio"] > 0 and r["full_length"]["ratio"] > 0
+
+
+def test_quiet_silences_warnings_for_the_command_only(caplog):
+    import logging
+    import warnings
+
+    from omnimask.cli import _quiet
+
+    log = logging.getLogger("omnimask.test")
+    with _quiet(True):
+        log.warning("hidden")
+        log.error("shown")
+        with warnings.catch_warnings(record=True) as silenced:  # inherits -q's filter
+            warnings.warn("library noise", UserWarning, stacklevel=1)
+    assert "hidden" not in caplog.text and "shown" in caplog.text
+    assert silenced == []
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        warnings.warn("library noise", UserWarning, stacklevel=1)
+        log.warning("after")
+    assert len(heard) == 1 and "after" in caplog.text  # both restored after the command

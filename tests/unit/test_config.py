@@ -101,3 +101,18 @@ def test_malformed_overrides_are_named(ov):
         load_config(Root, None, [ov])
     assert repr(ov) in str(e.value)
     check_override("inner.layers=3")  # well formed: no error
+
+
+def test_a_mapping_override_replaces_a_free_form_mapping():
+    from omnimask.train.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, "shapes_tiny", ["objectives.mix={mlm: 1, itc: 2}"])
+    assert cfg.objectives.mix == {"mlm": 1.0, "itc": 2.0}  # the rest of the file's mix dropped
+    full = load_config(PretrainConfig, "shapes_tiny").objectives.mix
+    one = load_config(PretrainConfig, "shapes_tiny", ["objectives.mix.mlm=5"]).objectives.mix
+    assert one == {**full, "mlm": 5.0}  # a dotted key still sets one entry
+    t = load_config(PretrainConfig, "shapes_tiny", ["trainer={lr: 0.5}"]).trainer
+    assert t.lr == 0.5 and t.max_steps == load_config(PretrainConfig, "shapes_tiny"
+                                                      ).trainer.max_steps  # a block merges
+    with pytest.raises(ConfigError, match="objectives.mix.mlm"):
+        load_config(PretrainConfig, "shapes_tiny", ["objectives.mix={mlm: x}"])

@@ -95,7 +95,7 @@ def test_code_stats():
 @pytest.mark.parametrize("kind", ["bestrq", "kmeans"])
 def test_train_eval_save_load(kind, shapes_dir, tmp_path, speech):
     out = tmp_path / kind
-    args = ["tokenizer", "train", "speech", "--kind", kind, "--data",
+    args = ["tokenizer", "train", "speech", "--quantizer", kind, "--data",
             str(shapes_dir / "train-*.tar"), "--out", str(out), "-q"]
     if kind == "kmeans":
         args += ["codebook_size=64", "iterations=8"]
@@ -118,4 +118,5 @@ def test_bad_speech_config(shapes_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "x"), "kind=vq"]) == 2
     assert "bestrq or kmeans" in capsys.readouterr().err
     assert main(["tokenizer", "train", "text", "--kind", "kmeans", "--data", "x.tar",
-                 "--out", str(tmp_path / "y")]) == 2
+                 "--out", str(tmp_path / "y")]) == 2  # the flag's former name still parses
+    assert "--quantizer (bestrq|kmeans) applies to speech" in capsys.readouterr().err

@@ -363,3 +363,17 @@ def test_signal_handlers_are_restored_when_the_first_evaluation_raises(tmp_path)
     with pytest.raises(ValueError, match="evaluation failed"):
         t.fit()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_finished_run_trains_on_with_extend(tmp_path, caplog):
+    assert _trainer(tmp_path, max_steps=6).fit()["step"] == 6
+    with caplog.at_level("WARNING"):
+        assert _trainer(tmp_path, max_steps=9).fit()["step"] == 6  # the old schedule: done
+    assert "trainer.extend=true takes the config's" in caplog.text
+    t = _trainer(tmp_path, max_steps=9, extend=True)
+    out = t.fit()
+    assert out["step"] == 9 and t.schedule["total"] == 9
+    assert [r["step"] for r in _rows(tmp_path)] == list(range(1, 10))
+    lrs = [r["lr"] for r in _rows(tmp_path)]
+    # the cosine is stretched to 9 steps from step 6 on: a higher rate than step 6 had
+    assert lrs[6] == pytest.approx(lr_at(t.cfg, 6, 9, 2)) and lrs[6] > lrs[5]
