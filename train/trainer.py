@@ -529,9 +529,14 @@ class Trainer:
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
+            split = row.get("split", "train")
+            if split == "train" and row.get("objective") and isinstance(row.get("loss"), float):
+                # one series per objective: train/loss alone switches among them step by step
+                self.tb.add_scalar(f"train/loss_by_objective/{row['objective']}", row["loss"],
+                                   row["step"])
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+                    self.tb.add_scalar(f"{split}/{k}", v, row["step"])
                 elif isinstance(v, dict):
                     for kk, vv in v.items():
                         if isinstance(vv, (int, float)):

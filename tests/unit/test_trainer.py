@@ -377,3 +377,25 @@ def test_a_finished_run_trains_on_with_extend(tmp_path, caplog):
     lrs = [r["lr"] for r in _rows(tmp_path)]
     # the cosine is stretched to 9 steps from step 6 on: a higher rate than step 6 had
     assert lrs[6] == pytest.approx(lr_at(t.cfg, 6, 9, 2)) and lrs[6] > lrs[5]
+
+
+def test_tensorboard_has_one_loss_series_per_objective(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    m = Tiny()
+    make = _batches()
+    cfg = TrainerConfig(max_steps=6, lr=1e-2, warmup_steps=1, eval_every=0, device="cpu",
+                        tensorboard=True, log_every=1)
+    t = Trainer(cfg, tmp_path, m, lambda s, k: ("even" if s % 2 == 0 else "odd",
+                                                make(s, k)[1]), _loss(m), progress=False)
+    t.fit()
+    ev = EventAccumulator(str(tmp_path / "tb"))
+    ev.Reload()
+    tags = ev.Tags()["scalars"]
+    assert {"train/loss_by_objective/even", "train/loss_by_objective/odd",
+            "train/loss"} <= set(tags)
+    assert [e.step for e in ev.Scalars("train/loss_by_objective/odd")] == [2, 4, 6]
+    rows = {r["step"]: r["loss"] for r in _rows(tmp_path)}
+    for e in ev.Scalars("train/loss_by_objective/even"):
+        assert e.value == pytest.approx(rows[e.step])
