@@ -1,9 +1,11 @@
 """Continuous image features from any timm backbone (ViT, ConvNeXt, ...), as patch tokens.
 
 Used where objectives need region/patch features (UNITER masked region modelling, SEEM).
-Random initialisation by default; ``pretrained=True`` loads timm's weights only from the
-local Hugging Face cache (nothing is downloaded) and falls back to random initialisation
-with a warning when they are not there.
+Random initialisation by default. ``pretrained=True`` loads timm's weights from the local
+Hugging Face cache only (nothing is downloaded; safetensors files only, never a pickle) and
+fails, saying how to get them, when they are not there; ``pretrained="if_cached"`` falls
+back to random initialisation with a warning instead. Inputs are normalised with the
+backbone's own ``pretrained_cfg`` mean and std (ImageNet's when it names none).
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from torch import nn
 from omnimask.errors import OmnimaskError
 
 log = logging.getLogger("omnimask.image")
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _cached_weights(name: str) -> str | None:
@@ -30,10 +31,9 @@ def _cached_weights(name: str) -> str | None:
         hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         if not hub:
             return None
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            p = try_to_load_from_cache(hub, fname)
-            if isinstance(p, str):
-                return p
+        p = try_to_load_from_cache(hub, "model.safetensors")  # never a pickle (.bin)
+        if isinstance(p, str):
+            return p
     except Exception:  # noqa: BLE001 - any cache problem just means "not cached"
         return None
     return None
@@ -43,7 +43,8 @@ class PatchEncoder(nn.Module):
     """uint8 images [B, 3, H, W] -> patch tokens [B, N, dim] (prefix/class tokens dropped)."""
 
     def __init__(self, name: str = "vit_tiny_patch16_224", image_size: int = 64,
-                 patch_size: int | None = 8, pretrained: bool = False, **kwargs) -> None:
+                 patch_size: int | None = 8, pretrained: bool | str = False,
+                 **kwargs) -> None:
         super().__init__()
         if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
             raise OmnimaskError(f"unknown timm model {name!r}")
@@ -52,23 +53,42 @@ class PatchEncoder(nn.Module):
             extra.setdefault("img_size", image_size)
             if patch_size:
                 extra.setdefault("patch_size", patch_size)
+        if pretrained not in (True, False, "if_cached"):
+            raise OmnimaskError(f"pretrained must be true, false or 'if_cached', got "
+                                f"{pretrained!r}")
         overlay = None
         if pretrained:
             path = _cached_weights(name)
-            if path is None:
+            if path is None and pretrained == "if_cached":
                 log.warning("no cached pretrained weights for %s; using random initialisation",
                             name)
                 pretrained = False
+            elif path is None:
+                cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
+                hub = getattr(cfg, "hf_hub_id", None) or name
+                raise OmnimaskError(
+                    f"no cached pretrained weights for timm model {name!r}: omnimask downloads "
+                    f"nothing; on a machine with a network run `hf download {hub} "
+                    f"model.safetensors` (the Hugging Face cache, HF_HUB_CACHE), or use "
+                    "pretrained='if_cached' to train from random weights")
             else:
                 overlay = {"file": path}
+                pretrained = True
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=0,
                                        pretrained_cfg_overlay=overlay, **extra)
         self.pretrained = pretrained
         self.dim = self.model.num_features
         self.prefix = getattr(self.model, "num_prefix_tokens", 0)
+        pc = getattr(self.model, "pretrained_cfg", None) or {}
+        self.register_buffer("mean", torch.tensor(pc.get("mean") or IMAGENET_MEAN,
+                                                  dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(pc.get("std") or IMAGENET_STD,
+                                                 dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() / 255.0 - MEAN.to(images.device)) / STD.to(images.device)
+        x = (images.float() / 255.0 - self.mean) / self.std
         f = self.model.forward_features(x)
         if f.ndim == 4:  # conv nets: [B, C, h, w] -> [B, h*w, C]
             return f.flatten(2).transpose(1, 2)

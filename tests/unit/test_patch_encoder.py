@@ -20,13 +20,31 @@ def test_patch_tokens(name, tokens):
     assert out.shape == (2, tokens, enc.dim) and torch.isfinite(out).all()
 
 
-def test_pretrained_without_cache_falls_back(caplog, tmp_path, monkeypatch):
+def test_pretrained_without_cache_fails_unless_asked_to_fall_back(caplog, tmp_path,
+                                                                  monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OmnimaskError, match="no cached pretrained weights for timm model "
+                                            "'vit_tiny_patch16_224'.*hf download timm/"):
+        PatchEncoder("vit_tiny_patch16_224", pretrained=True)
     with caplog.at_level(logging.WARNING, logger="omnimask.image"):
-        enc = PatchEncoder("vit_tiny_patch16_224", pretrained=True)
+        enc = PatchEncoder("vit_tiny_patch16_224", pretrained="if_cached")
     assert not enc.pretrained and "random initialisation" in caplog.text
+    with pytest.raises(OmnimaskError, match="pretrained must be"):
+        PatchEncoder("vit_tiny_patch16_224", pretrained="yes")
+
+
+def test_inputs_are_normalised_with_the_backbones_own_statistics():
+    vit = PatchEncoder("vit_tiny_patch16_224", image_size=64, patch_size=8)
+    want = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
+    assert vit.mean.flatten().tolist() == pytest.approx(list(want["mean"]))
+    assert vit.std.flatten().tolist() == pytest.approx(list(want["std"]))
+    # ViT-tiny's weights were trained with mean = std = 0.5, not ImageNet's statistics
+    assert vit.mean.flatten().tolist() == pytest.approx([0.5, 0.5, 0.5])
+    conv = PatchEncoder("convnext_atto", image_size=64, patch_size=8)
+    assert conv.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert "mean" not in vit.state_dict()  # not part of the weights
 
 
 def test_pretrained_from_cache_loads_those_weights(tmp_path, monkeypatch):
