@@ -190,8 +190,12 @@ class Pretraining:
                     raise ConfigError(f"objectives.{key}.{name}: ratio {v} is negative")
         mix |= {k: float(v) for k, v in oc.mix_start.items() if float(v) > 0}
         if "speech" in mix and not self.train.has_speech:
-            raise ConfigError("objectives.mix.speech > 0 but the training shards have no "
-                              "speech or tokenizers.speech is not set")
+            log.warning("the training shards have no speech (or tokenizers.speech is not set): "
+                        "the speech objective is left out of objectives.mix and mix_start")
+            del mix["speech"]
+            if not any(float(oc.mix.get(n, 0)) > 0 for n in mix):
+                raise ConfigError("objectives.mix: no objective but speech has a positive "
+                                  "ratio, and the training shards have no speech")
         pixels = cfg.model.image_input == "pixels"
         if cfg.encoder_warmup.steps > 0:  # before anything is written to the run directory
             if not pixels:

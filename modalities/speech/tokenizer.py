@@ -102,6 +102,9 @@ class SpeechTokenizerOps:
         cfg = load_config(SpeechTokenizerConfig, None, overrides)
         t0 = time.perf_counter()
         if cfg.kind == "bestrq":  # nothing to fit: the seed makes it
+            if next(iter(_utterances(data, False)), None) is None:  # yet it needs speech
+                raise OmnimaskError(f"no speech found in the shards {list(data)}: a speech "
+                                    "tokenizer for them would never see an utterance")
             q = BestRQ(cfg.num_mel_bins * cfg.stack, cfg.codebook_size, cfg.code_dim, cfg.seed)
             stats = {}
         else:

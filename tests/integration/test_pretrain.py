@@ -145,3 +145,30 @@ def test_resume_with_other_tokenizers_is_refused_and_a_planted_pickle_never_runs
     assert _snapshot(run) == before  # nothing in the run directory was rewritten
     # the original tokenizers still resume
     Pretraining(load_config(PretrainConfig, tiny_config, short, out=str(run)), progress=False)
+
+
+def test_shards_without_speech_drop_the_speech_objective(small_shards, tiny_tokenizers,
+                                                         tmp_path, caplog):
+    from omnimask.config import load_config
+    from omnimask.errors import ConfigError
+    from omnimask.train.pretrain import PretrainConfig, Pretraining
+
+    t = tiny_tokenizers
+    values = {"out": str(tmp_path / "run"),
+              "data": {"train": [str(small_shards / "train-*.tar")],
+                       "val": [str(small_shards / "train-*.tar")], "val_batches": 1,
+                       "val_batch_size": 8},
+              "tokenizers": {"text": str(t / "text"), "image": str(t / "image")},
+              "model": {"trunk": {"dim": 32, "layers": 1, "heads": 2, "ffn_dim": 32,
+                                  "max_positions": 512}}}
+    cfg = load_config(PretrainConfig, None, **values)
+    assert cfg.objectives.mix["speech"] > 0  # the default mix has it
+    with caplog.at_level("WARNING", logger="omnimask.pretrain"):
+        pre = Pretraining(cfg, progress=False)
+    pre.lock.release()
+    assert "speech" not in pre.names and "mlm" in pre.names
+    assert "the speech objective is left out" in caplog.text
+    only = load_config(PretrainConfig, None, ["objectives.mix={speech: 1}"],
+                       **{**values, "out": str(tmp_path / "only")})
+    with pytest.raises(ConfigError, match="no objective but speech"):
+        Pretraining(only, progress=False)

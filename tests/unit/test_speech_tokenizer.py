@@ -120,3 +120,11 @@ def test_bad_speech_config(shapes_dir, tmp_path, capsys):
     assert main(["tokenizer", "train", "text", "--kind", "kmeans", "--data", "x.tar",
                  "--out", str(tmp_path / "y")]) == 2  # the flag's former name still parses
     assert "--quantizer (bestrq|kmeans) applies to speech" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["bestrq", "kmeans"])
+def test_shards_without_speech_are_refused(small_shards, tmp_path, capsys, kind):
+    assert main(["tokenizer", "train", "speech", "--quantizer", kind, "--data",
+                 str(small_shards / "train-*.tar"), "--out", str(tmp_path / kind), "-q"]) == 2
+    assert "no speech found in the shards" in capsys.readouterr().err
+    assert not (tmp_path / kind).exists()
