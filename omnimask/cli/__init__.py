@@ -80,7 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_parser(sub)
+    _show_defaults(p)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default, unless it already names one (all the
+    subcommands' parsers too)."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for child in a.choices.values():
+                _show_defaults(child)
+        elif (a.option_strings and a.help is not argparse.SUPPRESS and a.nargs != 0
+              and not any(a.default is v for v in (None, False, argparse.SUPPRESS))
+              and a.default != []
+              and "default" not in (a.help or "").lower()):
+            a.help = f"{a.help} (default: %(default)s)" if a.help else "default: %(default)s"
 
 
 def _leaf(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:

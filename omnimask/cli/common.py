@@ -18,7 +18,8 @@ EXIT_CTRL_C = 130
 
 # the parent parser of every command that shows progress bars
 QUIET = argparse.ArgumentParser(add_help=False)
-QUIET.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+QUIET.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no warnings (errors still print)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, schema: str, example: str) -> None:

@@ -123,3 +123,11 @@ def test_quiet_silences_warnings_for_the_command_only(caplog):
         warnings.warn("library noise", UserWarning, stacklevel=1)
         log.warning("after")
     assert len(heard) == 1 and "after" in caplog.text  # both restored after the command
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "shapes", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED default: 0" in text and "samples per shard (default: 1000)" in text
+    assert "(default: 1000) (default" not in text
