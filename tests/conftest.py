@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from omnimask.train.data.shapesworld import generate_shards
@@ -88,3 +94,39 @@ def tiny_model_dir(shapes_dir, tiny_tokenizers, tmp_path_factory):
     pre = Pretraining(cfg, progress=False)
     pre.lock.release()
     return pre.model.save_pretrained(d / "model")
+
+
+REPO = Path(__file__).resolve().parents[1]
+# pyproject.toml's package-dir: repository folder -> package
+PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
+            "fusion": "omnimask/fusion", "heads": "omnimask/heads", "train": "omnimask/train",
+            "configs": "omnimask/configs", "zoo": "omnimask/zoo/shipped"}
+
+
+@pytest.fixture(scope="session")
+def package_dirs() -> dict[str, str]:
+    """pyproject.toml's package-dir: repository folder -> installed package path."""
+    return PACKAGES
+
+
+@pytest.fixture(scope="session")
+def omnimask_wheel(tmp_path_factory) -> Path:
+    """omnimask built as a wheel from a copy of the sources (pip builds in place and would
+    leave build/ in the repository), offline with the venv's build backend."""
+    pytest.importorskip("setuptools", reason="pip wheel --no-build-isolation needs setuptools")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in PACKAGES:
+        shutil.copytree(REPO / folder, src / folder, ignore=ignore)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                          "--no-build-isolation", "-w", str(tmp / "dist"), "-q"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    if res.returncode != 0:
+        pytest.skip(f"pip wheel could not build offline: {res.stderr.strip()[-300:]}")
+    (wheel,) = (tmp / "dist").glob("omnimask-*.whl")
+    return wheel

@@ -2,7 +2,6 @@
 files ship in the package (``omnimask.configs``) and load by name from a built wheel."""
 
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,10 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / "configs"
 SCHEMAS = {"demo": DemoConfig, "data": DataConfig, "pretrain": PretrainConfig,
            "finetune": FinetuneConfig, "recipes": DemoConfig}
-# pyproject.toml's package-dir: repository folder -> package
-PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",
-            "fusion": "omnimask/fusion", "heads": "omnimask/heads", "train": "omnimask/train",
-            "configs": "omnimask/configs", "zoo": "omnimask/zoo/shipped"}
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("*/*.yaml")), ids=lambda p: p.name)
@@ -74,30 +69,11 @@ def test_unknown_packaged_name_lists_the_known_ones():
         find_config("../x")  # names never leave the package
 
 
-def _pip_wheel(src: Path, out: Path) -> subprocess.CompletedProcess:
-    # the build backend of the venv (no download); PIP_NO_INDEX keeps pip off the network
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    return subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
-                           "--no-build-isolation", "-w", str(out), "-q"], capture_output=True,
-                          text=True, timeout=120, env=env)
-
-
 @pytest.mark.slow
-def test_wheel_ships_every_module_and_config(tmp_path):
+def test_wheel_ships_every_module_and_config(omnimask_wheel, package_dirs, tmp_path):
     """An installed omnimask has its configs (``demo`` pretrains with shapes_tiny) and
     every module of the mapped folders (a package missing from pyproject.toml would not)."""
-    pytest.importorskip("setuptools", reason="pip wheel --no-build-isolation needs setuptools")
-    src = tmp_path / "src"  # a copy: pip builds in place and would leave build/ in the repo
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    for folder in PACKAGES:
-        shutil.copytree(REPO / folder, src / folder, ignore=ignore)
-    res = _pip_wheel(src, tmp_path / "dist")
-    if res.returncode != 0:
-        pytest.skip(f"pip wheel could not build offline: {res.stderr.strip()[-300:]}")
-    (wheel,) = (tmp_path / "dist").glob("omnimask-*.whl")
+    wheel, PACKAGES = omnimask_wheel, package_dirs  # noqa: N806
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "omnimask/configs/pretrain/shapes_tiny.yaml" in names
     want = {f"{PACKAGES[folder]}/{p.relative_to(REPO / folder).as_posix()}"
