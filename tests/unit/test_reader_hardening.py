@@ -401,3 +401,16 @@ def test_manifest_entries_ignores_an_unusable_manifest(tmp_path, manifest, caplo
     with caplog.at_level("WARNING"):
         assert manifest_entries([str(shard)]) == {}
     assert "manifest" in caplog.text
+
+
+def test_a_split_without_speech_is_one_warning_not_one_per_sample(small_shards, caplog):
+    cfg = DataConfig(shards=[str(small_shards / "train-*.tar")], processors=["text", "speech"],
+                     batch_size=4)
+    with caplog.at_level("WARNING", logger="omnimask.data"):
+        loader = ShardLoader(cfg, 0, 1)
+        assert sum(len(b["__key__"]) for b in loader) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("skipped sample ") and "missing speech.flac" in lines[0]
+    assert lines[1] == "skipped 60 samples in all: missing speech.flac"
+    assert len(loader.records) == 60  # every sample is still listed by name

@@ -76,6 +76,19 @@ class StreamState:
         return cls(**d)
 
 
+def _warn_skipped(records: list[dict], seen: dict[str, int]) -> None:
+    """The first skipped sample of each reason, named; the others are counted in ``seen``
+    for one summary line (a split without speech is one warning, not one per sample)."""
+    for rec in records:
+        if rec["kind"] == "tar":
+            continue
+        seen[rec["reason"]] = seen.get(rec["reason"], 0) + 1
+        if seen[rec["reason"]] == 1:
+            log.warning("skipped sample %s in %s: %s (others skipped for this reason are "
+                        "counted, then summed up)", rec["key"] or "?", rec["shard"],
+                        rec["reason"])
+
+
 class _Tally:
     """Counts skipped samples into the state and keeps records to hand to the main process."""
 
@@ -86,8 +99,7 @@ class _Tally:
     def bad(self, shard: str, key: str | None, kind: str, reason: str) -> None:
         self.state.bad[kind] = self.state.bad.get(kind, 0) + 1
         rec = {"shard": shard, "key": key, "kind": kind, "reason": reason}
-        self.records.append(rec)
-        log.warning("skipped sample %s in %s: %s", key or "?", shard, reason)
+        self.records.append(rec)  # the main process warns, once per reason (ShardLoader)
 
     def problem(self, shard: str, reason: str) -> None:
         self.state.problems += 1
@@ -341,13 +353,18 @@ class ShardLoader:
         # every nested dict of every sample again.
         dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, collate_fn=as_is,
                         prefetch_factor=4 if nw else None, persistent_workers=False)
+        seen: dict[str, int] = {}  # skipped samples by reason, this pass
         for kind, wid, data, state, records in dl:
             self._states[wid] = state
             self._next_worker = (wid + 1) % self.num_consumers
             room = MAX_RECORDS - len(self.records)
             self.records.extend(records[:max(room, 0)])
+            _warn_skipped(records, seen)
             if kind == "batch":
                 yield data
+        for reason, n in seen.items():  # one line per reason, not one per sample
+            if n > 1:
+                log.warning("skipped %d samples in all: %s", n, reason)
 
     def _fingerprint(self) -> dict:
         c = self.cfg
