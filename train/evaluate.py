@@ -71,7 +71,10 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
         drawn, recon = vq.decode(codes), vq.decode(val.codes[:n])
     image_caps = [text.decode(val.captions[i][0]) for i in range(n)]
     png = image_grid(recon[:g.grid_images], drawn[:g.grid_images], run)
-    judged = judge(g.shape_judge, drawn, recon, image_caps, progress) if g.shape_judge else {}
+    # the object scores and the judge know ShapesWorld's colours and shapes only
+    shapes = shapesworld_captions([c["reference"] for c in caps] + image_caps)
+    judged = (judge(g.shape_judge, drawn, recon, image_caps, progress)
+              if g.shape_judge and shapes else {})
     d = [ctx.sp("bos"), *cg.text_part(ctx, val.captions[0][0])]
     s, e = 1 + len(val.captions[0][0]) // 3, 1 + 2 * len(val.captions[0][0]) // 3
     filled = cg.infill(model, ctx, text, d, s, e)
@@ -80,17 +83,26 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
     def mean(key: str) -> float:
         return round(sum(c[key] for c in caps) / max(1, len(caps)), 3)
 
+    scores = {} if not shapes else {
+        "captions_naming_every_object": sum(c["names_all"] for c in caps),
+        "caption_object_precision": mean("precision"),
+        "greedy_caption_object_precision": mean("greedy_precision"),
+        "chance_caption_object_precision": mean("chance_precision"),
+        "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
+        **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
+           for p in ("", "chance_") for k in ("colour", "shape")}}
     return {"captions": caps, "grounding": grounding, "captions_scored": len(caps),
-            "captions_naming_every_object": sum(c["names_all"] for c in caps),
-            "caption_object_precision": mean("precision"),
-            "greedy_caption_object_precision": mean("greedy_precision"),
-            "chance_caption_object_precision": mean("chance_precision"),
-            "chance_captions_naming_every_object": sum(c["chance_names_all"] for c in caps),
-            **{f"{p}caption_{k}_precision": mean(f"{p}{k}_precision")
-               for p in ("", "chance_") for k in ("colour", "shape")},
-            **judged, "images_png": str(png), "image_captions": image_caps,
+            "shapesworld": shapes, **scores, **judged, "images_png": str(png), "image_captions": image_caps,
             "infill": {"text": text.decode(val.captions[0][0]),
                        "hidden": text.decode(d[s:e]), "generated": filled}}
+
+
+def shapesworld_captions(captions: list[str]) -> bool:
+    """Whether the captions are ShapesWorld's: some name one of its (colour, shape) pairs.
+    Real images' captions ("a dog on a sofa") get no object scores instead of zeros."""
+    from .data.shapesworld.language import named_objects
+
+    return any(named_objects(c) for c in captions)
 
 
 def judge(path: str, drawn: torch.Tensor, recon: torch.Tensor, captions: list[str],
@@ -154,7 +166,11 @@ def val_history(metrics: Path) -> dict:
 def caption_scores(s: dict) -> str:
     """One line: how well CM3's captions of val images match them, each score against chance
     (the same caption scored against another image's references); ``s`` holds the
-    ``samples()`` keys."""
+    ``samples()`` keys. Not ShapesWorld data: says that no object scores were computed."""
+    if not s.get("shapesworld", True):
+        return (f"CM3 captions of {s['captions_scored']} val images: no object scores (the "
+                "captions name no ShapesWorld objects; the scores know only its colours "
+                "and shapes)")
     def pair(k: str) -> str:
         return f"{s[k]:.3f} (chance {s['chance_' + k]:.3f})"
     return (f"CM3 captions of {s['captions_scored']} val images: of the objects named, right "

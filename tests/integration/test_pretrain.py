@@ -44,11 +44,11 @@ def tiny_config(shapes_dir, tiny_tokenizers, tmp_path_factory):
     return path
 
 
-def _run(config, out, env_extra=None, *overrides):
+def _run(config, out, env_extra=None, *overrides, quiet=True):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "omnimask.cli", "pretrain", "--config",
-                           str(config), "--out", str(out), "-q", *overrides], env=env,
-                          capture_output=True, text=True, timeout=600)
+                           str(config), "--out", str(out), *(["-q"] if quiet else []),
+                           *overrides], env=env, capture_output=True, text=True, timeout=600)
 
 
 def _train_losses(run):
@@ -63,7 +63,7 @@ def test_sigkill_then_resume_equals_straight_run(tiny_config, tmp_path):
     assert killed.returncode == -signal.SIGKILL  # died, no clean exit
     assert ckpt.latest(tmp_path / "b" / "checkpoints").name == "step_00000010"
     assert _train_losses(tmp_path / "b")[-1][0] == 12  # it had gone past the checkpoint
-    resumed = _run(tiny_config, tmp_path / "b")
+    resumed = _run(tiny_config, tmp_path / "b", quiet=False)  # -q would hide the warning
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")

@@ -33,3 +33,12 @@ def test_score_line_puts_each_score_beside_its_chance():
     for part in ("right colour 0.500 (chance 0.000)", "right shape 0.600 (chance 0.100)",
                  "right (colour, shape) 0.700 (chance 0.200)", "every object: 3 (chance 0)"):
         assert part in line
+
+
+def test_object_scores_are_for_shapesworld_captions_only():
+    from omnimask.train.evaluate import caption_scores, shapesworld_captions
+
+    assert shapesworld_captions(["a dog on a sofa", "a small red circle left of it"])
+    assert not shapesworld_captions(["a dog on a sofa", "two people at a table"])
+    line = caption_scores({"shapesworld": False, "captions_scored": 3})
+    assert "no object scores" in line and "0.000" not in line
