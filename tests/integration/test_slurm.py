@@ -141,7 +141,14 @@ def reference(slurm, tiny_config, tmp_path_factory) -> Path:
     return run
 
 
-def assert_same_weights(run: Path, reference: Path) -> None:
+def assert_resumed_exactly(job: dict, run: Path, reference: Path, signal: str) -> None:
+    """The job was stopped by ``signal``, requeued, found the project installed, and ended
+    with every planned step logged once and the uninterrupted job's weights."""
+    assert wait(job["job_id"]) == "COMPLETED", logs(job)
+    text = logs(job)
+    assert f"interrupted by {signal}" in text
+    assert "ModuleNotFoundError" not in text
+    assert train_steps(run) == list(range(1, STEPS + 1))
     a, b = final_weights(run), final_weights(reference)
     assert set(a) == set(b)
     for k in a:
@@ -159,12 +166,7 @@ def test_scontrol_requeue_resumes_with_no_step_repeated_or_skipped(reference, ti
             logs(job)
         time.sleep(0.5)
     subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
-    assert wait(job["job_id"]) == "COMPLETED", logs(job)
-    text = logs(job)
-    assert "interrupted by SIGTERM" in text
-    assert "ModuleNotFoundError" not in text
-    assert train_steps(run) == list(range(1, STEPS + 1))
-    assert_same_weights(run, reference)
+    assert_resumed_exactly(job, run, reference, "SIGTERM")
 
 
 def test_time_limit_signal_checkpoints_and_the_requeued_job_finishes(reference, tiny_config,
@@ -175,12 +177,7 @@ def test_time_limit_signal_checkpoints_and_the_requeued_job_finishes(reference, 
     run = tmp_path / "run"
     (job,) = submit(["--tasks-per-node", "2", "--time", "2", "--signal-delay", "60",
                      "pretrain", "--config", str(tiny_config), f"out={run}", "-q"], sleep=1.8)
-    assert wait(job["job_id"]) == "COMPLETED", logs(job)
-    text = logs(job)
-    assert "interrupted by SIGUSR2" in text
-    assert "ModuleNotFoundError" not in text
-    assert train_steps(run) == list(range(1, STEPS + 1))
-    assert_same_weights(run, reference)
+    assert_resumed_exactly(job, run, reference, "SIGUSR2")
 
 
 def test_a_job_array_runs_each_override_set_in_its_own_run_directory(slurm, tiny_config,
