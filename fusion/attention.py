@@ -103,29 +103,118 @@ def from_blocks(o: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B * L, H, D)[idx]
 
 
-def math_attention(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None, probs=None):
+class Layout:
+    """What every layer's attention needs of one packed batch, built once per forward:
+    sample lengths, the packed -> per-sample padded row index and the boolean mask (both
+    lazily). ``equal``: every sample has one length, so padding is a view."""
+
+    def __init__(self, cu: torch.Tensor, mask: str = "bidirectional", prefix_len=None) -> None:
+        if mask not in MASKS:
+            raise ValueError(f"unknown mask {mask!r}; known: {', '.join(MASKS)}")
+        self.cu, self.mask, self.prefix_len = cu, mask, prefix_len
+        self.lengths = _lengths(cu)
+        self.B, self.L = len(self.lengths), max(self.lengths)
+        self.equal = min(self.lengths) == self.L
+        self._idx: torch.Tensor | None = None
+        self._bool: torch.Tensor | None = None
+
+    def idx(self, device) -> torch.Tensor:
+        if self._idx is None:
+            self._idx = _blocks(self.lengths, device)[0]
+        return self._idx
+
+    def bool_mask(self, device) -> torch.Tensor:
+        """[B, 1, L, L], True = may attend (see ``block_mask``)."""
+        if self._bool is None:
+            self._bool = block_mask(self.lengths, self.mask, self.prefix_len, device)
+        return self._bool
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed [T, H, D] -> [B, H, L, D] (a view when ``equal``)."""
+        if self.equal:
+            return x.view(self.B, self.L, *x.shape[1:]).transpose(1, 2)
+        return to_blocks(x, self.idx(x.device), self.B, self.L)
+
+    def unpad(self, o: torch.Tensor) -> torch.Tensor:
+        if self.equal:
+            return o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1])
+        return from_blocks(o, self.idx(o.device))
+
+    def query_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For query positions ``rows`` (sorted packed indices): the row of each in a
+        [B * Lq] per-sample padded query layout, each one's position in its sample, and Lq."""
+        cu = self.cu.to(rows.device).long()
+        sample = torch.searchsorted(cu, rows, right=True) - 1
+        counts = torch.bincount(sample, minlength=self.B)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(rows.numel(), device=rows.device) - first[sample]
+        Lq = max(int(counts.max()), 1) if rows.numel() else 1
+        return sample * Lq + rank, rows - cu[sample], Lq
+
+
+def _padded_rows(q, k, v, lay: Layout, rows):
+    """Padded [B, H, Lq|L, D] q/k/v and the [B, 1, Lq|L, L] mask; ``unpad(o)`` packs back.
+    With ``rows``, q holds only those positions' queries."""
+    m = lay.bool_mask(q.device)
+    kp, vp = lay.pad(k), lay.pad(v)
+    if rows is None:
+        return lay.pad(q), kp, vp, m, lay.unpad
+    qi, local, Lq = lay.query_rows(rows)
+    sample = qi // Lq
+    mq = m.new_zeros(lay.B * Lq, lay.L)
+    mq[:, 0] = True  # padded query rows see one key (finite softmax; they are dropped)
+    mq[qi] = m[sample, 0, local]
+    qp = q.new_zeros(lay.B * Lq, *q.shape[1:])
+    qp[qi] = q
+    qp = qp.view(lay.B, Lq, *q.shape[1:]).transpose(1, 2)
+
+    def unpad(o):
+        return o.transpose(1, 2).reshape(lay.B * Lq, *o.shape[1:2], o.shape[-1])[qi]
+    return qp, kp, vp, mq.view(lay.B, 1, Lq, lay.L), unpad
+
+
+def math_attention(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None, probs=None,
+                   layout: Layout | None = None, rows: torch.Tensor | None = None):
     """Explicit attention on padded blocks; ``probs(scores, allowed)`` replaces the softmax
-    (the trunk's clipped softmax uses this: fused kernels only do softmax)."""
-    lengths = _lengths(cu)
-    idx, B, L = _blocks(lengths, q.device)
-    m = block_mask(lengths, mask, prefix_len, q.device)
-    s = to_blocks(q, idx, B, L) @ to_blocks(k, idx, B, L).transpose(-1, -2)
-    s = s * (scale or 1 / math.sqrt(q.shape[-1]))
+    (the trunk's clipped softmax uses this: fused kernels only do softmax). ``rows``: only
+    those packed positions' queries (``q`` then holds just them)."""
+    lay = layout or Layout(cu, mask, prefix_len)
+    qp, kp, vp, m, unpad = _padded_rows(q, k, v, lay, rows)
+    s = qp @ kp.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1]))
     p = probs(s, m) if probs is not None else s.masked_fill(~m, float("-inf")).softmax(-1)
-    return from_blocks(p @ to_blocks(v, idx, B, L), idx)
+    return unpad(p @ vp)
 
 
-def _sdpa(q, k, v, cu, mask, prefix_len, scale):
-    lengths = _lengths(cu)
-    idx, B, L = _blocks(lengths, q.device)
-    m = block_mask(lengths, mask, prefix_len, q.device)
-    o = F.scaled_dot_product_attention(to_blocks(q, idx, B, L), to_blocks(k, idx, B, L),
-                                       to_blocks(v, idx, B, L), attn_mask=m, scale=scale)
-    return from_blocks(o, idx)
+def _per_sample(q, k, v, lay: Layout, scale, rows):
+    """CPU, no padding: one unmasked (or causal) SDPA call per sample, on views."""
+    causal = lay.mask in ("causal", "cm3")
+    if rows is None:
+        qs = torch.split(q, lay.lengths)
+    else:
+        sample = torch.searchsorted(lay.cu.to(rows.device).long(), rows, right=True) - 1
+        qs = torch.split(q, torch.bincount(sample, minlength=lay.B).tolist())
+    ks, vs = torch.split(k, lay.lengths), torch.split(v, lay.lengths)
+    return torch.cat([F.scaled_dot_product_attention(
+        a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1), is_causal=causal, scale=scale
+    ).transpose(0, 1) for a, b, c in zip(qs, ks, vs)])
 
 
-def _varlen(q, k, v, cu, mask, prefix_len, scale):
+def _sdpa(q, k, v, lay: Layout, scale, rows=None):
+    plain = lay.mask in ("bidirectional", "causal", "cm3")
+    if plain and rows is None and lay.equal:  # a view, no mask: the fused kernel's best case
+        o = F.scaled_dot_product_attention(lay.pad(q), lay.pad(k), lay.pad(v), scale=scale,
+                                           is_causal=lay.mask != "bidirectional")
+        return lay.unpad(o)
+    if q.device.type == "cpu" and (lay.mask == "bidirectional" or plain and rows is None):
+        return _per_sample(q, k, v, lay, scale, rows)
+    qp, kp, vp, m, unpad = _padded_rows(q, k, v, lay, rows)
+    return unpad(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m, scale=scale))
+
+
+def _varlen(q, k, v, lay: Layout, scale):
     from torch.nn.attention.varlen import varlen_attn
+
+    cu, mask = lay.cu, lay.mask
 
     kw = {"scale": scale}
     if mask in ("causal", "cm3"):
@@ -135,14 +224,13 @@ def _varlen(q, k, v, cu, mask, prefix_len, scale):
     elif mask in ("prefix", "blocks"):
         raise NotImplementedError(f"varlen_attn has no {mask} mask")
     cu = cu.to(device=q.device, dtype=torch.int32)
-    n = int(max(_lengths(cu)))
-    return varlen_attn(q, k, v, cu, cu, n, n, **kw)
+    return varlen_attn(q, k, v, cu, cu, lay.L, lay.L, **kw)
 
 
-def _xformers(q, k, v, cu, mask, prefix_len, scale):
+def _xformers(q, k, v, lay: Layout, scale):
     from xformers.ops import fmha
 
-    lens = _lengths(cu)
+    lens, mask = lay.lengths, lay.mask
     if mask == "bidirectional":
         bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lens)
     elif mask in ("causal", "cm3"):
@@ -192,7 +280,7 @@ def _flex_mask(cu: torch.Tensor, mask: str, prefix_len, device):
     return _FLEX["mask"]
 
 
-def _flex(q, k, v, cu, mask, prefix_len, scale):
+def _flex(q, k, v, lay: Layout, scale):
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention
@@ -206,7 +294,7 @@ def _flex(q, k, v, cu, mask, prefix_len, scale):
         if _FLEX["compiled"] is None:
             _FLEX["compiled"] = torch.compile(flex_attention, dynamic=True)
         fn = _FLEX["compiled"]
-    bm = _flex_mask(cu, mask, prefix_len, q.device)
+    bm = _flex_mask(lay.cu, lay.mask, lay.prefix_len, q.device)
     with warnings.catch_warnings():  # the unfused path warns once; it is still exact
         warnings.simplefilter("ignore", UserWarning)
         o = fn(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=bm, scale=scale)
@@ -247,12 +335,13 @@ def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
     timed = {}
     for name in candidates:
         try:
-            got = _IMPL[name](q, k, v, cu, mask, pre, None).float()
+            lay = Layout(cu, mask, pre)
+            got = _IMPL[name](q, k, v, lay, None).float()
             if not torch.allclose(got, want, atol=tol, rtol=tol):
                 raise RuntimeError(f"max error {(got - want).abs().max():.2e}")
             t0 = time.perf_counter()
             for _ in range(3):
-                _IMPL[name](q, k, v, cu, mask, pre, None)
+                _IMPL[name](q, k, v, Layout(cu, mask, pre), None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timed[name] = time.perf_counter() - t0
@@ -292,12 +381,19 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
               max_seqlen: int | None = None, mask: str = "bidirectional", prefix_len=None,
-              backend: str = "auto", scale: float | None = None) -> torch.Tensor:
-    """[T, H, D] x3 -> [T, H, D]; see the module docstring."""
+              backend: str = "auto", scale: float | None = None, layout: Layout | None = None,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H, D] x3 -> [T, H, D]; see the module docstring. ``layout``: the batch's
+    ``Layout`` when the caller has one (every layer of a forward shares it). ``rows``:
+    sorted packed positions whose queries ``q`` holds ([P, H, D], keys and values still of
+    every position) -> [P, H, D]; computed by the SDPA path on any backend."""
     if mask not in MASKS:
         raise ValueError(f"unknown mask {mask!r}; known: {', '.join(MASKS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(BACKENDS)}")
+    lay = layout or Layout(cu_seqlens, mask, prefix_len)
+    if rows is not None:
+        return _sdpa(q, k, v, lay, scale, rows)
     if backend == "auto":
         backend = choose_backend(q.device, q.dtype, mask)
-    return _IMPL[backend](q, k, v, cu_seqlens, mask, prefix_len, scale)
+    return _IMPL[backend](q, k, v, lay, scale)

@@ -26,7 +26,7 @@ from omnimask.config import check_fields
 from omnimask.errors import ConfigError
 from omnimask.modalities.vocab import MODALITIES
 
-from .attention import attention, block_ids, math_attention
+from .attention import Layout, attention, block_ids, math_attention
 from .packing import PackedBatch
 
 
@@ -172,26 +172,38 @@ class Attention(nn.Module):
             p = self.cfg.gate_init_prob
             nn.init.constant_(self.gate.bias, math.log(p / (1 - p)))
 
-    def _qkv(self, x):
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.cfg.heads, self.head_dim).unbind(1)
+    def _qkv(self, x, rows=None):
+        """q, k, v [T, H, D]; with ``rows``, q only at those positions (its share of the
+        fused projection is skipped elsewhere)."""
+        H, D = self.cfg.heads, self.head_dim
+        if rows is None:
+            q, k, v = self.qkv(x).view(x.shape[0], 3, H, D).unbind(1)
+        else:
+            w, b, n = self.qkv.weight, self.qkv.bias, self.cfg.dim
+            q = F.linear(x[rows], w[:n], b[:n]).view(-1, H, D)
+            k, v = F.linear(x, w[n:], b[n:]).view(x.shape[0], 2, H, D).unbind(1)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x, cu, max_seqlen, mask, prefix_len, cache: KVCache | None = None):
-        T = x.shape[0]
-        q, k, v = self._qkv(x)
+    def forward(self, x, cu, max_seqlen, mask, prefix_len, cache: KVCache | None = None,
+                layout: Layout | None = None, rows: torch.Tensor | None = None):
+        """[T, dim] -> [T, dim], or [P, dim] at the sorted positions ``rows`` (their queries
+        over every key)."""
+        q, k, v = self._qkv(x, rows)
         if cache is not None:
             cache.add(k, v, cu)
+        lay = layout or Layout(cu, mask, prefix_len)
         if self.cfg.plain_softmax:
-            o = attention(q, k, v, cu, max_seqlen, mask, prefix_len, self.cfg.attention_backend)
+            o = attention(q, k, v, cu, max_seqlen, mask, prefix_len, self.cfg.attention_backend,
+                          layout=lay, rows=rows)
         else:
             c = self.cfg
             o = math_attention(q, k, v, cu, mask, prefix_len, probs=lambda s, m: clipped_softmax(
-                s, m, c.clip_gamma, c.clip_zeta))
+                s, m, c.clip_gamma, c.clip_zeta), layout=lay, rows=rows)
         if self.cfg.gated_attention:
-            o = o * torch.sigmoid(self.gate(x))[..., None]
-        return self.out(o.reshape(T, -1))
+            o = o * torch.sigmoid(self.gate(x if rows is None else x[rows]))[..., None]
+        return self.out(o.reshape(o.shape[0], -1))
 
     def step(self, x, cache: KVCache, layer: int):
         """One new position per cached sequence ([B, dim]): attends to all it follows."""
@@ -243,20 +255,23 @@ class Block(nn.Module):
                 out[sel] = ffn(x[sel])
         return out
 
-    def forward(self, x, modality, cu, max_seqlen, mask, prefix_len, cache=None):
+    def forward(self, x, modality, cu, max_seqlen, mask, prefix_len, cache=None, layout=None,
+                rows=None):
+        """[T, dim] -> [T, dim], or [P, dim] at the sorted positions ``rows`` only."""
         def attn(y):
-            return self.attn(y, cu, max_seqlen, mask, prefix_len, cache)
-        return self._residual(x, modality, attn)
+            return self.attn(y, cu, max_seqlen, mask, prefix_len, cache, layout, rows)
+        return self._residual(x, modality, attn, rows)
 
     def step(self, x, modality, cache: KVCache, layer: int):
         return self._residual(x, modality, lambda y: self.attn.step(y, cache, layer))
 
-    def _residual(self, x, modality, attn):
+    def _residual(self, x, modality, attn, rows=None):
+        keep, mod = (x, modality) if rows is None else (x[rows], modality[rows])
         if self.cfg.prenorm:
-            x = x + self.drop(attn(self.norm1(x)))
-            return x + self.drop(self._ffn(self.norm2(x), modality))
-        x = self.norm1(x + self.drop(attn(x)))
-        return self.norm2(x + self.drop(self._ffn(x, modality)))
+            x = keep + self.drop(attn(self.norm1(x)))
+            return x + self.drop(self._ffn(self.norm2(x), mod))
+        x = self.norm1(keep + self.drop(attn(x)))
+        return self.norm2(x + self.drop(self._ffn(x, mod)))
 
 
 class MLMHead(nn.Module):
@@ -352,24 +367,34 @@ class Trunk(nn.Module):
         return x
 
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
-                features: torch.Tensor | None = None, cache: KVCache | None = None
-                ) -> torch.Tensor:
+                features: torch.Tensor | None = None, cache: KVCache | None = None,
+                outputs: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [T, dim] of the packed batch. mask='blocks' (``prefix_len`` = block
         ids [T]) also numbers each block's positions after its context, so a block's
         outputs are those of [context + block] alone. ``cache`` (an empty ``KVCache``; the
-        samples of one length) keeps each layer's keys/values for ``step``."""
+        samples of one length) keeps each layer's keys/values for ``step``. ``outputs``
+        (packed positions [P]): return only their hidden states [P, dim], in that order;
+        the last layer then computes only those rows (the same numbers, less work)."""
         blocks = block_ids(prefix_len, batch.num_tokens) if mask == "blocks" else None
-        if cache is not None and (len(cache.keys) or mask == "blocks"):
-            raise ValueError("a KV cache starts empty, and not under mask='blocks' (later "
-                             "tokens attend to every earlier position)")
+        if cache is not None and (len(cache.keys) or mask == "blocks" or outputs is not None):
+            raise ValueError("a KV cache starts empty, and not under mask='blocks' or with "
+                             "outputs= (later tokens attend to every earlier position)")
         x = self.embed(batch, features, blocks)
         cu = batch.cu_seqlens
-        for blk in self.blocks:
+        lay = Layout(cu, mask, prefix_len)
+        order = None
+        if outputs is not None:  # sorted rows for the last layer; the caller's order after
+            outputs, order = torch.as_tensor(outputs, device=x.device).long().sort()
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            args = (x, batch.modality, cu, batch.max_seqlen, mask, prefix_len, cache, lay,
+                    outputs if i == last else None)
             if self.cfg.checkpointing and self.training and cache is None:
-                x = checkpoint(blk, x, batch.modality, cu, batch.max_seqlen, mask, prefix_len,
-                               use_reentrant=False)
+                x = checkpoint(blk, *args, use_reentrant=False)
             else:
-                x = blk(x, batch.modality, cu, batch.max_seqlen, mask, prefix_len, cache)
+                x = blk(*args)
+        if order is not None:
+            x = x[order.argsort()]
         return self.final_norm(x) if self.final_norm is not None else x
 
     def step(self, ids: torch.Tensor, cache: KVCache, modality: str = "text") -> torch.Tensor:
@@ -399,8 +424,11 @@ class Trunk(nn.Module):
         return self.mlm(hidden[positions])
 
     def mlm_loss(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self(batch) if hidden is None else hidden
+        """Cross-entropy at the batch's target positions; without ``hidden``, the forward
+        computes only those rows in its last layer."""
         pos = batch.target_positions
+        if hidden is None:
+            return F.cross_entropy(self.mlm(self(batch, outputs=pos)), batch.targets[pos])
         return F.cross_entropy(self.mlm_logits(hidden, pos), batch.targets[pos])
 
     # -- Hugging Face BERT ---------------------------------------------------------------

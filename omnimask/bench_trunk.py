@@ -1,15 +1,26 @@
 """``omnimask bench trunk --vs hf``: an MLM training step of our trunk against transformers'
 ``BertForMaskedLM`` (SDPA attention), same sizes and weights, same variable-length batches.
 
-Both models step (forward, backward, AdamW) alternately in one process after warm-up;
-throughput counts real (non-pad) tokens. Our side packs without padding and projects
-only the masked positions to the vocabulary; theirs pads to the longest sample and
-projects every position. On CUDA: bf16 autocast, peak memory, achieved TFLOP/s
-(``torch.utils.flop_counter``) and MFU against a measured bf16 matmul peak.
+Each (side, lengths) configuration runs in its own Python process (a configuration
+changes the allocator's and oneDNN's state for the ones after it), one after another on
+the same machine. A process measures this machine's matmul peak (fp32 on CPU, bf16 on
+CUDA), warms up (compilation included, timed), times ``steps`` steps (forward, backward,
+fused AdamW on both sides, as transformers' Trainer defaults to on torch >= 2.8), counts
+one step's FLOPs with ``torch.utils.flop_counter`` (the CPU flash-attention kernels
+added) and reports real (non-pad) tokens/s, FLOPs per real token, achieved GFLOP/s, the
+fraction of the peak and peak memory (CUDA: allocated; CPU: the process's peak RSS). Our
+side packs without padding and computes the last layer and the vocabulary projection only
+at masked positions; theirs pads to the longest sample and projects every position. On
+CUDA both run under bf16 autocast and the fraction is the MFU.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -17,6 +28,8 @@ import torch
 from .fusion.packing import IGNORE, Segment, pack
 from .fusion.trunk import Trunk
 from .train.data.bench import machine
+
+SIDES = ("omnimask", "hf")
 
 
 def _batches(n_batches, batch, lo, hi, vocab, seed):
@@ -34,14 +47,11 @@ def _batches(n_batches, batch, lo, hi, vocab, seed):
     return out
 
 
-def _ours(samples, device):
-    b = pack([[Segment("text", ids=i, targets=t)] for i, t in samples])
-    for f in ("ids", "modality", "segment", "position", "position_2d", "targets"):
-        setattr(b, f, getattr(b, f).to(device))
-    return b
+def packed(samples, device):
+    return pack([[Segment("text", ids=i, targets=t)] for i, t in samples]).to(device)
 
 
-def _theirs(samples, device):
+def padded(samples, device):
     L = max(len(i) for i, _ in samples)
     ids = torch.zeros(len(samples), L, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -51,91 +61,160 @@ def _theirs(samples, device):
     return ids.to(device), att.to(device), lab.to(device)
 
 
-def _matmul_peak(device) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize(device)
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def matmul_peak(dev: torch.device) -> float:
+    """FLOP/s of the best of several square matmuls: fp32 on CPU, bf16 on CUDA."""
+    n, dtype, reps = (8192, torch.bfloat16, 10) if dev.type == "cuda" else (1536, torch.float32, 4)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    c = torch.empty(n, n, device=dev, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+        _sync(dev)
+        best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def _flop_mapping() -> dict:
+    """The CPU flash-attention ops the counter does not know, counted as its SDPA ops are."""
+    from torch.utils import flop_counter as fc
+
+    def fwd(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    aten = torch.ops.aten
+    names = (("_scaled_dot_product_flash_attention_for_cpu", fwd),
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", bwd))
+    return {getattr(aten, n): fn for n, fn in names if hasattr(aten, n)}
+
+
+def _models(spec: dict, dev: torch.device):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(spec["seed"])
+    cfg = BertConfig(vocab_size=spec["vocab"], hidden_size=spec["dim"],
+                     num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                     intermediate_size=spec["ffn"],
+                     max_position_embeddings=max(512, spec["lengths"][1]),
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     attn_implementation="sdpa")
+    hf = BertForMaskedLM(cfg)
+    return (Trunk.from_hf_bert(hf) if spec["side"] == "omnimask" else hf).to(dev).train()
+
+
+def measure(spec: dict) -> dict:
+    """One side on one length range, in this process (see the module docstring)."""
+    dev = torch.device(spec["device"])
+    cuda = dev.type == "cuda"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    model = _models(spec, dev)
+    ours = spec["side"] == "omnimask"
+    if ours:
+        loss_of = model.mlm_loss
+    else:
+        def loss_of(ids, att, lab):
+            return model(input_ids=ids, attention_mask=att, labels=lab).loss
+    if spec.get("compile"):
+        loss_of = torch.compile(loss_of, dynamic=True)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
+    data = _batches(spec["steps"] + spec["warmup"], spec["batch"], *spec["lengths"],
+                    spec["vocab"], spec["seed"])
+    inputs = [packed(s, dev) if ours else padded(s, dev) for s in data]
+
+    def step(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_of(x) if ours else loss_of(*x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    peak = matmul_peak(dev)
     t0 = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize(device)
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    for x in inputs[:spec["warmup"]]:
+        step(x)
+    _sync(dev)
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for x in inputs[spec["warmup"]:]:
+        step(x)
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(i) for s in data[spec["warmup"]:] for i, _ in s)
+    mem = (torch.cuda.max_memory_allocated(dev) if cuda
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as fc:
+        step(inputs[-1])
+    per_token = fc.get_total_flops() / sum(len(i) for i, _ in data[-1])
+    rate = tokens / seconds
+    return {"tokens_per_s": round(rate, 1), "step_ms": round(1e3 * seconds / spec["steps"], 1),
+            "mflop_per_token": round(per_token / 1e6, 2),
+            "gflop_per_s": round(per_token * rate / 1e9, 1),
+            "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
+            "peak_fraction": round(per_token * rate / peak, 3),
+            "peak_mem_mb": round(mem / 2 ** 20, 1), "warmup_s": round(warmup_s, 2)}
+
+
+def _in_process(spec: dict) -> dict:
+    """``measure(spec)`` in a fresh interpreter (the same one running this)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "omnimask.bench_trunk", json.dumps(spec)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode:
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"bench trunk: the {spec['side']} process failed: {tail}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_trunk(layers=4, dim=256, heads=4, ffn=1024, vocab=8192, batch=16, min_len=32,
-                max_len=256, steps=10, warmup=2, device: str | None = None, seed=0) -> dict:
-    from transformers import BertConfig, BertForMaskedLM
-
+                max_len=256, steps=10, warmup=2, device: str | None = None, seed=0,
+                compile: bool = False, threads: int | None = None, isolate: bool = True,
+                progress=None) -> dict:
+    """Both sides on lengths uniform in [min_len, max_len] and at max_len; each
+    configuration in its own process unless ``isolate=False`` (tests)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = dev.type == "cuda"
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=ffn,
-                     max_position_embeddings=max(512, max_len), hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
-    hf = BertForMaskedLM(cfg).to(dev).train()
-    ours = Trunk.from_hf_bert(hf).to(dev).train()
-    opt = {"omnimask": torch.optim.AdamW(ours.parameters(), 1e-4),
-           "hf": torch.optim.AdamW(hf.parameters(), 1e-4)}
-
-    def step(name, samples):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            if name == "omnimask":
-                loss = ours.mlm_loss(_ours(samples, dev))
-            else:
-                ids, att, lab = _theirs(samples, dev)
-                loss = hf(input_ids=ids, attention_mask=att, labels=lab).loss
-        opt[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opt[name].step()
-
-    def run(lo, hi) -> dict:
-        data = _batches(steps + warmup, batch, lo, hi, vocab, seed)
+    base = {"layers": layers, "dim": dim, "heads": heads, "ffn": ffn, "vocab": vocab,
+            "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev),
+            "seed": seed, "compile": compile, "threads": threads}
+    run = _in_process if isolate else measure
+    out = {}
+    for key, lengths in (("variable", [min_len, max_len]), ("full_length", [max_len, max_len])):
         res = {}
-        for name in ("omnimask", "hf"):
-            for s in data[:warmup]:
-                step(name, s)
-        times = {"omnimask": 0.0, "hf": 0.0}
-        tokens = sum(len(i) for s in data[warmup:] for i, _ in s)
-        for s in data[warmup:]:  # alternate, so both see the same machine state
-            for name in ("omnimask", "hf"):
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                step(name, s)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                times[name] += time.perf_counter() - t0
-        for name in ("omnimask", "hf"):
-            res[name] = {"tokens_per_s": round(tokens / times[name], 1), "peak_mem_mb": None}
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-                step(name, data[0])
-                res[name]["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        for side in SIDES:
+            if progress:
+                progress(f"{side}, lengths {lengths[0]}-{lengths[1]}")
+            res[side] = run({**base, "side": side, "lengths": lengths})
         res["ratio"] = round(res["omnimask"]["tokens_per_s"] / res["hf"]["tokens_per_s"], 3)
-        if cuda:
-            from torch.utils.flop_counter import FlopCounterMode
+        out[key] = res
+    return {"bench": "trunk", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else "cpu", "machine": machine(),
+            "config": {**{k: v for k, v in base.items() if k not in ("device", "seed")},
+                       "lengths": [min_len, max_len],
+                       "threads": threads or torch.get_num_threads(),
+                       "dtype": "bf16 autocast" if dev.type == "cuda" else "float32",
+                       "optimizer": "AdamW(fused=True) on both sides",
+                       "attention_backend": "auto", "hf_attention": "sdpa",
+                       "isolated_processes": isolate},
+            **out}
 
-            peak = _matmul_peak(dev)
-            for name in ("omnimask", "hf"):
-                with FlopCounterMode(display=False) as fc:
-                    step(name, data[0])
-                tok0 = sum(len(i) for i, _ in data[0])
-                tflops = fc.get_total_flops() / tok0 * res[name]["tokens_per_s"]
-                res[name]["tflops"] = round(tflops / 1e12, 2)
-                res[name]["mfu"] = round(tflops / peak, 4)
-            res["mfu"] = res["omnimask"]["mfu"]
-            res["peak_bf16_matmul_tflops"] = round(peak / 1e12, 1)
-        return res
 
-    variable = run(min_len, max_len)
-    full = run(max_len, max_len)
-    return {"bench": "trunk", "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-            "machine": machine(),
-            "config": {"layers": layers, "dim": dim, "heads": heads, "ffn": ffn, "vocab": vocab,
-                       "batch": batch, "lengths": [min_len, max_len], "steps": steps,
-                       "warmup": warmup, "threads": torch.get_num_threads(),
-                       "dtype": "bf16 autocast" if cuda else "float32",
-                       "attention_backend": "auto", "hf_attention": "sdpa"},
-            **variable, "full_length": full}
+if __name__ == "__main__":  # one configuration: python -m omnimask.bench_trunk SPEC_JSON
+    import warnings
+
+    warnings.simplefilter("ignore")
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

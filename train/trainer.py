@@ -170,10 +170,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fusable(model: torch.nn.Module) -> bool:
+    """Whether the fused (one kernel for all tensors) Adam implementation takes these
+    parameters: floating point, on CPU or CUDA, not FSDP-sharded."""
+    from . import distributed as dist
+
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return bool(ps) and not dist.is_fsdp(model) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in ps)
+
+
 def make_optimizer(cfg: TrainerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay) or Adam (decay as an L2 penalty) over ``param_groups``."""
+    """AdamW (decoupled decay) or Adam (decay as an L2 penalty) over ``param_groups``;
+    fused where ``fusable`` (the same update as the per-tensor loop, fewer passes)."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    return cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+               fused=fusable(model) or None)
 
 
 def _scalar(v) -> bool:

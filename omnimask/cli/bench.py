@@ -28,7 +28,8 @@ def cmd_bench_trunk(a: argparse.Namespace) -> int:
 
     _at_least(*((f"--{k.replace('_', '-')}", getattr(a, k), 0 if k == "warmup" else 1)
                 for k in ("layers", "dim", "heads", "ffn", "vocab", "batch", "min_len",
-                          "max_len", "steps", "warmup")))
+                          "max_len", "steps", "warmup")),
+              ("--threads", a.threads or 1, 1))
     if a.dim % a.heads:
         raise OmnimaskError(f"--dim {a.dim} is not divisible by --heads {a.heads}")
     if a.min_len > a.max_len:
@@ -36,13 +37,27 @@ def cmd_bench_trunk(a: argparse.Namespace) -> int:
     if a.device and device_problem(a.device):
         raise OmnimaskError(f"--device {device_problem(a.device)}")
     res = bench_trunk(a.layers, a.dim, a.heads, a.ffn, a.vocab, a.batch, a.min_len, a.max_len,
-                      a.steps, a.warmup, a.device)
-    print(f"variable lengths [{a.min_len}, {a.max_len}]: omnimask "
-          f"{res['omnimask']['tokens_per_s']:.0f} vs transformers {res['hf']['tokens_per_s']:.0f} "
-          f"real tokens/s, ratio {res['ratio']:.2f}; full length: ratio "
-          f"{res['full_length']['ratio']:.2f}")
+                      a.steps, a.warmup, a.device, compile=a.compile, threads=a.threads,
+                      progress=None if a.quiet else lambda m: print(f"running {m}", flush=True))
+    print(trunk_table(res))
     _write_json(res, a.out)
     return 0
+
+
+def trunk_table(res: dict) -> str:
+    """The bench's result as a Markdown table: one row per (lengths, side)."""
+    lo, hi = res["config"]["lengths"]
+    rows = ["| lengths | side | real tokens/s | ratio | MFLOP/token | GFLOP/s | of matmul peak "
+            "| peak memory | warm-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, name in (("variable", f"{lo}-{hi}"), ("full_length", f"{hi}")):
+        for side in ("omnimask", "hf"):
+            r = res[key][side]
+            ratio = f"{res[key]['ratio']:.2f}x" if side == "omnimask" else "1"
+            rows.append(f"| {name} | {side} | {r['tokens_per_s']:.0f} | {ratio} | "
+                        f"{r['mflop_per_token']:.1f} | {r['gflop_per_s']:.0f} | "
+                        f"{r['peak_fraction']:.2f} of {r['matmul_peak_gflop_per_s']:.0f} | "
+                        f"{r['peak_mem_mb']:.0f} MB | {r['warmup_s']:.1f} s |")
+    return "\n".join(rows)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -84,13 +99,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     btr = bsub.add_parser("trunk", parents=[QUIET], help="MLM training step vs transformers",
                           description="Tokens/s of an MLM training step (fwd, bwd, AdamW) of the "
                                       "trunk and of transformers' BertForMaskedLM (SDPA), same "
-                                      "sizes and batches, alternating in one process.")
+                                      "sizes and batches, each configuration in its own "
+                                      "process; FLOPs counted, against the measured matmul "
+                                      "peak.")
     btr.add_argument("--vs", choices=["hf"], default="hf", help="the peer (transformers BERT)")
     for flag, default in (("--layers", 4), ("--dim", 256), ("--heads", 4), ("--ffn", 1024),
                           ("--vocab", 8192), ("--batch", 16), ("--min-len", 32),
                           ("--max-len", 256), ("--steps", 10), ("--warmup", 2)):
         btr.add_argument(flag, type=int, default=default)
     btr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    btr.add_argument("--compile", action="store_true",
+                     help="torch.compile both sides' loss (warm-up time reported)")
+    btr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     btr.add_argument("--out", help="write the result JSON here")
     btr.set_defaults(fn=cmd_bench_trunk)
     btk = bsub.add_parser("tokenizer", parents=[QUIET], help="tokenizer encode throughput",

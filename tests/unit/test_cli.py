@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from omnimask.cli import build_parser, main
 
@@ -99,9 +100,28 @@ def test_bench_trunk_json(tmp_path):
                  "--vocab", "100", "--batch", "3", "--min-len", "4", "--max-len", "16",
                  "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out), "-q"]) == 0
     r = json.loads(out.read_text())
-    assert r["bench"] == "trunk" and r["device"] == "cpu"
-    assert r["omnimask"]["tokens_per_s"] > 0 and r["hf"]["tokens_per_s"] > 0
-    assert r["ratio"] > 0 and r["full_length"]["ratio"] > 0
+    assert r["bench"] == "trunk" and r["device"] == "cpu" and r["config"]["isolated_processes"]
+    for key in ("variable", "full_length"):
+        ours, hf = r[key]["omnimask"], r[key]["hf"]
+        assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0 and r[key]["ratio"] > 0
+        # packing and projecting only masked positions: less work per real token
+        assert 0 < ours["mflop_per_token"] < hf["mflop_per_token"]
+        for side in (ours, hf):
+            assert side["matmul_peak_gflop_per_s"] > 0 and side["peak_mem_mb"] > 0
+            assert side["peak_fraction"] == pytest.approx(
+                side["gflop_per_s"] / side["matmul_peak_gflop_per_s"], abs=2e-3)
+
+
+def test_bench_counts_cpu_flash_attention_flops():
+    """The FLOP counter learns the CPU flash-attention kernels: forward = two bmms."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from omnimask.bench_trunk import _flop_mapping
+
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert fc.get_total_flops() == 2 * (2 * 2 * 3 * 10 * 10 * 8)
 
 
 def test_quiet_silences_warnings_for_the_command_only(caplog):
