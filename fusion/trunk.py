@@ -14,7 +14,9 @@ token per sequence, attending to everything before it (prefix-LM/causal decoding
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,8 @@ from omnimask.modalities.vocab import MODALITIES
 
 from .attention import Layout, attention, block_ids, math_attention
 from .packing import PackedBatch
+
+log = logging.getLogger("omnimask.trunk")
 
 
 @dataclass
@@ -51,7 +55,8 @@ class TrunkConfig:
     modality_embeddings: bool = True
     grid_positions: bool = True  # learned row + column embeddings on 2-D grids (images)
     max_grid: int = 64
-    token_type_embedding: bool = False  # BERT's (type 0) embedding, for imported models
+    token_type_embedding: bool = False  # BERT's token type embeddings, for imported models
+    type_vocab_size: int = 1  # token types 0..n-1 (BERT: 2, sentence A/B)
     embed_norm: bool = False  # LayerNorm after the embeddings (BERT)
     dropout: float = 0.0
     attention_backend: str = "auto"
@@ -60,7 +65,7 @@ class TrunkConfig:
     def __post_init__(self) -> None:
         p = "model.trunk."  # where it sits in a pretraining config
         check_fields(self, ">=1", "vocab_size", "dim", "layers", "heads", "ffn_dim",
-                     "max_positions", "max_grid", prefix=p)
+                     "max_positions", "max_grid", "type_vocab_size", prefix=p)
         check_fields(self, ">0", "norm_eps", prefix=p)
         check_fields(self, "[0,1)", "dropout", prefix=p)
         check_fields(self, "(0,1)", "gate_init_prob", prefix=p)
@@ -101,6 +106,13 @@ def block_positions(cu: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     ctx = torch.cumsum((blocks == 0).long(), 0) - (blocks == 0).long()  # context before, packed
     ctx = ctx - ctx[cu[:-1].long()].repeat_interleave(lens) if T else ctx  # ...in its sample
     return torch.where(blocks == 0, rank, rank + ctx)
+
+
+def _token_types_2d(state_dict, prefix, *args) -> None:
+    """Trunks saved before token types had one type-0 vector [dim]: load it as [1, dim]."""
+    v = state_dict.get(prefix + "token_type")
+    if v is not None and v.ndim == 1:
+        state_dict[prefix + "token_type"] = v[None]
 
 
 def _norm(cfg: TrunkConfig, dim: int) -> nn.Module:
@@ -294,8 +306,9 @@ class Trunk(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Embedding(cfg.max_positions, cfg.dim)
-        if cfg.token_type_embedding:
-            self.token_type = nn.Parameter(torch.zeros(cfg.dim))
+        if cfg.token_type_embedding:  # [types, dim]; a 1-D [dim] (type 0 only) loads too
+            self.token_type = nn.Parameter(torch.zeros(cfg.type_vocab_size, cfg.dim))
+            self._register_load_state_dict_pre_hook(_token_types_2d)
         if cfg.modality_embeddings:
             self.modality = nn.Embedding(len(MODALITIES), cfg.dim)
             nn.init.zeros_(self.modality.weight)
@@ -338,7 +351,7 @@ class Trunk(nn.Module):
             if features is None:
                 raise ValueError("the batch holds feature positions but no features were given")
             x = torch.where(is_feat[:, None], features, x)
-        x = self._add_position(x, pos, batch.modality)
+        x = self._add_position(x, pos, batch.modality, self._token_types(batch))
         if self.cfg.grid_positions:
             rc = batch.position_2d.to(x.device)
             on = rc[:, 0] >= 0
@@ -357,11 +370,25 @@ class Trunk(nn.Module):
                               f"than a sample of {longest} tokens; raise it to at least "
                               f"{longest}")
 
-    def _add_position(self, x, pos, modality):
+    def _token_types(self, batch: PackedBatch) -> torch.Tensor | None:
+        """The batch's token types [T], checked against this trunk (None: all type 0)."""
+        tt = batch.token_type
+        if tt is None:
+            return None
+        n = self.cfg.type_vocab_size if self.cfg.token_type_embedding else 1
+        hi = int(tt.max()) if tt.numel() else 0
+        if hi >= n or (tt.numel() and int(tt.min()) < 0):
+            raise ValueError(f"token type {hi} in the batch, but this trunk has {n} token "
+                             f"type(s) (model.trunk.token_type_embedding="
+                             f"{str(self.cfg.token_type_embedding).lower()}, "
+                             f"type_vocab_size={self.cfg.type_vocab_size})")
+        return tt.to(self.tok.weight.device)
+
+    def _add_position(self, x, pos, modality, token_type=None):
         """Position, token-type and modality embeddings (not the 2-D grid's)."""
         x = x + self.pos(pos)
         if self.cfg.token_type_embedding:
-            x = x + self.token_type
+            x = x + (self.token_type[0] if token_type is None else self.token_type[token_type])
         if self.cfg.modality_embeddings:
             x = x + self.modality(modality)
         return x
@@ -434,28 +461,38 @@ class Trunk(nn.Module):
     # -- Hugging Face BERT ---------------------------------------------------------------
     @classmethod
     def from_hf_bert(cls, model_or_path, **overrides) -> Trunk:
-        """A transformers ``BertModel``/``BertForMaskedLM`` (object or path) as a post-LN trunk."""
+        """A transformers ``BertModel``/``BertForMaskedLM`` (object or path) as a post-LN
+        trunk: every weight, token types included, so outputs equal transformers' to float
+        rounding. A config the trunk cannot compute exactly is refused with its field; a
+        checkpoint without the MLM head leaves the trunk's head new (random), said once."""
         from transformers import BertForMaskedLM, BertModel
 
-        hf = model_or_path
-        if isinstance(hf, str):
-            hf = BertForMaskedLM.from_pretrained(hf)
+        hf, fresh_head = model_or_path, False
+        if isinstance(hf, (str, os.PathLike)):
+            hf, info = BertForMaskedLM.from_pretrained(str(hf), output_loading_info=True)
+            missing = info["missing_keys"]
+            fresh_head = any(k.startswith("cls.") for k in missing)
+            other = [k for k in missing if not k.startswith("cls.")]
+            if other:
+                raise ValueError(f"{model_or_path}: the checkpoint lacks BERT weights "
+                                 f"{other[:4]}{' ...' if len(other) > 4 else ''}")
         bert = hf.bert if hasattr(hf, "bert") else hf
         if not isinstance(bert, BertModel):
             raise TypeError(f"expected a BertModel or BertForMaskedLM, got {type(hf).__name__}")
+        fresh_head = fresh_head or not hasattr(hf, "cls")
         c = bert.config
-        if c.hidden_act != "gelu":
-            raise ValueError(f"only BERT with hidden_act='gelu' maps exactly, got {c.hidden_act!r}")
-        cfg = TrunkConfig(vocab_size=c.vocab_size, dim=c.hidden_size, layers=c.num_hidden_layers,
-                          heads=c.num_attention_heads, ffn_dim=c.intermediate_size,
-                          max_positions=c.max_position_embeddings, norm_eps=c.layer_norm_eps,
-                          prenorm=False, modality_embeddings=False, grid_positions=False,
-                          token_type_embedding=True,
-                          embed_norm=True, **overrides)
+        _check_bert_config(c)
+        cfg = TrunkConfig(**{
+            "vocab_size": c.vocab_size, "dim": c.hidden_size, "layers": c.num_hidden_layers,
+            "heads": c.num_attention_heads, "ffn_dim": c.intermediate_size,
+            "max_positions": c.max_position_embeddings, "norm_eps": c.layer_norm_eps,
+            "prenorm": False, "modality_embeddings": False, "grid_positions": False,
+            "token_type_embedding": True, "type_vocab_size": c.type_vocab_size,
+            "embed_norm": True, "dropout": c.hidden_dropout_prob, **overrides})
         t = cls(cfg)
         e = bert.embeddings
         sd = {"tok.weight": e.word_embeddings.weight, "pos.weight": e.position_embeddings.weight,
-              "token_type": e.token_type_embeddings.weight[0],
+              "token_type": e.token_type_embeddings.weight,
               "embed_norm.weight": e.LayerNorm.weight, "embed_norm.bias": e.LayerNorm.bias}
         for i, layer in enumerate(bert.encoder.layer):
             a, p = layer.attention.self, f"blocks.{i}."
@@ -470,11 +507,15 @@ class Trunk(nn.Module):
                        p + "ffn.0.down.bias": layer.output.dense.bias,
                        p + "norm2.weight": layer.output.LayerNorm.weight,
                        p + "norm2.bias": layer.output.LayerNorm.bias})
-        if hasattr(hf, "cls"):
+        if not fresh_head:
             tr = hf.cls.predictions.transform
             sd.update({"mlm.dense.weight": tr.dense.weight, "mlm.dense.bias": tr.dense.bias,
                        "mlm.norm.weight": tr.LayerNorm.weight, "mlm.norm.bias": tr.LayerNorm.bias,
                        "mlm.bias": hf.cls.predictions.bias})
+        else:
+            log.warning("%s has no MLM head (a BertModel checkpoint): the trunk's MLM head is "
+                        "new and random (its projection tied to the word embeddings); "
+                        "fine-tune it before reading mlm_logits", _name_of(model_or_path))
         missing, unexpected = t.load_state_dict({k: v.detach().clone() for k, v in sd.items()},
                                                 strict=False)
         allowed = {"mlm.dense.weight", "mlm.dense.bias", "mlm.norm.weight", "mlm.norm.bias",
@@ -482,3 +523,26 @@ class Trunk(nn.Module):
         if unexpected or set(missing) - allowed:
             raise RuntimeError(f"BERT import mismatch: missing {missing}, unexpected {unexpected}")
         return t
+
+
+def _name_of(model_or_path) -> str:
+    return (str(model_or_path) if isinstance(model_or_path, (str, os.PathLike))
+            else f"this {type(model_or_path).__name__}")
+
+
+# BERT config fields whose other values change the maths the trunk computes
+_BERT_EXACT = {"hidden_act": "gelu", "position_embedding_type": "absolute",
+               "is_decoder": False, "add_cross_attention": False}
+
+
+def _check_bert_config(c) -> None:
+    """Refuse what the trunk would compute differently; say what only training changes."""
+    for key, want in _BERT_EXACT.items():
+        got = getattr(c, key, want)
+        if got != want:
+            raise ValueError(f"BERT config {key}={got!r} is not supported (the trunk "
+                             f"computes {key}={want!r}); only such checkpoints import exactly")
+    if getattr(c, "attention_probs_dropout_prob", 0.0):
+        log.info("BERT import: attention_probs_dropout_prob=%s is not applied (the trunk has "
+                 "no attention dropout); outputs in eval mode are unaffected",
+                 c.attention_probs_dropout_prob)

@@ -197,18 +197,21 @@ class Encoder(nn.Module):
 
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
                 masked: dict[str, torch.Tensor] | None = None, cache=None,
-                maps: list | None = None) -> torch.Tensor:
+                maps: list | None = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [T, dim] (the batch moves to the encoder's device when elsewhere).
         ``masked``: modality -> [n_m] bool, feature rows replaced by the mask embedding;
         ``cache``: a ``fusion.trunk.KVCache`` to fill (incremental decoding: ``trunk.step``);
         ``maps``: a list that receives the pixel encoder's feature maps (finest first,
-        [images, C, H, W] each: the dense features a segmentation head decodes)."""
+        [images, C, H, W] each: the dense features a segmentation head decodes);
+        ``outputs``: packed positions [P] -> only their hidden states [P, dim] (the trunk's
+        last layer then computes only those rows)."""
         if batch.ids.device != self.device:
             batch = batch.to(self.device)
         feats = self.input_features(batch, masked, maps)
         if self.codes_as_features:
             batch, feats = self._code_features(batch, feats)
-        return self.trunk(batch, mask, prefix_len, features=feats, cache=cache)
+        return self.trunk(batch, mask, prefix_len, features=feats, cache=cache,
+                          outputs=None if outputs is None else outputs.to(self.device))
 
     @property
     def codes_as_features(self) -> bool:

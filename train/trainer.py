@@ -172,11 +172,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def fusable(model: torch.nn.Module) -> bool:
     """Whether the fused (one kernel for all tensors) Adam implementation takes these
-    parameters: floating point, on CPU or CUDA, not FSDP-sharded."""
-    from . import distributed as dist
-
+    parameters: floating point, on CPU or CUDA (FSDP shards included)."""
     ps = [p for p in model.parameters() if p.requires_grad]
-    return bool(ps) and not dist.is_fsdp(model) and all(
+    return bool(ps) and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in ps)
 
 

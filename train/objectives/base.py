@@ -150,18 +150,17 @@ class TokenPrediction(nn.Module):
 
     def forward(self, encoder, b: dict) -> dict:
         p = b["packed"]
-        h = encoder(p, mask=self.mask, masked=b.get("masked"))
         pos, target = self.targets(b)
-        loss = F.cross_entropy(encoder.vocab_logits(h, pos.to(h.device)).float(),
-                               target.to(h.device))
+        h = encoder(p, mask=self.mask, masked=b.get("masked"), outputs=pos)  # [P, dim]
+        loss = F.cross_entropy(encoder.vocab_logits(h, torch.arange(len(h), device=h.device))
+                               .float(), target.to(h.device))
         return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
 
 
 def hidden_at_masked(encoder, b: dict, modality: str) -> torch.Tensor:
     """Hidden states at the masked ``modality`` feature positions of ``b``."""
     p, m = b["packed"], b["masked"]
-    h = encoder(p, masked=m)
-    return h[p.feature_index[modality][m[modality]].to(h.device)]
+    return encoder(p, masked=m, outputs=p.feature_index[modality][m[modality]])
 
 
 def pick_caption(corpus, i: int, gen: torch.Generator) -> list[int]:
