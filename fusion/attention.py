@@ -173,6 +173,7 @@ def _padded_rows(q, k, v, lay: Layout, rows):
     return qp, kp, vp, mq.view(lay.B, 1, Lq, lay.L), unpad
 
 
+@torch.compiler.disable
 def math_attention(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None, probs=None,
                    layout: Layout | None = None, rows: torch.Tensor | None = None):
     """Explicit attention on padded blocks; ``probs(scores, allowed)`` replaces the softmax
@@ -379,6 +380,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o[0].transpose(0, 1)
 
 
+@torch.compiler.disable  # data-dependent (lengths, masks): compiled blocks run it eagerly
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
               max_seqlen: int | None = None, mask: str = "bidirectional", prefix_len=None,
               backend: str = "auto", scale: float | None = None, layout: Layout | None = None,

@@ -326,6 +326,14 @@ class Trunk(nn.Module):
         for blk in self.blocks:
             blk.attn.init_gate()
 
+    def compile_blocks(self) -> Trunk:
+        """``torch.compile`` each block in place (dynamic shapes; parameter names and
+        checkpoints unchanged): norms, projections, residuals and the FFN fuse into
+        compiled kernels, attention stays eager (its lengths and masks are data)."""
+        for blk in self.blocks:
+            blk.compile(dynamic=True)
+        return self
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         """BERT's initialisation: N(0, 0.02) weights, zero biases."""

@@ -126,7 +126,9 @@ def measure(spec: dict) -> dict:
     else:
         def loss_of(ids, att, lab):
             return model(input_ids=ids, attention_mask=att, labels=lab).loss
-    if spec.get("compile"):
+    if spec.get("compile") and ours:
+        model.compile_blocks()
+    elif spec.get("compile"):
         loss_of = torch.compile(loss_of, dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
     data = _batches(spec["steps"] + spec["warmup"], spec["batch"], *spec["lengths"],

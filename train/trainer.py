@@ -98,6 +98,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = True
     parallel: str = "none"  # none | ddp | fsdp (with more than one process: torchrun, submit)
+    # torch.compile the trunk's blocks (same maths, fused kernels); the first step compiles
+    compile: bool = False
 
     def __post_init__(self) -> None:
         p = "trainer."  # where it sits in a pretraining config: errors name the full key
@@ -122,6 +124,8 @@ class TrainerConfig:
         check_fields(self, "[0,1)", "ema", prefix=p)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{p}betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.compile and self.parallel == "fsdp":
+            raise ValueError(f"{p}compile is not supported with {p}parallel=fsdp; use ddp")
         if self.parallel == "fsdp" and self.ema > 0:
             raise ValueError(f"{p}ema is not supported with {p}parallel=fsdp (the average "
                              "would need whole weights on every rank); use ddp")
@@ -168,6 +172,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim < 2 or id(p) in emb else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def compile_trunks(model: torch.nn.Module) -> int:
+    """``compile_blocks`` on every trunk inside ``model``; how many there were."""
+    trunks = [m for m in model.modules() if callable(getattr(m, "compile_blocks", None))]
+    for t in trunks:
+        t.compile_blocks()
+    if not trunks:
+        log.warning("trainer.compile: the model has no trunk to compile; it runs eagerly")
+    return len(trunks)
 
 
 def fusable(model: torch.nn.Module) -> bool:
@@ -308,6 +322,8 @@ class Trainer:
         if self.world > 1:
             dist.setup(self.device)
         model = model.to(self.device)
+        if cfg.compile:
+            compile_trunks(model)
         self._aliases = aliases(model)  # tied weights, known before FSDP shards them
         # FSDP: 0-d parameters become 1-element vectors; checkpoints keep them 0-d
         self._lifted = (dist.lift_scalars(model) if cfg.parallel == "fsdp" and self.world > 1
@@ -732,12 +748,19 @@ class Trainer:
             bar, at = self._bar()
             t_start = self.clock() - self.elapsed
             count_window, t_window = 0, self.clock()
+            first_step = True
             while not total or self.step < total:
                 stop = self._agreed_stop()
                 if stop:
                     status = stop
                     break
+                t_step = self.clock()
                 row = self._train_step()
+                if cfg.compile and first_step:
+                    row["first_step_s"] = round(self.clock() - t_step, 2)
+                    log.info("trainer.compile: the first step took %.1f s (compilation "
+                             "included)", row["first_step_s"])
+                first_step = False
                 self.step += 1
                 self.elapsed = self.clock() - t_start
                 count_window += row[self.units]

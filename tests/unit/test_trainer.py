@@ -421,3 +421,47 @@ def test_tensorboard_has_one_loss_series_per_objective(tmp_path):
     rows = {r["step"]: r["loss"] for r in _rows(tmp_path)}
     for e in ev.Scalars("train/loss_by_objective/even"):
         assert e.value == pytest.approx(rows[e.step])
+
+
+def test_compile_trains_the_same_weights_and_reports_the_first_step(tmp_path, caplog):
+    """trainer.compile=true compiles the trunk's blocks (names unchanged): three steps on
+    batches of new lengths give the eager run's weights; the first step's time is logged."""
+    from omnimask.fusion.packing import IGNORE, Segment, pack
+    from omnimask.fusion.trunk import Trunk, TrunkConfig
+
+    def make(step, micro):
+        g = torch.Generator().manual_seed(step_seed(0, step, micro))
+        samples = []
+        for n in torch.randint(3, 12, (3,), generator=g).tolist():
+            ids = torch.randint(0, 30, (n,), generator=g)
+            samples.append([Segment("text", ids=ids, targets=ids.where(
+                torch.rand(n, generator=g) < 0.5, torch.full_like(ids, IGNORE)))])
+        return "mlm", pack(samples)
+
+    final, losses = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = Trunk(TrunkConfig(vocab_size=30, dim=16, heads=2, layers=2, ffn_dim=32,
+                              attention_backend="sdpa"))
+
+        def loss(name, b, m=m):
+            v = m.mlm_loss(b)
+            return {"loss": v, "mlm": v.detach(), "tokens": b.num_tokens}
+        cfg = TrainerConfig(max_steps=3, lr=1e-2, warmup_steps=1, eval_every=0,
+                            tensorboard=False, device="cpu", compile=compiled)
+        with caplog.at_level("INFO", "omnimask.trainer"):
+            Trainer(cfg, tmp_path / str(compiled), m, make, loss,
+                    evaluate=lambda model: {}, progress=False).fit()
+        final.append(weights(m))
+        rows = _rows(tmp_path / str(compiled))
+        assert ("first_step_s" in rows[0]) == compiled
+        losses.append([r["loss"] for r in rows])
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert "trainer.compile: the first step took" in caplog.text
+    assert final[0].keys() == final[1].keys()
+    for k, v in final[0].items():
+        if k.endswith("qkv.bias"):  # the key bias's true gradient is 0: Adam scales noise
+            v, final[1][k] = (torch.cat([x[:16], x[32:]]) for x in (v, final[1][k]))
+        torch.testing.assert_close(final[1][k], v, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="trainer.compile is not supported with"):
+        TrainerConfig(compile=True, parallel="fsdp")
