@@ -29,7 +29,7 @@ def cmd_bench_trunk(a: argparse.Namespace) -> int:
     _at_least(*((f"--{k.replace('_', '-')}", getattr(a, k), 0 if k == "warmup" else 1)
                 for k in ("layers", "dim", "heads", "ffn", "vocab", "batch", "min_len",
                           "max_len", "steps", "warmup")),
-              ("--threads", a.threads or 1, 1))
+              ("--threads", a.threads or 1, 1), ("--rounds", a.rounds, 1))
     if a.dim % a.heads:
         raise OmnimaskError(f"--dim {a.dim} is not divisible by --heads {a.heads}")
     if a.min_len > a.max_len:
@@ -38,6 +38,7 @@ def cmd_bench_trunk(a: argparse.Namespace) -> int:
         raise OmnimaskError(f"--device {device_problem(a.device)}")
     res = bench_trunk(a.layers, a.dim, a.heads, a.ffn, a.vocab, a.batch, a.min_len, a.max_len,
                       a.steps, a.warmup, a.device, compile=a.compile, threads=a.threads,
+                      rounds=a.rounds,
                       progress=None if a.quiet else lambda m: print(f"running {m}", flush=True))
     print(trunk_table(res))
     _write_json(res, a.out)
@@ -111,6 +112,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     btr.add_argument("--compile", action="store_true",
                      help="torch.compile both sides' loss (warm-up time reported)")
     btr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    btr.add_argument("--rounds", type=int, default=3,
+                     help="processes per configuration, in turn; each side keeps its best")
     btr.add_argument("--out", help="write the result JSON here")
     btr.set_defaults(fn=cmd_bench_trunk)
     btk = bsub.add_parser("tokenizer", parents=[QUIET], help="tokenizer encode throughput",

@@ -98,7 +98,8 @@ def test_bench_trunk_json(tmp_path):
     out = tmp_path / "t.json"
     assert main(["bench", "trunk", "--layers", "1", "--dim", "32", "--heads", "2", "--ffn", "64",
                  "--vocab", "100", "--batch", "3", "--min-len", "4", "--max-len", "16",
-                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out), "-q"]) == 0
+                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--rounds", "1",
+                 "--out", str(out), "-q"]) == 0
     r = json.loads(out.read_text())
     assert r["bench"] == "trunk" and r["device"] == "cpu" and r["config"]["isolated_processes"]
     for key in ("variable", "full_length"):
