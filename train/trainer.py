@@ -416,6 +416,7 @@ class Trainer:
     def _load_optimizer(self, sd: dict) -> None:
         if not self.fsdp:
             self.opt.load_state_dict(sd)
+            self._match_state_layout()
             return
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -430,6 +431,17 @@ class Trainer:
         # parameters that never had a gradient (an unused modality) have no state
         set_optimizer_state_dict(self.module, self.opt, full,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
+        self._match_state_layout()
+
+    def _match_state_layout(self) -> None:
+        """Loaded moments take their parameter's memory layout (a channels-last conv keeps
+        channels-last moments, as a fresh run creates them): the fused kernel steps over
+        parameter, gradient and moments as one flat layout."""
+        for p, st in self.opt.state.items():
+            for k, t in st.items():
+                if (isinstance(t, torch.Tensor) and t.shape == p.shape and t.dim()
+                        and t.stride() != p.stride()):
+                    st[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """Whole weights (every rank calls this; under FSDP only rank 0 gets them)."""

@@ -465,3 +465,23 @@ def test_compile_trains_the_same_weights_and_reports_the_first_step(tmp_path, ca
         torch.testing.assert_close(final[1][k], v, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="trainer.compile is not supported with"):
         TrainerConfig(compile=True, parallel="fsdp")
+
+
+def test_loaded_moments_take_the_parameter_layout(tmp_path):
+    """A checkpoint's moments are contiguous; a channels-last conv's are channels-last in a
+    fresh run, and the fused kernel steps over both as one layout: loading converts."""
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    t = Trainer(TrainerConfig(max_steps=1, device="cpu", tensorboard=False, eval_every=0),
+                tmp_path, m, lambda s, k: ("c", {"x": torch.randn(2, 3, 5, 5)}),
+                lambda n, b: {"loss": m(b["x"]).square().mean(), "c": 0.0, "tokens": 2},
+                evaluate=lambda model: {}, progress=False)
+    t.fit()
+    sd = t.opt.state_dict()
+    st = sd["state"][0]
+    assert st["exp_avg"].stride() == m.weight.stride() != m.weight.contiguous().stride()
+    sd["state"][0] = {k: v.contiguous() for k, v in st.items()}  # as a checkpoint holds them
+    t._load_optimizer(sd)
+    got = t.opt.state[m.weight]
+    assert got["exp_avg"].stride() == got["exp_avg_sq"].stride() == m.weight.stride()
+    assert torch.equal(got["exp_avg"], st["exp_avg"])
