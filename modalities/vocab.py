@@ -3,8 +3,10 @@
 Layout: ``[0, text)`` are the text tokenizer's own ids (the special tokens live there, at
 the ids the tokenizer gives them), then ``[image_offset, image_offset + image_codes)``
 the VQ codes, then the speech units. The vocabulary is saved with every model
-(``vocab.json``) together with a fingerprint of the text tokenizer, so a tokenizer that
-does not match the model's ids fails loudly instead of silently shifting them.
+(``omnimask_vocab.json``: not a BPE ``vocab.json`` as Hugging Face reads that name; older
+directories have it as ``vocab.json``, still read) together with a fingerprint of the
+text tokenizer, so a tokenizer that does not match the model's ids fails loudly instead of
+silently shifting them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from omnimask.errors import OmnimaskError
 from omnimask.safeio import atomic_write_bytes
 
 MODALITIES = ("text", "image", "speech")
+FILE, LEGACY_FILE = "omnimask_vocab.json", "vocab.json"  # in model and tokenizer directories
+
+
+def vocab_file(directory: str | os.PathLike) -> Path:
+    """A directory's vocabulary file: ``omnimask_vocab.json``, else an older ``vocab.json``."""
+    d = Path(directory)
+    return d / LEGACY_FILE if not (d / FILE).is_file() and (d / LEGACY_FILE).is_file() else d / FILE
 
 
 class VocabMismatch(OmnimaskError):

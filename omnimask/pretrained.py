@@ -5,7 +5,7 @@
     DIR/config.json          format and version, the ModelConfig, head name -> settings,
                              the tokenizer kinds copied in
     DIR/model.safetensors    weights, keys encoder.* and heads.<name>.* (a tied tensor once)
-    DIR/vocab.json           the shared vocabulary (text ids, image codes, speech units)
+    DIR/omnimask_vocab.json  the shared vocabulary (text ids, image codes, speech units)
     DIR/tokenizers/{text,image,speech}/   the tokenizers' files, copied
 
 The directory alone rebuilds the model and its tokenizers. Loading parses JSON and
@@ -33,7 +33,8 @@ from omnimask.model import ModelConfig, OmniModel, head_specs
 from omnimask.safeio import atomic_write, atomic_write_bytes, versioned_json
 
 FORMAT, FORMAT_VERSION = "omnimask-model", 1
-CONFIG, WEIGHTS, VOCAB, TOKENIZERS = "config.json", "model.safetensors", "vocab.json", "tokenizers"
+CONFIG, WEIGHTS, VOCAB, TOKENIZERS = ("config.json", "model.safetensors", "omnimask_vocab.json",
+                                     "tokenizers")
 KINDS = ("text", "image", "speech")
 log = logging.getLogger("omnimask.pretrained")
 
@@ -197,12 +198,13 @@ def _report(where: Path, report: dict[str, list[str]]) -> None:
 
 
 def _vocab(d: Path):
-    from omnimask.modalities.vocab import Vocab
+    from omnimask.modalities.vocab import Vocab, vocab_file
 
+    path = vocab_file(d)
     try:
-        return Vocab.load(_require(d / VOCAB, d))
+        return Vocab.load(_require(path, d))
     except (ValueError, TypeError) as e:
-        raise OmnimaskError(f"{d / VOCAB} is not a vocabulary ({e})") from None
+        raise OmnimaskError(f"{path} is not a vocabulary ({e})") from None
 
 
 def load_tokenizers(directory: Path, kinds: Iterable[str]) -> dict:

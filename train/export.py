@@ -4,7 +4,7 @@
 loads a complete checkpoint (verified against its ``COMPLETE`` marker), checks that the
 tokenizers the config names are the ones the run was trained with (``tokenizers.json``
 fingerprints, and the vocabulary they give), and writes ``out`` with
-``save_pretrained``: weights, config, ``vocab.json`` and the tokenizers copied in.
+``save_pretrained``: weights, config, ``omnimask_vocab.json`` and the tokenizers copied in.
 
 ``which``: ``final`` (the newest checkpoint that loads), ``best`` (of the checkpoints
 kept, the one whose step has the lowest mean validation loss over the objectives in

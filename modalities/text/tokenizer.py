@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
@@ -53,6 +53,17 @@ class TextTokenizerConfig:
 def _fingerprint(tok: Tokenizer) -> str:
     table = json.dumps(sorted(tok.get_vocab(with_added_tokens=True).items()))
     return hashlib.sha256(table.encode()).hexdigest()[:16]
+
+
+def _portable_json(tok: Tokenizer) -> str:
+    """``tokenizer.json`` that tokenizers 0.19 (transformers 4.40) reads too: BPE merges as
+    "a b" strings, the older form every later version still reads (a pair form only when a
+    token holds a space, which byte-level BPE tokens never do)."""
+    data = json.loads(tok.to_str())
+    merges = data.get("model", {}).get("merges")
+    if merges and isinstance(merges[0], list) and not any(" " in x for m in merges for x in m):
+        data["model"]["merges"] = [" ".join(m) for m in merges]
+    return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
 
 
 class TextTokenizer:
@@ -98,9 +109,13 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> TextTokenizer:
+        """A directory ``save`` wrote, or one ``transformers`` re-saved (``save_pretrained``
+        of the tokenizer ``AutoTokenizer`` loads): its special tokens then give the roles."""
         d = Path(directory)
         meta = d / META
         if not meta.is_file():
+            if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
+                return cls._from_resaved(d)
             raise OmnimaskError(f"{d} is not an omnimask text tokenizer (no {META}); to use a "
                                 f"plain tokenizer.json, train with from_file=PATH")
         info = json.loads(meta.read_text())
@@ -111,20 +126,44 @@ class TextTokenizer:
                                 f"(fingerprint {_fingerprint(tok)} != {info['fingerprint']})")
         return out
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        from transformers import PreTrainedTokenizerFast
+    @classmethod
+    def _from_resaved(cls, d: Path) -> TextTokenizer:
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        vocab = tok.get_vocab(with_added_tokens=True)
+        k = 0  # CM3 sentinels <mask:0> ... <mask:k-1>
+        while f"<mask:{k}>" in vocab:
+            k += 1
+        roles = {r: vocab.get(t) for r, t in special_tokens(k).items()}
+        missing = sorted(t for r, t in special_tokens(k).items() if roles[r] is None)
+        if missing:
+            raise OmnimaskError(f"{d} is a Hugging Face tokenizer without omnimask's special "
+                                f"tokens {missing[:4]} (no {META}); build one with "
+                                f"`omnimask tokenizer train text from_file={d}`")
+        return cls(tok, roles)
 
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``tokenizer.json`` (with a post-processor, so ``AutoTokenizer(...)("text")`` adds
+        ``<cls> ... <sep>`` as BERT's does; omnimask encodes without it), a
+        ``tokenizer_config.json`` and ``special_tokens_map.json`` that transformers 4.40
+        and 5 both load, and ``omnimask_text.json`` (roles, fingerprint)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        r = self.roles
-        name = self.tok.id_to_token
-        extra = [name(i) for k, i in r.items() if k not in ("pad", "unk", "cls", "sep", "mask",
-                                                             "bos", "eos")]
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=self.tok, pad_token=name(r["pad"]), unk_token=name(r["unk"]),
-            cls_token=name(r["cls"]), sep_token=name(r["sep"]), mask_token=name(r["mask"]),
-            bos_token=name(r["bos"]), eos_token=name(r["eos"]), additional_special_tokens=extra)
-        fast.save_pretrained(str(d))
+        r, name = self.roles, self.tok.id_to_token
+        tok = Tokenizer.from_str(self.tok.to_str())
+        cls_, sep = name(r["cls"]), name(r["sep"])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls_} $A {sep}", pair=f"{cls_} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls_, r["cls"]), (sep, r["sep"])])
+        (d / "tokenizer.json").write_text(_portable_json(tok), encoding="utf-8")
+        named = {f"{k}_token": name(r[k]) for k in ("pad", "unk", "cls", "sep", "mask", "bos",
+                                                    "eos")}
+        extra = [name(i) for k, i in r.items() if f"{k}_token" not in named]
+        tokens = {**named, "additional_special_tokens": extra}
+        (d / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens,
+                  "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+                  "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000}
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (d / META).write_text(json.dumps({"roles": r, "fingerprint": _fingerprint(self.tok),
                                           "vocab_size": self.vocab_size}, indent=2) + "\n")
         return d

@@ -9,6 +9,7 @@ from omnimask.config import DataConfig, load_config
 from omnimask.errors import OmnimaskError
 from omnimask.registry import TOKENIZERS
 
+from ..vocab import FILE as VOCAB_FILE
 from .tokenizer import TextTokenizer, TextTokenizerConfig
 
 
@@ -54,7 +55,7 @@ class TextTokenizerOps:
                 raise OmnimaskError("no text found in the shards")
             tok = TextTokenizer.train(texts, cfg)
         tok.save(out)
-        tok.vocab().save(Path(out) / "vocab.json")
+        tok.vocab().save(Path(out) / VOCAB_FILE)
         return {"kind": "text", "out": str(out), "vocab_size": tok.vocab_size}
 
     @staticmethod

@@ -40,7 +40,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", parents=[QUIET], help="a run's checkpoint as a portable model directory",
                         description="Write a pretraining run's checkpoint as a model "
-                                    "directory (config.json, model.safetensors, vocab.json, "
+                                    "directory (config.json, model.safetensors, omnimask_vocab.json, "
                                     "the tokenizers) that omnimask.load(DIR) reads without "
                                     "the run; prints what it holds, then the directory.")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="the run directory omnimask pretrain "

@@ -59,7 +59,7 @@ def test_publish_download_load_gives_identical_outputs_and_then_hits_the_cache(z
     server, model, cache = zoo_env
     e = zoo.entry(NAME)
     assert e.tasks == ("vqa",) and e.architecture == "custom" and e.license == "MIT"
-    assert {f.path for f in e.files} == {"config.json", "model.safetensors", "vocab.json",
+    assert {f.path for f in e.files} == {"config.json", "model.safetensors", "omnimask_vocab.json",
                                          "README.md"}
     loaded = omnimask.load(NAME).eval()
     for a, b in zip(_outputs(model), _outputs(loaded), strict=True):
@@ -307,8 +307,8 @@ def test_shared_files_are_stored_once_and_survive_republishing(tmp_path, monkeyp
     out = tmp_path / "z"
     publish(a, "me/a", out)
     eb = publish(b, "me/b", out)
-    assert next(f.url for f in eb.files if f.path == "vocab.json") == "me/a/vocab.json"
-    assert not (out / "me" / "b" / "vocab.json").exists()
+    assert next(f.url for f in eb.files if f.path == "omnimask_vocab.json") == "me/a/omnimask_vocab.json"
+    assert not (out / "me" / "b" / "omnimask_vocab.json").exists()
     publish(a, "me/a", out)  # again: its files stay where me/b finds them
     monkeypatch.setenv("OMNIMASK_ZOO", str(out / "manifest.json"))
     monkeypatch.setenv("OMNIMASK_HOME", str(tmp_path / "cache"))

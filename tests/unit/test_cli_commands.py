@@ -139,7 +139,7 @@ def test_export_final_best_step_and_ema(tiny_run, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(out)  # the directory last, what it holds above it
     listed = " ".join(lines[:-1])
-    for name in ("config.json", "model.safetensors", "vocab.json", "tokenizers/"):
+    for name in ("config.json", "model.safetensors", "omnimask_vocab.json", "tokenizers/"):
         assert name in listed, name
     assert "(image, text)" in listed
     model = omnimask.load(out)

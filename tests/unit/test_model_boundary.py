@@ -220,8 +220,8 @@ def test_save_pretrained_then_load_gives_identical_outputs(tmp_path):
         h, logits = model.encoder(b["packed"]), model(b, task="vqa")["logits"]
     d = model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "config.json",
-                                                   "model.safetensors", "tokenizers",
-                                                   "vocab.json"]
+                                                   "model.safetensors", "omnimask_vocab.json",
+                                                   "tokenizers"]
     info = json.loads((d / "config.json").read_text())
     assert info["heads"] == {"vqa": {"answers": [], "num_answers": 5, "priors": {}}}
     assert info["format_version"] == 1
@@ -236,12 +236,18 @@ def test_save_pretrained_then_load_gives_identical_outputs(tmp_path):
     assert trunk.mlm.embedding.weight is trunk.tok.weight
 
 
-@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "vocab.json"])
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "omnimask_vocab.json"])
 def test_a_directory_missing_a_file_fails_naming_it(tmp_path, missing):
     d = _tiny().save_pretrained(tmp_path / "m")
     (d / missing).unlink()
     with pytest.raises(OmnimaskError, match=f"{missing} is missing"):
         omnimask.load(d)
+
+
+def test_a_directory_with_the_former_vocab_name_still_loads(tmp_path):
+    d = _tiny().save_pretrained(tmp_path / "m")
+    (d / "omnimask_vocab.json").rename(d / "vocab.json")  # directories saved before the rename
+    assert omnimask.load(d).vocab.size == 300
 
 
 def test_bad_directories_fail_clearly(tmp_path, plant_pickle):

@@ -106,3 +106,37 @@ def test_config_rejects_unknown_keys(shapes_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "t"), "vocab_sise=10"]) == 2
     assert "vocab_sise" in capsys.readouterr().err
     assert TextTokenizerConfig().num_sentinels == 16
+
+
+def test_autotokenizer_adds_cls_sep_and_pairs_like_bert(trained):
+    """tok("text") adds <cls> ... <sep> as BERT users expect (omnimask encodes without);
+    a pair gets <sep> between and token types 0 then 1."""
+    from transformers import AutoTokenizer
+
+    ours = TextTokenizer.load(trained)
+    hf = AutoTokenizer.from_pretrained(str(trained))
+    cls_, sep = ours.roles["cls"], ours.roles["sep"]
+    a, b = ours.encode("a red square"), ours.encode("left of it")
+    assert hf("a red square")["input_ids"] == [cls_, *a, sep]
+    pair = hf("a red square", "left of it")
+    assert pair["input_ids"] == [cls_, *a, sep, *b, sep]
+    assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert "<image>" in hf.all_special_tokens and hf.cls_token == "<cls>"
+    config = json.loads((trained / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # every transformers has it
+    assert (trained / "omnimask_vocab.json").is_file() and not (trained / "vocab.json").exists()
+
+
+def test_a_directory_resaved_by_transformers_loads_back(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    ours = TextTokenizer.load(trained)
+    AutoTokenizer.from_pretrained(str(trained)).save_pretrained(str(tmp_path / "re"))
+    back = TextTokenizer.load(tmp_path / "re")
+    assert back.roles == ours.roles
+    assert back.encode("two small blue circles") == ours.encode("two small blue circles")
+    (tmp_path / "plain").mkdir()
+    Tokenizer(models.BPE()).save(str(tmp_path / "plain" / "tokenizer.json"))
+    (tmp_path / "plain" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(OmnimaskError, match="without omnimask's special tokens"):
+        TextTokenizer.load(tmp_path / "plain")
