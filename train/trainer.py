@@ -740,7 +740,21 @@ class Trainer:
                    initial=int(self.elapsed) if by_time else self.step, desc=self.desc,
                    unit="s" if by_time else "step", disable=not self.progress or self.rank != 0,
                    dynamic_ncols=True)
+        self.bar = bar
         return bar, (lambda: int(self.elapsed)) if by_time else (lambda: self.step)
+
+    def _cap_bar(self, bar: tqdm, steps_per_s: float) -> None:
+        """A step bar under a time budget ends where the budget will: its total becomes
+        the step the budget reaches at the current rate, when that comes first, so the
+        bar's ETA is the time left, not the steps'."""
+        total = self.schedule["total"]
+        if not (self.budget_s and total) or steps_per_s <= 0:
+            return
+        reach = self.step + int(steps_per_s * max(self.budget_s - self.elapsed, 0.0))
+        capped = max(min(total, reach), self.step)
+        if capped != bar.total:
+            bar.total = capped
+            bar.refresh()
 
     def _fit(self) -> dict:
         cfg = self.cfg
@@ -787,6 +801,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == total:
                     dt = self.clock() - t_window
                     row[per] = round(count_window / dt, 1) if dt > 0 else 0.0
+                    self._cap_bar(bar, cfg.log_every / dt if dt > 0 else 0.0)
                     row["elapsed_s"] = round(self.elapsed, 1)
                     count_window, t_window = 0, self.clock()
                     bar.set_postfix(obj=row["objective"], loss=f"{row.get('loss', float('nan')):.3f}",

@@ -485,3 +485,15 @@ def test_loaded_moments_take_the_parameter_layout(tmp_path):
     got = t.opt.state[m.weight]
     assert got["exp_avg"].stride() == got["exp_avg_sq"].stride() == m.weight.stride()
     assert torch.equal(got["exp_avg"], st["exp_avg"])
+
+
+def test_progress_bar_ends_where_the_time_cap_will(tmp_path):
+    """100 steps with a 15 s cap at 1 s a step: the bar's total follows the cap (15 steps),
+    so its ETA is the time left; without a cap it stays at max_steps."""
+    capped = _clocked(tmp_path / "c", schedule_by="steps", max_steps=100, log_every=5)
+    assert capped.fit()["status"] == "time budget reached"
+    assert capped.bar.total == 15
+    free = _clocked(tmp_path / "f", schedule_by="steps", max_steps=20, max_minutes=0.0,
+                    log_every=5)
+    free.fit()
+    assert free.bar.total == 20
