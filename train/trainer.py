@@ -562,6 +562,7 @@ class Trainer:
     def log_row(self, row: dict) -> None:
         if row.get("split") == "val":
             self._val_logged.add(row["step"])
+            self._last_val = row
         if self.rank != 0:
             return
         with open(self.run / "metrics.jsonl", "a") as f:
@@ -587,8 +588,26 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run / "tb"))
+            config = self.run / "config.yaml"
+            if config.is_file():  # the run's whole config, as TensorBoard's text tab shows it
+                self.tb.add_text("config", "```yaml\n" + config.read_text() + "\n```",
+                                 self.step)
         except ImportError:
             log.warning("tensorboard is not installed: no tb/ logs")
+
+    def _tb_hparams(self) -> None:
+        """The trainer's settings against the last validation's numbers (HParams tab)."""
+        if self.tb is None:
+            return
+        hp = {k: v for k, v in asdict(self.cfg).items()
+              if isinstance(v, (int, float, str, bool)) and v is not None}
+        metrics = {}
+        for k, v in (getattr(self, "_last_val", None) or {}).items():
+            items = v.items() if isinstance(v, dict) else [("", v)]
+            for kk, vv in items:
+                if isinstance(vv, (int, float)) and not isinstance(vv, bool) and k != "step":
+                    metrics[f"hparam/{k}/{kk}" if kk else f"hparam/{k}"] = float(vv)
+        self.tb.add_hparams(hp, metrics or {"hparam/steps": float(self.step)}, run_name=".")
 
     def run_eval(self) -> dict:
         """Rank 0 evaluates the plain module while the others wait; under FSDP every rank
@@ -822,6 +841,7 @@ class Trainer:
             if (last_good is None or last_good.parent != self.ckpt_dir
                     or ckpt.step_of(last_good) != self.step):
                 last_good = self.save()
+            self._tb_hparams()
         finally:
             if bar is not None:
                 bar.close()

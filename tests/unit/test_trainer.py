@@ -409,8 +409,10 @@ def test_tensorboard_has_one_loss_series_per_objective(tmp_path):
     make = _batches()
     cfg = TrainerConfig(max_steps=6, lr=1e-2, warmup_steps=1, eval_every=0, device="cpu",
                         tensorboard=True, log_every=1)
+    (tmp_path / "config.yaml").write_text("trainer:\n  max_steps: 6\n")
     t = Trainer(cfg, tmp_path, m, lambda s, k: ("even" if s % 2 == 0 else "odd",
-                                                make(s, k)[1]), _loss(m), progress=False)
+                                                make(s, k)[1]), _loss(m),
+                evaluate=lambda model: {"losses": {"reg": 0.5}}, progress=False)
     t.fit()
     ev = EventAccumulator(str(tmp_path / "tb"))
     ev.Reload()
@@ -421,6 +423,12 @@ def test_tensorboard_has_one_loss_series_per_objective(tmp_path):
     rows = {r["step"]: r["loss"] for r in _rows(tmp_path)}
     for e in ev.Scalars("train/loss_by_objective/even"):
         assert e.value == pytest.approx(rows[e.step])
+    # the settings against the last validation (HParams tab), and the run's config as text
+    hp = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    hp.Reload()
+    assert "_hparams_/session_start_info" in hp.PluginTagToContent("hparams")
+    assert [e.value for e in hp.Scalars("hparam/losses/reg")] == [0.5]
+    assert "config/text_summary" in hp.Tags()["tensors"]
 
 
 def test_compile_trains_the_same_weights_and_reports_the_first_step(tmp_path, caplog):
