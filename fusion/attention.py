@@ -140,12 +140,16 @@ class Layout:
             return o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1])
         return from_blocks(o, self.idx(o.device))
 
+    def row_samples(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample of each packed position in ``rows``, and how many rows each sample has."""
+        sample = torch.searchsorted(self.cu.to(rows.device).long(), rows, right=True) - 1
+        return sample, torch.bincount(sample, minlength=self.B)
+
     def query_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """For query positions ``rows`` (sorted packed indices): the row of each in a
         [B * Lq] per-sample padded query layout, each one's position in its sample, and Lq."""
         cu = self.cu.to(rows.device).long()
-        sample = torch.searchsorted(cu, rows, right=True) - 1
-        counts = torch.bincount(sample, minlength=self.B)
+        sample, counts = self.row_samples(rows)
         first = torch.cumsum(counts, 0) - counts
         rank = torch.arange(rows.numel(), device=rows.device) - first[sample]
         Lq = max(int(counts.max()), 1) if rows.numel() else 1
@@ -192,8 +196,7 @@ def _per_sample(q, k, v, lay: Layout, scale, rows):
     if rows is None:
         qs = torch.split(q, lay.lengths)
     else:
-        sample = torch.searchsorted(lay.cu.to(rows.device).long(), rows, right=True) - 1
-        qs = torch.split(q, torch.bincount(sample, minlength=lay.B).tolist())
+        qs = torch.split(q, lay.row_samples(rows)[1].tolist())
     ks, vs = torch.split(k, lay.lengths), torch.split(v, lay.lengths)
     return torch.cat([F.scaled_dot_product_attention(
         a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1), is_causal=causal, scale=scale
@@ -216,7 +219,6 @@ def _varlen(q, k, v, lay: Layout, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     cu, mask = lay.cu, lay.mask
-
     kw = {"scale": scale}
     if mask in ("causal", "cm3"):
         if "window_size" not in inspect.signature(varlen_attn).parameters:
