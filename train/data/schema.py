@@ -244,6 +244,18 @@ def decode_value(name: str, data: bytes, max_pixels: int | None = MAX_IMAGE_PIXE
     return data
 
 
+def wds_decoder(key: str, data: bytes):
+    """A ``webdataset`` decode handler for these shards, for readers that use webdataset
+    itself: ``WebDataset(urls).decode(wds_decoder)`` gives each member as omnimask's reader
+    does (``image.png`` -> uint8 ``[3, H, W]``, mask PNGs -> ``[H, W]``, ``speech.flac`` ->
+    (float32 mono, rate) through soundfile, JSON, text). webdataset's own ``torch_audio``
+    needs torchaudio's torchcodec backend, which omnimask does not install."""
+    name = key.lstrip(".")
+    if name.rsplit(".", 1)[-1] not in ("png", "flac", "json", "txt", "cls"):
+        return None  # not ours: the next handler (or the raw bytes)
+    return decode_value(name, data)
+
+
 class SampleError(Exception):
     """A sample that cannot be used; ``kind`` is one of truncated, missing_key, corrupt,
     too_large (an image above the pixel limit), mismatch (audio not at the declared rate)."""
