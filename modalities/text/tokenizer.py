@@ -66,6 +66,19 @@ def _portable_json(tok: Tokenizer) -> str:
     return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
 
 
+def _role_tokens(tok: Tokenizer, num_sentinels: int) -> tuple[dict[str, str], list[str]]:
+    """Role -> the token that fills it (an alias such as ``[CLS]`` when the tokenizer has
+    one), and omnimask's tokens for the roles it lacks."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    roles, missing = {}, []
+    for role, token in special_tokens(num_sentinels).items():
+        found = next((a for a in ALIASES.get(role, (token,)) if a in vocab), None)
+        if found is None:
+            missing.append(token)
+        roles[role] = found or token
+    return roles, missing
+
+
 class TextTokenizer:
     def __init__(self, tok: Tokenizer, roles: dict[str, int]) -> None:
         self.tok = tok
@@ -97,13 +110,7 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(p))
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
             raise OmnimaskError(f"{p} is not a Hugging Face tokenizer.json: {e}") from None
-        vocab = tok.get_vocab(with_added_tokens=True)
-        roles, missing = {}, []
-        for role, token in special_tokens(num_sentinels).items():
-            found = next((a for a in ALIASES.get(role, (token,)) if a in vocab), None)
-            if found is None:
-                missing.append(token)
-            roles[role] = found or token
+        roles, missing = _role_tokens(tok, num_sentinels)
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         return cls(tok, {r: tok.token_to_id(t) for r, t in roles.items()})
 
@@ -133,13 +140,12 @@ class TextTokenizer:
         k = 0  # CM3 sentinels <mask:0> ... <mask:k-1>
         while f"<mask:{k}>" in vocab:
             k += 1
-        roles = {r: vocab.get(t) for r, t in special_tokens(k).items()}
-        missing = sorted(t for r, t in special_tokens(k).items() if roles[r] is None)
+        roles, missing = _role_tokens(tok, k)
         if missing:
             raise OmnimaskError(f"{d} is a Hugging Face tokenizer without omnimask's special "
-                                f"tokens {missing[:4]} (no {META}); build one with "
+                                f"tokens {sorted(missing)[:4]} (no {META}); build one with "
                                 f"`omnimask tokenizer train text from_file={d}`")
-        return cls(tok, roles)
+        return cls(tok, {r: vocab[t] for r, t in roles.items()})
 
     def save(self, directory: str | os.PathLike) -> Path:
         """``tokenizer.json`` (with a post-processor, so ``AutoTokenizer(...)("text")`` adds

@@ -140,3 +140,20 @@ def test_a_directory_resaved_by_transformers_loads_back(trained, tmp_path):
     (tmp_path / "plain" / "tokenizer_config.json").write_text("{}")
     with pytest.raises(OmnimaskError, match="without omnimask's special tokens"):
         TextTokenizer.load(tmp_path / "plain")
+
+
+def test_a_resaved_wordpiece_based_tokenizer_keeps_its_bert_roles(tmp_path):
+    """A tokenizer built from a BERT vocabulary fills roles with [CLS], [PAD], ...; re-saved
+    by transformers it loads back with the same roles."""
+    from transformers import AutoTokenizer
+
+    wp = Tokenizer(models.WordPiece({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3,
+                                     "[MASK]": 4, "red": 5, "square": 6}, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.save(str(tmp_path / "wp.json"))
+    ours = TextTokenizer.from_file(tmp_path / "wp.json", num_sentinels=2)
+    ours.save(tmp_path / "tok")
+    AutoTokenizer.from_pretrained(str(tmp_path / "tok")).save_pretrained(str(tmp_path / "re"))
+    back = TextTokenizer.load(tmp_path / "re")
+    assert back.roles == ours.roles and back.roles["cls"] == 2
+    assert back.encode("red square") == ours.encode("red square") == [5, 6]
