@@ -348,6 +348,7 @@ class Trainer:
         self.clock = time.perf_counter  # tests substitute a fake clock
         self._stop: StopSignals | None = None
         self._val_logged: set[int] = set()  # steps whose validation row metrics.jsonl holds
+        self._last_val: dict | None = None  # the last validation row (TensorBoard HParams)
         self.restored: Path | None = None  # the checkpoint this run resumed from
         self.tb = None
 
@@ -602,7 +603,7 @@ class Trainer:
         hp = {k: v for k, v in asdict(self.cfg).items()
               if isinstance(v, (int, float, str, bool)) and v is not None}
         metrics = {}
-        for k, v in (getattr(self, "_last_val", None) or {}).items():
+        for k, v in (self._last_val or {}).items():
             items = v.items() if isinstance(v, dict) else [("", v)]
             for kk, vv in items:
                 if isinstance(vv, (int, float)) and not isinstance(vv, bool) and k != "step":
