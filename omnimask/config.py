@@ -76,13 +76,16 @@ class DataConfig:
     shuffle_shards: bool = True
     resampled: bool = False  # True: an endless stream of shards drawn with replacement
     seed: int = 0
-    image_size: int | None = None  # resize images to this side; None keeps the stored size
+    image_size: int | None = None  # fit images to this side; None keeps the stored size
+    image_fit: str = "crop"  # crop (centre), pad or stretch, when image_size resizes
     # images above width x height are bad samples (too_large), refused from the PNG header
     max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "image_size")
         check_fields(self, ">=0", "num_workers", "shuffle_buffer")
+        if self.image_fit not in ("crop", "pad", "stretch"):
+            raise ValueError(f"image_fit must be crop, pad or stretch, got {self.image_fit!r}")
 
 
 @dataclass

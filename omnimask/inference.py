@@ -5,7 +5,9 @@ calls it::
     model.answer("scene.png", "what color is the circle?")   # {"answer": "red", "score": 0.97}
 
 Images may be paths, PIL images, uint8 arrays (HxW or HxWxC) or uint8 tensors ([3, H, W]
-or a batch [B, 3, H, W]); they are resized to the model's image size as in training.
+or a batch [B, 3, H, W]); they are fitted to the model's image size as training fits them
+(``data.image_fit``: the centre square by default); ``segment`` pads them instead, so that
+its masks cover the whole image.
 Batching happens inside. The same task code that ``omnimask eval`` runs answers, so
 what the API returns is what the metrics measured.
 """
@@ -68,13 +70,13 @@ def as_list(x: Any) -> tuple[list, bool]:
 
 
 @torch.no_grad()
-def prepare_images(model, images: list) -> Images:
+def prepare_images(model, images: list, fit: str = "crop") -> Images:
     toks = model.tokenizers or {}
     if "image" not in toks:
         raise OmnimaskError("this model was not loaded with its image tokenizer "
                             "(omnimask.load a model directory)")
     tok = toks["image"]
-    pixels = tok.prepare([_one(x, i) for i, x in enumerate(images)])
+    pixels = tok.prepare([_one(x, i) for i, x in enumerate(images)], fit)
     z = tok.model.unit_latents(pixels)
     side = tok.model.cfg.tokens_side
     return Images(pixels=pixels, features=z, grid=(side, side))
@@ -200,17 +202,19 @@ def _size(x) -> tuple[int, int]:
     return int(x.size[1]), int(x.size[0])
 
 
-def _clicks(point, h: int, w: int) -> torch.Tensor:
-    """``(x, y)`` or a list of ``(x, y[, positive])`` in pixels -> [n, 3] normalised clicks."""
+def _clicks(point, geo) -> torch.Tensor:
+    """``(x, y)`` or a list of ``(x, y[, positive])`` in pixels -> [n, 3] clicks in the
+    model's square (``geo``: where the image lies in it)."""
     pts = [point] if len(point) in (2, 3) and not isinstance(point[0], (list, tuple)) else point
     rows = []
     for p in pts:
         if len(p) not in (2, 3):
             raise OmnimaskError(f"segment: a click is (x, y) or (x, y, positive), got {p!r}")
         x, y = float(p[0]), float(p[1])
-        if not (0 <= x < w and 0 <= y < h):
-            raise OmnimaskError(f"segment: click ({x}, {y}) lies outside the {w}x{h} image")
-        rows.append([(x + 0.5) / w, (y + 0.5) / h, float(bool(p[2]) if len(p) == 3 else 1)])
+        if not (0 <= x < geo.w and 0 <= y < geo.h):
+            raise OmnimaskError(f"segment: click ({x}, {y}) lies outside the {geo.w}x{geo.h} "
+                                "image")
+        rows.append([*geo.point(x + 0.5, y + 0.5), float(bool(p[2]) if len(p) == 3 else 1)])
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -227,9 +231,8 @@ def segment(model, image, text: str | None = None, point=None, box=None,
       "score"}`` (score: the mean mask probability inside the mask, times, for an
       expression, the probability of the object it picked).
     """
-    import torch.nn.functional as F
-
     from omnimask.heads.segmentation import semantic_map
+    from omnimask.modalities.image.processor import Fit
     from omnimask.train.objectives.base import text_segment
     from omnimask.train.tasks.base import evaluating, task_for
 
@@ -243,31 +246,31 @@ def segment(model, image, text: str | None = None, point=None, box=None,
     with evaluating(model):
         for s in range(0, len(pil), batch_size):
             chunk = pil[s:s + batch_size]
-            ims = prepare_images(model, chunk)
+            ims = prepare_images(model, chunk, fit="pad")
+            side = int(ims.pixels.shape[-1])
+            geos = [Fit(h, w, side, "pad") for h, w in sizes[s:s + batch_size]]
             idx = list(range(len(ims)))
             prompts, texts = [], None
-            for k, (h, w) in enumerate(sizes[s:s + batch_size]):
+            for k, geo in enumerate(geos):
                 if point is not None:
-                    prompts.append({"image": k, "kind": "point", "clicks": _clicks(point, h, w)})
+                    prompts.append({"image": k, "kind": "point", "clicks": _clicks(point, geo)})
                 elif box is not None:
                     x0, y0, x1, y1 = (float(v) for v in box)
                     if not (x0 < x1 and y0 < y1):
                         raise OmnimaskError(f"segment: box {tuple(box)} must be (x0, y0, x1, "
                                             "y1) with x0 < x1 and y0 < y1")
                     prompts.append({"image": k, "kind": "box", "box": torch.tensor(
-                        [x0 / w, y0 / h, x1 / w, y1 / h]).clamp(0, 1)})
+                        [*geo.point(x0, y0), *geo.point(x1, y1)]).clamp(0, 1)})
             if text is not None:
                 ids = model.tokenizers["text"].tok.encode(text, add_special_tokens=False).ids
                 texts = [[text_segment(task.ctx, ids)] for _ in idx]
             r = task.run(model, ims, idx, prompts, texts, names=classes)
-            for k, (h, w) in enumerate(sizes[s:s + batch_size]):
+            for k, geo in enumerate(geos):
                 if text is None and point is None and box is None:
                     ids = semantic_map(r["class_logits"][k], r["masks"][k])
-                    out.append(F.interpolate(ids[None, None].float(), size=(h, w),
-                                             mode="nearest")[0, 0].long())
+                    out.append(geo.unfit(ids.float(), "nearest").long())
                     continue
-                logit = F.interpolate(r["prompt_masks"][k][None, None], size=(h, w),
-                                      mode="bilinear", align_corners=False)[0, 0]
+                logit = geo.unfit(r["prompt_masks"][k])  # the square's masks: run() upsamples
                 mask = logit > 0
                 prob = logit.sigmoid()
                 score = float(prob[mask].mean()) if mask.any() else 0.0

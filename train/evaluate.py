@@ -70,7 +70,8 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
     with torch.no_grad():  # decoded once for the PNG and the judge
         drawn, recon = vq.decode(codes), vq.decode(val.codes[:n])
     image_caps = [text.decode(val.captions[i][0]) for i in range(n)]
-    png = image_grid(recon[:g.grid_images], drawn[:g.grid_images], run)
+    png = image_grid(recon[:g.grid_images], drawn[:g.grid_images], run,
+                     image_caps[:g.grid_images])
     # the object scores and the judge know ShapesWorld's colours and shapes only
     shapes = shapesworld_captions([c["reference"] for c in caps] + image_caps)
     judged = (judge(g.shape_judge, drawn, recon, image_caps, progress)
@@ -120,16 +121,17 @@ def judge(path: str, drawn: torch.Tensor, recon: torch.Tensor, captions: list[st
     return out
 
 
-def image_grid(real: torch.Tensor, fake: torch.Tensor, run: Path) -> Path:
+def image_grid(real: torch.Tensor, fake: torch.Tensor, run: Path,
+               captions: list[str] | None = None) -> Path:
     """``run/generated_images.png``: decoded val images [n, 3, H, W] (top row) over images
-    drawn from their captions."""
-    from PIL import Image
+    drawn from their captions (written under them)."""
+    from .figures import image_table
 
-    rows = torch.cat([torch.cat(list(real), 2), torch.cat(list(fake), 2)], 1)
-    path = Path(run) / "generated_images.png"
-    Image.fromarray(rows.permute(1, 2, 0).numpy()).resize(
-        (rows.shape[2] * 2, rows.shape[1] * 2), Image.NEAREST).save(path)
-    return path
+    return image_table([("VQ codes of\nthe val image", list(real)),
+                        ("drawn from\nits caption", list(fake))],
+                       Path(run) / "generated_images.png",
+                       "CM3: val images through the VQ (top) and drawn from their captions",
+                       [[], list(captions or [])], cell=1.3, wrap=20)
 
 
 def object_match(generated: str, references: list[str]) -> dict:
@@ -191,9 +193,16 @@ def image_scores(s: dict) -> str:
             f"{part('images')}; their VQ reconstructions: {part('reconstructions')}")
 
 
-def summary_table(summary: dict) -> str:
-    """Markdown: each objective's validation loss at step 0 and at the end, and their ratio."""
-    lines = ["| objective | val loss at step 0 | final | final / step 0 |", "|---|---|---|---|"]
+def summary_table(summary: dict, target: float | None = None) -> str:
+    """Markdown: each objective's validation loss at step 0 and at the end, their ratio, and
+    with ``target`` whether the ratio is at most it."""
+    head = "| objective | val loss at step 0 | final | final / step 0 |"
+    lines = [head + (" target | |" if target else ""),
+             "|---|---|---|---|" + ("---|---|" if target else "")]
     for k, v in summary.get("val", {}).items():
-        lines.append(f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |")
+        row = f"| {k} | {v['step0']:.4f} | {v['final']:.4f} | {v['ratio']} |"
+        if target:
+            r = v["ratio"]
+            row += f" <= {target:.2f} | {'' if r is None else 'pass' if r <= target else 'short'} |"
+        lines.append(row)
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from omnimask.errors import Interrupted, OmnimaskError
 from omnimask.registry import TOKENIZERS
 
 from ..artifacts import code_stats, load_artifact, save_artifact
+from .processor import fit_image
 from .vq import VQVAE, VQConfig
 
 META = "image_tokenizer.json"
@@ -68,11 +69,12 @@ class ImageTokenizer:
     def size(self) -> int:
         return self.model.cfg.codebook_size
 
-    def prepare(self, images) -> torch.Tensor:
+    def prepare(self, images, fit: str = "crop") -> torch.Tensor:
         """uint8 [B, 3, S, S] from a tensor batch, or a list of PIL images / HxW(xC) arrays.
 
-        Other sizes are resized, other modes (L, RGBA, P, ...) converted to RGB; a tensor
-        batch of the wrong layout is rejected with the shape it has.
+        Other sizes are fitted to S by ``fit`` (centre ``crop``, ``pad`` or ``stretch``, as
+        ``data.image_fit``), other modes (L, RGBA, P, ...) converted to RGB; a tensor batch
+        of the wrong layout is rejected with the shape it has.
         """
         s = self.model.cfg.image_size
         if isinstance(images, torch.Tensor):
@@ -82,10 +84,7 @@ class ImageTokenizer:
             if images.is_floating_point():
                 raise OmnimaskError("expected uint8 images (0-255), got a float tensor; "
                                     "use (x * 255).round().to(torch.uint8)")
-            if tuple(images.shape[2:]) != (s, s):
-                images = F.interpolate(images.float(), size=(s, s), mode="bilinear",
-                                       antialias=True).round().clamp(0, 255).to(torch.uint8)
-            return images
+            return torch.stack([fit_image(x, s, fit) for x in images])
         out = []
         for i, im in enumerate(images):
             if isinstance(im, np.ndarray):
@@ -95,10 +94,8 @@ class ImageTokenizer:
                 im = Image.fromarray(im)
             if not isinstance(im, Image.Image):
                 raise OmnimaskError(f"image {i}: unsupported type {type(im).__name__}")
-            im = im.convert("RGB")
-            if im.size != (s, s):
-                im = im.resize((s, s), Image.BILINEAR)
-            out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+            x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            out.append(fit_image(x, s, fit))
         if not out:
             raise OmnimaskError("no images given")
         return torch.stack(out)
@@ -241,14 +238,14 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     return stats
 
 
-def recon_grid(images: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 16) -> Path:
-    """Rows of originals over their reconstructions."""
+def recon_grid(images: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 16,
+               title: str = "VQ tokenizer on val images") -> Path:
+    """Originals over their reconstructions, labelled."""
+    from omnimask.train.figures import image_table
+
     n = min(n, len(images))
-    top = torch.cat(list(images[:n]), dim=2)
-    bottom = torch.cat(list(recon[:n]), dim=2)
-    grid = torch.cat([top, bottom], dim=1).permute(1, 2, 0).numpy()
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
-    return path
+    return image_table([("original", list(images[:n])), ("reconstruction", list(recon[:n]))],
+                       path, title, cell=0.9)
 
 
 @TOKENIZERS.register("image")
@@ -276,7 +273,8 @@ class ImageTokenizerOps:
         p = psnr(images, recon)
         mse = (images.float() - recon.float()).pow(2).mean()
         path = Path(grid) if grid else Path(tokenizer) / "eval_recon.png"
-        recon_grid(images, recon, path)
+        recon_grid(images, recon, path, title=f"VQ tokenizer ({ids.shape[1]} codes of "
+                   f"{tok.size}): {len(images)} images, PSNR {float(p.mean()):.1f} dB")
         return {"kind": "image", "size": tok.size, "images": len(images),
                 "psnr_db": round(float(p.mean()), 3),
                 "psnr_db_dataset": round(float(10 * torch.log10(255.0 ** 2 / mse)), 3),

@@ -51,11 +51,17 @@ def cmd_data_convert(a: argparse.Namespace) -> int:
     for name, v in (("--shard-size", a.shard_size), ("--max-image-size", a.max_image_size)):
         if v is not None and v < 1:
             raise OmnimaskError(f"{name} must be >= 1, got {v}")
-    kwargs = {"images": a.images, "captions": a.captions, "out": a.out, "split": a.split,
+    if a.image_size is not None and a.image_size < 1:
+        raise OmnimaskError(f"--image-size must be >= 1, got {a.image_size}")
+    kwargs = {"images": a.images, "out": a.out, "split": a.split,
               "shard_size": a.shard_size, "max_image_size": a.max_image_size,
-              "progress": not a.quiet}
+              "image_size": a.image_size, "fit": a.fit, "progress": not a.quiet}
+    if a.source in ("coco", "folder"):
+        kwargs["captions"] = a.captions
     if a.source == "coco":
         kwargs.update(questions=a.questions, answers=a.answers)
+    if a.source == "imagefolder":
+        kwargs["caption_template"] = a.caption_template
     e = CONVERTERS.create(a.source, **kwargs)
     listed = f" (listed with the reasons in {Path(a.out) / MANIFEST})" if e["skipped"] else ""
     print(f"{a.split}: {e['num']} samples in {len(e['shards'])} shard(s) under {a.out}; "
@@ -101,10 +107,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     folder.add_argument("--images", required=True, help="folder with the images")
     folder.add_argument("--captions", required=True,
                         help="CSV/TSV with columns image,caption or JSONL {image, caption(s)}")
-    for c in (coco, folder):
+    images = csub.add_parser("images", parents=[QUIET],
+                             help="every image under a folder, no text (for image tokenizers)")
+    images.add_argument("--images", required=True, help="folder with the images (recursive)")
+    imf = csub.add_parser("imagefolder", parents=[QUIET],
+                          help="ImageFolder layout ROOT/<class>/<image>: class labels")
+    imf.add_argument("--images", required=True, help="ROOT, with one folder per class")
+    imf.add_argument("--caption-template", default="a photo of a {}.",
+                     help="caption.txt from the class name; '' writes none "
+                          "(default: 'a photo of a {}.')")
+    for c in (coco, folder, images, imf):
         c.add_argument("--out", required=True, help="output directory")
         c.add_argument("--split", default="train")
         c.add_argument("--shard-size", type=int, default=1000)
         c.add_argument("--max-image-size", type=int, default=None,
                        help="downscale so the longer side is at most this")
+        c.add_argument("--image-size", type=int, default=None,
+                       help="store every image as a SIZE x SIZE square, fitted by --fit "
+                            "(default: keep the size)")
+        c.add_argument("--fit", choices=("crop", "pad", "stretch"), default="crop",
+                       help="with --image-size: centre crop, pad (black borders) or stretch "
+                            "(default crop)")
         c.set_defaults(fn=cmd_data_convert)

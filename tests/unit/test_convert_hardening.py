@@ -180,11 +180,11 @@ def test_run_aborted_half_way_leaves_the_old_state(tmp_path, imgs, monkeypatch):
     real = convert._image_png
     calls = []
 
-    def dies_on_third(path, max_size):
+    def dies_on_third(path, *args):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(path, max_size)
+        return real(path, *args)
 
     monkeypatch.setattr(convert, "_image_png", dies_on_third)
     t = tmp_path / "new.csv"

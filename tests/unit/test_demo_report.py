@@ -106,3 +106,54 @@ def test_training_curves_draw_every_objective(tmp_path):
     out = training_curves(tmp_path, tmp_path / "c.png", {"vqa": tmp_path / "ft"})
     w, h = Image.open(out).size
     assert out == tmp_path / "c.png" and w > 2 * h
+
+
+def test_pretraining_rows_sit_beside_their_target_and_chance():
+    from omnimask.demo import RATIO_TARGET, generation_lines
+    from omnimask.train.evaluate import summary_table
+
+    val = {"mlm": {"step0": 7.0, "final": 3.5, "ratio": 0.5},
+           "itm": {"step0": 0.7, "final": 0.69, "ratio": 0.986}}
+    md = summary_table({"val": val}, RATIO_TARGET)
+    assert "| mlm | 7.0000 | 3.5000 | 0.5 | <= 0.70 | pass |" in md
+    assert "| itm | 0.7000 | 0.6900 | 0.986 | <= 0.70 | short |" in md
+    assert "target" not in summary_table({"val": val})  # the CLI's table has no target
+    x = {"captions_scored": 32, "caption_colour_precision": 0.5,
+         "chance_caption_colour_precision": 0.3, "caption_shape_precision": 0.4,
+         "chance_caption_shape_precision": 0.2, "caption_object_precision": 0.25,
+         "chance_caption_object_precision": 0.05, "captions_naming_every_object": 3,
+         "chance_captions_naming_every_object": 0, "images_judged": 16,
+         "images_colour_present": 0.9, "images_shape_hit": 0.4, "images_shape_chance": 0.19,
+         "reconstructions_shape_hit": 0.3, "reconstructions_shape_chance": 0.18}
+    md = "\n".join(generation_lines(x))
+    assert "| CM3 captions of 32 val images: of the objects named, right colour | 0.500 | " \
+           "0.300 |  |  |" in md
+    assert "| CM3 captions naming every object (of 32) | 3 | 0 |  |  |" in md
+    assert "the named shape (judge) | 0.400 | 0.190 | >= 0.35 | pass |" in md
+    assert "| VQ reconstructions of the same images: the named shape (judge) | 0.300 | " \
+           "0.180 |  |  |" in md
+    real = generation_lines({"captions_scored": 4})  # not ShapesWorld: no zero scores
+    assert "no object scores" in real[-1] and "|" not in real[-1]
+
+
+def test_image_tables_label_rows_and_caption_every_image(tmp_path):
+    """The report's figures: a title, a label per row and readable captions (the sheet is
+    several times taller than one text line of the old 8-px captions)."""
+    import numpy as np
+    from PIL import Image
+
+    from omnimask.train.data.preview import contact_sheet
+    from omnimask.train.figures import _wrapped, image_table
+
+    rng = np.random.default_rng(0)
+    ims = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(5)]
+    out = image_table([("top", ims), ("bottom", ims[:3])], tmp_path / "t.png", "title",
+                      [[], ["a caption"] * 3], cell=1.0, dpi=50)
+    w, h = Image.open(out).size
+    assert (w, h) > (5 * 40, 2 * 40)  # five 1-inch cells at 50 dpi, two rows
+    assert _wrapped("word " * 200, 20).count("\n") == 5 and _wrapped("x " * 200, 20).endswith("...")
+    sheet = contact_sheet([{"image": ims[0], "seg": np.zeros((16, 16), int),
+                            "inst": np.ones((16, 16), int), "caption": "a red square"}] * 6,
+                          tmp_path / "s.png", cols=4, title="train samples")
+    w, h = Image.open(sheet).size
+    assert w > 2.5 * h  # two rows of four image | semantic | instance triptychs

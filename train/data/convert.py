@@ -2,6 +2,12 @@
 
 ``coco``: COCO captions JSON + image folder, optionally VQA v2 questions/annotations JSON.
 ``folder``: a folder of images + a CSV or JSONL of captions.
+``images``: every image under a folder, no text (what an image tokenizer trains on).
+``imagefolder``: torchvision's ImageFolder layout, ``root/<class name>/<image>``: the class in
+``meta.json`` (``label``, ``class_name``), the manifest's ``classes``, and a caption from
+a template ("a photo of a {}.") so that text-image objectives and retrieval read it.
+Images keep their size unless ``image_size`` fits them to a square (``fit``: centre crop,
+pad or stretch, as ``data.image_fit``); the manifest records both.
 Rows and images that give no sample (missing or unreadable image, a path outside the image
 folder, a null or empty caption, a short row) are skipped, counted and listed with the
 reason in the manifest; a missing or malformed annotation file (bad encoding, unterminated
@@ -18,9 +24,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from omnimask.errors import DataError
+from omnimask.modalities.image.processor import FITS, fit_image
 from omnimask.registry import CONVERTERS
 
 from .schema import encode_json, encode_png
@@ -91,20 +99,34 @@ def _image_path(root: Path, name) -> tuple[Path | None, str]:
     return path, ""
 
 
-def _image_png(path: Path, max_size: int | None) -> tuple[bytes, int, int]:
+def _image_png(path: Path, max_size: int | None, size: int | None = None,
+               fit: str = "crop") -> tuple[bytes, dict]:
+    """The image as PNG bytes (fitted to ``size``, or its longer side cut to ``max_size``)
+    and meta: the stored width and height, and the source's when they differ."""
     with Image.open(path) as im:
         im = im.convert("RGB")
+        src = {"source_width": im.width, "source_height": im.height}
+        if size:
+            x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+            png = encode_png(fit_image(x, size, fit).permute(1, 2, 0).numpy())
+            return png, {"width": size, "height": size, **src}
         if max_size and max(im.size) > max_size:
             im.thumbnail((max_size, max_size), Image.BICUBIC)
-        return encode_png(np.asarray(im)), im.width, im.height
+        else:
+            src = {}
+        return encode_png(np.asarray(im)), {"width": im.width, "height": im.height, **src}
 
 
-def _check_args(images: str, split: str, shard_size: int, max_image_size: int | None) -> Path:
+def _check_args(images: str, split: str, shard_size: int, max_image_size: int | None,
+                image_size: int | None = None, fit: str = "crop") -> Path:
     check_name(split, "split")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise DataError(f"shard size must be an integer >= 1, got {shard_size!r}")
-    if max_image_size is not None and (not isinstance(max_image_size, int) or max_image_size < 1):
-        raise DataError(f"max image size must be an integer >= 1, got {max_image_size!r}")
+    for what, v in (("max image size", max_image_size), ("image size", image_size)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise DataError(f"{what} must be an integer >= 1, got {v!r}")
+    if fit not in FITS:
+        raise DataError(f"image fit must be one of {', '.join(FITS)}, got {fit!r}")
     img_dir = Path(images)
     if not img_dir.is_dir():
         raise DataError(f"image folder not found: {img_dir}")
@@ -114,7 +136,7 @@ def _check_args(images: str, split: str, shard_size: int, max_image_size: int | 
 def _write(out, split, shard_size, info, img_dir: Path, items, bad, progress) -> dict:
     """items: (key, image name, {member: bytes}, meta) in a fixed order; bad: (name, why)
     of input rows already refused. Nothing changes in ``out`` unless a sample is written."""
-    max_size = info.get("max_image_size")
+    max_size, size, fit = info.get("max_image_size"), info.get("image_size"), info.get("image_fit")
     root = img_dir.resolve()
     with ShardSink(Path(out), split, shard_size, info, total=len(items), progress=progress) as sink:
         for name, why in bad:
@@ -123,7 +145,7 @@ def _write(out, split, shard_size, info, img_dir: Path, items, bad, progress) ->
             path, why = _image_path(root, name)
             if path is not None:
                 try:
-                    png, w, h = _image_png(path, max_size)
+                    png, dims = _image_png(path, max_size, size, fit or "crop")
                 except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
                         Image.DecompressionBombError) as e:
                     why = f"cannot read image {path}: {e}"
@@ -131,7 +153,7 @@ def _write(out, split, shard_size, info, img_dir: Path, items, bad, progress) ->
                 sink.skip(name, why)
                 continue
             sink.write({"__key__": key, "image.png": png, **members,
-                        "meta.json": encode_json({**meta, "width": w, "height": h})})
+                        "meta.json": encode_json({**meta, **dims})})
         if sink.num == 0:  # raised inside: the split's previous shards stay as they were
             first = sink.skipped_items[0] if sink.skipped_items else None
             raise DataError(f"no sample could be converted (all {len(items)} images skipped"
@@ -144,11 +166,12 @@ def _write(out, split, shard_size, info, img_dir: Path, items, bad, progress) ->
 def convert_coco(images: str, captions: str, out: str, split: str = "train",
                  questions: str | None = None, answers: str | None = None,
                  shard_size: int = 1000, max_image_size: int | None = None,
+                 image_size: int | None = None, fit: str = "crop",
                  progress: bool = True) -> dict:
     """COCO captions (+ VQA v2) -> shards with image.png, caption.txt, [qa.json], meta.json."""
     if (questions is None) != (answers is None):
         raise DataError("VQA needs both --questions and --answers (annotations) files")
-    img_dir = _check_args(images, split, shard_size, max_image_size)
+    img_dir = _check_args(images, split, shard_size, max_image_size, image_size, fit)
     bad: list[tuple[str, str]] = []
     cap = _load_json(captions, "COCO captions")
     files: dict[int, object] = {}
@@ -223,7 +246,7 @@ def convert_coco(images: str, captions: str, out: str, split: str = "train",
         first = f" ({len(bad)} skipped; first: {bad[0][0]}: {bad[0][1]})" if bad else ""
         raise DataError(f"{captions}: no image has a caption{first}")
     keys = ["caption.txt", "image.png", "meta.json"] + (["qa.json"] if questions else [])
-    info = {"source": "coco", "keys": sorted(keys), "max_image_size": max_image_size}
+    info = {"source": "coco", "keys": sorted(keys), **_sizes(max_image_size, image_size, fit)}
     return _write(out, split, shard_size, info, img_dir, items, bad, progress)
 
 
@@ -337,9 +360,10 @@ def _read_captions_table(path: Path) -> _Table:
 @CONVERTERS.register("folder")
 def convert_folder(images: str, captions: str, out: str, split: str = "train",
                    shard_size: int = 1000, max_image_size: int | None = None,
+                   image_size: int | None = None, fit: str = "crop",
                    progress: bool = True) -> dict:
     """A folder of images + captions table -> shards with image.png, caption.txt, meta.json."""
-    img_dir = _check_args(images, split, shard_size, max_image_size)
+    img_dir = _check_args(images, split, shard_size, max_image_size, image_size, fit)
     table_path = Path(captions)
     if not table_path.is_file():
         raise DataError(f"captions file not found: {table_path}")
@@ -352,5 +376,90 @@ def convert_folder(images: str, captions: str, out: str, split: str = "train",
               {"source": "folder", "file_name": name})
              for i, name in enumerate(sorted(table.caps))]
     info = {"source": "folder", "keys": ["caption.txt", "image.png", "meta.json"],
-            "max_image_size": max_image_size}
+            **_sizes(max_image_size, image_size, fit)}
     return _write(out, split, shard_size, info, img_dir, items, table.bad, progress)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                  ".pgm")
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under ``root`` (hidden ones and hidden folders left out), sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _image_files(root: Path, files: list[Path], bad: list) -> list[Path]:
+    """The files with an image suffix; the others are listed in ``bad`` by name."""
+    out = []
+    for p in files:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            out.append(p)
+        else:
+            bad.append((str(p.relative_to(root)), f"not an image file (suffix "
+                        f"'{p.suffix or '(none)'}'; read: {', '.join(IMAGE_SUFFIXES)})"))
+    return out
+
+
+@CONVERTERS.register("images")
+def convert_images(images: str, out: str, split: str = "train", shard_size: int = 1000,
+                   max_image_size: int | None = None, image_size: int | None = None,
+                   fit: str = "crop", progress: bool = True) -> dict:
+    """Every image under a folder -> shards with image.png and meta.json (no text)."""
+    img_dir = _check_args(images, split, shard_size, max_image_size, image_size, fit)
+    root = img_dir.resolve()
+    bad: list[tuple[str, str]] = []
+    names = [str(p.relative_to(root)) for p in _image_files(root, _files(root), bad)]
+    if not names:
+        raise DataError(f"{img_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    items = [(f"{split}-{i:08d}", n, {}, {"source": "images", "file_name": n})
+             for i, n in enumerate(names)]
+    info = {"source": "images", "keys": ["image.png", "meta.json"],
+            **_sizes(max_image_size, image_size, fit)}
+    return _write(out, split, shard_size, info, img_dir, items, bad, progress)
+
+
+@CONVERTERS.register("imagefolder")
+def convert_imagefolder(images: str, out: str, split: str = "train", shard_size: int = 1000,
+                        max_image_size: int | None = None, image_size: int | None = None,
+                        fit: str = "crop", caption_template: str = "a photo of a {}.",
+                        progress: bool = True) -> dict:
+    """``root/<class>/<image>`` -> shards with image.png, meta.json (label, class_name) and,
+    unless ``caption_template`` is empty, caption.txt (the template with the class name,
+    ``_`` read as a space). Classes are the sorted folder names, numbered from 0 (as
+    torchvision's ImageFolder numbers them)."""
+    img_dir = _check_args(images, split, shard_size, max_image_size, image_size, fit)
+    if caption_template and "{}" not in caption_template:
+        raise DataError(f"caption template {caption_template!r} has no {{}} for the class name")
+    root = img_dir.resolve()
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{img_dir}: no class folders (the layout is {img_dir}/<class>/<image>)")
+    bad: list[tuple[str, str]] = []
+    items = []
+    for p in _image_files(root, _files(root), bad):
+        rel = p.relative_to(root)
+        if len(rel.parts) < 2:
+            bad.append((str(rel), "not inside a class folder"))
+            continue
+        name = rel.parts[0]
+        label = classes.index(name)
+        members = ({"caption.txt": caption_template.format(name.replace("_", " ")).encode()}
+                   if caption_template else {})
+        items.append((f"{split}-{len(items):08d}", str(rel), members,
+                      {"source": "imagefolder", "file_name": str(rel), "label": label,
+                       "class_name": name}))
+    if not items:
+        raise DataError(f"{img_dir}: no image files in its class folders")
+    keys = ["image.png", "meta.json"] + (["caption.txt"] if caption_template else [])
+    info = {"source": "imagefolder", "keys": sorted(keys), "classes": classes,
+            "caption_template": caption_template or None,
+            **_sizes(max_image_size, image_size, fit)}
+    return _write(out, split, shard_size, info, img_dir, items, bad, progress)
+
+
+def _sizes(max_image_size: int | None, image_size: int | None, fit: str) -> dict:
+    """The manifest's record of how images were sized."""
+    return {"max_image_size": max_image_size, "image_size": image_size,
+            "image_fit": fit if image_size else None}
