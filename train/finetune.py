@@ -251,14 +251,23 @@ class Finetuning:
     def evaluate(self, model) -> dict:
         metrics: dict[str, float] = {}
         scores = []
+        trainer = getattr(self, "trainer", None)
+        # the last evaluation also draws each task's examples, for TensorBoard
+        shown = (self.run / "examples" if trainer is not None and trainer.finishing
+                 and trainer.tb is not None else None)
         for n, t in self.tasks.items():
-            m = t.evaluate(model, self.val, self.cfg.data.val_limit)
+            m = t.evaluate(model, self.val, self.cfg.data.val_limit, shown)
             scores.append(float(m[t.metric]))
             for k, v in flat(m).items():
                 metrics[k if len(self.tasks) == 1 else f"{n}.{k}"] = round(v, 5)
         score = sum(scores) / len(scores)
         metrics["score"] = round(score, 5)
         step = self.trainer.step if hasattr(self, "trainer") else 0
+        if shown is not None and shown.is_dir():
+            from .trainer import tb_add
+
+            tb_add(self.run, step, {f"examples/{p.stem}": p for p in sorted(shown.glob("*.png"))},
+                   writer=trainer.tb)
         if step > 0 and score > self.best.get("score", float("-inf")):
             self._export(step, score, metrics)
         return {"metrics": metrics}

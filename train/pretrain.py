@@ -323,6 +323,8 @@ class Pretraining:
                 summary["samples"] = (samples(self.model, self.ctx, self.toks, self.val,
                                               self.cfg.generate, self.run, self.progress)
                                       if "cm3" in self.objectives else {})
+                if self.cfg.trainer.tensorboard and summary["samples"]:
+                    samples_to_tb(self.run, summary["step"], summary["samples"])
             atomic_write_bytes(self.run / "summary.json", json.dumps(summary, indent=1).encode())
         finally:
             self.lock.release()
@@ -339,6 +341,21 @@ class Pretraining:
         load_weights(m, w, "the FSDP-trained weights")
         m.vocab, m.tokenizer_dirs = self.model.vocab, self.model.tokenizer_dirs
         return m.to(trainer.device)
+
+
+def samples_to_tb(run: Path, step: int, s: dict) -> None:
+    """The end-of-run samples in TensorBoard: the drawn-images figure and the captions (CM3
+    caption beside its reference, as a Markdown table)."""
+    from .trainer import tb_add
+
+    def cell(t: str) -> str:
+        return t.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| generated | reference |", "|---|---|"]
+    rows += [f"| {cell(c['generated'])} | {cell(c['reference'])} |" for c in s.get("captions", [])]
+    texts = {"samples/captions": "\n".join(rows)} if s.get("captions") else {}
+    images = {"samples/generated_images": s["images_png"]} if s.get("images_png") else {}
+    tb_add(run, step, images, texts)
 
 
 def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dirs: dict,

@@ -351,6 +351,7 @@ class Trainer:
         self._last_val: dict | None = None  # the last validation row (TensorBoard HParams)
         self.restored: Path | None = None  # the checkpoint this run resumed from
         self.tb = None
+        self.finishing = False  # True during the last evaluation (evaluators add examples)
 
     # -- precision ---------------------------------------------------------------------------
     def autocast(self):
@@ -838,6 +839,7 @@ class Trainer:
                     last_good = self.save()
             bar.close()  # before the final evaluation prints anything
             if not status.startswith("interrupted") and self.step not in self._val_logged:
+                self.finishing = True
                 self.run_eval()
             if (last_good is None or last_good.parent != self.ckpt_dir
                     or ckpt.step_of(last_good) != self.step):
@@ -851,6 +853,31 @@ class Trainer:
                 self.tb.close()
         return {"status": status, "step": self.step, "elapsed_s": round(self.elapsed, 1),
                 "checkpoint": str(last_good), "nonfinite_skipped": self.nonfinite["total"]}
+
+
+def tb_add(run: str | Path, step: int, images: dict[str, str | Path] | None = None,
+           texts: dict[str, str] | None = None, writer=None) -> None:
+    """PNG files (figures) and text into a run's TensorBoard: through ``writer`` (a trainer's
+    open one) or a new writer on ``run/tb`` (TensorBoard reads every event file there)."""
+    import numpy as np
+    from PIL import Image
+
+    own = writer is None
+    if own:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        writer = SummaryWriter(str(Path(run) / "tb"))
+    try:
+        for tag, path in (images or {}).items():
+            with Image.open(path) as im:
+                writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        for tag, text in (texts or {}).items():
+            writer.add_text(tag, text, step)
+    finally:
+        if own:
+            writer.close()
 
 
 def _schedule_words(s: dict) -> str:

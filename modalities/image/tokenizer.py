@@ -47,6 +47,7 @@ class ImageTokenizerConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default (all cores)
     max_images: int = 0  # 0: every training image
     parallel: str = "none"  # none | ddp (several processes: torchrun, omnimask submit)
+    tensorboard: bool = True  # OUT/tb: the losses, usage, and reconstructions at the end
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
@@ -168,7 +169,8 @@ def trainer_config(cfg: ImageTokenizerConfig):
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.02, optimizer="adam",
         betas=[0.9, 0.99], weight_decay=0.0, clip=1.0, precision="fp32", device="cpu",
         checkpoint_every=cfg.checkpoint_every, eval_every=0, log_every=cfg.log_every,
-        seed=cfg.seed, threads=cfg.threads, tensorboard=False, parallel=cfg.parallel)
+        seed=cfg.seed, threads=cfg.threads, tensorboard=cfg.tensorboard,
+        parallel=cfg.parallel)
 
 
 def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
@@ -235,6 +237,14 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     tok = ImageTokenizer(model.to(memory_format=torch.contiguous_format).eval(), stats)
     if main:
         tok.save(run)
+        if cfg.tensorboard:  # training images and their reconstructions, in TensorBoard
+            from omnimask.train.trainer import tb_add
+
+            with torch.no_grad():
+                recon = tok.decode(tok.model.encode(images[:8]))
+            png = recon_grid(images[:8], recon, run / "tb" / "train_recon.png",
+                             title=f"VQ tokenizer after {summary['step']} steps: training images")
+            tb_add(run, summary["step"], {"vq/reconstructions": png})
     return stats
 
 

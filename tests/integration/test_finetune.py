@@ -14,14 +14,15 @@ from omnimask.errors import OmnimaskError
 from omnimask.train.finetune import FinetuneConfig, Finetuning
 
 
-def _finetune(tiny_model_dir, shapes_dir, out, task: str, **kw):
+def _finetune(tiny_model_dir, shapes_dir, out, task: str, tensorboard: bool = False, **kw):
     cfg = load_config(FinetuneConfig, None, **{
         "out": str(out), "task": task, "init": str(tiny_model_dir),
         # one small split for both sides: reading shards with speech is the slow part
         "data": {"train": [str(shapes_dir / "test-novel-*.tar")],
                  "val": [str(shapes_dir / "test-novel-*.tar")], "val_limit": 12},
         "trainer": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3,
-                    "warmup_steps": 1, "log_every": 2, "lr": 1e-3, "tensorboard": False},
+                    "warmup_steps": 1, "log_every": 2, "lr": 1e-3,
+                    "tensorboard": tensorboard},
         **kw})
     return Finetuning(cfg, progress=False).fit()
 
@@ -29,7 +30,7 @@ def _finetune(tiny_model_dir, shapes_dir, out, task: str, **kw):
 @pytest.fixture(scope="module")
 def vqa_run(tiny_model_dir, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "vqa"
-    return out, _finetune(tiny_model_dir, shapes_dir, out, "vqa",
+    return out, _finetune(tiny_model_dir, shapes_dir, out, "vqa", tensorboard=True,
                           tasks={"vqa": {"questions_per_sequence": 3}})
 
 
@@ -45,6 +46,13 @@ def test_finetune_exports_the_best_model_with_only_its_head(vqa_run):
     assert best["score"] == pytest.approx(max(val[3], val[6]), abs=1e-5)
     model = omnimask.load(out / "model")
     assert set(model.heads) == {"vqa"} and model.head_configs["vqa"].answers
+    # the last evaluation drew its examples, into the run and TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (out / "examples" / "vqa_examples.png").is_file()
+    ev = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    ev.Reload()
+    assert [e.step for e in ev.Images("examples/vqa_examples")] == [6]
 
 
 def test_eval_cli_writes_the_metrics_json_and_examples(vqa_run, shapes_dir, tmp_path, capsys):
@@ -202,6 +210,16 @@ def test_segment_finetune_eval_and_api(segment_run, shapes_dir, tmp_path):
         r = model.segment(img, **kw)
         assert r["mask"].shape == (48, 80) and r["mask"].dtype == torch.bool
         assert 0 <= r["score"] <= 1
+    # a wide image is padded to the square, not stretched: its maps are the padded
+    # square's, cut back (64 px model: a 32 x 64 image sits in rows 16-47)
+    side = model.tokenizers["image"].model.cfg.image_size
+    wide = (torch.rand(3, side // 2, side) * 255).to(torch.uint8)
+    square = torch.zeros(3, side, side, dtype=torch.uint8)
+    top = side // 4
+    square[:, top:top + side // 2] = wide
+    assert torch.equal(model.segment(wide), model.segment(square)[top:top + side // 2])
+    a, b = model.segment(wide, point=(10, 5)), model.segment(square, point=(10, 5 + top))
+    assert torch.equal(a["mask"], b["mask"][top:top + side // 2])
     two = model.segment([img, img], point=(10, 20))
     assert len(two) == 2 and torch.equal(two[0]["mask"], two[1]["mask"])
     with pytest.raises(OmnimaskError, match="outside"):

@@ -75,6 +75,12 @@ def test_sigkill_then_resume_equals_straight_run(tiny_config, tmp_path):
     assert set(summary["val"]) == {"mlm", "itm", "mrfr", "mrc", "mim", "itc", "cm3", "speech"}
     assert (run / "generated_images.png").is_file() and list((run / "tb").iterdir())
     assert len(summary["samples"]["captions"]) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "tensors": 0})
+    ev.Reload()  # the samples beside the curves: the drawn images and the captions
+    assert [e.step for e in ev.Images("samples/generated_images")] == [20]
+    assert "samples/captions/text_summary" in ev.Tags()["tensors"]
     s = summary["samples"]
     assert s["images_judged"] == 3 and 0 <= s["images_shape_hit"] <= 1
     assert s["reconstructions_named"] == s["images_named"] > 0  # the same captions

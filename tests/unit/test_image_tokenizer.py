@@ -96,7 +96,15 @@ def test_learns_and_logs_through_the_trainer(shapes_dir, tmp_path):
         math.pi * 54 / 55))))
     _, st = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
     assert st["schedule"]["total"] == 60 and st["config"]["optimizer"] == "adam"
-    assert not (tmp_path / "tb").exists()  # the tokenizer directory holds what it did
+    # TensorBoard: the trainer's scalars and, at the end, training images over their
+    # reconstructions
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    ev.Reload()
+    assert {"train/psnr_db", "train/usage"} <= set(ev.Tags()["scalars"])
+    (img,) = ev.Images("vq/reconstructions")
+    assert img.step == 60 and img.width > 3 * img.height  # two labelled rows of 8
 
 
 def test_time_budget_maps_to_a_time_schedule():

@@ -505,3 +505,27 @@ def test_progress_bar_ends_where_the_time_cap_will(tmp_path):
                     log_every=5)
     free.fit()
     assert free.bar.total == 20
+
+
+def test_figures_and_text_reach_tensorboard_with_or_without_an_open_writer(tmp_path):
+    """``tb_add``: a PNG as an image and Markdown as text, through a new writer on run/tb
+    (after training) and through the trainer's own."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from omnimask.train.trainer import tb_add
+
+    Image.fromarray(np.full((10, 30, 3), 200, np.uint8)).save(tmp_path / "f.png")
+    tb_add(tmp_path, 7, {"samples/figure": tmp_path / "f.png"}, {"samples/captions": "| a |"})
+    w = SummaryWriter(str(tmp_path / "tb"))
+    tb_add(tmp_path, 9, {"examples/vqa": tmp_path / "f.png"}, writer=w)
+    w.close()
+    ev = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    ev.Reload()
+    (img,) = ev.Images("samples/figure")
+    assert (img.step, img.width, img.height) == (7, 30, 10)
+    assert [e.step for e in ev.Images("examples/vqa")] == [9]
+    (txt,) = ev.Tensors("samples/captions/text_summary")
+    assert txt.tensor_proto.string_val[0].decode() == "| a |"
