@@ -165,7 +165,7 @@ def _stage_preview(run: Path) -> dict:
     from .train.data.preview import contact_sheet
 
     pngs = {}
-    for split, n in (("train", 12), ("test-novel", 8)):
+    for split, n in (("train", 12), ("test-novel", 6)):
         cfg = DataConfig(shards=[str(run / "data" / f"{split}-*.tar")], batch_size=n,
                          processors=["image", "masks", "text"], shuffle_buffer=0)
         b = next(iter(ShardLoader(cfg, rank=0, world_size=1)))

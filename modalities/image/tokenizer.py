@@ -248,14 +248,14 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     return stats
 
 
-def recon_grid(images: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 16,
+def recon_grid(images: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 12,
                title: str = "VQ tokenizer on val images") -> Path:
-    """Originals over their reconstructions, labelled."""
+    """Originals over their reconstructions, labelled (~1000 px wide)."""
     from omnimask.train.figures import image_table
 
     n = min(n, len(images))
     return image_table([("original", list(images[:n])), ("reconstruction", list(recon[:n]))],
-                       path, title, cell=0.9)
+                       path, title, cell=0.8)
 
 
 @TOKENIZERS.register("image")

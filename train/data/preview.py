@@ -25,7 +25,7 @@ def _triptych(s: dict, gap: int = 2) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def contact_sheet(samples: list[dict], path: str | Path, cols: int = 4,
+def contact_sheet(samples: list[dict], path: str | Path, cols: int = 3,
                   title: str = "samples") -> Path:
     """``samples``: dicts with ``image`` (HxWx3), optional ``seg``/``inst`` (HxW), ``caption``."""
     from ..figures import image_table
@@ -36,5 +36,6 @@ def contact_sheet(samples: list[dict], path: str | Path, cols: int = 4,
         chunk = samples[r:r + cols]
         rows.append((f"{r + 1}-{r + len(chunk)}", [_triptych(s) for s in chunk]))
         caps.append([s.get("caption", "") for s in chunk])
+    # ~1000 px wide: the report's page shows it at its own size, captions ~12 px high
     return image_table(rows, path, f"{title} ({panels}; first caption below)", caps,
-                       cell=1.3, wrap=44)
+                       cell=0.95, wrap=42)
