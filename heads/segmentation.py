@@ -62,6 +62,13 @@ VISUAL = ("point", "box")  # prompts that become decoder queries
 class SegmentHeadConfig:
     class_names: list[str] = field(default_factory=list)  # class id -> name (from the data)
     stuff: list[str] = field(default_factory=lambda: ["background"])  # one segment per image
+    # the text each class name is embedded as; "{}" (the name alone, as heads saved before
+    # this setting were trained) reads a word-initial BPE token that captions rarely hold,
+    # so new heads get "a {}" (``finetune segment``), the name as a sentence holds it
+    class_prompt: str = "{}"
+    # what of the prompt's trunk states embeds a class: "cls" (the UNITER pooler on <cls>,
+    # heads saved before this setting), "mean" (the prompt's tokens) or "last" (its last token)
+    class_pool: str = "cls"
     dim: int = 128  # decoder width
     mask_dim: int = 64  # per-pixel mask embedding width (the finest map's resolution)
     queries: int = 8  # object queries
@@ -83,6 +90,11 @@ class SegmentHeadConfig:
         self.class_names = [str(c) for c in self.class_names]
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"{p}class_names has repeated names")
+        if self.class_pool not in ("cls", "mean", "last"):
+            raise ValueError(f"{p}class_pool must be cls, mean or last, got {self.class_pool!r}")
+        if self.class_prompt.count("{}") != 1:
+            raise ValueError(f"{p}class_prompt must hold one {{}} for the class name, got "
+                             f"{self.class_prompt!r}")
         check_fields(self, ">=1", "dim", "mask_dim", "queries", "layers", "heads", "ffn_dim",
                      "points", prefix=p)
         check_fields(self, ">=0", "class_weight", "mask_weight", "dice_weight", prefix=p)
@@ -228,7 +240,22 @@ class SegmentHead(nn.Module):
     # -- pieces --------------------------------------------------------------------------------
     def class_embeddings(self, encoder, classes) -> torch.Tensor:
         """[K + 1, d] l2-normalised: each packed class name's pooled state, then no-object."""
-        e = self.class_text(encoder.pooled(encoder(classes), classes))
+        h = encoder(classes)
+        if self.cfg.class_pool == "cls":
+            pooled = encoder.pooled(h, classes)
+        else:  # the tokens after <cls>: their mean, or the last one
+            cu = classes.cu_seqlens.long().to(h.device)
+            if self.cfg.class_pool == "last":
+                pooled = h[cu[1:] - 1]
+            else:
+                sums = torch.zeros(len(cu) - 1, h.shape[-1], dtype=h.dtype, device=h.device)
+                rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=h.device),
+                                               cu[1:] - cu[:-1])
+                keep = torch.ones(len(h), dtype=torch.bool, device=h.device)
+                keep[cu[:-1]] = False
+                sums.index_add_(0, rows[keep], h[keep])
+                pooled = sums / (cu[1:] - cu[:-1] - 1).clamp_min(1)[:, None].to(h.dtype)
+        e = self.class_text(pooled)
         return F.normalize(torch.cat([e, self.no_object.to(e.dtype)]), dim=-1)
 
     def predict(self, x: torch.Tensor, mask_features: torch.Tensor, classes: torch.Tensor):

@@ -187,6 +187,17 @@ def test_segment_finetune_eval_and_api(segment_run, shapes_dir, tmp_path):
     assert set(model.heads) == {"segment"}
     names = model.head_configs["segment"].class_names
     assert names[0] == "background" and "circle" in names
+    # class names are embedded as in a sentence: "circle" ends in the token captions hold
+    from omnimask.train.objectives.base import text_segment
+    from omnimask.train.tasks.base import task_for
+
+    hc = model.head_configs["segment"]
+    assert (hc.class_prompt, hc.class_pool) == ("a {}", "last")
+    task = task_for(model, "segment")
+    batch = task.class_batch()
+    end = batch.cu_seqlens[names.index("circle") + 1].item()
+    caption = model.tokenizers["text"].tok.encode("a large red circle", add_special_tokens=False)
+    assert batch.ids[end - 1] == text_segment(task.ctx, caption.ids).ids[-1]
     for task, keys in [("segment", {"miou", "per_class_iou", "pixel_accuracy", "pq", "sq",
                                     "rq", "point_miou", "box_miou", "noc85"}),
                        ("refer", {"miou", "ciou"})]:

@@ -177,9 +177,35 @@ def test_the_decoder_learns_to_segment_squares():
 
 @pytest.mark.parametrize("bad,match", [({"dim": 30, "heads": 4}, "heads must divide"),
                                        ({"no_object_weight": 2.0}, "no_object_weight"),
-                                       ({"class_names": ["a", "a"]}, "repeated")])
+                                       ({"class_names": ["a", "a"]}, "repeated"),
+                                       ({"class_prompt": "a photo"}, "one {}"),
+                                       ({"class_pool": "max"}, "class_pool must be")])
 def test_head_settings_are_checked(bad, match):
     from omnimask.errors import OmnimaskError
 
     with pytest.raises(OmnimaskError, match=match):
         omnimask.create_model("omnimask-tiny", heads={"segment": bad}, image_input="pixels")
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "last"])
+def test_class_embeddings_pool_the_prompt_as_configured(pool):
+    """Each class name's embedding from its own packed sample: the pooler on <cls>, the mean
+    of the tokens after it, or the last token (a loop over the samples as reference)."""
+    torch.manual_seed(0)
+    m = omnimask.create_model("omnimask-tiny", heads={"segment": HEAD | {"class_pool": pool}},
+                              **{"trunk.layers": 1, "trunk.dim": 32, "trunk.heads": 2,
+                                 "trunk.ffn_dim": 64, "trunk.vocab_size": 300})
+    head = m.heads["segment"]
+    names = [[1, 10], [1, 11, 12, 13], [1, 14, 15]]  # <cls> + a name of 1-3 tokens
+    classes = pack([[Segment("text", ids=torch.tensor(t))] for t in names])
+    with torch.no_grad():
+        got = head.class_embeddings(m.encoder, classes)
+        want = []
+        for t in names:
+            one = pack([[Segment("text", ids=torch.tensor(t))]])
+            h = m.encoder(one)
+            pooled = {"cls": m.encoder.pooled(h, one)[0], "mean": h[1:].mean(0),
+                      "last": h[-1]}[pool]
+            want.append(torch.nn.functional.normalize(head.class_text(pooled), dim=-1))
+    assert got.shape == (4, 32)  # three classes and no-object
+    torch.testing.assert_close(got[:3], torch.stack(want), atol=1e-5, rtol=1e-5)

@@ -35,6 +35,11 @@ from ..objectives.base import image_segment, text_segment
 from ..segment_metrics import IGNORE
 from .base import Task, evaluating, first, pack_blocks, task
 
+# how a new head embeds its class names: as in a sentence, so that a BPE tokenizer reads the
+# name's in-sentence token (" circle"), the one captions train, and by the trunk's state at
+# the name's last token (the <cls> state barely depends on a one-word text)
+CLASS_PROMPT, CLASS_POOL = "a {}", "last"
+
 
 @dataclass
 class SegmentConfig:
@@ -106,7 +111,8 @@ class Segment(Task):
                                 "segmentation needs them")
 
     def head_config(self, corpus) -> dict:
-        return {"class_names": list(corpus.seg_classes)}
+        return {"class_names": list(corpus.seg_classes), "class_prompt": CLASS_PROMPT,
+                "class_pool": CLASS_POOL}
 
     def bind(self, model) -> None:
         hc = model.head_configs.get(self.head_name)
@@ -124,7 +130,9 @@ class Segment(Task):
         """The class names packed as ``<cls> name`` samples (cached)."""
         key = tuple(names or self.class_names)
         if key not in self._names:
-            ids = self.ctx.text.tok.encode_batch(list(key), add_special_tokens=False)
+            prompt = self.head_cfg.class_prompt if self.head_cfg else CLASS_PROMPT
+            ids = self.ctx.text.tok.encode_batch([prompt.format(n) for n in key],
+                                                 add_special_tokens=False)
             self._names[key] = pack([[text_segment(self.ctx, e.ids)] for e in ids])
         return self._names[key]
 
