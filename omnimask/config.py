@@ -62,6 +62,9 @@ def check_override(ov: str) -> None:
                           "letters, digits and _, e.g. trainer.max_steps=50)")
 
 
+IMAGE_FITS = ("crop", "pad", "stretch")  # how an image meets a square (image/processor.py)
+
+
 @dataclass
 class DataConfig:
     """The shard reader (``omnimask.train.data.pipeline``)."""
@@ -84,8 +87,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "image_size")
         check_fields(self, ">=0", "num_workers", "shuffle_buffer")
-        if self.image_fit not in ("crop", "pad", "stretch"):
-            raise ValueError(f"image_fit must be crop, pad or stretch, got {self.image_fit!r}")
+        if self.image_fit not in IMAGE_FITS:
+            raise ValueError(f"image_fit must be {', '.join(IMAGE_FITS[:-1])} or "
+                             f"{IMAGE_FITS[-1]}, got {self.image_fit!r}")
 
 
 @dataclass

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from omnimask.config import IMAGE_FITS
+
 from ..base import register_processor
 
-FITS = ("crop", "pad", "stretch")
+FITS = IMAGE_FITS
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import IMAGE_FITS
 from ..errors import OmnimaskError
 from .common import QUIET, _write_json
 
@@ -125,7 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--image-size", type=int, default=None,
                        help="store every image as a SIZE x SIZE square, fitted by --fit "
                             "(default: keep the size)")
-        c.add_argument("--fit", choices=("crop", "pad", "stretch"), default="crop",
+        c.add_argument("--fit", choices=IMAGE_FITS, default="crop",
                        help="with --image-size: centre crop, pad (black borders) or stretch "
                             "(default crop)")
         c.set_defaults(fn=cmd_data_convert)
