@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import DataConfig, DemoConfig, save_config
-from .demo_tasks import cut_note, stage_tasks
+from .demo_tasks import cut_note, stage_tasks, target_cells
 from .demo_zoo import stage_zoo
 
 
@@ -212,8 +212,7 @@ def generation_lines(x: dict) -> list[str]:
     for label, v, chance, target in rows:
         fmt = (lambda y: f"{y:.3f}") if isinstance(v, float) else str
         c = "" if chance is None else fmt(chance)
-        t, mark = ("", "") if target is None else (f">= {target:.2f}",
-                                                   "pass" if v >= target else "short")
+        t, mark = target_cells(v, target)
         out.append(f"| {label} | {fmt(v)} | {c} | {t} | {mark} |")
     return out
 

@@ -55,6 +55,13 @@ def cut_note(what: str, x: dict) -> list[str]:
             ""]
 
 
+def target_cells(value: float, target: float | None) -> tuple[str, str]:
+    """A report row's target cell (``>= target``) and its pass/short mark; blank without one."""
+    if target is None:
+        return "", ""
+    return f">= {target:.2f}", "pass" if value >= target else "short"
+
+
 def baseline(result: dict, key: str | None) -> float | None:
     """A metric's baseline in one evaluation: a metric it carries, or retrieval's chance
     recall (k / gallery size)."""
@@ -160,8 +167,7 @@ def report_lines(x: dict) -> list[str]:
              "| metric | split | value | baseline | target | |", "|---|---|---|---|---|---|"]
     for r in results_rows(x):
         b = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
-        t = "" if r["target"] is None else f">= {r['target']:.2f}"
-        mark = "" if r["pass"] is None else ("pass" if r["pass"] else "short")
+        t, mark = target_cells(r["value"], r["target"])
         lines.append(f"| {r['label']} | {r['split']} | {r['value']:.3f} | {b} | {t} | {mark} |")
     for p in x.get("examples", []):
         lines += ["", f"![{p}]({p})"]
