@@ -10,6 +10,7 @@ Images stay uint8 until they reach the model: a quarter of the bytes through wor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,18 @@ def fit_image(t: torch.Tensor, size: int | None, fit: str = "crop",
     elif fit == "pad":
         x = F.pad(x, (left, size - rw - left, top, size - rh - top))
     return x[0].to(torch.uint8).reshape(*t.shape[:-2], size, size)
+
+
+def hue_rotate(t: torch.Tensor, angle: float) -> torch.Tensor:
+    """[3, H, W] uint8 rotated by ``angle`` radians about the grey axis of RGB space (a
+    linear hue shift: greys stay, a turn of 2 pi / 3 cycles R -> G -> B), clipped to uint8."""
+    c, s = math.cos(angle), math.sin(angle)
+    u = torch.full((3,), 1 / math.sqrt(3), dtype=torch.float64)
+    cross = torch.tensor([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]],
+                         dtype=torch.float64)
+    rot = c * torch.eye(3, dtype=torch.float64) + s * cross + (1 - c) * torch.outer(u, u)
+    x = torch.einsum("ij,jhw->ihw", rot.float(), t.float())
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @register_processor("image", keys=("image.png",))

@@ -239,6 +239,38 @@ def test_segment_finetune_eval_and_api(segment_run, shapes_dir, tmp_path):
         model.segment(img, text="a", point=(1, 1))
 
 
+def test_hue_jitter_turns_the_image_keeps_its_targets_and_drops_its_expressions(segment_run):
+    from types import SimpleNamespace
+
+    from omnimask.train.tasks.base import task_for
+
+    model = omnimask.load(segment_run[0] / "model")
+    side = model.tokenizers["image"].model.cfg.image_size
+    pixels = torch.full((1, 3, side, side), 100, dtype=torch.uint8)
+    pixels[0, :, 8:24, 8:24] = torch.tensor([215, 35, 35], dtype=torch.uint8)[:, None, None]
+    inst = torch.zeros(1, side, side, dtype=torch.uint8)
+    inst[0, 8:24, 8:24] = 1
+    names = model.head_configs["segment"].class_names
+    ids = model.tokenizers["text"].tok.encode("the red square", add_special_tokens=False).ids
+    corpus = SimpleNamespace(pixels=pixels, inst=inst, seg=inst * names.index("square"),
+                             seg_classes=names, grid=(side // 8, side // 8),
+                             refs=[[{"ids": ids, "instance": 1}]])
+    batches = {}
+    for p in (0.0, 1.0):
+        task = task_for(model, "segment", settings={"hue_jitter": p, "boxes": 0.0})
+        batches[p] = task.batch(corpus, [0], torch.Generator().manual_seed(0))
+    plain, turned = batches[0.0], batches[1.0]
+    kinds = [[pr["kind"] for pr in b["prompts"]] for b in (plain, turned)]
+    assert kinds == [["text", "point"], ["point"]]
+    for a, b in zip(plain["targets"], turned["targets"]):
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
+    x0, x1 = (b["packed"].pixels["image"][0] for b in (plain, turned))
+    assert torch.equal(x1[:, 0, 0], x0[:, 0, 0])  # the grey background stays
+    assert not torch.equal(x1[:, 16, 16], x0[:, 16, 16])  # the red square does not
+    with pytest.raises(OmnimaskError, match="hue_jitter"):
+        task_for(model, "segment", settings={"hue_jitter": 1.5})
+
+
 def test_the_readme_api_snippet_runs(vqa_run, multitask_run, segment_run, shapes_dir,
                                      tmp_path, monkeypatch):
     """The README's Python API block, run as written against the two tiny runs."""

@@ -20,7 +20,8 @@ and ``noc85`` (clicks to IoU 0.85, at most ``noc_max_clicks``). ``refer``: ``mio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import pack
+from omnimask.modalities.image.processor import hue_rotate
 
 from ..objectives.base import image_segment, text_segment
 from ..segment_metrics import IGNORE
@@ -46,6 +48,10 @@ class SegmentConfig:
     refs_per_image: int = 2  # referring expressions trained per image
     max_clicks: int = 3  # a training click prompt has 1..max_clicks clicks
     boxes: float = 0.5  # probability that a training image gets a box prompt
+    # probability that a training image's hue is turned by a random angle (pixel inputs):
+    # classes named by shape must not be read from colour; such an image gets no
+    # referring expressions, whose colour words it no longer shows
+    hue_jitter: float = 0.0
     eval_images: int = 32  # images per evaluation batch
     noc_objects: int = 50  # objects the interactive metrics are measured on
     noc_iou: float = 0.85
@@ -56,8 +62,8 @@ class SegmentConfig:
         p = "tasks.segment."
         check_fields(self, ">=0", "refs_per_image", "noc_objects", "examples", prefix=p)
         check_fields(self, ">=1", "max_clicks", "eval_images", "noc_max_clicks", prefix=p)
-        if not 0 <= self.boxes <= 1 or not 0 < self.noc_iou <= 1:
-            raise ValueError(f"{p}boxes must be in [0, 1] and noc_iou in (0, 1]")
+        if not 0 <= self.boxes <= 1 or not 0 <= self.hue_jitter <= 1 or not 0 < self.noc_iou <= 1:
+            raise ValueError(f"{p}boxes and hue_jitter must be in [0, 1] and noc_iou in (0, 1]")
 
 
 def object_class(corpus, i: int, inst_id: int) -> int:
@@ -109,6 +115,9 @@ class Segment(Task):
         if corpus.seg is None or corpus.inst is None:
             raise OmnimaskError(f"{what}: the shards have no seg.png and inst.png; "
                                 "segmentation needs them")
+        if self.cfg.hue_jitter > 0 and not self.ctx.pixels:
+            raise OmnimaskError("tasks.segment.hue_jitter turns pixels, but the model reads "
+                                "image features (model.image_input=pixels needs it)")
 
     def head_config(self, corpus) -> dict:
         return {"class_names": list(corpus.seg_classes), "class_prompt": CLASS_PROMPT,
@@ -190,8 +199,12 @@ class Segment(Task):
         for b, i in enumerate(idx):
             t = self.targets(corpus, i, lut)
             targets.append(t)
-            images.append(image_segment(corpus, i, self.ctx.pixels))
-            mine = list(corpus.refs[i]) if corpus.refs else []
+            image = image_segment(corpus, i, self.ctx.pixels)
+            jitter = self.cfg.hue_jitter > 0 and rng.random() < self.cfg.hue_jitter
+            if jitter:
+                image = replace(image, pixels=hue_rotate(image.pixels, rng.uniform(0, 2 * math.pi)))
+            images.append(image)
+            mine = list(corpus.refs[i]) if corpus.refs and not jitter else []
             pick = rng.permutation(len(mine))[:self.cfg.refs_per_image].tolist()
             texts.append([text_segment(self.ctx, mine[k]["ids"]) for k in pick])
             for k in pick:  # target: the referred object among the image's targets
