@@ -239,7 +239,7 @@ def test_segment_finetune_eval_and_api(segment_run, shapes_dir, tmp_path):
         model.segment(img, text="a", point=(1, 1))
 
 
-def test_hue_jitter_turns_the_image_keeps_its_targets_and_drops_its_expressions(segment_run):
+def test_hue_jitter_turns_the_image_keeps_its_targets_and_hueless_expressions(segment_run):
     from types import SimpleNamespace
 
     from omnimask.train.tasks.base import task_for
@@ -251,17 +251,20 @@ def test_hue_jitter_turns_the_image_keeps_its_targets_and_drops_its_expressions(
     inst = torch.zeros(1, side, side, dtype=torch.uint8)
     inst[0, 8:24, 8:24] = 1
     names = model.head_configs["segment"].class_names
-    ids = model.tokenizers["text"].tok.encode("the red square", add_special_tokens=False).ids
+    tok = model.tokenizers["text"].tok
+    refs = [{"expression": e, "ids": tok.encode(e, add_special_tokens=False).ids,
+             "instance": 1} for e in ("the Red square", "the large square")]
     corpus = SimpleNamespace(pixels=pixels, inst=inst, seg=inst * names.index("square"),
-                             seg_classes=names, grid=(side // 8, side // 8),
-                             refs=[[{"ids": ids, "instance": 1}]])
+                             seg_classes=names, grid=(side // 8, side // 8), refs=[refs])
     batches = {}
     for p in (0.0, 1.0):
         task = task_for(model, "segment", settings={"hue_jitter": p, "boxes": 0.0})
         batches[p] = task.batch(corpus, [0], torch.Generator().manual_seed(0))
     plain, turned = batches[0.0], batches[1.0]
     kinds = [[pr["kind"] for pr in b["prompts"]] for b in (plain, turned)]
-    assert kinds == [["text", "point"], ["point"]]
+    assert kinds == [["text", "text", "point"], ["text", "point"]]  # "Red" names a hue
+    kept = turned["packed"].ids[turned["packed"].segment == 1]  # the expression's block
+    assert refs[1]["ids"][-1] in kept.tolist() and refs[0]["ids"][1] not in kept.tolist()
     for a, b in zip(plain["targets"], turned["targets"]):
         assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
     x0, x1 = (b["packed"].pixels["image"][0] for b in (plain, turned))

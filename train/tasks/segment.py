@@ -21,7 +21,8 @@ and ``noc85`` (clicks to IoU 0.85, at most ``noc_max_clicks``). ``refer``: ``mio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ from .base import Task, evaluating, first, pack_blocks, task
 # name's in-sentence token (" circle"), the one captions train, and by the trunk's state at
 # the name's last token (the <cls> state barely depends on a one-word text)
 CLASS_PROMPT, CLASS_POOL = "a {}", "last"
+# colour words a hue turn changes (greys, black and white it keeps)
+HUE_WORDS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown",
+             "magenta", "violet", "teal", "turquoise", "maroon", "navy", "olive", "lime",
+             "gold", "golden", "beige", "tan", "indigo", "colored", "coloured", "colorful",
+             "colourful")
 
 
 @dataclass
@@ -49,9 +55,10 @@ class SegmentConfig:
     max_clicks: int = 3  # a training click prompt has 1..max_clicks clicks
     boxes: float = 0.5  # probability that a training image gets a box prompt
     # probability that a training image's hue is turned by a random angle (pixel inputs):
-    # classes named by shape must not be read from colour; such an image gets no
-    # referring expressions, whose colour words it no longer shows
+    # classes named by shape must not be read from colour; such an image keeps only the
+    # referring expressions that name no hue (``hue_words``), as flips drop "left"/"right"
     hue_jitter: float = 0.0
+    hue_words: list[str] = field(default_factory=lambda: list(HUE_WORDS))
     eval_images: int = 32  # images per evaluation batch
     noc_objects: int = 50  # objects the interactive metrics are measured on
     noc_iou: float = 0.85
@@ -109,6 +116,8 @@ class Segment(Task):
         super().__init__(ctx, cfg)
         self.head_cfg = None
         self._names: dict[tuple[str, ...], object] = {}
+        words = "|".join(re.escape(w) for w in self.cfg.hue_words) or "(?!)"
+        self._hue_re = re.compile(rf"\b(?:{words})\b", re.IGNORECASE)
 
     def check(self, corpus, what: str) -> None:
         super().check(corpus, what)
@@ -204,7 +213,9 @@ class Segment(Task):
             if jitter:
                 image = replace(image, pixels=hue_rotate(image.pixels, rng.uniform(0, 2 * math.pi)))
             images.append(image)
-            mine = list(corpus.refs[i]) if corpus.refs and not jitter else []
+            mine = list(corpus.refs[i]) if corpus.refs else []
+            if jitter:
+                mine = [r for r in mine if not self._hue_re.search(r["expression"])]
             pick = rng.permutation(len(mine))[:self.cfg.refs_per_image].tolist()
             texts.append([text_segment(self.ctx, mine[k]["ids"]) for k in pick])
             for k in pick:  # target: the referred object among the image's targets
