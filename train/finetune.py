@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,9 @@ class FinetuneConfig:
     # heads.<name>.<key>: head settings over the head's own (fresh, or as the model directory
     # saved it), e.g. heads.retrieval.speech_itm=false
     heads: dict[str, Any] = field(default_factory=dict)
+    # fine-tune the pixel encoder too when the model directory keeps it frozen
+    # (model.image_encoder.frozen, as the demo's warm-up leaves it); the export says so
+    train_image_encoder: bool = False
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         max_steps=500, batch_size=16, lr=5e-4, warmup_steps=50, eval_every=100,
         checkpoint_every=100))
@@ -216,11 +219,23 @@ class Finetuning:
                     if done:
                         log.info("heads.%s starts from the pretraining heads: %s", n,
                                  ", ".join(done))
+        if cfg.train_image_encoder:
+            self._unfreeze_image_encoder()
         for t in self.tasks.values():
             t.bind(self.model)
         self.vocab.save(self.run / "vocab.json")
         save_config(cfg, self.run)
         self.best = self._read_best()
+
+    def _unfreeze_image_encoder(self) -> None:
+        mc = self.model.cfg
+        if mc.image_input != "pixels":
+            raise ConfigError("train_image_encoder: this model reads no pixels "
+                              f"(model.image_input={mc.image_input})")
+        enc = self.model.encoder.embedders["image"].encoder
+        enc.freeze(False)
+        enc.cfg = replace(enc.cfg, frozen=False)
+        mc.image_encoder = replace(mc.image_encoder, frozen=False)
 
     def _read_best(self) -> dict:
         p = self.run / "model" / BEST

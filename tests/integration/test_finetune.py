@@ -84,6 +84,28 @@ def test_answer_api_takes_paths_arrays_and_tensors(vqa_run, tmp_path):
     assert model.answer(img, "what color is the circle?") == a  # a path and a tensor: one image
 
 
+def test_train_image_encoder_frees_a_frozen_encoder_and_exports_it(tiny_model_dir, shapes_dir,
+                                                                   tmp_path):
+    from dataclasses import replace
+
+    model = omnimask.load(tiny_model_dir)
+    model.cfg.image_encoder = replace(model.cfg.image_encoder, frozen=True)
+    frozen = model.save_pretrained(tmp_path / "frozen")
+
+    def encoder(m):
+        return {k: v.detach().clone()
+                for k, v in m.encoder.embedders["image"].encoder.named_parameters()}
+
+    start = encoder(omnimask.load(frozen))
+    for flag in (False, True):
+        out = tmp_path / f"ft-{flag}"
+        _finetune(frozen, shapes_dir, out, "vqa", train_image_encoder=flag)
+        tuned = omnimask.load(out / "model")
+        assert tuned.cfg.image_encoder.frozen is not flag
+        same = [torch.equal(v, encoder(tuned)[k]) for k, v in start.items()]
+        assert all(same) if not flag else not any(same)
+
+
 def test_bad_finetune_inputs_fail_naming_the_setting(tiny_model_dir, shapes_dir, tmp_path):
     from omnimask.errors import ConfigError
 
