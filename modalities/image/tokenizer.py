@@ -9,6 +9,7 @@ resumable, a ``COMPLETE`` marker written last) and ``metrics.jsonl``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,11 @@ class ImageTokenizerConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
+    # reconstruction loss: pixels of saturated objects weigh 1 + object_weight (a 3x3
+    # neighbourhood of them, so their outlines count: the shapes, not the muted background
+    # gradient, carry the information); edge_weight adds an L1 loss on image gradients
+    object_weight: float = 0.0
+    edge_weight: float = 0.0
     # the budget: steps (the demo's ~5 quiet minutes on 2 cores), and with them max_minutes
     # only caps a stuck run (0: no cap); max_steps=0 trains and schedules by max_minutes
     max_steps: int = 1400
@@ -53,7 +59,7 @@ class ImageTokenizerConfig:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
         check_fields(self, ">0", "lr")
         check_fields(self, ">=0", "warmup_steps", "max_minutes", "max_steps", "threads",
-                     "max_images")
+                     "max_images", "object_weight", "edge_weight")
         if self.parallel not in ("none", "ddp"):
             raise ValueError(f"parallel must be none or ddp, got {self.parallel!r}")
         if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
@@ -120,28 +126,73 @@ class ImageTokenizer:
         return cls(model, info.get("stats"))
 
 
-def load_images(data, size: int, limit: int = 0) -> torch.Tensor:
-    """Every image of the shards as one uint8 tensor [N, 3, size, size], in shard order."""
+def load_images(data, size: int, limit: int = 0, captions: bool = False):
+    """Every image of the shards as one uint8 tensor [N, 3, size, size], in shard order;
+    with ``captions``, also each image's first caption (a list of N strings)."""
     from omnimask.train.data.pipeline import ShardLoader
 
-    cfg = DataConfig(shards=list(data), processors=["image"], batch_size=256, shuffle_buffer=0,
-                     shuffle_shards=False, image_size=size)
-    out, n = [], 0
+    cfg = DataConfig(shards=list(data), processors=["image"] + ["text"] * captions,
+                     batch_size=256, shuffle_buffer=0, shuffle_shards=False, image_size=size)
+    out, caps, n = [], [], 0
     for b in ShardLoader(cfg, rank=0, world_size=1):
         out.append(b["image"])
+        caps += [c[0] for c in b.get("captions", [])]
         n += len(b["image"])
         if limit and n >= limit:
             break
     if not out:
         raise OmnimaskError("no images found in the shards")
     x = torch.cat(out)
-    return x[:limit] if limit else x
+    x = x[:limit] if limit else x
+    return (x, caps[:len(x)]) if captions else x
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of uint8 batches."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+
+
+def region_psnr(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """PSNR in dB of uint8 batches over all their object pixels (``object_pixels`` of
+    ``a``: saturated pixels and their outline) and over the rest (the background)."""
+    err = (a.float() - b.float()).pow(2).mean(1)  # [B, H, W]
+    obj = object_pixels(a.float() / 127.5 - 1)[:, 0]
+    out = {}
+    for name, m in (("objects", obj), ("background", ~obj)):
+        mse = float(err[m].mean()) if m.any() else float("nan")
+        out[f"psnr_{name}_db"] = round(10 * math.log10(255.0 ** 2 / max(mse, 1e-10)), 3)
+    out["object_pixel_share"] = round(float(obj.float().mean()), 4)
+    return out
+
+
+OBJECT_CHROMA = 80 / 127.5  # max - min channel of a saturated pixel, on the [-1, 1] scale
+
+
+def object_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] [B, 3, H, W] -> bool [B, 1, H, W]: saturated pixels and their 3x3
+    neighbourhood (muted backgrounds stay below the threshold)."""
+    sat = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > OBJECT_CHROMA
+    return F.max_pool2d(sat.float(), 3, 1, 1) > 0
+
+
+def recon_loss(recon: torch.Tensor, x: torch.Tensor, object_weight: float = 0.0,
+               edge_weight: float = 0.0) -> torch.Tensor:
+    """Mean squared error, object pixels weighted by ``1 + object_weight`` (weights
+    normalised to mean 1 per batch), plus ``edge_weight`` times the L1 error of horizontal
+    and vertical differences."""
+    err = (recon - x).pow(2)
+    if object_weight:
+        w = 1 + object_weight * object_pixels(x).float()
+        loss = (err * w).mean() / w.mean()
+    else:
+        loss = err.mean()
+    if edge_weight:
+        dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+        dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+        loss = loss + edge_weight * ((dx(recon) - dx(x)).abs().mean()
+                                     + (dy(recon) - dy(x)).abs().mean())
+    return loss
 
 
 def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dict:
@@ -204,8 +255,10 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     fwd = [model]  # the trainer's forward entry (DDP) once it exists
 
     def loss_fn(name: str, batch: dict) -> dict:
-        _, ids, losses = fwd[0](batch["x"])
+        recon, ids, losses = fwd[0](batch["x"])
         mse = losses["recon"].detach()
+        if cfg.object_weight or cfg.edge_weight:  # replaces the plain MSE
+            losses["recon"] = recon_loss(recon, batch["x"], cfg.object_weight, cfg.edge_weight)
         return {"loss": sum(losses.values()), "recon_mse": mse,
                 "psnr_db": 10 * torch.log10(4.0 / mse.clamp_min(1e-12)),  # inputs span [-1, 1]
                 **{k: v.detach() for k, v in losses.items() if k != "recon"},
@@ -269,9 +322,15 @@ class ImageTokenizerOps:
         return {"kind": "image", "out": str(out), "size": cfg.vq.codebook_size, **stats}
 
     @staticmethod
-    def evaluate(tokenizer, data, progress: bool = True, grid: str | None = None) -> dict:
+    def evaluate(tokenizer, data, progress: bool = True, grid: str | None = None,
+                 judge: str | None = None) -> dict:
+        """Reconstruction PSNR (all pixels, objects, background), code usage, speed; with
+        ``judge`` (a ShapesWorld shape judge's file, trained there when missing) also the
+        judge's scores of the reconstructions against each image's first caption."""
         tok = ImageTokenizer.load(tokenizer)
-        images = load_images(data, tok.model.cfg.image_size)
+        size = tok.model.cfg.image_size  # captions only for the judge: shards may have none
+        images, caps = (load_images(data, size, captions=True) if judge
+                        else (load_images(data, size), []))
         ids, recon, t_enc = [], [], 0.0
         for i in range(0, len(images), 128):
             t0 = time.perf_counter()
@@ -285,9 +344,23 @@ class ImageTokenizerOps:
         path = Path(grid) if grid else Path(tokenizer) / "eval_recon.png"
         recon_grid(images, recon, path, title=f"VQ tokenizer ({ids.shape[1]} codes of "
                    f"{tok.size}): {len(images)} images, PSNR {float(p.mean()):.1f} dB")
+        judged = {}
+        if judge:
+            from omnimask.train.data.shapesworld.judge import (
+                judge_images,
+                load_or_train,
+                shape_scores,
+            )
+
+            scores = shape_scores(judge_images(load_or_train(judge, progress), recon, caps))
+            real = shape_scores(judge_images(load_or_train(judge, progress), images, caps))
+            judged = {"judge_shape": scores["shape_hit"], "judge_shape_chance":
+                      scores["shape_chance"], "judge_color": scores["colour_present"],
+                      "judge_shape_originals": real["shape_hit"]}
         return {"kind": "image", "size": tok.size, "images": len(images),
                 "psnr_db": round(float(p.mean()), 3),
                 "psnr_db_dataset": round(float(10 * torch.log10(255.0 ** 2 / mse)), 3),
+                **region_psnr(images, recon), **judged,
                 **code_stats(ids, tok.size), "tokens_per_image": ids.shape[1],
                 "encode_images_per_s": round(len(images) / max(t_enc, 1e-9), 1),
                 "recon_grid": str(path)}

@@ -1,15 +1,20 @@
-"""VQ image tokenizer: a small convolutional VQ-VAE with a factorised, l2-normalised codebook.
+"""VQ image tokenizer: a small convolutional VQ-VAE with a factorised, l2-normalised codebook,
+or finite scalar quantisation.
 
-Encoder: three stride-2 convolutions (64 -> 8) with residual blocks; a 1x1 projection to a
-low-dimensional code space where vectors and codes are l2-normalised (ViT-VQGAN / BEiT-v2
-"factorised codes"), so matching is by cosine. The codebook is updated by EMA (decay
-0.99) or by gradients (straight-through with a commitment loss), initialised by k-means
-on the first batch of latents, and codes unused for a while are restarted at random
-latents of the current batch. Decoder: the mirror image.
+Encoder: ``downsample`` stride-2 convolutions (3: 8 px patches, 64 px -> 8 x 8 codes; 2:
+4 px patches, 16 x 16 codes) with residual blocks; a 1x1 projection to a low-dimensional
+code space. ``quantizer=vq``: vectors and codes are l2-normalised (ViT-VQGAN / BEiT-v2
+"factorised codes"), so matching is by cosine; the codebook is updated by EMA (decay 0.99)
+or by gradients (straight-through with a commitment loss), initialised by k-means on the
+first batch of latents, and codes unused for a while are restarted at random latents of
+the current batch. ``quantizer=fsq`` (Mentzer et al. 2023): each of the code space's
+dimensions is bounded and rounded to one of ``fsq_levels[i]`` values, the code id is the
+mixed-radix number of the levels; no codebook, so no collapse. Decoder: the mirror image.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +29,12 @@ from ..kmeans import kmeans
 @dataclass
 class VQConfig:
     image_size: int = 64
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # per stride-2 stage
-    code_dim: int = 32
-    codebook_size: int = 1024
+    downsample: int = 3  # stride-2 stages: patches of 2**downsample pixels
+    channels: list[int] = field(default_factory=list)  # per stage; []: 32, 64, 128 (the last)
+    code_dim: int = 32  # vq only: fsq's code space has one dimension per level
+    codebook_size: int = 1024  # vq only: fsq's is the product of its levels
+    quantizer: str = "vq"  # vq | fsq
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     ema: bool = True
     decay: float = 0.99
     commitment: float = 0.25
@@ -38,15 +46,33 @@ class VQConfig:
                      prefix=p)
         check_fields(self, "[0,1)", "decay", prefix=p)
         check_fields(self, ">=0", "commitment", prefix=p)
-        if self.image_size % 8:  # three stride-2 stages
-            raise ValueError(f"{p}image_size must be a multiple of 8, got {self.image_size}")
-        if len(self.channels) != 3 or min(self.channels) < 1:
-            raise ValueError(f"{p}channels must be 3 sizes >= 1 (one per stage), got "
-                             f"{list(self.channels)}")
+        if self.downsample not in (2, 3):
+            raise ValueError(f"{p}downsample must be 2 or 3 (stride-2 stages), got "
+                             f"{self.downsample}")
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"{p}quantizer must be vq or fsq, got {self.quantizer!r}")
+        if not self.channels:
+            self.channels = [32, 64, 128][3 - self.downsample:]
+        if self.image_size % self.patch:
+            raise ValueError(f"{p}image_size must be a multiple of {self.patch} "
+                             f"(2**downsample), got {self.image_size}")
+        if len(self.channels) != self.downsample or min(self.channels) < 1:
+            raise ValueError(f"{p}channels must be {self.downsample} sizes >= 1 (one per "
+                             f"stage), got {list(self.channels)}")
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ValueError(f"{p}fsq_levels must be sizes >= 2, got "
+                                 f"{list(self.fsq_levels)}")
+            self.code_dim = len(self.fsq_levels)
+            self.codebook_size = math.prod(self.fsq_levels)
+
+    @property
+    def patch(self) -> int:
+        return 2 ** self.downsample
 
     @property
     def tokens_side(self) -> int:
-        return self.image_size // 8
+        return self.image_size // self.patch
 
 
 class ResBlock(nn.Module):
@@ -78,7 +104,16 @@ class Quantizer(nn.Module):
         return F.normalize(self.codebook, dim=-1)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [N] -> the decoder's inputs [N, code_dim]: the code vectors."""
         return F.embedding(ids, self.codes())
+
+    def unit(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [N, code_dim] -> the unit vectors ``codes()`` are the nearest of."""
+        return F.normalize(z, dim=-1)
+
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [N, code_dim] -> code ids [N]."""
+        return self.nearest(self.unit(z))
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """z: [N, d] l2-normalised -> ids [N] (largest cosine)."""
@@ -149,23 +184,84 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class FSQuantizer(nn.Module):
+    """Finite scalar quantisation: dimension i of a latent is bounded by tanh to
+    ``levels[i]`` steps and rounded (straight-through); the id is the levels' mixed-radix
+    number. Outside the decoder a code is the unit vector of its values with a constant 1
+    appended (``codes``, ``unit``): one vector per code, so the pretraining objectives and
+    embedders that expect l2-normalised code vectors take FSQ codes unchanged."""
+
+    restarts = 0  # no codebook, nothing to restart
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        levels = torch.tensor(cfg.fsq_levels, dtype=torch.long)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("basis", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]),
+                                                    0), persistent=False)
+        half = levels // 2  # integer values -half .. levels - 1 - half, scaled to [-1, 1)
+        self.register_buffer("half_width", half.float(), persistent=False)
+        ids = torch.arange(cfg.codebook_size)
+        self.register_buffer("grid", ((ids[:, None] // self.basis) % levels - half)
+                             / half.float(), persistent=False)
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> values in (-half - 1/2, levels - half - 1/2): rounding gives a level."""
+        lv = self.levels.float()
+        lo, hi = -self.half_width - 0.5 + 1e-3, lv - self.half_width - 0.5 - 1e-3
+        mid, span = (hi + lo) / 2, (hi - lo) / 2
+        return mid + span * torch.tanh(z)
+
+    def _values(self, z: torch.Tensor) -> torch.Tensor:
+        b = self.bound(z)
+        return (b + (b.round() - b).detach()) / self.half_width  # straight-through rounding
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.grid)
+
+    def _unit(self, v: torch.Tensor) -> torch.Tensor:
+        return F.normalize(torch.cat([v, torch.ones_like(v[..., :1])], -1), dim=-1)
+
+    def codes(self) -> torch.Tensor:
+        return self._unit(self.grid)
+
+    def unit(self, z: torch.Tensor) -> torch.Tensor:
+        return self._unit(self.bound(z) / self.half_width)
+
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        q = (self.bound(z).round() + self.half_width).long()
+        return (q * self.basis).sum(-1)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (as ``unit`` makes them) -> ids [N] (largest cosine)."""
+        return (z @ self.codes().T).argmax(-1)
+
+    def init_kmeans(self, z: torch.Tensor, seed: int = 0) -> None:
+        """Nothing to initialise."""
+
+    def forward(self, z: torch.Tensor):
+        """z: [N, d] -> (quantised with straight-through [N, d], ids [N], no losses)."""
+        return self._values(z), self.ids(z.detach()), {}
+
+
 class VQVAE(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        if cfg.image_size % 8:
-            raise ValueError(f"image_size must be a multiple of 8, got {cfg.image_size}")
         self.cfg = cfg
-        c1, c2, c3 = cfg.channels
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, c1, 4, 2, 1), ResBlock(c1), nn.Conv2d(c1, c2, 4, 2, 1), ResBlock(c2),
-            nn.Conv2d(c2, c3, 4, 2, 1), ResBlock(c3), ResBlock(c3), nn.SiLU(),
-            nn.Conv2d(c3, cfg.code_dim, 1))
-        self.quantizer = Quantizer(cfg)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(cfg.code_dim, c3, 1), ResBlock(c3), ResBlock(c3), nn.SiLU(),
-            nn.ConvTranspose2d(c3, c2, 4, 2, 1), ResBlock(c2), nn.SiLU(),
-            nn.ConvTranspose2d(c2, c1, 4, 2, 1), ResBlock(c1), nn.SiLU(),
-            nn.ConvTranspose2d(c1, 3, 4, 2, 1))
+        ch = list(cfg.channels)
+        enc: list[nn.Module] = []
+        for a, b in zip([3] + ch[:-1], ch):
+            enc += [nn.Conv2d(a, b, 4, 2, 1), ResBlock(b)]
+        self.encoder = nn.Sequential(*enc, ResBlock(ch[-1]), nn.SiLU(),
+                                     nn.Conv2d(ch[-1], cfg.code_dim, 1))
+        self.quantizer = FSQuantizer(cfg) if cfg.quantizer == "fsq" else Quantizer(cfg)
+        dec: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[-1], 1), ResBlock(ch[-1]),
+                                ResBlock(ch[-1]), nn.SiLU()]
+        rev = ch[::-1]
+        for a, b in zip(rev[:-1], rev[1:]):
+            dec += [nn.ConvTranspose2d(a, b, 4, 2, 1), ResBlock(b), nn.SiLU()]
+        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(ch[0], 3, 4, 2, 1))
 
     @staticmethod
     def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -199,17 +295,18 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def unit_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> l2-normalised latents [B, (H/8) * (W/8), code_dim], the
-        vectors the codes are the nearest of (and the pretraining corpus's features)."""
+        """uint8 [B, 3, H, W] -> l2-normalised latents [B, tokens, d], the vectors the codes
+        (``quantizer.codes()``) are the nearest of (and the pretraining corpus's features)."""
         self._check(images)
-        z = F.normalize(self.latents(self.to_input(images)), dim=-1)
+        z = self.quantizer.unit(self.latents(self.to_input(images)))
         return z.view(images.shape[0], -1, z.shape[-1])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> code ids [B, (H/8) * (W/8)] in raster order."""
-        z = self.unit_latents(images)
-        return self.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(images.shape[0], -1)
+        """uint8 [B, 3, H, W] -> code ids [B, tokens] in raster order."""
+        self._check(images)
+        z = self.latents(self.to_input(images))
+        return self.quantizer.ids(z).view(images.shape[0], -1)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

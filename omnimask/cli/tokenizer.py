@@ -29,6 +29,9 @@ def cmd_tokenizer_eval(a: argparse.Namespace) -> int:
     kwargs = {}
     if a.modality == "image":  # the reconstruction grid goes beside the JSON
         kwargs["grid"] = str(Path(a.out).with_suffix("")) + "_recon.png" if a.out else None
+        kwargs["judge"] = a.judge
+    elif a.judge:
+        raise OmnimaskError("--judge scores images: it applies to image tokenizers only")
     res = TOKENIZERS.get(a.modality).evaluate(a.tokenizer, a.data, progress=not a.quiet, **kwargs)
     res = {"task": f"tokenizer-{a.modality}", "tokenizer": a.tokenizer, "data": a.data, "metrics": res}
     _write_json(res, a.out)
@@ -46,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "from_file=tokenizer.json to reuse an existing one; speech: "
                                      "codebook_size, stack, seed, iterations, max_frames; image: "
                                      "max_minutes, max_steps, batch_size, lr, vq.codebook_size, "
-                                     "vq.channels, vq.ema, ...). Image training resumes from "
+                                     "vq.channels, vq.ema, vq.downsample, vq.quantizer=vq|fsq, "
+                                     "vq.fsq_levels, object_weight, edge_weight, ...). Image training resumes from "
                                      "OUT/checkpoints when present.")
     tt.add_argument("modality", choices=["text", "image", "speech"], help="which modality")
     # --kind: the flag's former name, still accepted
@@ -62,4 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     te.add_argument("--tokenizer", required=True, help="directory written by tokenizer train")
     te.add_argument("--data", nargs="+", required=True, help="held-out shards")
     te.add_argument("--out", help="write the metrics JSON here (default: print it)")
+    te.add_argument("--judge", help="image, ShapesWorld shards: score the reconstructions with "
+                                    "the shape judge in this file (trained and saved there "
+                                    "when missing)")
     te.set_defaults(fn=cmd_tokenizer_eval)

@@ -1,0 +1,127 @@
+"""Image tokenizer variants: finite scalar quantisation, the 4 px grid, the object-weighted
+and edge losses, region PSNR and the judge's scores of reconstructions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from omnimask.cli import main
+from omnimask.modalities.image.tokenizer import (
+    ImageTokenizer,
+    object_pixels,
+    recon_loss,
+    region_psnr,
+)
+from omnimask.modalities.image.vq import VQVAE, FSQuantizer, VQConfig
+from omnimask.train.data.shapesworld.judge import ShapeClassifier
+
+
+def test_fsq_ids_grid_and_straight_through():
+    cfg = VQConfig(quantizer="fsq", fsq_levels=[4, 3, 5])
+    assert cfg.codebook_size == 60 and cfg.code_dim == 3
+    q = FSQuantizer(cfg)
+    z = (torch.randn(500, 3) * 3).requires_grad_()
+    values, ids, losses = q(z)
+    assert losses == {} and ids.min() >= 0 and ids.max() < 60
+    # the id's grid point is the rounded value, and every value is on its level grid
+    assert torch.allclose(q.lookup(ids), values.detach())
+    for i, n in enumerate([4, 3, 5]):
+        steps = values[:, i].detach() * (n // 2)
+        assert torch.equal(steps, steps.round()) and steps.min() >= -(n // 2)
+        assert steps.max() <= n - 1 - n // 2
+    # brute force: the id is the mixed-radix number of the levels, first dimension fastest
+    lv = (values.detach() * torch.tensor([2.0, 1.0, 2.0])).round().long() + torch.tensor([2, 1, 2])
+    assert torch.equal(ids, lv[:, 0] + 4 * lv[:, 1] + 12 * lv[:, 2])
+    # all 60 grid points are distinct, as are their unit vectors, each its own nearest
+    assert len({tuple(r.tolist()) for r in q.grid}) == 60
+    assert torch.allclose(q.codes().norm(dim=-1), torch.ones(60))
+    assert torch.equal(q.nearest(q.codes()), torch.arange(60))
+    # straight-through: the gradient reaches the latents
+    values.sum().backward()
+    assert z.grad is not None and bool((z.grad != 0).any())
+
+
+def test_grids_and_quantizers_encode_decode_shapes():
+    for cfg, tokens in ((VQConfig(channels=[8, 8, 8], codebook_size=16, code_dim=4), 64),
+                        (VQConfig(downsample=2, channels=[8, 8], codebook_size=16, code_dim=4),
+                         256),
+                        (VQConfig(channels=[8, 8, 8], quantizer="fsq", fsq_levels=[3, 3]), 64)):
+        m = VQVAE(cfg).eval()
+        assert cfg.tokens_side ** 2 == tokens
+        x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+        ids = m.encode(x)
+        assert ids.shape == (2, tokens) and int(ids.max()) < cfg.codebook_size
+        assert m.decode(ids).shape == (2, 3, 64, 64)
+        z = m.unit_latents(x)
+        assert z.shape == (2, tokens, m.quantizer.codes().shape[1])
+        # the training forward's ids are encode's
+        _, fids, _ = m(m.to_input(x))
+        assert torch.equal(fids, ids)
+    assert VQConfig(downsample=2).channels == [64, 128]
+    with pytest.raises(ValueError, match="channels must be 2 sizes"):
+        VQConfig(downsample=2, channels=[8, 8, 8])
+    with pytest.raises(ValueError, match="quantizer must be vq or fsq"):
+        VQConfig(quantizer="rq")
+    with pytest.raises(ValueError, match="fsq_levels"):
+        VQConfig(quantizer="fsq", fsq_levels=[8, 1])
+
+
+def test_default_layout_keeps_the_saved_tokenizers_keys():
+    keys = set(VQVAE(VQConfig()).state_dict())
+    assert {"encoder.0.weight", "encoder.2.weight", "encoder.4.weight", "encoder.8.weight",
+            "decoder.0.weight", "decoder.4.weight", "decoder.7.weight",
+            "decoder.10.weight"} <= keys
+    assert "decoder.11.weight" not in keys
+
+
+def test_object_weighted_and_edge_losses_by_hand():
+    x = torch.full((1, 3, 4, 4), -0.5)
+    x[0, 0, 0, 0] = 0.9  # one saturated pixel: red
+    obj = object_pixels(x)[0, 0]
+    assert obj[:2, :2].all() and obj.sum() == 4  # the pixel and its 3x3 neighbourhood
+    recon = x.clone()
+    recon[0, :, 3, 3] += 0.3  # an error on the background only
+    mse = float((recon - x).pow(2).mean())
+    assert recon_loss(recon, x) == pytest.approx(mse)
+    # weights 1 + 3 on 4 of 16 pixels: mean weight 1.75; the error pixel weighs 1
+    assert float(recon_loss(recon, x, object_weight=3.0)) == pytest.approx(mse / 1.75)
+    # edge term: the corner pixel is in one difference per direction and channel, of the
+    # 3 x 4 x 3 each direction has
+    edge = (3 * 0.3 / (3 * 4 * 3)) * 2
+    assert float(recon_loss(recon, x, edge_weight=1.0)) == pytest.approx(mse + edge)
+
+
+def test_region_psnr_separates_objects_from_background():
+    a = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
+    a[0, 0, 2:4, 2:4] = 250  # a saturated square: objects are it plus a 1 px outline
+    b = a.clone()
+    b[0, :, 7, 7] += 10  # background error only
+    r = region_psnr(a, b)
+    assert r["object_pixel_share"] == pytest.approx(16 / 64)
+    # no error: the 1e-10 floor
+    assert r["psnr_objects_db"] == pytest.approx(10 * math.log10(255 ** 2 / 1e-10), abs=1e-3)
+    assert r["psnr_background_db"] == pytest.approx(10 * math.log10(255 ** 2 / (100 / 48)),
+                                                    abs=1e-3)
+
+
+def test_eval_reports_regions_and_the_judge(shapes_dir, tmp_path):
+    out = tmp_path / "tok"
+    ImageTokenizer(VQVAE(VQConfig(channels=[8, 8, 8], quantizer="fsq", fsq_levels=[3, 3]))
+                   ).save(out)
+    judge = tmp_path / "judge.safetensors"  # an untrained judge: only the plumbing is tested
+    save_file(ShapeClassifier().state_dict(), judge)
+    assert main(["tokenizer", "eval", "image", "--tokenizer", str(out), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--out", str(tmp_path / "m.json"),
+                 "--judge", str(judge), "-q"]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert m["size"] == 9 and m["images"] == 30
+    assert 0 < m["object_pixel_share"] < 1 and m["psnr_objects_db"] < 60
+    assert 0 <= m["judge_shape_chance"] < 1 and 0 <= m["judge_shape"] <= 1
+    assert 0 <= m["judge_shape_originals"] <= 1 and 0 <= m["judge_color"] <= 1
+    assert main(["tokenizer", "eval", "text", "--tokenizer", str(out), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--judge", str(judge)]) == 2
