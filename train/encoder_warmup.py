@@ -14,6 +14,7 @@ fixed).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,12 +36,16 @@ class EncoderWarmupConfig:
     weight_decay: float = 0.01
     classes: int = 0  # semantic classes; 0: the training corpus's (largest id in seg.png + 1)
     val_images: int = 200  # object-patch accuracy measured on this many validation images
+    # share of training images whose hue is turned by a random angle: they teach the patch
+    # classes only (not the colours), so shape is learned apart from colour
+    hue_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         p = "encoder_warmup."
         check_fields(self, ">=0", "steps", "classes", "val_images", "weight_decay", prefix=p)
         check_fields(self, ">=1", "batch_size", prefix=p)
         check_fields(self, ">0", "lr", prefix=p)
+        check_fields(self, "[0,1]", "hue_jitter", prefix=p)
 
 
 def object_patch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -76,6 +81,20 @@ def _attrs(c, names: list[str]) -> torch.Tensor | None:
     for j, n in enumerate(c.region_colors or []):
         out[..., 1 + names.index(n) if n in names else 0] += a[..., 1 + j]
     return out
+
+
+def hue_jittered(pixels: torch.Tensor, p: float, g: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [B, 3, H, W] with a share ``p`` of the images hue-turned by a random angle;
+    and a bool [B]: True where an image keeps its colours."""
+    from omnimask.modalities.image.processor import hue_rotate
+
+    turn = torch.rand(len(pixels), generator=g) < p
+    angles = torch.rand(len(pixels), generator=g) * 2 * math.pi
+    out = pixels.clone()
+    for i in turn.nonzero().flatten().tolist():
+        out[i] = hue_rotate(pixels[i], float(angles[i]))
+    return out, ~turn
 
 
 def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
@@ -124,9 +143,17 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
     bar = tqdm(range(cfg.steps), desc="encoder warm-up", unit="step", disable=not progress)
     for _ in bar:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        tok = encoder(train.pixels[idx].to(device)).tokens
-        loss = sum(F.kl_div(h(tok).flatten(0, 1).float().log_softmax(-1), t.to(device),
-                            reduction="batchmean") for h, t in zip(heads, targets(train, idx)))
+        pixels, kept = train.pixels[idx], torch.ones(len(idx), dtype=torch.bool)
+        if cfg.hue_jitter > 0:
+            pixels, kept = hue_jittered(pixels, cfg.hue_jitter, g)
+        tok = encoder(pixels.to(device)).tokens
+        loss = 0
+        for j, (h, t) in enumerate(zip(heads, targets(train, idx))):
+            rows = slice(None) if j == 0 else kept.repeat_interleave(tok.shape[1]).to(device)
+            if j and not kept.any():  # every image turned: no colour to learn this step
+                continue
+            loss = loss + F.kl_div(h(tok).flatten(0, 1)[rows].float().log_softmax(-1),
+                                   t.to(device)[rows], reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

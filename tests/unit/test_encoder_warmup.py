@@ -15,6 +15,7 @@ from omnimask.train.data.shapesworld.scene import SceneObject, _instance_map, _r
 from omnimask.train.data.shapesworld.vocab import COLOR_NAMES, COLORS, SIZES
 from omnimask.train.encoder_warmup import (
     EncoderWarmupConfig,
+    hue_jittered,
     object_patch_accuracy,
     warm_up_encoder,
 )
@@ -123,3 +124,19 @@ def test_warm_up_refuses_data_without_labels_or_with_more_classes():
                         EncoderWarmupConfig(steps=1), seed=0, progress=False)
     with pytest.raises(ValueError, match="encoder_warmup.batch_size"):
         EncoderWarmupConfig(batch_size=0)
+
+
+def test_hue_jitter_turns_a_share_and_teaches_shapes_not_colours_of_turned_images():
+    train, val = _scenes(128, 0, colors=True), _scenes(60, 1, colors=True)
+    pixels, kept = hue_jittered(train.pixels[:64], 0.5, torch.Generator().manual_seed(0))
+    assert 10 < int((~kept).sum()) < 54
+    assert torch.equal(pixels[kept], train.pixels[:64][kept])  # the others untouched
+    assert all(not torch.equal(a, b) for a, b in zip(pixels[~kept], train.pixels[:64][~kept]))
+    # every image turned: the shapes are still learned, the colours (their loss skipped) not
+    out = warm_up_encoder(_encoder(), train, val,
+                          EncoderWarmupConfig(steps=200, batch_size=16, lr=3e-3,
+                                              hue_jitter=1.0), seed=0, progress=False)
+    assert out["object_patch_accuracy"] > 0.8
+    assert out["color_patch_accuracy"] < 0.3  # 0.9 without the jitter (the test above)
+    with pytest.raises(ValueError, match="encoder_warmup.hue_jitter"):
+        EncoderWarmupConfig(hue_jitter=1.5)
