@@ -51,20 +51,24 @@ class VQConfig:
                              f"{self.downsample}")
         if self.quantizer not in ("vq", "fsq"):
             raise ValueError(f"{p}quantizer must be vq or fsq, got {self.quantizer!r}")
-        if not self.channels:
-            self.channels = [32, 64, 128][3 - self.downsample:]
         if self.image_size % self.patch:
             raise ValueError(f"{p}image_size must be a multiple of {self.patch} "
                              f"(2**downsample), got {self.image_size}")
-        if len(self.channels) != self.downsample or min(self.channels) < 1:
+        ch = self.stage_channels
+        if len(ch) != self.downsample or min(ch) < 1:
             raise ValueError(f"{p}channels must be {self.downsample} sizes >= 1 (one per "
-                             f"stage), got {list(self.channels)}")
+                             f"stage), got {list(ch)}")
         if self.quantizer == "fsq":
             if not self.fsq_levels or min(self.fsq_levels) < 2:
                 raise ValueError(f"{p}fsq_levels must be sizes >= 2, got "
                                  f"{list(self.fsq_levels)}")
             self.code_dim = len(self.fsq_levels)
             self.codebook_size = math.prod(self.fsq_levels)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """``channels``, or the default's last ``downsample`` sizes when empty."""
+        return list(self.channels) or [32, 64, 128][3 - self.downsample:]
 
     @property
     def patch(self) -> int:
@@ -249,7 +253,7 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        ch = list(cfg.channels)
+        ch = cfg.stage_channels
         enc: list[nn.Module] = []
         for a, b in zip([3] + ch[:-1], ch):
             enc += [nn.Conv2d(a, b, 4, 2, 1), ResBlock(b)]

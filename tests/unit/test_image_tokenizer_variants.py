@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from omnimask.cli import main
+from omnimask.config import load_config
 from omnimask.modalities.image.tokenizer import (
     ImageTokenizer,
+    ImageTokenizerConfig,
     object_pixels,
     recon_loss,
     region_psnr,
@@ -62,7 +64,11 @@ def test_grids_and_quantizers_encode_decode_shapes():
         # the training forward's ids are encode's
         _, fids, _ = m(m.to_input(x))
         assert torch.equal(fids, ids)
-    assert VQConfig(downsample=2).channels == [64, 128]
+    assert VQConfig(downsample=2).stage_channels == [64, 128]
+    assert VQConfig().stage_channels == [32, 64, 128]
+    # the tokenizer config's override alone: the stages' default channels follow
+    tc = load_config(ImageTokenizerConfig, None, ["vq.downsample=2"])
+    assert tc.vq.stage_channels == [64, 128] and VQVAE(tc.vq).cfg.tokens_side == 16
     with pytest.raises(ValueError, match="channels must be 2 sizes"):
         VQConfig(downsample=2, channels=[8, 8, 8])
     with pytest.raises(ValueError, match="quantizer must be vq or fsq"):
