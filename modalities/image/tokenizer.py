@@ -352,8 +352,9 @@ class ImageTokenizerOps:
                 shape_scores,
             )
 
-            scores = shape_scores(judge_images(load_or_train(judge, progress), recon, caps))
-            real = shape_scores(judge_images(load_or_train(judge, progress), images, caps))
+            model = load_or_train(judge, progress)
+            scores = shape_scores(judge_images(model, recon, caps))
+            real = shape_scores(judge_images(model, images, caps))
             judged = {"judge_shape": scores["shape_hit"], "judge_shape_chance":
                       scores["shape_chance"], "judge_color": scores["colour_present"],
                       "judge_shape_originals": real["shape_hit"]}
