@@ -1,5 +1,6 @@
-"""``omnimask eval TASK``: a model directory's task head on shards, as the metrics JSON
-``{"task", "split", "n", "metrics", "model", "data"}``; and the table it prints."""
+"""``omnimask eval TASK``: a model directory's task head on shards (or, for ``generate``,
+its CM3 drawing images from captions), as the metrics JSON ``{"task", "split", "n",
+"metrics", "model", "data"}``; and the table it prints."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
     from .corpus import build_corpus
     from .data.shards import expand_shards
 
-    if task not in TASKS:
-        raise OmnimaskError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}")
+    if task not in TASKS and task != "generate":
+        raise OmnimaskError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}, "
+                            f"generate")
     if limit is not None and limit < 1:
         raise OmnimaskError(f"--limit must be >= 1, got {limit}")
     model = omnimask.load(model_dir)
-    t = task_for(model, task, where=str(model_dir), settings=settings)
+    t = None if task == "generate" else task_for(model, task, where=str(model_dir),
+                                                 settings=settings)
     toks = model.tokenizers or {}
     if "text" not in toks or "image" not in toks:
         raise OmnimaskError(f"{model_dir} carries no text and image tokenizers")
@@ -38,7 +41,13 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
     corpus = build_corpus(paths, toks["text"], toks["image"], toks.get("speech"),
                           progress=progress)
     model.eval()
-    metrics = t.evaluate(model, corpus, limit, Path(examples) if examples else None)
+    ex = Path(examples) if examples else None
+    if t is None:  # images drawn from captions, judged (not a fine-tuning task)
+        from .evaluate_generate import generation_metrics
+
+        metrics = generation_metrics(model, corpus, limit, ex, settings, progress)
+    else:
+        metrics = t.evaluate(model, corpus, limit, ex)
     n = len(corpus) if limit is None else min(limit, len(corpus))
     return {"task": task, "split": split or split_name(paths), "n": n, "metrics": metrics,
             "model": str(model_dir), "data": [str(p) for p in paths]}

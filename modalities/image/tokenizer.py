@@ -241,8 +241,7 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
         with torch.no_grad():  # k-means initialisation of the codebook on real latents
             gen = torch.Generator().manual_seed(cfg.seed)
             idx = torch.randperm(len(images), generator=gen)[:512]
-            z = F.normalize(model.latents(model.to_input(images[idx])), dim=-1)
-            model.quantizer.init_kmeans(z, cfg.seed)
+            model.quantizer.init_kmeans(model.latents(model.to_input(images[idx])), cfg.seed)
     model = model.to(memory_format=torch.channels_last)
 
     def make_batch(step: int, micro: int) -> tuple[str, dict]:

@@ -9,7 +9,10 @@ or by gradients (straight-through with a commitment loss), initialised by k-mean
 first batch of latents, and codes unused for a while are restarted at random latents of
 the current batch. ``quantizer=fsq`` (Mentzer et al. 2023): each of the code space's
 dimensions is bounded and rounded to one of ``fsq_levels[i]`` values, the code id is the
-mixed-radix number of the levels; no codebook, so no collapse. Decoder: the mirror image.
+mixed-radix number of the levels; no codebook, so no collapse. ``quantizer=rq`` (RQ-VAE,
+Lee et al. 2022): ``rq_depth`` Euclidean EMA codebooks, each quantising what the ones before
+left over; a position's ids are its depth stack (tokens = positions x depth, depth
+innermost) and the decoder reads the sum of their codes. Decoder: the mirror image.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimask.config import check_fields
+from omnimask.errors import OmnimaskError
 
 from ..kmeans import kmeans
 
@@ -33,7 +37,8 @@ class VQConfig:
     channels: list[int] = field(default_factory=list)  # per stage; []: 32, 64, 128 (the last)
     code_dim: int = 32  # vq only: fsq's code space has one dimension per level
     codebook_size: int = 1024  # vq only: fsq's is the product of its levels
-    quantizer: str = "vq"  # vq | fsq
+    quantizer: str = "vq"  # vq | fsq | rq
+    rq_depth: int = 4  # rq only: codes per position
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     ema: bool = True
     decay: float = 0.99
@@ -43,14 +48,14 @@ class VQConfig:
     def __post_init__(self) -> None:
         p = "vq."  # where it sits in the image tokenizer's config
         check_fields(self, ">=1", "image_size", "code_dim", "codebook_size", "dead_after",
-                     prefix=p)
+                     "rq_depth", prefix=p)
         check_fields(self, "[0,1)", "decay", prefix=p)
         check_fields(self, ">=0", "commitment", prefix=p)
         if self.downsample not in (2, 3):
             raise ValueError(f"{p}downsample must be 2 or 3 (stride-2 stages), got "
                              f"{self.downsample}")
-        if self.quantizer not in ("vq", "fsq"):
-            raise ValueError(f"{p}quantizer must be vq or fsq, got {self.quantizer!r}")
+        if self.quantizer not in ("vq", "fsq", "rq"):
+            raise ValueError(f"{p}quantizer must be vq, fsq or rq, got {self.quantizer!r}")
         if self.image_size % self.patch:
             raise ValueError(f"{p}image_size must be a multiple of {self.patch} "
                              f"(2**downsample), got {self.image_size}")
@@ -78,6 +83,15 @@ class VQConfig:
     def tokens_side(self) -> int:
         return self.image_size // self.patch
 
+    @property
+    def depth(self) -> int:
+        """Ids per grid position: ``rq_depth`` for rq, else 1."""
+        return self.rq_depth if self.quantizer == "rq" else 1
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.tokens_side ** 2 * self.depth
+
 
 class ResBlock(nn.Module):
     def __init__(self, c: int) -> None:
@@ -90,9 +104,13 @@ class ResBlock(nn.Module):
 
 
 class Quantizer(nn.Module):
-    def __init__(self, cfg: VQConfig) -> None:
+    """The VQ codebook: l2-normalised codes matched by cosine, or with ``euclidean`` (the
+    levels of ``ResidualQuantizer``) plain vectors matched by distance, each the EMA mean of
+    the latents assigned to it."""
+
+    def __init__(self, cfg: VQConfig, euclidean: bool = False) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.euclidean = cfg, euclidean
         code = F.normalize(torch.randn(cfg.codebook_size, cfg.code_dim), dim=-1)
         if cfg.ema:
             self.register_buffer("codebook", code)
@@ -105,28 +123,33 @@ class Quantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
 
     def codes(self) -> torch.Tensor:
-        return F.normalize(self.codebook, dim=-1)
+        return self.codebook if self.euclidean else F.normalize(self.codebook, dim=-1)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N] -> the decoder's inputs [N, code_dim]: the code vectors."""
         return F.embedding(ids, self.codes())
 
     def unit(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents [N, code_dim] -> the unit vectors ``codes()`` are the nearest of."""
-        return F.normalize(z, dim=-1)
+        """Latents [N, code_dim] -> the unit vectors ``codes()`` are the nearest of (the
+        latents themselves when euclidean)."""
+        return z if self.euclidean else F.normalize(z, dim=-1)
 
     def ids(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [N, code_dim] -> code ids [N]."""
         return self.nearest(self.unit(z))
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [N, d] l2-normalised -> ids [N] (largest cosine)."""
-        return (z @ self.codes().T).argmax(-1)
+        """z: [N, d] as ``unit`` makes it -> ids [N] (largest cosine, or nearest code)."""
+        c = self.codes()
+        if self.euclidean:  # argmin |z - c|^2 = argmax 2 z.c - |c|^2
+            return (2 * z @ c.T - c.pow(2).sum(-1)).argmax(-1)
+        return (z @ c.T).argmax(-1)
 
     @torch.no_grad()
     def init_kmeans(self, z: torch.Tensor, seed: int = 0) -> None:
-        c, _ = kmeans(z, self.cfg.codebook_size, iterations=10, seed=seed)
-        c = F.normalize(c, dim=-1)
+        """The codebook as k-means centres of latents z [N, code_dim]."""
+        c, _ = kmeans(self.unit(z), self.cfg.codebook_size, iterations=10, seed=seed)
+        c = c if self.euclidean else F.normalize(c, dim=-1)
         self.codebook.data.copy_(c)
         if self.cfg.ema:
             self.ema_sum.copy_(c)
@@ -134,7 +157,7 @@ class Quantizer(nn.Module):
 
     def forward(self, z: torch.Tensor):
         """z: [N, d] -> (quantised with straight-through [N, d], ids [N], losses dict)."""
-        z = F.normalize(z, dim=-1)
+        z = self.unit(z)
         ids = self.nearest(z.detach())
         q = self.lookup(ids)
         losses = {"commit": self.cfg.commitment * F.mse_loss(z, q.detach())}
@@ -162,7 +185,8 @@ class Quantizer(nn.Module):
         self.ema_count.mul_(d).add_(onehot_count, alpha=1 - d)
         if self.cfg.ema:
             self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
-            self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
+            self.codebook.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None]
+                                if self.euclidean else F.normalize(self.ema_sum, dim=-1))
         self.idle.add_(1).masked_fill_(onehot_count > 0, 0)
         dead = self.idle >= self.cfg.dead_after
         n = int(dead.sum())
@@ -173,9 +197,10 @@ class Quantizer(nn.Module):
 
                 dist.broadcast(pick, src=0)
             self.codebook.data[dead] = pick
-            if self.cfg.ema:
-                self.ema_sum[dead] = pick
             self.ema_count[dead] = self.ema_count.mean()
+            if self.cfg.ema:  # a sum whose mean is the pick
+                self.ema_sum[dead] = pick * (self.ema_count[dead, None] if self.euclidean
+                                             else 1)
             self.idle[dead] = 0
         self.restarts = n
 
@@ -249,6 +274,60 @@ class FSQuantizer(nn.Module):
         return self._values(z), self.ids(z.detach()), {}
 
 
+class ResidualQuantizer(nn.Module):
+    """Residual quantisation: ``rq_depth`` Euclidean codebooks, level k quantising the
+    residual the levels before it left; the quantised latent is the sum of the levels'
+    codes. Ids are [N, depth]. The pretraining objectives read one vector per token, which
+    an id stack is not: ``codes``/``unit``/``nearest`` refuse."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.levels = nn.ModuleList(Quantizer(cfg, euclidean=True) for _ in range(cfg.rq_depth))
+
+    @property
+    def restarts(self) -> int:
+        return sum(getattr(q, "restarts", 0) for q in self.levels)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [N, depth] -> the summed codes [N, code_dim]."""
+        return sum(q.lookup(ids[:, k]) for k, q in enumerate(self.levels))
+
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        out = []
+        for q in self.levels:
+            out.append(q.nearest(z))
+            z = z - q.lookup(out[-1])
+        return torch.stack(out, 1)
+
+    def _refuse(self, *args):
+        raise OmnimaskError("an rq image tokenizer (vq.quantizer=rq) gives a stack of ids per "
+                         "position; pretraining reads vq or fsq tokenizers")
+
+    codes = unit = nearest = _refuse
+
+    @torch.no_grad()
+    def init_kmeans(self, z: torch.Tensor, seed: int = 0) -> None:
+        for k, q in enumerate(self.levels):  # each level on what the ones before left
+            q.init_kmeans(z, seed + k)
+            z = z - q.lookup(q.nearest(z))
+
+    def forward(self, z: torch.Tensor):
+        """z: [N, d] -> (summed codes with straight-through [N, d], ids [N, depth], losses)."""
+        r, total, ids = z.detach(), torch.zeros_like(z), []
+        for q in self.levels:
+            i = q.nearest(r)
+            c = q.lookup(i)
+            if self.training:
+                q._update(r, i)
+            ids.append(i)
+            total = total + c
+            r = r - c
+        total = total.detach()
+        losses = {"commit": self.cfg.commitment * F.mse_loss(z, total)}
+        return z + (total - z).detach(), torch.stack(ids, 1), losses
+
+
 class VQVAE(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
@@ -259,7 +338,8 @@ class VQVAE(nn.Module):
             enc += [nn.Conv2d(a, b, 4, 2, 1), ResBlock(b)]
         self.encoder = nn.Sequential(*enc, ResBlock(ch[-1]), nn.SiLU(),
                                      nn.Conv2d(ch[-1], cfg.code_dim, 1))
-        self.quantizer = FSQuantizer(cfg) if cfg.quantizer == "fsq" else Quantizer(cfg)
+        self.quantizer = {"fsq": FSQuantizer, "rq": ResidualQuantizer}.get(cfg.quantizer,
+                                                                           Quantizer)(cfg)
         dec: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[-1], 1), ResBlock(ch[-1]),
                                 ResBlock(ch[-1]), nn.SiLU()]
         rev = ch[::-1]
@@ -315,9 +395,10 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """code ids [B, tokens] -> uint8 images [B, 3, H, W]."""
-        if ids.ndim != 2 or ids.shape[1] != self.cfg.tokens_side ** 2:
-            raise ValueError(f"expected ids of shape [B, {self.cfg.tokens_side ** 2}], got "
-                             f"{tuple(ids.shape)}")
+        n, d = self.cfg.tokens_per_image, self.cfg.depth
+        if ids.ndim != 2 or ids.shape[1] != n:
+            raise ValueError(f"expected ids of shape [B, {n}], got {tuple(ids.shape)}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.codebook_size:
             raise ValueError(f"code ids must be in [0, {self.cfg.codebook_size})")
-        return self.to_uint8(self.decode_codes(self.quantizer.lookup(ids.reshape(-1)), ids.shape[0]))
+        flat = ids.reshape(-1, d) if d > 1 else ids.reshape(-1)
+        return self.to_uint8(self.decode_codes(self.quantizer.lookup(flat), ids.shape[0]))

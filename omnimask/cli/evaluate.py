@@ -1,4 +1,5 @@
-"""``omnimask eval TASK --model DIR|ZOO_NAME --data SHARDS``: a task model's metrics on shards."""
+"""``omnimask eval TASK --model DIR|ZOO_NAME --data SHARDS``: a task model's metrics on shards
+(``generate``: a pretrained model's images drawn from captions, judged)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 from .common import QUIET, _write_json
 
-TASKS = ("vqa", "retrieval", "caption", "segment", "refer")
+TASKS = ("vqa", "retrieval", "caption", "segment", "refer", "generate")
 
 
 def settings(pairs: list[str] | None) -> dict:
@@ -41,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         description="Evaluate a model directory's task head on shards: "
                         "prints a table and writes {task, split, n, metrics, model, data} "
                         "as JSON with --out.")
-    ev.add_argument("task", choices=TASKS, help="the task to evaluate")
+    ev.add_argument("task", choices=TASKS, help="the task to evaluate; generate: images "
+                    "drawn from the shards' captions by a CM3-pretrained model, scored by the "
+                    "ShapesWorld shape judge (--set shape_judge=FILE, guidance, candidates, ...)")
     ev.add_argument("--model", required=True, help="a model directory with the task's head "
                                                    "(RUN/model of omnimask finetune), a zoo name or "
                                                    "hf://org/repo")

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from omnimask.cli import main
 from omnimask.config import load_config
+from omnimask.errors import OmnimaskError
 from omnimask.modalities.image.tokenizer import (
     ImageTokenizer,
     ImageTokenizerConfig,
@@ -19,7 +20,7 @@ from omnimask.modalities.image.tokenizer import (
     recon_loss,
     region_psnr,
 )
-from omnimask.modalities.image.vq import VQVAE, FSQuantizer, VQConfig
+from omnimask.modalities.image.vq import VQVAE, FSQuantizer, ResidualQuantizer, VQConfig
 from omnimask.train.data.shapesworld.judge import ShapeClassifier
 
 
@@ -71,10 +72,50 @@ def test_grids_and_quantizers_encode_decode_shapes():
     assert tc.vq.stage_channels == [64, 128] and VQVAE(tc.vq).cfg.tokens_side == 16
     with pytest.raises(ValueError, match="channels must be 2 sizes"):
         VQConfig(downsample=2, channels=[8, 8, 8])
-    with pytest.raises(ValueError, match="quantizer must be vq or fsq"):
-        VQConfig(quantizer="rq")
+    with pytest.raises(ValueError, match="quantizer must be vq, fsq or rq"):
+        VQConfig(quantizer="pq")
     with pytest.raises(ValueError, match="fsq_levels"):
         VQConfig(quantizer="fsq", fsq_levels=[8, 1])
+
+
+def test_residual_quantizer_is_greedy_over_levels_and_decodes_the_sum():
+    cfg = VQConfig(channels=[8, 8, 8], quantizer="rq", rq_depth=3, codebook_size=16, code_dim=4)
+    assert cfg.depth == 3 and cfg.tokens_per_image == 192
+    q = ResidualQuantizer(cfg)
+    torch.manual_seed(0)
+    z = torch.randn(300, 4)
+    q.init_kmeans(z)
+    ids = q.ids(z)
+    # brute force: level k takes the code nearest to what levels < k left over
+    r = z.clone()
+    for k, level in enumerate(q.levels):
+        d = torch.cdist(r.double(), level.codebook.double())
+        assert torch.equal(ids[:, k], d.argmin(1))
+        r = r - level.codebook[ids[:, k]]
+    assert torch.allclose(q.lookup(ids), z - r, atol=1e-6)
+    # each level lowers the error (k-means on the residuals)
+    errs = [(z - sum(q.levels[j].lookup(ids[:, j]) for j in range(k + 1))).pow(2).sum(1).mean()
+            for k in range(3)]
+    assert errs[0] > errs[1] > errs[2]
+    # training forward: the same ids, straight-through gradients, Euclidean EMA means
+    q.train()
+    zz = z.clone().requires_grad_()
+    out, fids, losses = q(zz)
+    assert torch.equal(fids, ids) and set(losses) == {"commit"}
+    out.sum().backward()
+    assert torch.allclose(zz.grad, torch.ones_like(zz))
+    level = q.levels[0]
+    assert torch.allclose(level.codebook, level.ema_sum / level.ema_count[:, None], atol=1e-6)
+    with pytest.raises(OmnimaskError, match="pretraining reads vq or fsq"):
+        q.codes()
+    m = VQVAE(cfg).eval()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    e = m.encode(x)  # raster order, depth innermost
+    assert e.shape == (2, 192)
+    assert torch.equal(e.view(2, 64, 3), m.quantizer.ids(m.latents(m.to_input(x))).view(2, 64, 3))
+    assert torch.equal(m(m.to_input(x))[1], e) and m.decode(e).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"shape \[B, 192\]"):
+        m.decode(e[:, :64])
 
 
 def test_default_layout_keeps_the_saved_tokenizers_keys():

@@ -6,6 +6,7 @@ import torch
 from omnimask.errors import OmnimaskError
 from omnimask.train.data.shapesworld.judge import (
     components,
+    count_scores,
     crop,
     judge_images,
     load_or_train,
@@ -13,7 +14,7 @@ from omnimask.train.data.shapesworld.judge import (
     rendered_batch,
     shape_scores,
 )
-from omnimask.train.data.shapesworld.language import named_objects
+from omnimask.train.data.shapesworld.language import captions, named_count, named_objects
 from omnimask.train.data.shapesworld.vocab import COLORS, SHAPES
 
 
@@ -86,3 +87,23 @@ def test_scores_count_objects_of_named_colours_and_their_chance():
                                   "shape_hit": 0.667, "shape_chance": 0.222}
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         judge_images(None, torch.zeros(2, 3, 64, 64, dtype=torch.uint8), ["a red star"])
+
+
+def test_named_count_is_the_scenes_object_count_in_every_caption_phrasing():
+    rng = np.random.default_rng(7)
+    _, _, objs = rendered_batch(rng, 40)
+    for ob in objs:  # relational captions refer back ("... left of the red star")
+        for cap in captions(ob, 64, rng):
+            assert named_count(cap) == len(ob), cap
+    assert named_count("three objects") == 0
+
+
+def test_count_scores_compare_components_with_the_caption():
+    img = torch.full((2, 3, 64, 64), 120, dtype=torch.uint8)
+    for b, (y, x) in enumerate([(4, 4), (40, 40)]):
+        img[b, :, y:y + 8, x:x + 8] = torch.tensor(COLORS["red"], dtype=torch.uint8)[:, None, None]
+    img[0, :, 40:50, 40:50] = torch.tensor(COLORS["blue"], dtype=torch.uint8)[:, None, None]
+    caps = ["a red square and a blue circle", "a red square and a blue circle"]
+    assert count_scores(img, caps) == {"counted": 2, "count_hit": 0.5}  # the second has one
+    assert count_scores(img, ["a red square", "no objects named"]) == {"counted": 1,
+                                                                      "count_hit": 0.0}

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from omnimask.errors import Interrupted, OmnimaskError
 
-from .language import named_objects
+from .language import named_count, named_objects
 from .scene import sample_scene
 from .vocab import COLOR_NAMES, COLORS, SHAPES
 
@@ -267,3 +267,16 @@ def shape_scores(judged: list[list[dict]]) -> dict[str, float]:
             "objects": len(objs),
             "shape_hit": round(sum(s in r["named"] for r, s in objs) / n, 3),
             "shape_chance": round(sum(len(r["named"]) for r, _ in objs) / (len(SHAPES) * n), 3)}
+
+
+def count_scores(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """``count_hit``: share of pictures with as many objects (saturated components,
+    ``objects``) as their caption introduces (``named_count``); captions that introduce
+    none are skipped. Touching objects of one colour make one component, so rendered
+    scenes score below 1: compare with the originals' score."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    found = objects(images)
+    pairs = [(len(f), named_count(c)) for f, c in zip(found, captions) if named_count(c)]
+    return {"counted": len(pairs),
+            "count_hit": round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 3)}

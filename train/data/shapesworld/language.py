@@ -41,6 +41,22 @@ def named_objects(text: str) -> set[tuple[str, str]]:
     return out
 
 
+def named_count(text: str) -> int:
+    """How many objects a caption introduces: shape words whose phrase starts with "a" or
+    "an" ("a small red hexagon"); "the red hexagon" refers back to one already named.
+    ShapesWorld's captions name every object, so this is the scene's object count."""
+    words = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
+    n, pending = 0, False
+    for t in text.lower().replace(".", " ").replace(",", " ").replace(":", " ").split():
+        if t in ("a", "an"):
+            pending = True
+        elif t == "the":
+            pending = False
+        elif t in words and pending:
+            n, pending = n + 1, False
+    return n
+
+
 def relations(a: SceneObject, b: SceneObject, size: int) -> list[str]:
     """Relations r such that 'a is r of b' holds clearly (centres apart by the margin)."""
     m = RELATION_MARGIN * size

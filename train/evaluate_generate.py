@@ -1,0 +1,126 @@
+"""``omnimask eval generate``: images a CM3-pretrained model draws from captions, judged.
+
+Each image's first caption is the prompt (``<bos> caption <sep> <image>``, as pretraining's
+end-of-run samples); the drawn codes go through the image tokenizer's decoder, and the
+ShapesWorld shape judge (``train/data/shapesworld/judge.py``) scores them against the
+caption: named colours present, judged shapes named with their colour, and the object
+count. The same scores of the tokenizer's reconstructions (what its codes can show at
+best) and of the original images (what the judge can see at best) stand beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from omnimask.config import check_fields, load_config
+from omnimask.errors import ConfigError, OmnimaskError
+
+
+@dataclass
+class GenerateEvalConfig:
+    """``--set KEY=VALUE`` settings of ``omnimask eval generate``."""
+
+    temperature: float = 1.0  # sampling of image codes
+    top_k: int = 20
+    guidance: float = 5.0  # classifier-free guidance scale (1: none)
+    candidates: int = 8  # images sampled per caption; the one `rerank` scores best is kept
+    rerank: str = "itc"  # itc | itm: the model's own head scores the candidates
+    # the ShapesWorld shape judge (safetensors); trained and saved there when missing (~1 min)
+    shape_judge: str = "shape_judge.safetensors"
+    seed: int = 0
+    batch: int = 16  # captions drawn at once (times candidates, times 2 with guidance)
+    grid_images: int = 8  # columns of the examples PNG
+
+    def __post_init__(self) -> None:
+        if self.rerank not in ("itc", "itm"):
+            raise ValueError(f"rerank must be itc or itm, got {self.rerank!r}")
+        check_fields(self, ">=1", "candidates", "batch", "grid_images")
+        check_fields(self, ">=0", "temperature", "top_k", "seed")
+        check_fields(self, ">0", "guidance")
+
+
+def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
+                       settings: dict | None = None, progress: bool = True) -> dict:
+    """Draw an image from the first caption of the first ``limit`` samples of ``corpus``
+    and judge them; with ``examples`` write ``generated.png`` (original, codes, drawn)."""
+    from tqdm import tqdm
+
+    from .data.shapesworld.judge import (
+        count_scores,
+        judge_images,
+        load_or_train,
+        shape_scores,
+    )
+    from .evaluate import shapesworld_captions
+    from .objectives import cm3_generate as cg
+    from .objectives.base import Context
+
+    g = load_config(GenerateEvalConfig, None, [f"{k}={v}" for k, v in (settings or {}).items()])
+    toks = model.tokenizers
+    text, image = toks["text"], toks["image"]
+    if image.model.cfg.depth > 1:
+        raise OmnimaskError("eval generate: the model's image tokenizer gives a stack of ids "
+                            "per position (vq.quantizer=rq), which CM3 does not draw")
+    if g.candidates > 1 and g.rerank not in model.heads:
+        raise ConfigError(f"rerank={g.rerank}: the model has no {g.rerank} head (heads: "
+                          f"{', '.join(sorted(model.heads)) or 'none'}); set candidates=1")
+    n = len(corpus) if limit is None else min(limit, len(corpus))
+    captions = [text.decode(corpus.captions[i][0]) for i in range(n)]
+    if not shapesworld_captions(captions):
+        raise OmnimaskError("eval generate judges ShapesWorld pictures; these captions name "
+                            "none of its (colour, shape) pairs")
+    pixels = model.cfg.image_input == "pixels"
+    ctx = Context(vocab=model.vocab, codebook=torch.empty(0), word_start=torch.empty(0),
+                  cfg=None, pixels=pixels)
+    model.eval()
+    head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
+    feats_of = cg.rerank_features(image, pixels)
+
+    def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
+        return head(model, ctx, [cap] * len(codes), feats_of(codes))
+
+    gen = torch.Generator().manual_seed(g.seed)
+    rows, cols = corpus.grid
+    drawn = []
+    for s in tqdm(range(0, n, g.batch), desc="drawing", unit="batch", disable=not progress):
+        caps = [corpus.captions[i][0] for i in range(s, min(n, s + g.batch))]
+        drawn.append(cg.images_from_captions(
+            model, ctx, caps, rows * cols, cols, g.temperature, g.top_k, g.guidance,
+            g.candidates, score if g.candidates > 1 else None, gen))
+    codes = torch.cat(drawn)
+    vq = image.model
+    with torch.no_grad():
+        pictures = vq.decode(codes)
+        recon = vq.decode(corpus.codes[:n])
+    originals = corpus.pixels[:n] if corpus.pixels is not None else vq.decode(corpus.codes[:n])
+    judge = load_or_train(g.shape_judge, progress=progress)
+    out: dict = {"images": n}
+    for suffix, ims in (("", pictures), ("_reconstructions", recon), ("_originals", originals)):
+        sc = shape_scores(judge_images(judge, ims, captions))
+        out[f"judge_shape{suffix}"] = sc["shape_hit"]
+        if not suffix:
+            out["judge_shape_chance"] = sc["shape_chance"]
+        out[f"judge_color{suffix}"] = sc["colour_present"]
+        out[f"judge_count{suffix}"] = count_scores(ims, captions)["count_hit"]
+    out["settings"] = {k: v for k, v in asdict(g).items() if k not in ("batch", "grid_images")}
+    if examples is not None:
+        out["examples_png"] = str(examples_png(originals, recon, pictures, captions,
+                                               Path(examples), g.grid_images))
+    return out
+
+
+def examples_png(originals: torch.Tensor, recon: torch.Tensor, drawn: torch.Tensor,
+                 captions: list[str], folder: Path, n: int) -> Path:
+    """``folder/generated.png``: per column a caption's image, its tokenizer codes decoded,
+    and the image drawn from the caption (written under it)."""
+    from .figures import image_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = min(n, len(drawn))
+    return image_table([("original", list(originals[:n])), ("its codes", list(recon[:n])),
+                        ("drawn from\nthe caption", list(drawn[:n]))],
+                       folder / "generated.png", "Images drawn from captions (CM3)",
+                       [[], [], captions[:n]], cell=1.3, wrap=20)
