@@ -343,13 +343,14 @@ class Trunk(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed(self, batch: PackedBatch, features: torch.Tensor | None = None,
-              blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings; positions are indices within each sample. ``features``: [T, dim]
-        already-projected continuous inputs, used where ``batch.ids == -1``. ``blocks``
-        (mask='blocks' block ids): positions count only what each position sees."""
+              blocks: torch.Tensor | None = None, pos_offset: int = 0) -> torch.Tensor:
+        """Token embeddings; positions are indices within each sample (plus ``pos_offset``:
+        the tokens follow that many cached ones). ``features``: [T, dim] already-projected
+        continuous inputs, used where ``batch.ids == -1``. ``blocks`` (mask='blocks' block
+        ids): positions count only what each position sees."""
         cu = batch.cu_seqlens.to(batch.ids.device)
         starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
-        pos = torch.arange(batch.num_tokens, device=batch.ids.device) - starts
+        pos = torch.arange(batch.num_tokens, device=batch.ids.device) - starts + pos_offset
         if blocks is not None:
             pos = block_positions(cu, blocks.to(pos.device))
         self._check_positions(int(pos.max()) + 1)
@@ -450,6 +451,22 @@ class Trunk(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk.step(x, m, cache, i)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def step_packed(self, batch: PackedBatch, cache: KVCache,
+                    features: torch.Tensor | None = None) -> torch.Tensor:
+        """``step`` for a packed batch of one token per cached sequence, embedded as
+        ``forward`` embeds (features, modality, 2-D grid positions): hidden states [B, dim]."""
+        if not cache.keys:
+            raise ValueError("Trunk.step needs a filled KVCache: run forward(..., cache=) first")
+        if batch.num_tokens != cache.batch_size or batch.num_samples != cache.batch_size:
+            raise ValueError(f"step_packed takes one token per cached sequence "
+                             f"({cache.batch_size}), got {batch.num_tokens} tokens in "
+                             f"{batch.num_samples} samples")
+        x = self.embed(batch, features, pos_offset=len(cache))
+        m = batch.modality.to(x.device)
         for i, blk in enumerate(self.blocks):
             x = blk.step(x, m, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x

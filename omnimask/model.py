@@ -213,6 +213,16 @@ class Encoder(nn.Module):
         return self.trunk(batch, mask, prefix_len, features=feats, cache=cache,
                           outputs=None if outputs is None else outputs.to(self.device))
 
+    def step(self, batch: PackedBatch, cache) -> torch.Tensor:
+        """Incremental decoding: hidden states [B, dim] of one new token per sequence of a
+        filled ``KVCache`` (``forward(..., cache=)`` first), read as ``forward`` reads it."""
+        if batch.ids.device != self.device:
+            batch = batch.to(self.device)
+        feats = self.input_features(batch)
+        if self.codes_as_features:
+            batch, feats = self._code_features(batch, feats)
+        return self.trunk.step_packed(batch, cache, feats)
+
     @property
     def codes_as_features(self) -> bool:
         return self.cfg.image_code_input == "features" and self.cfg.image_code_offset >= 0

@@ -357,10 +357,14 @@ class ImageTokenizerOps:
             judged = {"judge_shape": scores["shape_hit"], "judge_shape_chance":
                       scores["shape_chance"], "judge_color": scores["colour_present"],
                       "judge_shape_originals": real["shape_hit"]}
+        depth = tok.model.cfg.depth  # rq: each level's own codebook usage
+        levels = ({"usage_per_level": [round(code_stats(ids.view(len(ids), -1, depth)[..., k],
+                                                        tok.size)["usage"], 4)
+                                       for k in range(depth)]} if depth > 1 else {})
         return {"kind": "image", "size": tok.size, "images": len(images),
                 "psnr_db": round(float(p.mean()), 3),
                 "psnr_db_dataset": round(float(10 * torch.log10(255.0 ** 2 / mse)), 3),
                 **region_psnr(images, recon), **judged,
-                **code_stats(ids, tok.size), "tokens_per_image": ids.shape[1],
+                **code_stats(ids, tok.size), **levels, "tokens_per_image": ids.shape[1],
                 "encode_images_per_s": round(len(images) / max(t_enc, 1e-9), 1),
                 "recon_grid": str(path)}

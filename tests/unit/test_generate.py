@@ -223,3 +223,35 @@ def test_cm3_learns_each_images_caption_and_where_it_ends():
         opt.step()
     out = cg.caption_images(model.eval(), ctx, Tok(ctx), corpus.codes[:4], max_new=12)
     assert out == [" ".join(map(str, c)) for c in caps]
+
+
+def test_cached_decoding_equals_full_sequences_for_text_and_image_codes():
+    ctx = _ctx()
+    lo = ctx.vocab.ranges()["image"][0]
+    for kw in ({}, {"image_code_input": "features", "image_code_offset": lo}):
+        model = _model(ctx, **kw).eval()
+        b, im = ctx.sp("bos"), ctx.sp("image")
+        # different lengths (a cache per length), one already inside an image
+        seqs = [[b, 20, 31, ctx.sp("sep"), im], [b, 40, 41, 42, 43, 44], [b, im, lo + 3, lo + 7]]
+        dec = cg.CachedDecoder(model, ctx, seqs, 4)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(P + 2):  # image codes wrap rows of 4, then past the grid's end
+            ref = cg.next_logits(model, ctx, seqs, 4)
+            assert torch.allclose(dec.logits, ref, atol=1e-5), kw
+            new = [lo + int(torch.randint(CODES, (1,), generator=g)) for _ in seqs]
+            for s, t in zip(seqs, new):
+                s.append(t)
+            dec.advance(new)
+        # the whole loop: sampled images with guidance, cached or not, draw the same codes
+        caps = [TEXT_IDS, TEXT_IDS[:3]]
+        out = [cg.images_from_captions(model, ctx, caps, P, 4, top_k=8, guidance=3.0,
+                                       candidates=2, gen=torch.Generator().manual_seed(1))
+               for _ in range(2)]
+        prompts = [[b, *cg.text_part(ctx, c), im] for c in caps for _ in range(2)]
+        allowed = torch.zeros(ctx.vocab.size, dtype=torch.bool)
+        allowed[lo:lo + CODES] = True
+        slow = cg.generate(model, ctx, prompts, P, allowed, cols=4, temperature=1.0, top_k=8,
+                           gen=torch.Generator().manual_seed(1), uncond=[[b, im]] * 4,
+                           guidance=3.0, use_cache=False)
+        assert torch.equal(out[0], out[1])
+        assert torch.equal(ctx.vocab.to_image(torch.tensor(slow)).view(2, 2, P)[:, 0], out[0])

@@ -170,5 +170,14 @@ def test_eval_reports_regions_and_the_judge(shapes_dir, tmp_path):
     assert 0 < m["object_pixel_share"] < 1 and m["psnr_objects_db"] < 60
     assert 0 <= m["judge_shape_chance"] < 1 and 0 <= m["judge_shape"] <= 1
     assert 0 <= m["judge_shape_originals"] <= 1 and 0 <= m["judge_color"] <= 1
+    rq = tmp_path / "rq"  # residual: tokens are positions x depth, usage per level
+    ImageTokenizer(VQVAE(VQConfig(channels=[8, 8, 8], quantizer="rq", rq_depth=2,
+                                  codebook_size=8, code_dim=4))).save(rq)
+    assert main(["tokenizer", "eval", "image", "--tokenizer", str(rq), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--out", str(tmp_path / "r.json"),
+                 "-q"]) == 0
+    m = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert m["tokens_per_image"] == 128 and len(m["usage_per_level"]) == 2
+    assert all(0 < u <= 1 for u in m["usage_per_level"])
     assert main(["tokenizer", "eval", "text", "--tokenizer", str(out), "--data",
                  str(shapes_dir / "test-novel-*.tar"), "--judge", str(judge)]) == 2

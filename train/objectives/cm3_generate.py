@@ -1,9 +1,12 @@
 """Generation with a CM3-trained model: captions, images, infilling.
 
 Inference calls the model's parts directly (``model.encoder``, ``model.heads[...]``): it is
-not wrapped for data parallelism. Every prompt of a call is decoded at once: each step packs all live sequences into one
-batch (causal mask per sample, no padding) and reads the logits at each one's last
-position; no key/value cache (the documents are ~100 tokens). Options:
+not wrapped for data parallelism. Every prompt of a call is decoded at once. With the
+key/value cache (the default) the prompts are run once, grouped by length (a cache holds
+sequences of one length), and each step feeds one token per sequence through
+``Encoder.step``; without it each step packs all live sequences into one batch (causal
+mask per sample, no padding) and reads the logits at each one's last position (the
+reference the cached path is tested against). Options:
 
 - greedy or sampled decoding (temperature, top-k), fairseq's no-repeat-n-gram ban;
 - classifier-free guidance (CM3Leon): each sequence is also continued after an
@@ -39,16 +42,74 @@ def next_logits(model, ctx: Context, seqs: list[list[int]], cols: int) -> torch.
     return model.encoder.vocab_logits(h, p.cu_seqlens[1:].long().to(h.device) - 1).float()
 
 
+class CachedDecoder:
+    """Next-token logits of many sequences, one new token each per ``advance``: the
+    sequences are run once with a ``KVCache`` per length group, then stepped. ``logits``:
+    [sequences, vocab] for the token after each sequence as it stands."""
+
+    def __init__(self, model, ctx: Context, seqs: list[list[int]], cols: int) -> None:
+        from omnimask.fusion.trunk import KVCache
+
+        self.model, self.ctx, self.cols = model, ctx, cols
+        self.lo, self.hi = ctx.vocab.ranges()["image"]
+        self.start = ctx.sp("image")
+        # per sequence, the index within its image the next image token gets (grid_indices)
+        self.k = [self._next_index(s) for s in seqs]
+        by_len: dict[int, list[int]] = {}
+        for r, s in enumerate(seqs):
+            by_len.setdefault(len(s), []).append(r)
+        self.groups, rows_logits = [], []
+        for rows in by_len.values():
+            cache = KVCache()
+            p = pack([doc_segments(ctx, seqs[r], grid_indices(ctx, seqs[r]), cols)
+                      for r in rows])
+            h = model.encoder(p, mask="causal", cache=cache)
+            last = p.cu_seqlens[1:].long().to(h.device) - 1
+            rows_logits.append(model.encoder.vocab_logits(h, last).float())
+            self.groups.append((rows, cache))
+        self.logits = self._gather(rows_logits, len(seqs))
+
+    def _next_index(self, seq: list[int]) -> int:
+        k = 0
+        for t in seq:
+            k = 0 if t == self.start else k + (self.lo <= t < self.hi)
+        return k
+
+    def _gather(self, per_group: list[torch.Tensor], n: int) -> torch.Tensor:
+        out = per_group[0].new_empty(n, per_group[0].shape[1])
+        for (rows, _), lg in zip(self.groups, per_group):
+            out[torch.tensor(rows, device=out.device)] = lg
+        return out
+
+    @torch.no_grad()
+    def advance(self, tokens: list[int]) -> torch.Tensor:
+        """Append ``tokens[r]`` to sequence r; the new ``logits``."""
+        grid = []
+        for r, t in enumerate(tokens):
+            image = self.lo <= t < self.hi
+            grid.append(self.k[r] if image else -1)
+            self.k[r] = 0 if t == self.start else self.k[r] + image
+        per_group = []
+        for rows, cache in self.groups:
+            p = pack([doc_segments(self.ctx, [tokens[r]], [grid[r]], self.cols) for r in rows])
+            h = self.model.encoder.step(p, cache)
+            per_group.append(self.model.encoder.vocab_logits(
+                h, torch.arange(len(rows), device=h.device)).float())
+        self.logits = self._gather(per_group, len(tokens))
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
              allowed: torch.Tensor, stop: set[int] = frozenset(), cols: int = 8,
              temperature: float = 0.0, top_k: int = 0, gen: torch.Generator | None = None,
              no_repeat_ngram: int = 0, uncond: list[list[int]] | None = None,
-             guidance: float = 1.0) -> list[list[int]]:
+             guidance: float = 1.0, use_cache: bool = True) -> list[list[int]]:
     """Continue every prompt (up to ``max_new`` tokens, or through a ``stop`` token).
 
     ``allowed``: [vocab] bool, the ids that may be produced. Greedy when temperature=0.
     ``uncond`` (one prompt per row) with ``guidance`` s: classifier-free guidance.
+    ``use_cache=False`` runs every sequence in full at each step (the reference).
     Returns the generated ids per prompt (the stop token included when reached)."""
     if uncond is not None and len(uncond) != len(prompts):
         raise ValueError(f"uncond has {len(uncond)} prompts, prompts {len(prompts)}")
@@ -58,13 +119,21 @@ def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
     outs: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
     guided = uncond is not None and guidance != 1.0
+    n = len(prompts)
+    dec = (CachedDecoder(model, ctx, [*prompts, *(uncond if guided else [])], cols)
+           if use_cache and max_new > 0 and prompts else None)
     for _ in range(max_new):
         if not live:
             break
-        seqs = [prompts[k] + outs[k] for k in live]
-        if guided:
-            seqs += [uncond[k] + outs[k] for k in live]
-        logits = next_logits(model, ctx, seqs, cols)
+        if dec is not None:  # every sequence advances; only the live ones are read
+            rows = torch.tensor(live + ([n + k for k in live] if guided else []),
+                                device=dec.logits.device)
+            logits = dec.logits[rows]
+        else:
+            seqs = [prompts[k] + outs[k] for k in live]
+            if guided:
+                seqs += [uncond[k] + outs[k] for k in live]
+            logits = next_logits(model, ctx, seqs, cols)
         if guided:
             c, u = logits[: len(live)].log_softmax(-1), logits[len(live):].log_softmax(-1)
             logits = u + guidance * (c - u)
@@ -77,6 +146,9 @@ def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
         for row, k in enumerate(live):
             outs[k].append(int(nxt[row]))
         live = [k for k in live if outs[k][-1] not in stop]
+        if dec is not None and live:  # a finished sequence repeats its stop token
+            last = [o[-1] for o in outs]
+            dec.advance(last + (last if guided else []))
     return outs
 
 
