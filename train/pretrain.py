@@ -374,9 +374,17 @@ def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dir
         if rows != cols:
             raise ConfigError(f"model.image_input=pixels needs a square token grid, the "
                               f"image tokenizer gives {rows}x{cols}")
+        size, enc = int(corpus.pixels.shape[-1]), mc.image_encoder
+        stages = (size // rows).bit_length() - 1
+        channels = list(enc.channels)
+        if enc.backbone == "conv" and len(channels) > stages >= 1 and size == rows << stages:
+            # a finer tokenizer grid: the conv stem keeps its first stages
+            log.info("model.image_encoder: %d stride-2 stages for the tokenizer's %dx%d grid, "
+                     "channels %s", stages, rows, rows, channels[:stages])
+            channels = channels[:stages]
         try:
-            mc.image_encoder = replace(mc.image_encoder, dim=mc.trunk.dim, grid=rows,
-                                       image_size=int(corpus.pixels.shape[-1]))
+            mc.image_encoder = replace(enc, dim=mc.trunk.dim, grid=rows, image_size=size,
+                                       channels=channels)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     mc.image_codes = image.size

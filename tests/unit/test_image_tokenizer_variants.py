@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,34 @@ def test_eval_reports_regions_and_the_judge(shapes_dir, tmp_path):
     assert all(0 < u <= 1 for u in m["usage_per_level"])
     assert main(["tokenizer", "eval", "text", "--tokenizer", str(out), "--data",
                  str(shapes_dir / "test-novel-*.tar"), "--judge", str(judge)]) == 2
+
+
+def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, tiny_tokenizers,
+                                                                  tmp_path):
+    """The pixel encoder's grid follows a 4 px tokenizer (its conv stem keeps its first two
+    stages, no override needed); CM3 documents then carry 256 image codes and the end of
+    the run draws images of 256 codes over the KV cache."""
+    from omnimask.train.pretrain import PretrainConfig, Pretraining
+
+    img = tmp_path / "image16"
+    ImageTokenizer(VQVAE(VQConfig(downsample=2, channels=[8, 8], quantizer="fsq",
+                                  fsq_levels=[4, 4]))).save(img)
+    t = tiny_tokenizers
+    cfg = load_config(PretrainConfig, None, [
+        "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
+        "trainer.warmup_steps=1", "data.val_batch_size=4", "generate.captions=1",
+        "generate.images=1", "generate.candidates=2", "objectives.mix={cm3: 1, mim: 1}",
+        "objectives.mix_start={}"], **{
+        "out": str(tmp_path / "run"),
+        "data": {"train": [str(shapes_dir / "train-*.tar")],
+                 "val": [str(shapes_dir / "test-novel-*.tar")]},
+        "tokenizers": {"text": str(t / "text"), "image": str(img)},
+        "model": {"trunk": {"dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64,
+                            "max_positions": 512}, "image_input": "pixels",
+                  "image_encoder": {"channels": [8, 16, 32], "stem_channels": 8}}})
+    pre = Pretraining(cfg, progress=False)
+    enc = pre.model.cfg.image_encoder
+    assert enc.grid == 16 and list(enc.channels) == [8, 16]
+    s = pre.fit()
+    assert s["status"] == "done" and s["step"] == 2
+    assert Path(s["samples"]["images_png"]).is_file()
