@@ -23,6 +23,8 @@ from omnimask.errors import ConfigError, OmnimaskError
 class GenerateEvalConfig:
     """``--set KEY=VALUE`` settings of ``omnimask eval generate``."""
 
+    sampler: str = "cm3"  # cm3: left to right; maskgit: parallel rounds (objective maskgit)
+    steps: int = 12  # maskgit's rounds
     temperature: float = 1.0  # sampling of image codes
     top_k: int = 20
     guidance: float = 5.0  # classifier-free guidance scale (1: none)
@@ -37,7 +39,9 @@ class GenerateEvalConfig:
     def __post_init__(self) -> None:
         if self.rerank not in ("itc", "itm"):
             raise ValueError(f"rerank must be itc or itm, got {self.rerank!r}")
-        check_fields(self, ">=1", "candidates", "batch", "grid_images")
+        if self.sampler not in ("cm3", "maskgit"):
+            raise ValueError(f"sampler must be cm3 or maskgit, got {self.sampler!r}")
+        check_fields(self, ">=1", "candidates", "batch", "grid_images", "steps")
         check_fields(self, ">=0", "temperature", "top_k", "seed")
         check_fields(self, ">0", "guidance")
 
@@ -87,9 +91,19 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     drawn = []
     for s in tqdm(range(0, n, g.batch), desc="drawing", unit="batch", disable=not progress):
         caps = [corpus.captions[i][0] for i in range(s, min(n, s + g.batch))]
-        drawn.append(cg.images_from_captions(
-            model, ctx, caps, rows * cols, cols, g.temperature, g.top_k, g.guidance,
-            g.candidates, score if g.candidates > 1 else None, gen))
+        if g.sampler == "cm3":
+            drawn.append(cg.images_from_captions(
+                model, ctx, caps, rows * cols, cols, g.temperature, g.top_k, g.guidance,
+                g.candidates, score if g.candidates > 1 else None, gen))
+            continue
+        from .objectives.maskgit import draw
+
+        codes = draw(model, ctx, [c for c in caps for _ in range(g.candidates)], rows * cols,
+                     cols, g.steps, g.temperature, g.guidance, gen)
+        codes = codes.view(len(caps), g.candidates, -1)
+        best = ([int(score(c, codes[k]).argmax()) for k, c in enumerate(caps)]
+                if g.candidates > 1 else [0] * len(caps))
+        drawn.append(codes[torch.arange(len(caps)), torch.tensor(best)])
     codes = torch.cat(drawn)
     vq = image.model
     with torch.no_grad():

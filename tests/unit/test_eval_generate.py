@@ -44,6 +44,12 @@ def test_eval_generate_draws_judges_and_writes_the_grid(tiny_model_dir, shapes_d
     assert run(tmp_path / "b.json") == 0
     assert json.loads((tmp_path / "b.json").read_text())["metrics"] == {
         k: v for k, v in m.items() if k != "examples_png"}
+    # parallel drawing (the maskgit objective's sampler), reranked the same way
+    assert run(tmp_path / "m.json", "--set", "sampler=maskgit", "--set", "steps=3") == 0
+    mm = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert mm["settings"]["sampler"] == "maskgit" and 0 <= mm["judge_color"] <= 1
+    assert mm["judge_shape_originals"] == m["judge_shape_originals"]
+    assert run(tmp_path / "c.json", "--set", "sampler=diffusion") == 2
     # bad settings are one-line errors naming the key
     assert run(tmp_path / "c.json", "--set", "rerank=clip") == 2
     assert run(tmp_path / "c.json", "--set", "guidance=0") == 2

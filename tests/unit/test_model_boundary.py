@@ -290,7 +290,7 @@ def test_fine_tuning_start_is_strict_on_the_encoder_and_lists_fresh_heads(tmp_pa
     vqa_keys = [k for k in ft.state_dict() if k.startswith("heads.vqa.")]
     assert ft.load_report["fresh"] == vqa_keys and vqa_keys
     assert {k.split(".")[1] for k in ft.load_report["unused"]} == set(OBJECTIVES.names()) - {
-        "itm", "mlm", "mim", "cm3"}  # heads with weights that were not asked for
+        "itm", "mlm", "mim", "cm3", "maskgit"}  # heads with weights that were not asked for
     assert f"heads.vqa ({len(vqa_keys)} tensors)" in caplog.text  # one line per fresh head
     for k, v in pre.state_dict().items():
         if k.startswith(("encoder.", "heads.itm.")):

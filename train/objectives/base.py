@@ -29,6 +29,7 @@ from omnimask.registry import Registry
 OBJECTIVES: Registry = Registry("objective", ("omnimask.train.objectives.uniter",
                                               "omnimask.train.objectives.itc",
                                               "omnimask.train.objectives.cm3_lm",
+                                              "omnimask.train.objectives.maskgit",
                                               "omnimask.train.objectives.speech_units"))
 
 
@@ -60,6 +61,7 @@ class ObjectivesConfig:
     cm3_poisson: float = 1.0
     cm3_image_first: float = 0.5  # probability that a document puts the image before the text
     cm3_speech: float = 0.0  # probability that a document also holds the spoken caption's units
+    maskgit_uncond: float = 0.1  # MaskGIT samples without their caption (guidance's baseline)
     # span starts per frame, spans of speech_span frames (overlapping): wav2vec2's mask_prob
     # 0.65 / length 10, ~50% of the frames covered (HuBERT's 0.08 covers ~57%)
     speech_start_prob: float = 0.065
@@ -72,7 +74,7 @@ class ObjectivesConfig:
         check_fields(self, "(0,1)", "mlm_prob", "mim_ratio", prefix=p)
         check_fields(self, "(0,1]", "mrm_prob", "speech_start_prob", prefix=p)
         check_fields(self, "[0,1]", "itm_neg_prob", "cm3_image_first", "cm3_speech",
-                     "speech_with_text", prefix=p)
+                     "maskgit_uncond", "speech_with_text", prefix=p)
         check_fields(self, ">=1", "mlm_max_ngram", "mim_min_block", "ot_iterations",
                      "cm3_max_spans", "speech_span", prefix=p)
         check_fields(self, ">0", "mrc_temperature", "ot_beta", "cm3_poisson", prefix=p)

@@ -1,0 +1,108 @@
+"""MaskGIT drawing: the masked-codes objective's data side, the decoding schedule, and a
+learning check (codes that a caption word decides are drawn from the caption alone)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from omnimask.fusion.packing import IGNORE
+from omnimask.train.objectives import maskgit as mg
+
+from .test_objectives import CODES, P, _batch, _corpus, _ctx, _model
+
+
+def test_samples_mask_every_ratio_and_target_exactly_the_masked_codes():
+    ctx = _ctx(maskgit_uncond=0.25)
+    corpus = _corpus()
+    lo = ctx.vocab.ranges()["image"][0]
+    obj = mg.MaskGIT(ctx)
+    g = torch.Generator().manual_seed(0)
+    counts, uncond = [], 0
+    for k in range(400):
+        i = k % len(corpus)
+        text, image = obj.sample(corpus, i, g)
+        assert text.ids[0] == ctx.sp("cls")
+        uncond += len(text.ids) == 1
+        masked = image.ids == ctx.sp("mask")
+        codes = corpus.codes[i] + lo
+        assert torch.equal(image.ids[~masked], codes[~masked])  # the rest is the image
+        assert torch.equal(image.targets[masked], codes[masked])
+        assert bool((image.targets[~masked] == IGNORE).all())
+        rows, cols = corpus.grid
+        assert torch.equal(image.rc[:, 0] * cols + image.rc[:, 1], torch.arange(P))
+        counts.append(int(masked.sum()))
+    # r = cos(pi/2 u): at least one masked, all of them sometimes; P(all) = 2/pi acos(15/16)
+    assert min(counts) >= 1 and max(counts) == P
+    assert abs(sum(c == P for c in counts) / 400 - 2 / math.pi * math.acos((P - 1) / P)) < 0.06
+    assert abs(sum(counts) / 400 / P - 2 / math.pi) < 0.06  # E[cos(pi/2 u)] = 2/pi
+    assert abs(uncond / 400 - 0.25) < 0.07
+    b = _batch("maskgit", ctx, corpus)
+    assert b["packed"].num_samples == 8
+
+
+def test_draw_keeps_codes_and_unmasks_on_the_cosine_schedule(monkeypatch):
+    ctx = _ctx()
+    model = _model(ctx).eval()
+    caps = [[20, 21, 22], [30]]
+    seen = []
+    real = mg.masked_image_segment
+
+    def spy(ctx_, codes, masked, cols, targets=True):
+        seen.append((codes.clone(), masked.clone()))
+        return real(ctx_, codes, masked, cols, targets)
+
+    monkeypatch.setattr(mg, "masked_image_segment", spy)
+    steps = 5
+    out = mg.draw(model, ctx, caps, P, 4, steps=steps, guidance=2.0,
+                  gen=torch.Generator().manual_seed(0))
+    assert out.shape == (2, P) and bool(((out >= 0) & (out < CODES)).all())
+    per_round = [seen[4 * t:4 * t + 4] for t in range(steps)]  # 2 captions + 2 unconditional
+    for t, rnd in enumerate(per_round):
+        still = math.floor(P * math.cos(math.pi / 2 * t / steps))  # masked as round t starts
+        for _codes, masked in rnd:
+            assert int(masked.sum()) == still
+        if t:  # drawn codes stay as they were
+            prev_codes, prev_masked = per_round[t - 1][0]
+            codes, masked = rnd[0]
+            assert bool((masked <= prev_masked).all())
+            assert torch.equal(codes[~prev_masked], prev_codes[~prev_masked])
+    # greedy with one round: the argmax of one forward over the all-masked image
+    one = mg.draw(model, ctx, caps, P, 4, steps=1, temperature=0.0)
+    lo, hi = ctx.vocab.ranges()["image"]
+    from omnimask.fusion.packing import pack
+    from omnimask.train.objectives.base import text_segment
+
+    p = pack([[text_segment(ctx, c), real(ctx, torch.zeros(P, dtype=torch.long),
+                                          torch.ones(P, dtype=torch.bool), 4, False)]
+              for c in caps])
+    h = model.encoder(p, mask="bidirectional")
+    pos = torch.cat([torch.arange(int(e) - P, int(e)) for e in p.cu_seqlens[1:]])
+    want = model.encoder.vocab_logits(h, pos)[:, lo:hi].argmax(-1).view(2, P)
+    assert torch.equal(one, want)
+
+
+def test_maskgit_learns_to_draw_what_the_caption_decides():
+    torch.manual_seed(0)
+    ctx = _ctx(maskgit_uncond=0.0)
+    corpus = _corpus(n=16)
+    words = [20 + k for k in range(4)]
+    # the caption's one word decides the image: codes k, k+4, k+8, ... repeated
+    caps = [[[words[i % 4]]] * 2 for i in range(16)]
+    codes = torch.stack([(torch.arange(P) * 4 + i % 4) % CODES for i in range(16)])
+    corpus = replace(corpus, captions=caps, codes=codes)
+    model = _model(ctx)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    obj = mg.MaskGIT(ctx)
+    for _ in range(250):
+        idx = torch.randint(16, (8,), generator=g).tolist()
+        loss = model(obj.batch(corpus, idx, g), task="maskgit")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    drawn = mg.draw(model, ctx, [[w] for w in words], P, 4, steps=4, temperature=0.0)
+    acc = float((drawn == codes[:4]).float().mean())
+    assert acc > 0.9, acc
