@@ -26,6 +26,7 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
             progress: bool = True) -> dict:
     """Captions of val images, images drawn from val captions (``run/generated_images.png``,
     judged with ``g.shape_judge`` if set), an infilled caption and grounding scores."""
+    from .evaluate_generate import draw_codes
     from .objectives import cm3_generate as cg
 
     text = toks["text"]
@@ -62,10 +63,8 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
 
         def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
             return head(model, ctx, [cap] * len(codes), feats_of(codes))
-    codes = cg.images_from_captions(
-        model, ctx, [val.captions[i][0] for i in range(n)],
-        val.codes.shape[1], val.grid[1], g.temperature, g.top_k, g.guidance,
-        g.candidates, score, torch.Generator().manual_seed(0))
+    codes = draw_codes(model, ctx, [val.captions[i][0] for i in range(n)], val.codes.shape[1],
+                       val.grid[1], g, score, torch.Generator().manual_seed(0))
     vq = toks["image"].model
     with torch.no_grad():  # decoded once for the PNG and the judge
         drawn, recon = vq.decode(codes), vq.decode(val.codes[:n])

@@ -91,19 +91,8 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     drawn = []
     for s in tqdm(range(0, n, g.batch), desc="drawing", unit="batch", disable=not progress):
         caps = [corpus.captions[i][0] for i in range(s, min(n, s + g.batch))]
-        if g.sampler == "cm3":
-            drawn.append(cg.images_from_captions(
-                model, ctx, caps, rows * cols, cols, g.temperature, g.top_k, g.guidance,
-                g.candidates, score if g.candidates > 1 else None, gen))
-            continue
-        from .objectives.maskgit import draw
-
-        codes = draw(model, ctx, [c for c in caps for _ in range(g.candidates)], rows * cols,
-                     cols, g.steps, g.temperature, g.guidance, gen)
-        codes = codes.view(len(caps), g.candidates, -1)
-        best = ([int(score(c, codes[k]).argmax()) for k, c in enumerate(caps)]
-                if g.candidates > 1 else [0] * len(caps))
-        drawn.append(codes[torch.arange(len(caps)), torch.tensor(best)])
+        drawn.append(draw_codes(model, ctx, caps, rows * cols, cols, g,
+                                score if g.candidates > 1 else None, gen))
     codes = torch.cat(drawn)
     vq = image.model
     with torch.no_grad():
@@ -124,6 +113,26 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
         out["examples_png"] = str(examples_png(originals, recon, pictures, captions,
                                                Path(examples), g.grid_images))
     return out
+
+
+def draw_codes(model, ctx, captions: list[list[int]], num_codes: int, cols: int, g,
+               score=None, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Codes [len(captions), num_codes] drawn by ``g.sampler`` (cm3: left to right over the
+    KV cache; maskgit: ``g.steps`` parallel rounds) with ``g.temperature``, ``g.top_k``
+    (cm3), ``g.guidance`` and ``g.candidates`` per caption, the one ``score(caption,
+    codes)`` rates best kept (the first without ``score``)."""
+    from .objectives import cm3_generate as cg
+    from .objectives.maskgit import draw
+
+    if g.sampler == "cm3":
+        return cg.images_from_captions(model, ctx, captions, num_codes, cols, g.temperature,
+                                       g.top_k, g.guidance, g.candidates, score, gen)
+    k = g.candidates
+    codes = draw(model, ctx, [c for c in captions for _ in range(k)], num_codes, cols,
+                 g.steps, g.temperature, g.guidance, gen).view(len(captions), k, -1)
+    best = ([int(score(c, codes[j]).argmax()) for j, c in enumerate(captions)]
+            if k > 1 and score is not None else [0] * len(captions))
+    return codes[torch.arange(len(captions)), torch.tensor(best)]
 
 
 def examples_png(originals: torch.Tensor, recon: torch.Tensor, drawn: torch.Tensor,

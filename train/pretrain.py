@@ -66,6 +66,8 @@ class TokenizerPaths:
 class GenerateConfig:
     captions: int = 8  # val images to caption at the end
     images: int = 8  # val captions to draw
+    sampler: str = "cm3"  # cm3: left to right; maskgit: parallel rounds (objective maskgit)
+    steps: int = 12  # maskgit's rounds
     temperature: float = 1.0  # image sampling
     top_k: int = 20
     guidance: float = 1.0  # classifier-free guidance scale for images (1: none)
@@ -83,8 +85,10 @@ class GenerateConfig:
         p = "generate."
         if self.rerank not in ("itc", "itm"):
             raise ValueError(f"{p}rerank must be itc or itm, got {self.rerank!r}")
+        if self.sampler not in ("cm3", "maskgit"):
+            raise ValueError(f"{p}sampler must be cm3 or maskgit, got {self.sampler!r}")
         check_fields(self, ">=1", "captions", "images", "candidates", "caption_candidates",
-                     "grid_images", prefix=p)
+                     "grid_images", "steps", prefix=p)
         check_fields(self, ">=0", "temperature", "top_k", "caption_temperature", prefix=p)
         check_fields(self, ">0", "guidance", prefix=p)
 

@@ -187,8 +187,8 @@ def test_eval_reports_regions_and_the_judge(shapes_dir, tmp_path):
 def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, tiny_tokenizers,
                                                                   tmp_path):
     """The pixel encoder's grid follows a 4 px tokenizer (its conv stem keeps its first two
-    stages, no override needed); CM3 documents then carry 256 image codes and the end of
-    the run draws images of 256 codes over the KV cache."""
+    stages, no override needed); CM3 and MaskGIT samples then carry 256 image codes and the
+    end of the run draws images of 256 codes (MaskGIT's parallel rounds)."""
     from omnimask.train.pretrain import PretrainConfig, Pretraining
 
     img = tmp_path / "image16"
@@ -198,7 +198,8 @@ def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, t
     cfg = load_config(PretrainConfig, None, [
         "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
         "trainer.warmup_steps=1", "data.val_batch_size=4", "generate.captions=1",
-        "generate.images=1", "generate.candidates=2", "objectives.mix={cm3: 1, mim: 1}",
+        "generate.images=1", "generate.candidates=2", "generate.sampler=maskgit",
+        "generate.steps=2", "objectives.mix={cm3: 1, mim: 1, maskgit: 1}",
         "objectives.mix_start={}"], **{
         "out": str(tmp_path / "run"),
         "data": {"train": [str(shapes_dir / "train-*.tar")],
