@@ -111,7 +111,7 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     out["settings"] = {k: v for k, v in asdict(g).items() if k not in ("batch", "grid_images")}
     if examples is not None:
         out["examples_png"] = str(examples_png(originals, recon, pictures, captions,
-                                               Path(examples), g.grid_images))
+                                               Path(examples), g.grid_images, g.sampler))
     return out
 
 
@@ -136,7 +136,7 @@ def draw_codes(model, ctx, captions: list[list[int]], num_codes: int, cols: int,
 
 
 def examples_png(originals: torch.Tensor, recon: torch.Tensor, drawn: torch.Tensor,
-                 captions: list[str], folder: Path, n: int) -> Path:
+                 captions: list[str], folder: Path, n: int, sampler: str = "cm3") -> Path:
     """``folder/generated.png``: per column a caption's image, its tokenizer codes decoded,
     and the image drawn from the caption (written under it)."""
     from .figures import image_table
@@ -145,5 +145,6 @@ def examples_png(originals: torch.Tensor, recon: torch.Tensor, drawn: torch.Tens
     n = min(n, len(drawn))
     return image_table([("original", list(originals[:n])), ("its codes", list(recon[:n])),
                         ("drawn from\nthe caption", list(drawn[:n]))],
-                       folder / "generated.png", "Images drawn from captions (CM3)",
+                       folder / "generated.png",
+                       f"Images drawn from captions ({'MaskGIT' if sampler == 'maskgit' else 'CM3'})",
                        [[], [], captions[:n]], cell=1.3, wrap=20)
