@@ -785,7 +785,9 @@ class Trainer:
         total = self.schedule["total"]  # 0: none (a time schedule)
         per = f"{self.units}_per_s"
         kill_at = int(os.environ.get("OMNIMASK_TEST_SIGKILL_AT", "-1"))  # tests: a preemption
-        nap = float(os.environ.get("OMNIMASK_TEST_STEP_SLEEP", "0"))  # tests: slow steps
+        # tests: slow steps in a fresh run, so a signal finds it mid-run; a resumed run goes
+        # at full speed and ends before a requeued job's own time-limit signal
+        nap = 0.0 if resumed else float(os.environ.get("OMNIMASK_TEST_STEP_SLEEP", "0"))
         bar = None
         self._stop = StopSignals()  # restored in `finally`, whatever raises after this
         try:

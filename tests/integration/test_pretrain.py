@@ -96,7 +96,10 @@ def test_sigkill_then_resume_equals_straight_run(tiny_config, tmp_path):
     assert all(k.startswith(("encoder.", "heads.")) for k in sd)
     model = omnimask.load(export_run(run, tmp_path / "final"))
     assert set(model.tokenizers) == {"text", "image", "speech"}
-    assert set(model.heads) == set(summary["val"])
+    from omnimask.train.objectives.base import OBJECTIVES
+
+    # every objective's head (one checkpoint layout), whichever the mix trained
+    assert set(model.heads) == set(OBJECTIVES.names()) >= set(summary["val"])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     best = export_run(run, tmp_path / "best", which="best")  # step 10 or 20: both validated
     assert omnimask.load(best, heads={"vqa": {"num_answers": 3}}).load_report["fresh"]

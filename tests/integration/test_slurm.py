@@ -172,8 +172,9 @@ def test_scontrol_requeue_resumes_with_no_step_repeated_or_skipped(reference, ti
 def test_time_limit_signal_checkpoints_and_the_requeued_job_finishes(reference, tiny_config,
                                                                     tmp_path):
     """--time 2 with SIGUSR2 60 s ahead (slurmctld checks every 30 s and sends it early
-    rather than late): the steps take longer than that, so the job is signalled, saves,
-    is requeued by submitit, and resumes until the planned step."""
+    rather than late): the first attempt's steps take longer than that, so the job is
+    signalled, saves, is requeued by submitit, and resumes until the planned step (the
+    test hook slows only a fresh run: the requeued one ends before its own signal)."""
     run = tmp_path / "run"
     (job,) = submit(["--tasks-per-node", "2", "--time", "2", "--signal-delay", "60",
                      "pretrain", "--config", str(tiny_config), f"out={run}", "-q"], sleep=1.8)
