@@ -1,7 +1,8 @@
-"""``omnimask eval generate``: images a CM3-pretrained model draws from captions, judged.
+"""``omnimask eval generate``: images a pretrained model draws from captions, judged.
 
-Each image's first caption is the prompt (``<bos> caption <sep> <image>``, as pretraining's
-end-of-run samples); the drawn codes go through the image tokenizer's decoder, and the
+Each image's first caption is the prompt (CM3: ``<bos> caption <sep> <image>``, as
+pretraining's end-of-run samples; ``sampler=maskgit``: the caption and a fully masked
+image, unmasked in rounds); the drawn codes go through the image tokenizer's decoder, and the
 ShapesWorld shape judge (``train/data/shapesworld/judge.py``) scores them against the
 caption: named colours present, judged shapes named with their colour, and the object
 count. The same scores of the tokenizer's reconstructions (what its codes can show at
@@ -67,7 +68,7 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     text, image = toks["text"], toks["image"]
     if image.model.cfg.depth > 1:
         raise OmnimaskError("eval generate: the model's image tokenizer gives a stack of ids "
-                            "per position (vq.quantizer=rq), which CM3 does not draw")
+                            "per position (vq.quantizer=rq), which neither sampler draws")
     if g.candidates > 1 and g.rerank not in model.heads:
         raise ConfigError(f"rerank={g.rerank}: the model has no {g.rerank} head (heads: "
                           f"{', '.join(sorted(model.heads)) or 'none'}); set candidates=1")
