@@ -450,9 +450,11 @@ class Trunk(nn.Module):
         x = self._add_position(self.tok(ids), torch.full_like(ids, L), m)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = self.drop(x)
+        return self._step_blocks(self.drop(x), m, cache)
+
+    def _step_blocks(self, x, modality, cache: KVCache) -> torch.Tensor:
         for i, blk in enumerate(self.blocks):
-            x = blk.step(x, m, cache, i)
+            x = blk.step(x, modality, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def step_packed(self, batch: PackedBatch, cache: KVCache,
@@ -466,10 +468,7 @@ class Trunk(nn.Module):
                              f"({cache.batch_size}), got {batch.num_tokens} tokens in "
                              f"{batch.num_samples} samples")
         x = self.embed(batch, features, pos_offset=len(cache))
-        m = batch.modality.to(x.device)
-        for i, blk in enumerate(self.blocks):
-            x = blk.step(x, m, cache, i)
-        return self.final_norm(x) if self.final_norm is not None else x
+        return self._step_blocks(x, batch.modality.to(x.device), cache)
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits at ``positions`` only: gather first, then project (no logits elsewhere)."""

@@ -57,12 +57,7 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
                      "greedy_precision": object_match(first, refs)["precision"],
                      **{f"chance_{k}": v for k, v in chance.items() if k != "recall"}})
     n = min(g.images, len(val))
-    score = None
-    if g.candidates > 1:
-        feats_of = cg.rerank_features(toks["image"], ctx.pixels)
-
-        def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
-            return head(model, ctx, [cap] * len(codes), feats_of(codes))
+    score = cg.image_scorer(model, ctx, toks["image"], g.rerank) if g.candidates > 1 else None
     codes = draw_codes(model, ctx, [val.captions[i][0] for i in range(n)], val.codes.shape[1],
                        val.grid[1], g, score, torch.Generator().manual_seed(0))
     vq = toks["image"].model

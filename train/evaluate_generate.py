@@ -81,25 +81,19 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     ctx = Context(vocab=model.vocab, codebook=torch.empty(0), word_start=torch.empty(0),
                   cfg=None, pixels=pixels)
     model.eval()
-    head = cg.itc_scores if g.rerank == "itc" else cg.itm_scores
-    feats_of = cg.rerank_features(image, pixels)
-
-    def score(cap: list[int], codes: torch.Tensor) -> torch.Tensor:
-        return head(model, ctx, [cap] * len(codes), feats_of(codes))
-
+    score = cg.image_scorer(model, ctx, image, g.rerank) if g.candidates > 1 else None
     gen = torch.Generator().manual_seed(g.seed)
     rows, cols = corpus.grid
     drawn = []
     for s in tqdm(range(0, n, g.batch), desc="drawing", unit="batch", disable=not progress):
         caps = [corpus.captions[i][0] for i in range(s, min(n, s + g.batch))]
-        drawn.append(draw_codes(model, ctx, caps, rows * cols, cols, g,
-                                score if g.candidates > 1 else None, gen))
+        drawn.append(draw_codes(model, ctx, caps, rows * cols, cols, g, score, gen))
     codes = torch.cat(drawn)
     vq = image.model
     with torch.no_grad():
         pictures = vq.decode(codes)
         recon = vq.decode(corpus.codes[:n])
-    originals = corpus.pixels[:n] if corpus.pixels is not None else vq.decode(corpus.codes[:n])
+    originals = corpus.pixels[:n] if corpus.pixels is not None else recon
     judge = load_or_train(g.shape_judge, progress=progress)
     out: dict = {"images": n}
     for suffix, ims in (("", pictures), ("_reconstructions", recon), ("_originals", originals)):

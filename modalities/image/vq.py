@@ -293,12 +293,21 @@ class ResidualQuantizer(nn.Module):
         """ids [N, depth] -> the summed codes [N, code_dim]."""
         return sum(q.lookup(ids[:, k]) for k, q in enumerate(self.levels))
 
-    def ids(self, z: torch.Tensor) -> torch.Tensor:
-        out = []
+    def _descend(self, r: torch.Tensor, update: bool = False):
+        """Each level's nearest code to what the levels before left: (ids [N, depth], the
+        summed codes [N, d]); ``update``: the levels' EMA statistics too."""
+        total, ids = torch.zeros_like(r), []
         for q in self.levels:
-            out.append(q.nearest(z))
-            z = z - q.lookup(out[-1])
-        return torch.stack(out, 1)
+            i = q.nearest(r)
+            c = q.lookup(i)
+            if update:
+                q._update(r, i)
+            ids.append(i)
+            total, r = total + c, r - c
+        return torch.stack(ids, 1), total
+
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        return self._descend(z)[0]
 
     def _refuse(self, *args):
         raise OmnimaskError("an rq image tokenizer (vq.quantizer=rq) gives a stack of ids per "
@@ -314,18 +323,10 @@ class ResidualQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor):
         """z: [N, d] -> (summed codes with straight-through [N, d], ids [N, depth], losses)."""
-        r, total, ids = z.detach(), torch.zeros_like(z), []
-        for q in self.levels:
-            i = q.nearest(r)
-            c = q.lookup(i)
-            if self.training:
-                q._update(r, i)
-            ids.append(i)
-            total = total + c
-            r = r - c
+        ids, total = self._descend(z.detach(), update=self.training)
         total = total.detach()
         losses = {"commit": self.cfg.commitment * F.mse_loss(z, total)}
-        return z + (total - z).detach(), torch.stack(ids, 1), losses
+        return z + (total - z).detach(), ids, losses
 
 
 class VQVAE(nn.Module):

@@ -53,8 +53,8 @@ class CachedDecoder:
         self.model, self.ctx, self.cols = model, ctx, cols
         self.lo, self.hi = ctx.vocab.ranges()["image"]
         self.start = ctx.sp("image")
-        # per sequence, the index within its image the next image token gets (grid_indices)
-        self.k = [self._next_index(s) for s in seqs]
+        # per sequence, the index within its image the next image token gets
+        self.k = [grid_indices(ctx, [*s, self.lo])[-1] for s in seqs]
         by_len: dict[int, list[int]] = {}
         for r, s in enumerate(seqs):
             by_len.setdefault(len(s), []).append(r)
@@ -68,12 +68,6 @@ class CachedDecoder:
             rows_logits.append(model.encoder.vocab_logits(h, last).float())
             self.groups.append((rows, cache))
         self.logits = self._gather(rows_logits, len(seqs))
-
-    def _next_index(self, seq: list[int]) -> int:
-        k = 0
-        for t in seq:
-            k = 0 if t == self.start else k + (self.lo <= t < self.hi)
-        return k
 
     def _gather(self, per_group: list[torch.Tensor], n: int) -> torch.Tensor:
         out = per_group[0].new_empty(n, per_group[0].shape[1])
@@ -271,6 +265,15 @@ def infill(model, ctx: Context, tokenizer, doc: list[int], start: int, end: int,
     out = generate(model, ctx, [[*doc[:start], m, *doc[end:], m]], max_new,
                    text_allowed(ctx, tokenizer), stop={ctx.sp("eos"), ctx.sp("eod")})[0]
     return tokenizer.decode([t for t in out if not tokenizer.is_special(t)])
+
+
+def image_scorer(model, ctx: Context, image_tokenizer, rerank: str = "itc"
+                 ) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+    """``score(caption, codes [C, P]) -> [C]``: the model's ``rerank`` head (itc or itm) on
+    the caption with each candidate image, read as the model reads images."""
+    head = itc_scores if rerank == "itc" else itm_scores
+    feats_of = rerank_features(image_tokenizer, ctx.pixels)
+    return lambda cap, codes: head(model, ctx, [cap] * len(codes), feats_of(codes))
 
 
 def rerank_features(image_tokenizer, pixels: bool = False

@@ -277,6 +277,6 @@ def count_scores(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     found = objects(images)
-    pairs = [(len(f), named_count(c)) for f, c in zip(found, captions) if named_count(c)]
+    pairs = [(len(f), k) for f, k in zip(found, map(named_count, captions)) if k]
     return {"counted": len(pairs),
             "count_hit": round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 3)}

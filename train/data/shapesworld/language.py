@@ -26,11 +26,14 @@ def matches(o: SceneObject | dict, filt: dict[str, str]) -> bool:
     return all(get(k) == v for k, v in filt.items())
 
 
+SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}  # word -> shape
+
+
 def named_objects(text: str) -> set[tuple[str, str]]:
     """The (colour, shape) pairs a caption names: each shape word (or plural) with the
     colour word before it ("two large red crosses" -> ("red", "cross")); a shape without
     a colour ("the square") names none."""
-    words = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
+    words = SHAPE_WORDS
     out, colour = set(), None
     for t in text.lower().replace(".", " ").replace(",", " ").split():
         if t in COLOR_NAMES:
@@ -45,7 +48,7 @@ def named_count(text: str) -> int:
     """How many objects a caption introduces: shape words whose phrase starts with "a" or
     "an" ("a small red hexagon"); "the red hexagon" refers back to one already named.
     ShapesWorld's captions name every object, so this is the scene's object count."""
-    words = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
+    words = SHAPE_WORDS
     n, pending = 0, False
     for t in text.lower().replace(".", " ").replace(",", " ").replace(":", " ").split():
         if t in ("a", "an"):
