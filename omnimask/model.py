@@ -75,6 +75,9 @@ class ModelConfig:
     # LayerNorm, the path the VQ latents take in the other objectives (one image input)
     image_code_input: str = "embedding"
     image_code_offset: int = -1  # first image-code id in the shared vocabulary (set from it)
+    # the token ids of each word of image_encoder.tags (set from the text tokenizer): a
+    # tag's vector is the mean of its tokens' embeddings
+    image_tag_ids: list[list[list[int]]] = field(default_factory=list)
     mrc_temperature: float = 0.1  # MRC logits: cos(predicted latent, codes) / t
 
     def __post_init__(self) -> None:
@@ -90,6 +93,11 @@ class ModelConfig:
                              f"{self.image_input!r}")
         if self.image_encoder.dim != self.trunk.dim:  # the encoder's tokens are trunk inputs
             self.image_encoder = replace(self.image_encoder, dim=self.trunk.dim)
+        shape = [len(w) for w in self.image_encoder.tags]
+        if self.image_tag_ids and [len(w) for w in self.image_tag_ids] != shape:
+            raise ValueError(f"{p}image_tag_ids must give token ids for each word of "
+                             f"{p}image_encoder.tags ({shape} words), got "
+                             f"{[len(w) for w in self.image_tag_ids]}")
         if self.image_code_input not in ("features", "embedding"):
             raise ValueError(f"{p}image_code_input must be features or embedding, got "
                              f"{self.image_code_input!r}")
@@ -172,7 +180,8 @@ class Encoder(nn.Module):
                                     f"for images with model.image_input=pixels (it has "
                                     f"{self.cfg.image_input!r})")
             index = batch.feature_index[m].to(dev)
-            h = self.embedders[m].embed_pixels(px.to(dev), masked.get(m), maps)
+            h = self.embedders[m].embed_pixels(px.to(dev), masked.get(m), maps,
+                                               self.tag_words())
             if h.shape[0] != index.shape[0]:
                 raise OmnimaskError(f"{px.shape[0]} images give {h.shape[0]} tokens, their "
                                     f"segments have {index.shape[0]} positions: the segment "
@@ -222,6 +231,21 @@ class Encoder(nn.Module):
         if self.codes_as_features:
             batch, feats = self._code_features(batch, feats)
         return self.trunk.step_packed(batch, cache, feats)
+
+    def tag_words(self) -> list[torch.Tensor]:
+        """Per region-tag classifier of the image encoder, its classes' word vectors
+        [classes, dim]: the mean of each word's token embeddings scaled to the norm of a
+        LayerNorm output (sqrt(dim)), so a tag weighs as much as the token it joins; zeros
+        for a class without a word. Trained with the token embeddings."""
+        if not self.cfg.image_tag_ids:
+            return []
+        emb, d = self.trunk.tok.weight, self.cfg.trunk.dim
+        out = []
+        for words in self.cfg.image_tag_ids:
+            rows = [emb[torch.tensor(ids, device=emb.device)].mean(0) if ids
+                    else emb.new_zeros(d) for ids in words]
+            out.append(F.normalize(torch.stack(rows), dim=-1) * math.sqrt(d))
+        return out
 
     @property
     def codes_as_features(self) -> bool:

@@ -28,6 +28,9 @@ from omnimask.errors import ConfigError
 log = logging.getLogger("omnimask.encoder_warmup")
 
 
+TAG_MODES = ("none", "classes", "all")
+
+
 @dataclass
 class EncoderWarmupConfig:
     steps: int = 0  # 0: no warm-up
@@ -39,6 +42,10 @@ class EncoderWarmupConfig:
     # share of training images whose hue is turned by a random angle: they teach the patch
     # classes only (not the colours), so shape is learned apart from colour
     hue_jitter: float = 0.0
+    # keep classifiers as the encoder's region tags (OSCAR's object tags): each image token
+    # then also carries the embeddings of its predicted words, the words captions and
+    # questions use, so text finds the patches it names. none | classes | all (+ colours)
+    tags: str = "none"
 
     def __post_init__(self) -> None:
         p = "encoder_warmup."
@@ -46,6 +53,8 @@ class EncoderWarmupConfig:
         check_fields(self, ">=1", "batch_size", prefix=p)
         check_fields(self, ">0", "lr", prefix=p)
         check_fields(self, "[0,1]", "hue_jitter", prefix=p)
+        if self.tags not in TAG_MODES:
+            raise ValueError(f"{p}tags must be one of {', '.join(TAG_MODES)}, got {self.tags!r}")
 
 
 def object_patch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -68,6 +77,21 @@ def check_labels(train, val, cfg: EncoderWarmupConfig) -> int:
             raise ConfigError(f"encoder_warmup.classes is {k} but {what}'s seg.png holds "
                               f"class {c.regions.shape[-1] - 1}")
     return k
+
+
+def tag_words(train, cfg: EncoderWarmupConfig) -> list[list[str]]:
+    """The words of the warm-up's classifiers that ``cfg.tags`` keeps, as
+    ``model.image_encoder.tags`` holds them: the semantic classes' names ("" for the
+    background and unnamed classes), then (``all``) "" (no object) and the colour names
+    when the corpus has colours."""
+    k = cfg.classes or int(train.regions.shape[-1])
+    named = list(train.seg_classes or [])
+    classes = [named[i] if 0 < i < len(named) and not named[i].startswith("class ") else ""
+               for i in range(k)]
+    out = [classes]
+    if cfg.tags == "all" and train.region_attrs is not None and train.region_colors:
+        out.append(["", *train.region_colors])
+    return out
 
 
 def _attrs(c, names: list[str]) -> torch.Tensor | None:
@@ -118,10 +142,16 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
     device = next(encoder.parameters()).device
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    heads = torch.nn.ModuleList([torch.nn.Linear(encoder.cfg.dim, k)]).to(device)
-    if colors:
-        heads.append(torch.nn.Linear(encoder.cfg.dim, 1 + len(names)).to(device))
-    opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=cfg.lr,
+    sizes = [k, 1 + len(names)] if colors else [k]
+    kept = list(encoder.tag_heads)  # the encoder keeps these as its region tags
+    if [h.out_features for h in kept] != sizes[:len(kept)]:
+        raise ConfigError(f"model.image_encoder.tags has {[h.out_features for h in kept]} "
+                          f"classes per classifier; the warm-up's data gives {sizes}")
+    # the others are dropped after the warm-up
+    fresh = [torch.nn.Linear(encoder.cfg.dim, n) for n in sizes[len(kept):]]
+    heads = torch.nn.ModuleList(kept + fresh).to(device)
+    opt = torch.optim.AdamW([*encoder.parameters(), *(p for h in fresh for p in h.parameters())],
+                            lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps,
                                                 pct_start=0.1)

@@ -24,7 +24,7 @@ from omnimask.safeio import atomic_write_bytes
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .encoder_warmup import EncoderWarmupConfig, check_labels, warm_up_encoder
+from .encoder_warmup import EncoderWarmupConfig, check_labels, tag_words, warm_up_encoder
 from .evaluate import samples, val_history
 from .objectives.base import (
     OBJECTIVES,
@@ -212,6 +212,9 @@ class Pretraining:
         self.names = sorted(mix)  # every objective with a positive ratio at some step
         self.objectives = {n: OBJECTIVES.create(n, self.ctx) for n in self.names}
         cfg.model.mrc_temperature = cfg.objectives.mrc_temperature
+        if cfg.encoder_warmup.steps > 0 and cfg.encoder_warmup.tags != "none":
+            cfg.model.image_encoder = replace(cfg.model.image_encoder,
+                                              tags=tag_words(self.train, cfg.encoder_warmup))
         self.model = build_model(cfg.model, self.toks, self.vocab, self.train,
                                  pretraining_heads(cfg.objectives), tk, cfg.trainer.seed,
                                  cfg.init_from_tokenizers, cfg.data.features == "vq")
@@ -393,6 +396,9 @@ def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dir
             raise ConfigError(str(e)) from None
     mc.image_codes = image.size
     mc.image_code_offset = vocab.ranges()["image"][0]
+    # a tag word's token ids as it reads inside a sentence (after a space)
+    mc.image_tag_ids = [[vocab.from_text(torch.tensor(toks["text"].encode(" " + w))).tolist()
+                         if w else [] for w in words] for words in mc.image_encoder.tags]
     mc.code_dim = int(codebook.shape[1])
     if corpus.has_speech and speech is not None:
         mc.speech_feature_dim = int(corpus.speech[0].shape[-1])

@@ -36,11 +36,13 @@ class ImageEmbedder(FeatureEmbedder):
         return self(self.codebook[codes])
 
     def embed_pixels(self, pixels: torch.Tensor, masked: torch.Tensor | None = None,
-                     maps: list | None = None) -> torch.Tensor:
+                     maps: list | None = None, tag_words: list | None = None) -> torch.Tensor:
         """uint8 images [k, 3, S, S] -> [k * grid * grid, dim] tokens (image by image, raster
         order); ``masked`` [k * grid * grid] bool: those patches are blanked before the
         encoder and their tokens become the mask embedding after the norm; ``maps``: a list
-        that receives the encoder's feature maps (finest first, [k, C, H, W] each)."""
+        that receives the encoder's feature maps (finest first, [k, C, H, W] each);
+        ``tag_words``: per tag classifier of the encoder, its classes' word vectors
+        [classes, dim]: each token adds them weighted by its predicted class probabilities."""
         if self.encoder is None:
             raise OmnimaskError("this model reads image features, not pixels (model."
                                 "image_input is not pixels); give image segments features")
@@ -56,6 +58,8 @@ class ImageEmbedder(FeatureEmbedder):
             maps.extend(out.maps)
         tokens = out.tokens.flatten(0, 1)
         h = self.norm(tokens)
+        for probs, words in zip(out.tags, tag_words or ()):
+            h = h + (probs.flatten(0, 1) @ words.float()).to(h.dtype)
         if masked is not None:
             h = torch.where(masked.to(h.device)[:, None], self.mask_embed.to(h.dtype), h)
         return h

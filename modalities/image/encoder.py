@@ -51,6 +51,10 @@ class ImageEncoderConfig:
     # parameters fixed and norms in eval mode (no gradients, running statistics kept): an
     # encoder that has learned what to see (pretraining's encoder_warmup) keeps it
     frozen: bool = False
+    # region tags (OSCAR's object tags): one linear classifier per list over the tokens,
+    # each class named by a word ("" for none, e.g. the background); the model adds the
+    # predicted words' embeddings to each token. Set by encoder_warmup.tags
+    tags: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         p = PREFIX
@@ -64,6 +68,10 @@ class ImageEncoderConfig:
         if self.grid > self.image_size or self.image_size % self.grid:
             raise ValueError(f"{p}grid must divide image_size ({self.image_size}), got "
                              f"{self.grid}")
+        self.tags = [[str(w) for w in words] for words in self.tags]
+        if any(len(words) < 2 for words in self.tags):
+            raise ValueError(f"{p}tags: each tag classifier needs at least 2 class words, got "
+                             f"{self.tags}")
         if self.backbone == "conv":
             ratio = self.image_size // self.grid
             stages = ratio.bit_length() - 1
@@ -89,6 +97,7 @@ class ImageEncoderConfig:
 class ImageFeatures(NamedTuple):
     tokens: torch.Tensor  # [B, grid*grid, dim], raster order (row by row), like VQ codes
     maps: list[torch.Tensor]  # [B, C_i, H_i, W_i], finest first, the token stage's map last
+    tags: tuple = ()  # per tag classifier: class probabilities [B, grid*grid, classes]
 
 
 def _norm(cfg: ImageEncoderConfig, c: int) -> nn.Module:
@@ -186,6 +195,7 @@ class ImageEncoder(nn.Module):
         self.map_channels: list[int] = list(self.body.channels)
         self.map_strides: list[int] = list(self.body.strides)
         self.proj = nn.Conv2d(self.map_channels[-1], cfg.dim, 1)
+        self.tag_heads = nn.ModuleList(nn.Linear(cfg.dim, len(w)) for w in cfg.tags)
         self.frozen = False
         if cfg.frozen:
             self.freeze()
@@ -232,4 +242,5 @@ class ImageEncoder(nn.Module):
         if tuple(top.shape[-2:]) != (self.cfg.grid, self.cfg.grid):
             top = F.adaptive_avg_pool2d(top, self.cfg.grid)
         tokens = self.proj(top).flatten(2).transpose(1, 2)  # [B, grid*grid, dim], raster order
-        return ImageFeatures(tokens, maps)
+        tags = tuple(h(tokens).float().softmax(-1) for h in self.tag_heads)
+        return ImageFeatures(tokens, maps, tags)
