@@ -1,6 +1,8 @@
 """VQA answer classifier (UNITER's VQA head): ``Linear(H, 2H) - GELU - LayerNorm -
 Linear(2H, num_answers)`` on the pooled ``<cls>`` of each question, trained with binary
-cross-entropy on soft answer scores (summed over answers, averaged over questions).
+cross-entropy on soft answer scores (summed over answers, averaged over questions), or
+(``loss=softmax``) cross-entropy against the scores normalised to a distribution, for
+data where each question has one right answer.
 
 Several questions of one image share one packed sequence: the image is the shared
 context (block 0) and each question a block of its own (mask ``blocks``: a question sees
@@ -29,8 +31,13 @@ class VQAHeadConfig:
     num_answers: int = 3129  # VQA v2's answer vocabulary (UNITER, ViLBERT); len(answers) if set
     # question type -> the training data's most frequent answer (the prior baseline)
     priors: dict[str, str] = field(default_factory=dict)
+    # bce: UNITER's sigmoid per answer; softmax: one distribution over the answers (scores
+    # are then softmax probabilities)
+    loss: str = "bce"
 
     def __post_init__(self) -> None:
+        if self.loss not in ("bce", "softmax"):
+            raise ValueError(f"heads.vqa.loss must be bce or softmax, got {self.loss!r}")
         if self.answers:
             self.answers = [str(a) for a in self.answers]
             if len(set(self.answers)) != len(self.answers):
@@ -61,13 +68,22 @@ class VQAHead(nn.Module):
             return self.classifier(encoder.pooled(h, p, batch["cls"]))
         return self.classifier(encoder.pooled(encoder(p), p))
 
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each answer's probability: sigmoids (bce) or one softmax (softmax)."""
+        lf = logits.float()
+        return lf.softmax(-1) if self.cfg.loss == "softmax" else lf.sigmoid()
+
     def forward(self, encoder, batch: dict) -> dict:
         logits = self.logits(encoder, batch)
         out = {"logits": logits}
         if "target" in batch:
             t = batch["target"].to(logits.device)
             lf = logits.float()
-            loss = F.binary_cross_entropy_with_logits(lf, t, reduction="sum") / len(t)
+            if self.cfg.loss == "softmax":  # questions without an answer in the vocabulary: 0
+                dist = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+                loss = -(dist * lf.log_softmax(-1)).sum() / len(t)
+            else:
+                loss = F.binary_cross_entropy_with_logits(lf, t, reduction="sum") / len(t)
             acc = t.gather(1, lf.argmax(-1, keepdim=True)).mean()
             out |= {"loss": loss, "vqa": loss.detach(), "vqa_acc": acc.detach(),
                     "tokens": batch["packed"].num_tokens}

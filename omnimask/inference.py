@@ -85,8 +85,8 @@ def prepare_images(model, images: list, fit: str = "crop") -> Images:
 @torch.no_grad()
 def answer(model, image, question: str | list[str], batch_size: int = 64):
     """The answer to ``question`` about ``image`` (``{"answer", "score"}``, score = the
-    answer's sigmoid probability); lists of images and questions (one each, paired) give a
-    list."""
+    answer's probability: its sigmoid, or the softmax with ``heads.vqa.loss=softmax``);
+    lists of images and questions (one each, paired) give a list."""
     images, single = as_list(image)
     questions = [question] if isinstance(question, str) else list(question)
     if len(questions) != len(images):

@@ -72,3 +72,23 @@ def test_vqa_loss_falls_on_a_fixed_batch(setup):
     assert b["target"].shape[0] == len(b["cls"]) and b["target"].sum(1).max() == 1
     first = fit_fixed_batch(lambda: task.loss(model, b), model, "vqa", steps=30, lr=3e-3)
     assert float(task.loss(model, b)["vqa"]) < 0.5 * first
+
+
+def test_softmax_loss_is_cross_entropy_to_the_normalised_scores():
+    from omnimask.heads.vqa import VQAHead, VQAHeadConfig
+    from omnimask.model import ModelConfig
+
+    head = VQAHead(ModelConfig(), VQAHeadConfig(num_answers=4, loss="softmax"))
+    logits = torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0]])
+    target = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.9]])
+    head.logits = lambda encoder, batch: logits  # the loss alone, on fixed logits
+    out = head(None, {"target": target, "packed": type("P", (), {"num_tokens": 1})()})
+    want = (-torch.log_softmax(logits[0], 0)[1]
+            - 0.25 * torch.log_softmax(logits[1], 0)[0]
+            - 0.75 * torch.log_softmax(logits[1], 0)[3]) / 2
+    torch.testing.assert_close(out["loss"], want)
+    torch.testing.assert_close(head.scores(logits).sum(-1), torch.ones(2))
+    assert VQAHead(ModelConfig(), VQAHeadConfig(num_answers=4)).scores(logits)[1, 3] == (
+        torch.sigmoid(torch.tensor(3.0)))
+    with pytest.raises(ValueError, match="heads.vqa.loss must be bce or softmax"):
+        VQAHeadConfig(loss="hinge")

@@ -131,7 +131,7 @@ class VQA(Task):
                 ) -> list[tuple[str, float]]:
         """(answer, probability) for every question, in order."""
         b = self.pack_questions(corpus, images, questions)
-        probs = model(b, task=self.name)["logits"].float().sigmoid()
+        probs = model.heads[self.name].scores(model(b, task=self.name)["logits"])
         score, best = probs.max(-1)
         return [(self.answers[int(j)], float(s)) for j, s in zip(best, score)]
 
