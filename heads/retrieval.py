@@ -58,6 +58,9 @@ class RetrievalHeadConfig:
         check_fields(self, ">=1", "batch_size", prefix=p)
         if self.features not in ("cls", "pair"):
             raise ValueError(f"{p}features must be cls or pair, got {self.features!r}")
+        if self.rerank_k and not self.itm_weight:
+            raise ValueError(f"{p}rerank_k re-ranks by ITM, which {p}itm_weight=0 leaves "
+                             f"untrained: set {p}rerank_k=0 too")
 
 
 @HEADS.register("retrieval")
@@ -250,6 +253,9 @@ class RetrievalHead(nn.Module):
         out = scores.detach().float().cpu().clone()
         if k <= 0 or out.numel() == 0:
             return out
+        if not self.cfg.itm_weight:
+            raise OmnimaskError(f"re-ranking the top {k} needs the ITM head, which this model "
+                                "did not train (heads.retrieval.itm_weight=0): rank with k=0")
         top = out.topk(k, dim=1).indices
         pairs = []
         for q, cols in enumerate(top.tolist()):

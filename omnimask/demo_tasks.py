@@ -79,8 +79,9 @@ def baseline(result: dict, key: str | None) -> float | None:
 
 
 def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: bool,
-                progress: bool) -> dict:
-    """``steps``: each of ``RUNS``' fine-tuning steps by name."""
+                progress: bool, itm: bool = True) -> dict:
+    """``steps``: each of ``RUNS``' fine-tuning steps by name; ``itm``: the retrieval head
+    trains ITM and re-ranks by it (else ITC alone)."""
     from .config import load_config, packaged_config
     from .train.evaluate_task import evaluate_model
     from .train.export import export_run
@@ -103,6 +104,8 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                 "data.val_limit=8" if quick else "data.val_limit=100", *settings]
         if task == "multitask":
             over += [f"mix.{t}=0" for t in TRAINED if t not in serves]
+        if "retrieval" in serves and not itm:
+            over += ["heads.retrieval.itm_weight=0", "heads.retrieval.rerank_k=0"]
         if quick:
             over += ["trainer.batch_size=4", "tasks.caption.eval_images=8"]
         cfg = load_config(FinetuneConfig, packaged_config("finetune/shapes_tasks"), over)

@@ -56,7 +56,10 @@ def test_quick_demo(tmp_path, capsys):
     assert rep["models"]["retrieval"] == rep["models"]["caption"] != rep["models"]["vqa"]
     for task in ("vqa", "retrieval", "caption", "segment"):
         assert (Path(rep["models"][task]) / "config.json").is_file()
-    assert set(omnimask.load(rep["models"]["caption"]).heads) == {"retrieval", "caption"}
+    mt = omnimask.load(rep["models"]["caption"])
+    assert set(mt.heads) == {"retrieval", "caption"}
+    rc = mt.head_configs["retrieval"]  # retrieval_itm off: ITC alone trains and ranks
+    assert (rc.itm_weight, rc.rerank_k) == (0.0, 0)
     assert set(omnimask.load(rep["models"]["segment"]).heads) == {"segment"}
     assert x["eval"]["segment"]["test"]["metrics"]["objects"] == 4  # quick's protocol
     assert {"examples/vqa_examples.png", "examples/caption_examples.png",

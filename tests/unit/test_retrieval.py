@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
 from omnimask.fusion.trunk import TrunkConfig
 from omnimask.heads.retrieval import RetrievalHead, rank, sample_negatives
@@ -164,12 +165,17 @@ def test_batch_marks_shared_captions_and_itm_weight_zero_is_itc_only():
     b = task.batch(corpus, list(range(n)), g)
     assert b["match"][1].tolist() == [False, True, True, False]  # "8 9" fits image 2 too
     assert b["speech_match"][2].tolist() == [False, False, True, False]  # spoken: "10 11 12"
-    model = _model(heads={"retrieval": {"itm_weight": 0.0}})
+    model = _model(heads={"retrieval": {"itm_weight": 0.0, "rerank_k": 0}})
     out = task.loss(model.train(), b)
     assert float(out["itm"]) == 0.0 and "itm_acc" not in out
     torch.testing.assert_close(out["loss"].detach(), out["itc"] + out["s2i"])
     out["loss"].backward()
     assert model.heads["retrieval"].speech.weight.grad is not None  # s2i trains speech
+    itc = torch.randn(2, 3)  # ITC order kept; re-ranking by the untrained ITM refused
+    head = model.heads["retrieval"]
+    assert torch.equal(head.rerank(model.encoder, itc, [[]] * 2, [[]] * 3), itc)
+    with pytest.raises(OmnimaskError, match="itm_weight=0"):
+        head.rerank(model.encoder, itc, [[]] * 2, [[]] * 3, k=2)
 
 
 # -- starting from pretraining -----------------------------------------------------------
@@ -214,7 +220,8 @@ def test_a_cls_head_cannot_start_from_a_pair_itm_head():
 def test_config_is_checked():
     from omnimask.errors import ConfigError
 
-    for bad in ({"features": "mean"}, {"rerank_k": -1}, {"batch_size": 0}):
+    for bad in ({"features": "mean"}, {"rerank_k": -1}, {"batch_size": 0},
+                {"itm_weight": 0.0}):  # re-ranking (rerank_k 16) by an untrained ITM
         with pytest.raises(ConfigError, match="retrieval"):
             _model(heads={"retrieval": bad})
 
