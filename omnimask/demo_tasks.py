@@ -16,11 +16,13 @@ EVAL_SPLITS = ("test", "test-novel")
 # the demo's fine-tuning runs: (name, ``finetune`` task, the tasks its model serves). VQA
 # trains alone: in the three-task mix it stayed at its prior while alone it learned
 # (docs/experiments/2026-11-29-shape-from-pixels.md)
-# (run, task, the tasks its model serves, its settings over configs/finetune/shapes_tasks);
-# VQA's softmax head learns best from the pretrained trunk at half the others' rate
-RUNS = (("vqa", "vqa", ("vqa",), ("trainer.lr=5e-4",)),
-        ("multitask", "multitask", ("retrieval", "caption"), ()),
-        ("segment", "segment", ("segment", "refer"), ()))
+# (run, task, the tasks its model serves, its settings over configs/finetune/shapes_tasks,
+# the run whose model it starts from: None for the pretrained one). VQA starts from the
+# retrieval + caption model: captioning teaches the trunk to bind colours to shapes, which
+# VQA alone learns slowly; its softmax head learns best at half the others' rate
+RUNS = (("multitask", "multitask", ("retrieval", "caption"), (), None),
+        ("vqa", "vqa", ("vqa",), ("trainer.lr=5e-4",), "multitask"),
+        ("segment", "segment", ("segment", "refer"), (), None))
 # quick mode's interactive protocol: a few objects, a few clicks
 QUICK_SETTINGS = {"segment": {"noc_objects": 4, "noc_max_clicks": 3}}
 
@@ -89,12 +91,13 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
 
     pre = export_run(run / "pretrain", run / "pretrain" / "model")
     runs, models = {}, {}
-    for name, task, serves, settings in RUNS:
+    for name, task, serves, settings, start in RUNS:
         n = steps.get(name, 0)
         if not n:
             continue
+        init = runs[start]["model"] if start in runs else pre
         over = [f"out={run / ('finetune' if name == 'multitask' else f'finetune-{name}')}",
-                f"task={task}", f"init={pre}",
+                f"task={task}", f"init={init}",
                 f"data.train=[{run / 'data' / 'train-*.tar'}]",
                 f"data.val=[{run / 'data' / 'val-*.tar'}]",
                 f"trainer.max_steps={n}", f"trainer.max_minutes={max_minutes}",
@@ -112,7 +115,7 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
         s = Finetuning(cfg, progress=progress).fit()
         runs[name] = {"tasks": list(serves), "steps": s["step"], "max_steps": n,
                       "status": s["status"], "train_seconds": s["train_seconds"],
-                      "best": s.get("best", {}), "model": s["model"]}
+                      "best": s.get("best", {}), "model": s["model"], "init": str(init)}
         models |= {t: s["model"] for t in serves}
     evals: dict = {}
     for task in (t for t in TASKS if t in models):
@@ -164,9 +167,10 @@ def report_lines(x: dict) -> list[str]:
     notes = [ln for name, r in x["runs"].items() for ln in cut_note(f"{name} fine-tuning", r)]
     lines = ["", f"## Tasks (fine-tuning: {_runs_label(x)}; {x['train_seconds']:.0f} s)", "",
              *notes,
-             "The pretrained model fine-tuned three times: the VQA head alone, the retrieval "
-             "and caption heads together on one encoder, and the segmentation head (semantic "
-             "masks, referring expressions, clicks and boxes); each task evaluated on the test "
+             "The pretrained model fine-tuned three times: the retrieval and caption heads "
+             "together on one encoder, then the VQA head from that model, and the "
+             "segmentation head (semantic masks, referring expressions, clicks and boxes); "
+             "each task evaluated on the test "
              "split and on test-novel (colour-shape pairs never seen in training). Baseline: "
              "VQA the most frequent answer per question type, retrieval chance, captions "
              "matched against another image's objects. Targets: the demo tier.", "",

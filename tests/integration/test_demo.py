@@ -52,8 +52,10 @@ def test_quick_demo(tmp_path, capsys):
         for split in ("test", "test-novel"):
             assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
             assert x["eval"][task][split]["n"] == 10  # the split's own shards only
-    # VQA alone, retrieval and captions on one encoder
+    # retrieval and captions on one encoder, then VQA alone from that model
     assert rep["models"]["retrieval"] == rep["models"]["caption"] != rep["models"]["vqa"]
+    assert x["runs"]["vqa"]["init"] == rep["models"]["caption"]
+    assert x["runs"]["segment"]["init"] == rep["models"]["pretrained_model"]
     for task in ("vqa", "retrieval", "caption", "segment"):
         assert (Path(rep["models"][task]) / "config.json").is_file()
     mt = omnimask.load(rep["models"]["caption"])
