@@ -81,9 +81,10 @@ def baseline(result: dict, key: str | None) -> float | None:
 
 
 def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: bool,
-                progress: bool, itm: bool = True) -> dict:
+                progress: bool, itm: bool = True, vqa_init: str = "multitask") -> dict:
     """``steps``: each of ``RUNS``' fine-tuning steps by name; ``itm``: the retrieval head
-    trains ITM and re-ranks by it (else ITC alone)."""
+    trains ITM and re-ranks by it (else ITC alone); ``vqa_init``: the VQA run starts from
+    the multitask run's model or from the pretrained one ("pretrained")."""
     from .config import load_config, packaged_config
     from .train.evaluate_task import evaluate_model
     from .train.export import export_run
@@ -95,6 +96,8 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
         n = steps.get(name, 0)
         if not n:
             continue
+        if name == "vqa" and vqa_init == "pretrained":
+            start = None
         init = runs[start]["model"] if start in runs else pre
         over = [f"out={run / ('finetune' if name == 'multitask' else f'finetune-{name}')}",
                 f"task={task}", f"init={init}",

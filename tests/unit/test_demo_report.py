@@ -157,3 +157,36 @@ def test_image_tables_label_rows_and_caption_every_image(tmp_path):
                           tmp_path / "s.png", cols=4, title="train samples")
     w, h = Image.open(sheet).size
     assert w > 2.5 * h  # two rows of four image | semantic | instance triptychs
+
+
+def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
+    """VQA starts from the retrieval + caption model (``vqa_init: multitask``) or from the
+    pretrained one; ITM is trained only with ``itm``; segmentation from the pretrained."""
+    import omnimask.train.evaluate_task as evaluate_task
+    import omnimask.train.export as export
+    import omnimask.train.finetune as finetune
+    from omnimask.demo_tasks import stage_tasks
+
+    seen = {}
+
+    class FakeRun:
+        def __init__(self, cfg, progress=True):
+            self.cfg = cfg
+
+        def fit(self):
+            seen[self.cfg.task] = self.cfg
+            return {"step": 2, "status": "done", "train_seconds": 0.0,
+                    "model": f"{self.cfg.out}/model"}
+
+    monkeypatch.setattr(export, "export_run", lambda src, dst: dst)
+    monkeypatch.setattr(finetune, "Finetuning", FakeRun)
+    monkeypatch.setattr(evaluate_task, "evaluate_model", lambda *a, **k: {"metrics": {}})
+    steps = {"vqa": 2, "multitask": 2, "segment": 2}
+    for vqa_init, itm in (("multitask", False), ("pretrained", True)):
+        x = stage_tasks(steps, 1.0, tmp_path, quick=False, progress=False, itm=itm,
+                        vqa_init=vqa_init)
+        pre, mt = str(tmp_path / "pretrain" / "model"), x["runs"]["multitask"]["model"]
+        assert x["runs"]["vqa"]["init"] == (mt if vqa_init == "multitask" else pre)
+        assert x["runs"]["segment"]["init"] == x["runs"]["multitask"]["init"] == pre
+        rc = seen["multitask"].heads.get("retrieval", {})
+        assert (rc.get("itm_weight"), rc.get("rerank_k")) == ((None, None) if itm else (0, 0))
