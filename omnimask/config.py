@@ -115,7 +115,7 @@ class DemoConfig:
     # as it is, the encoder trained end to end); quick: 5
     encoder_warmup_steps: int = 1000
     pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
-    finetune_vqa_steps: int = 600  # the VQA head fine-tuned alone (quick: 10)
+    finetune_vqa_steps: int = 1500  # the VQA head fine-tuned alone (quick: 10)
     finetune_steps: int = 600  # the retrieval and caption heads, together (quick: 10)
     # ITM trained beside ITC in that run, re-ranking each query's top 16; off, ITC alone
     # ranks: at the demo's budget ITM cost 40% of the run's time and lowered captions and R@1
