@@ -103,3 +103,11 @@ def test_wheel_ships_every_module_and_config(omnimask_wheel, package_dirs, tmp_p
                          cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
     assert run.returncode == 0, run.stderr
     assert str(site / "omnimask" / "zoo" / "shipped") in run.stdout
+
+
+def test_the_demo_default_file_is_what_make_demo_runs():
+    """`make demo` runs DemoConfig's defaults; configs/demo/default.yaml writes them out."""
+    import dataclasses
+
+    assert dataclasses.asdict(load_config(DemoConfig, ROOT / "demo" / "default.yaml")) == \
+        dataclasses.asdict(DemoConfig())
