@@ -115,14 +115,13 @@ class DemoConfig:
     # as it is, the encoder trained end to end); quick: 5
     encoder_warmup_steps: int = 1000
     pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
-    finetune_vqa_steps: int = 1500  # the VQA head fine-tuned alone (quick: 10)
+    finetune_vqa_steps: int = 1500  # the VQA head, after the two below (quick: 10)
     finetune_steps: int = 600  # the retrieval and caption heads, together (quick: 10)
     # ITM trained beside ITC in that run, re-ranking each query's top 16; off, ITC alone
-    # ranks: at the demo's budget ITM cost 40% of the run's time and lowered captions and R@1
+    # ranks: at the demo's budget ITM's pairs cost much of the run and lowered captions
     retrieval_itm: bool = False
-    # what the VQA run starts from: the retrieval + caption run's model ("multitask": +0.07
-    # accuracy at two seeds, captioning teaches the trunk to bind colours to shapes) or
-    # the pretrained one ("pretrained")
+    # what the VQA run starts from: the retrieval + caption run's model ("multitask":
+    # captioning teaches the trunk to bind colours to shapes) or the pretrained one
     vqa_init: str = "multitask"
     finetune_segment_steps: int = 300  # the segmentation head (quick: 10; 0: none)
     stage_max_minutes: float = 30.0

@@ -13,13 +13,12 @@ from pathlib import Path
 TASKS = ("vqa", "retrieval", "caption", "segment", "refer")  # evaluated
 TRAINED = ("vqa", "retrieval", "caption", "segment")  # fine-tuning tasks (``mix`` keys)
 EVAL_SPLITS = ("test", "test-novel")
-# the demo's fine-tuning runs: (name, ``finetune`` task, the tasks its model serves). VQA
-# trains alone: in the three-task mix it stayed at its prior while alone it learned
-# (docs/experiments/2026-11-29-shape-from-pixels.md)
-# (run, task, the tasks its model serves, its settings over configs/finetune/shapes_tasks,
-# the run whose model it starts from: None for the pretrained one). VQA starts from the
-# retrieval + caption model: captioning teaches the trunk to bind colours to shapes, which
-# VQA alone learns slowly; its softmax head learns best at half the others' rate
+# the demo's fine-tuning runs, in order: (run, ``finetune`` task, the tasks its model
+# serves, its settings over configs/finetune/shapes_tasks, the run whose model it starts
+# from: None for the pretrained one). VQA trains alone (in a mix with the others it learned
+# less) from the retrieval + caption model: captioning teaches the trunk to bind colours
+# to shapes, which VQA alone learns slowly; its softmax head learns best at half the rate
+# (docs/experiments/2026-11-30-demo-time-and-captions.md)
 RUNS = (("multitask", "multitask", ("retrieval", "caption"), (), None),
         ("vqa", "vqa", ("vqa",), ("trainer.lr=5e-4",), "multitask"),
         ("segment", "segment", ("segment", "refer"), (), None))
