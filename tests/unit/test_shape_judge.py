@@ -42,6 +42,28 @@ def test_components_are_8_connected_and_objects_need_saturated_pixels():
     assert c.shape == (24, 24) and c.max() == 1 and c[0].max() == 0  # the margin is empty
 
 
+def _flood_labels(mask: torch.Tensor) -> torch.Tensor:
+    """Reference: every masked pixel takes the largest raster index (plus one) reachable
+    through 8-neighbours, by propagating a 3x3 max until nothing changes."""
+    b, h, w = mask.shape
+    idx = torch.arange(1, h * w + 1, dtype=torch.float64).view(1, h, w).expand(b, h, w)
+    lab = torch.where(mask, idx, torch.zeros((), dtype=torch.float64))
+    while True:
+        grown = torch.nn.functional.max_pool2d(lab[:, None], 3, 1, 1)[:, 0] * mask
+        if torch.equal(grown, lab):
+            return lab.long()
+        lab = grown
+
+
+@pytest.mark.parametrize("density", [0.1, 0.35, 0.6])
+def test_components_equal_the_flood_fill_on_random_masks(density):
+    gen = torch.Generator().manual_seed(int(density * 100))
+    mask = torch.rand(6, 23, 31, generator=gen) < density
+    mask[0] = False  # a picture without pixels
+    assert torch.equal(components(mask), _flood_labels(mask))
+    assert torch.equal(components(mask[2:3])[0], components(mask)[2])  # batch-independent
+
+
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
     path = tmp_path_factory.mktemp("judge") / "judge.safetensors"
