@@ -85,6 +85,7 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
     trains ITM and re-ranks by it (else ITC alone); ``vqa_init``: the VQA run starts from
     the multitask run's model or from the pretrained one ("pretrained")."""
     from .config import load_config, packaged_config
+    from .train.corpus import share_cache
     from .train.evaluate_task import evaluate_model
     from .train.export import export_run
     from .train.finetune import FinetuneConfig, Finetuning
@@ -98,7 +99,9 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
         if name == "vqa" and vqa_init == "pretrained":
             start = None
         init = runs[start]["model"] if start in runs else pre
-        over = [f"out={run / ('finetune' if name == 'multitask' else f'finetune-{name}')}",
+        out = run / ("finetune" if name == "multitask" else f"finetune-{name}")
+        share_cache(run / "pretrain", out)  # the same shards and tokenizers: tokenised once
+        over = [f"out={out}",
                 f"task={task}", f"init={init}",
                 f"data.train=[{run / 'data' / 'train-*.tar'}]",
                 f"data.val=[{run / 'data' / 'val-*.tar'}]",
@@ -120,6 +123,7 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                       "best": s.get("best", {}), "model": s["model"], "init": str(init)}
         models |= {t: s["model"] for t in serves}
     evals: dict = {}
+    corpora: dict = {}  # each split tokenised once for every model with the same tokenizers
     for task in (t for t in TASKS if t in models):
         evals[task] = {}
         for split in EVAL_SPLITS:
@@ -132,7 +136,7 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                                                 examples=str(ex) if ex else None,
                                                 progress=progress,
                                                 settings=QUICK_SETTINGS.get(task) if quick
-                                                else None)
+                                                else None, corpora=corpora)
     pngs = sorted(str(p.relative_to(run)) for p in (run / "examples").glob("*.png"))
     # report.json's models: one per fine-tuned head (refer is the segment model's task)
     heads = {t: m for t, m in models.items() if t in TRAINED}

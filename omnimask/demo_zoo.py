@@ -24,7 +24,7 @@ def stage_zoo(run: Path, quick: bool, progress: bool) -> dict:
     cache = run / "zoo"  # the demo writes nothing outside its run directory
     shards = [str(p) for p in sorted((run / "data").glob("test-*.tar"))
               if re.fullmatch(r"test-\d+\.tar", p.name)]
-    models, evals = {}, {}
+    models, evals, corpora = {}, {}, {}
     for e in shipped:
         d = fetch_entry(e, cache, progress)
         models[e.name] = str(d)
@@ -32,7 +32,8 @@ def stage_zoo(run: Path, quick: bool, progress: bool) -> dict:
             settings = dict(QUICK_SETTINGS.get(task, {})) if quick else {}
             settings |= ZOO_SETTINGS.get(task, {})
             r = evaluate_model(task, str(d), shards, split="test", limit=16 if quick else None,
-                               progress=progress, settings=settings or None)
+                               progress=progress, settings=settings or None,
+                               corpora=corpora)
             evals[task] = {"model": e.name, "result": r}
     return {"models": models, "eval": evals, "cache": str(cache),
             "recipes": {e.name: e.recipe for e in shipped}}

@@ -271,6 +271,29 @@ def _questions(qa: list[dict], text_tok) -> list[dict]:
     return out
 
 
+def share_cache(src_run: str | os.PathLike, dst_run: str | os.PathLike,
+                splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """Hard-link ``src_run``'s ``corpus-<split>.safetensors`` into ``dst_run`` where it has
+    none (a copy where links fail): runs over the same shards and tokenizers then tokenise
+    once. ``load_or_build`` still checks the fingerprint, and rewrites by renaming, so a
+    link is never written through. Returns the splits shared."""
+    import shutil
+
+    done = []
+    for split in splits:
+        src = Path(src_run) / f"corpus-{split}.safetensors"
+        dst = Path(dst_run) / src.name
+        if not src.is_file() or dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        done.append(split)
+    return done
+
+
 def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[str, str | None],
                   loaded: dict, features: str = "vq", patch_encoder: str = "vit_tiny_patch16_224",
                   progress: bool = True) -> Corpus:

@@ -20,10 +20,14 @@ def split_name(paths: list[str]) -> str:
 
 def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None = None,
                    limit: int | None = None, examples: str | None = None,
-                   progress: bool = True, settings: dict | None = None) -> dict:
+                   progress: bool = True, settings: dict | None = None,
+                   corpora: dict | None = None) -> dict:
+    """``corpora``: a caller's memo of the corpora built so far, keyed by shards and
+    tokenizer fingerprints, so that several models with one set of tokenizers tokenise
+    the data once."""
     import omnimask
 
-    from .corpus import build_corpus
+    from .corpus import build_corpus, tokenizer_id
     from .data.shards import expand_shards
 
     if task not in TASKS and task != "generate":
@@ -38,8 +42,14 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
     if "text" not in toks or "image" not in toks:
         raise OmnimaskError(f"{model_dir} carries no text and image tokenizers")
     paths = expand_shards(data)
-    corpus = build_corpus(paths, toks["text"], toks["image"], toks.get("speech"),
-                          progress=progress)
+    dirs = getattr(model, "tokenizer_dirs", None) or {}
+    key = (tuple(paths), tuple(sorted((k, tokenizer_id(v)) for k, v in dirs.items())))
+    corpus = (corpora or {}).get(key) if dirs else None
+    if corpus is None:
+        corpus = build_corpus(paths, toks["text"], toks["image"], toks.get("speech"),
+                              progress=progress)
+        if corpora is not None and dirs:
+            corpora[key] = corpus
     model.eval()
     ex = Path(examples) if examples else None
     if t is None:  # images drawn from captions, judged (not a fine-tuning task)

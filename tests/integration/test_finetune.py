@@ -161,6 +161,23 @@ def test_eval_of_each_task(multitask_run, shapes_dir, tmp_path, task, keys):
     assert any(p.suffix == ".png" for p in (tmp_path / "ex").iterdir())
 
 
+def test_evaluations_tokenise_the_data_once_per_tokenizers(multitask_run, shapes_dir,
+                                                           monkeypatch):
+    from omnimask.train import corpus as C
+    from omnimask.train.evaluate_task import evaluate_model
+
+    model, data = str(multitask_run[0] / "model"), [str(shapes_dir / "test-novel-*.tar")]
+    plain = evaluate_model("retrieval", model, data, limit=12, progress=False)
+    built = []
+    real = C.build_corpus
+    monkeypatch.setattr(C, "build_corpus", lambda *a, **k: built.append(1) or real(*a, **k))
+    memo: dict = {}
+    vqa = evaluate_model("vqa", model, data, limit=12, progress=False, corpora=memo)
+    ret = evaluate_model("retrieval", model, data, limit=12, progress=False, corpora=memo)
+    assert len(built) == 1 and len(memo) == 1
+    assert ret["metrics"] == plain["metrics"] and vqa["metrics"]["accuracy"] >= 0
+
+
 def test_caption_and_retrieve_api(multitask_run, shapes_dir, tmp_path):
     import tarfile
 

@@ -231,6 +231,33 @@ def test_corpus_keeps_the_shard_pixels_and_old_caches_rebuild(small_shards, toke
     assert again.pixels is not None and torch.equal(again.pixels, c.pixels)
 
 
+def test_shared_corpus_cache_is_reused_and_never_written_through(small_shards, tokenizers,
+                                                                tmp_path, monkeypatch):
+    from omnimask.train import corpus as C
+
+    shards = sorted(str(p) for p in small_shards.glob("train-*.tar"))[:1]
+    names = {"text": None, "image": None}
+    src, dst, other = tmp_path / "pre", tmp_path / "ft", tmp_path / "other"
+    c = C.load_or_build(src / "corpus-train.safetensors", shards, names, tokenizers,
+                        progress=False)
+    before = (src / "corpus-train.safetensors").read_bytes()
+    assert C.share_cache(src, dst) == ["train"]  # no val cache to share
+    assert C.share_cache(src, dst) == []  # never over a cache the run has
+    built = []
+    real = C.build_corpus
+    monkeypatch.setattr(C, "build_corpus", lambda *a, **k: built.append(1) or real(*a, **k))
+    again = C.load_or_build(dst / "corpus-train.safetensors", shards, names, tokenizers,
+                            progress=False)
+    assert not built and again.keys == c.keys and torch.equal(again.pixels, c.pixels)
+    # a shared cache of other shards is rebuilt at the destination; the source keeps its own
+    C.share_cache(src, other)
+    more = sorted(str(p) for p in small_shards.glob("train-*.tar"))[1:2]
+    rebuilt = C.load_or_build(other / "corpus-train.safetensors", more, names, tokenizers,
+                              progress=False)
+    assert built and rebuilt.keys != c.keys
+    assert (src / "corpus-train.safetensors").read_bytes() == before
+
+
 def test_corpus_region_labels_are_the_shards_seg_and_object_colours(small_shards, tokenizers,
                                                                      tmp_path):
     import json
