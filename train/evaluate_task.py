@@ -42,13 +42,15 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
     if "text" not in toks or "image" not in toks:
         raise OmnimaskError(f"{model_dir} carries no text and image tokenizers")
     paths = expand_shards(data)
+    corpus = key = None
     dirs = getattr(model, "tokenizer_dirs", None) or {}
-    key = (tuple(paths), tuple(sorted((k, tokenizer_id(v)) for k, v in dirs.items())))
-    corpus = (corpora or {}).get(key) if dirs else None
+    if corpora is not None and dirs:  # fingerprints only when a memo is kept
+        key = (tuple(paths), tuple(sorted((k, tokenizer_id(v)) for k, v in dirs.items())))
+        corpus = corpora.get(key)
     if corpus is None:
         corpus = build_corpus(paths, toks["text"], toks["image"], toks.get("speech"),
                               progress=progress)
-        if corpora is not None and dirs:
+        if key is not None:
             corpora[key] = corpus
     model.eval()
     ex = Path(examples) if examples else None
