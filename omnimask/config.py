@@ -104,6 +104,9 @@ class DemoConfig:
     num_test: int = 200
     num_test_novel: int = 200
     shard_size: int = 500
+    # each training scene's question programs drawn this many times (repeats dropped):
+    # more questions per image for VQA; the evaluation splits keep one round
+    train_question_rounds: int = 1
     workers: int = 0
     speech_units: int = 500  # k-means units
     # training stages are sized in steps, so a busy machine takes longer but learns the
@@ -128,7 +131,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
-                     "shard_size", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
+                     "shard_size", "train_question_rounds", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
                      "finetune_vqa_steps", "finetune_steps")
         check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps")
         check_fields(self, ">0", "stage_max_minutes")

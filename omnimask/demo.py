@@ -34,7 +34,8 @@ def _stage_data(cfg: DemoConfig, run: Path, sizes: dict[str, int], progress: boo
     from .train.data.shapesworld.prepare import generate_splits
 
     return generate_splits(run / "data", sizes, seed=cfg.seed, image_size=cfg.image_size,
-                           shard_size=cfg.shard_size, workers=cfg.workers, progress=progress)
+                           shard_size=cfg.shard_size, workers=cfg.workers, progress=progress,
+                           train_question_rounds=cfg.train_question_rounds)
 
 
 def _stage_inspect(run: Path, progress) -> dict:

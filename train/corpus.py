@@ -48,7 +48,8 @@ class Corpus:
     pixels: torch.Tensor | None = None  # [N, 3, S, S] uint8, the images the VQ codes are of
     texts: list[list[str]] | None = None  # sample -> captions as written (metric references)
     # sample -> questions: {"question": str, "ids": text ids, "answers": [str, ...] (one or
-    # several annotators' answers), "type": str}; None when the shards have no qa.json
+    # several annotators' answers), "type": str, optional "grounding": instance ids per
+    # role}; None when the shards have no qa.json
     qa: list[list[dict]] | None = None
     # [N, P, C] float16: each patch's fraction of pixels of each semantic class (seg.png;
     # C = the largest class id present + 1); None when the shards have no seg.png
@@ -260,14 +261,18 @@ def patch_classes(seg: torch.Tensor, side: int, classes: int = 0) -> torch.Tenso
 
 
 def _questions(qa: list[dict], text_tok) -> list[dict]:
-    """qa.json entries with their text ids; ``answers`` is a list (VQA v2 keeps ten)."""
+    """qa.json entries with their text ids; ``answers`` is a list (VQA v2 keeps ten);
+    ``grounding`` (instance ids per role of the question) where the data has it."""
     ids = text_tok.tok.encode_batch([str(q["question"]) for q in qa], add_special_tokens=False)
     out = []
     for q, e in zip(qa, ids):
         a = q.get("answers", q["answer"])
-        out.append({"question": str(q["question"]), "ids": e.ids,
-                    "answers": [str(x) for x in (a if isinstance(a, list) else [a])],
-                    "type": str(q.get("type", "other"))})
+        item = {"question": str(q["question"]), "ids": e.ids,
+                "answers": [str(x) for x in (a if isinstance(a, list) else [a])],
+                "type": str(q.get("type", "other"))}
+        if isinstance(q.get("grounding"), list):  # instance ids per role (ShapesWorld >= 1.1)
+            item["grounding"] = [[int(i) for i in role] for role in q["grounding"]]
+        out.append(item)
     return out
 
 
@@ -305,7 +310,7 @@ def load_or_build(path: str | os.PathLike, shards: list[str], tokenizers: dict[s
         raise OmnimaskError(f"no shards match {shards}")
     fp = _fingerprint(paths, {"tokenizers": {k: tokenizer_id(v) for k, v in tokenizers.items()},
                               "features": features, "patch_encoder": patch_encoder,
-                              "version": 6})  # 2: pixels; 3: texts, qa; 4-5: regions; 6: masks
+                              "version": 7})  # 2: pixels; 3: texts, qa; 4-5: regions; 6: masks; 7: grounding
     p = Path(path)
     if p.is_file():
         try:

@@ -437,7 +437,8 @@ def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
         generate_splits(run / "data", split_sizes(demo.num_train, demo.num_val, demo.num_test,
                                                   demo.num_test_novel),
                         seed=demo.seed, image_size=demo.image_size, shard_size=demo.shard_size,
-                        workers=demo.workers, progress=progress)
+                        workers=demo.workers, progress=progress,
+                        train_question_rounds=demo.train_question_rounds)
     if not all(Path(p).is_dir() for p in (cfg.tokenizers.text, cfg.tokenizers.image,
                                           cfg.tokenizers.speech or cfg.tokenizers.text)):
         log.warning("preparing tokenizers under %s", run / "tokenizers")

@@ -19,13 +19,14 @@ def cmd_data_shapes(a: argparse.Namespace) -> int:
         if s not in SPLITS:
             raise OmnimaskError(f"--split: unknown split {s!r}; choose from {', '.join(SPLITS)}, all")
     for name, v, lo in (("--num", a.num, 1), ("--shard-size", a.shard_size, 1),
-                        ("--image-size", a.image_size, 16)):
+                        ("--image-size", a.image_size, 16),
+                        ("--question-rounds", a.question_rounds, 1)):
         if v < lo:
             raise OmnimaskError(f"{name} must be >= {lo}, got {v}")
     for s in splits:
         e = generate_shards(a.out, a.num, seed=a.seed, split=s, image_size=a.image_size,
                             shard_size=a.shard_size, speech=not a.no_speech, workers=a.workers,
-                            progress=not a.quiet)
+                            progress=not a.quiet, question_rounds=a.question_rounds)
         print(f"{s}: {e['num']} samples in {len(e['shards'])} shard(s) under {a.out} "
               f"(keys: {', '.join(e['keys'])})")
     return 0
@@ -85,6 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--image-size", type=int, default=64)
     sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     sh.add_argument("--no-speech", action="store_true", help="skip the spoken caption")
+    sh.add_argument("--question-rounds", type=int, default=1, metavar="N",
+                    help="draw each scene's question programs N times (repeats dropped): "
+                         "more questions per image (default 1)")
     sh.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
     sh.set_defaults(fn=cmd_data_shapes)
 

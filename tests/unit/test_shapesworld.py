@@ -162,3 +162,41 @@ def test_answers_are_balanced_enough(shapes_dir):
 def test_make_sample_rejects_unknown_split():
     with pytest.raises(ValueError, match="unknown split"):
         make_sample(0, "dev", 0)
+
+
+def test_question_rounds_add_distinct_questions_and_keep_the_rest():
+    """More rounds: round 1's questions first, then new ones (no repeated text), each
+    answered correctly by its program; every other member byte-identical."""
+    more_per_image = []
+    for i in range(12):
+        one = make_sample(4, "train", i, speech=False)
+        four = make_sample(4, "train", i, speech=False, question_rounds=4)
+        assert {k: v for k, v in one.items() if k != "qa.json"} == {
+            k: v for k, v in four.items() if k != "qa.json"}
+        q1, q4 = json.loads(one["qa.json"]), json.loads(four["qa.json"])
+        assert q4[:len(q1)] == q1
+        assert len({q["question"] for q in q4}) == len(q4)
+        meta = json.loads(four["meta.json"])
+        for q in q4:
+            assert _answer(q["program"], meta["objects"], 0.15 * meta["image_size"]) == q["answer"]
+        more_per_image.append(len(q4) - len(q1))
+    assert sum(more_per_image) >= 2 * 12  # several new questions per image on average
+    with pytest.raises(ValueError, match="question_rounds"):
+        generate_shards("unused", 1, question_rounds=0)
+
+
+def test_questions_name_the_instances_their_programs_look_at(shapes_dir):
+    """``grounding``: one list of instance ids per role of the program, recomputed here
+    from meta.json (relation: subject, object; count and exists: every match)."""
+    kinds = Counter()
+    for _, files in _samples(shapes_dir, "train"):
+        objs = json.loads(files["meta.json"])["objects"]
+        for q in json.loads(files["qa.json"]):
+            p = q["program"]
+            roles = ([p["subject"], p["object"]] if p["query"] == "relation" else [p["filter"]])
+            want = [[o["id"] for o in objs if _match(o, f)] for f in roles]
+            assert q["grounding"] == want, q
+            if p["query"] in ("color", "shape", "size", "relation"):
+                assert all(len(r) == 1 for r in want)
+            kinds[p["query"]] += 1
+    assert len(kinds) == 6

@@ -20,7 +20,7 @@ from .language import captions, questions, referring_expressions, relations
 from .scene import sample_scene
 from .vocab import SPLITS
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: questions name the instances they look at
 SPEECH_SAMPLE_RATE = 16000
 
 _state: dict = {}
@@ -58,8 +58,10 @@ def _speak(text: str, rng: np.random.Generator) -> tuple[bytes, dict]:
 
 
 def make_sample(seed: int, split: str, index: int, image_size: int = 64,
-                speech: bool = True) -> dict[str, bytes | str]:
-    """Return one sample as ``{"__key__": ..., "image.png": bytes, ...}``."""
+                speech: bool = True, question_rounds: int = 1) -> dict[str, bytes | str]:
+    """Return one sample as ``{"__key__": ..., "image.png": bytes, ...}``;
+    ``question_rounds``: the question programs drawn that many times for the scene (each
+    round from its own generator, repeats dropped), round 1 as with one round."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
@@ -87,6 +89,15 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64,
         spoken = int(rng.integers(len(caps)))
         sample["speech.flac"], info = _speak(caps[spoken], rng)
         meta["speech"] = {**info, "caption_index": spoken, "text": caps[spoken]}
+    asked = {q["question"] for q in qa}
+    for r in range(1, question_rounds):  # after everything else: round 1 stays as it was
+        for q in questions(objs, image_size,
+                           np.random.default_rng([seed, SPLITS.index(split), index, r])):
+            if q["question"] not in asked:
+                asked.add(q["question"])
+                qa.append(q)
+    if question_rounds > 1:
+        sample["qa.json"] = encode_json(qa)
     sample["meta.json"] = encode_json(meta)
     return sample
 
@@ -103,22 +114,26 @@ def _init_worker() -> None:
 
 def generate_shards(out: str | os.PathLike, num: int, seed: int = 0, split: str = "train",
                     image_size: int = 64, shard_size: int = 1000, speech: bool = True,
-                    workers: int = 0, progress: bool = True) -> dict:
+                    workers: int = 0, progress: bool = True, question_rounds: int = 1) -> dict:
     """Write ``num`` samples of ``split`` into ``out/<split>-NNNNNN.tar``; update the manifest.
+    ``question_rounds``: see :func:`make_sample`.
 
     Returns the split's manifest entry.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    if num < 1 or shard_size < 1 or image_size < 16:
-        raise ValueError("num and shard_size must be >= 1 and image_size >= 16")
+    if num < 1 or shard_size < 1 or image_size < 16 or question_rounds < 1:
+        raise ValueError("num, shard_size and question_rounds must be >= 1 and image_size "
+                         ">= 16")
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, math.ceil(num / 8)))
     keys = ["caption.txt", "image.png", "inst.png", "meta.json", "qa.json", "refs.json",
             "seg.png"] + (["speech.flac"] if speech else [])
     info = {"generator": "shapesworld", "generator_version": GENERATOR_VERSION, "seed": seed,
             "image_size": image_size, "keys": sorted(keys)}
-    jobs = ((seed, split, i, image_size, speech) for i in range(num))
+    if question_rounds > 1:
+        info["question_rounds"] = question_rounds
+    jobs = ((seed, split, i, image_size, speech, question_rounds) for i in range(num))
     with ShardSink(Path(out), split, shard_size, info, total=num, progress=progress) as sink:
         if workers == 1:
             for job in jobs:

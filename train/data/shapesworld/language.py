@@ -158,7 +158,7 @@ def _q_attribute(query: str, objs, rng) -> dict | None:
         text = {"color": f"what color is the {d}?", "shape": f"what shape is the {d}?",
                 "size": f"what size is the {d}?"}[query]
         return {"question": text, "answer": getattr(o, query), "type": query,
-                "program": {"query": query, "filter": filt}}
+                "program": {"query": query, "filter": filt}, "grounding": [[o.id]]}
     return None
 
 
@@ -175,9 +175,10 @@ def _q_count(objs, rng) -> dict:
         filt = {k: getattr(o, k) for k in keys}
     else:
         filt = _random_filter(keys, rng)
-    n = sum(matches(o, filt) for o in objs)
-    return {"question": f"how many {describe(filt, plural=True)} are there?", "answer": str(n),
-            "type": "count", "program": {"query": "count", "filter": filt}}
+    hits = [o.id for o in objs if matches(o, filt)]
+    return {"question": f"how many {describe(filt, plural=True)} are there?",
+            "answer": str(len(hits)), "type": "count",
+            "program": {"query": "count", "filter": filt}, "grounding": [hits]}
 
 
 def _q_exists(objs, rng) -> dict:
@@ -197,9 +198,10 @@ def _q_exists(objs, rng) -> dict:
         if filt is None:  # every candidate present: ask about one that is
             o = objs[int(rng.integers(len(objs)))]
             filt = {k: getattr(o, k) for k in keys}
-    ans = "yes" if any(matches(o, filt) for o in objs) else "no"
-    return {"question": f"is there {article(describe(filt))}?", "answer": ans, "type": "exists",
-            "program": {"query": "exists", "filter": filt}}
+    hits = [o.id for o in objs if matches(o, filt)]
+    return {"question": f"is there {article(describe(filt))}?", "answer": "yes" if hits else "no",
+            "type": "exists", "program": {"query": "exists", "filter": filt},
+            "grounding": [hits]}
 
 
 def _q_relation(objs, size, rng) -> dict | None:
@@ -216,12 +218,15 @@ def _q_relation(objs, size, rng) -> dict | None:
         phr = REL_PHRASES[asked][int(rng.integers(len(REL_PHRASES[asked])))]
         return {"question": f"is the {describe(fa)} {phr} the {describe(fb)}?",
                 "answer": "yes" if yes else "no", "type": "relation",
-                "program": {"query": "relation", "relation": asked, "subject": fa, "object": fb}}
+                "program": {"query": "relation", "relation": asked, "subject": fa, "object": fb},
+                "grounding": [[a.id], [b.id]]}
     return None
 
 
 def questions(objs: list[SceneObject], size: int, rng: np.random.Generator) -> list[dict]:
-    """One question of each type that the scene allows (at most six)."""
+    """One question of each type that the scene allows (at most six). Each names the
+    instance ids its answer looks at (``grounding``, GQA's question-to-object pointers):
+    one list per role of its program (the relation's subject, then its object)."""
     qs = [_q_attribute("color", objs, rng), _q_attribute("shape", objs, rng),
           _q_attribute("size", objs, rng), _q_count(objs, rng), _q_exists(objs, rng),
           _q_relation(objs, size, rng)]

@@ -20,15 +20,18 @@ def split_sizes(num_train: int, num_val: int, num_test: int, num_test_novel: int
 
 def generate_splits(out: str | Path, sizes: dict[str, int], seed: int = 0,
                     image_size: int = 64, shard_size: int = 500, workers: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, train_question_rounds: int = 1) -> dict:
     """Shards with speech for every split in ``sizes`` under ``out``; per split: samples,
-    shards, megabytes and samples generated per second."""
+    shards, megabytes and samples generated per second. ``train_question_rounds``: the
+    train split's question programs drawn that many times per scene (the evaluation
+    splits keep one round)."""
     stats = {}
     for split, n in sizes.items():
         t0 = time.perf_counter()
         e = generate_shards(out, n, seed=seed, split=split, image_size=image_size,
                             shard_size=shard_size, speech=True, workers=workers,
-                            progress=progress)
+                            progress=progress,
+                            question_rounds=train_question_rounds if split == "train" else 1)
         dt = time.perf_counter() - t0
         stats[split] = {"samples": e["num"], "shards": len(e["shards"]),
                         "mbytes": round(sum(s["bytes"] for s in e["shards"]) / 2**20, 1),
