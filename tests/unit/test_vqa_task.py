@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import omnimask
+from omnimask.errors import OmnimaskError
 from omnimask.train.corpus import build_corpus
 from omnimask.train.data.shards import expand_shards
 from omnimask.train.tasks.base import TaskContext
@@ -81,7 +82,7 @@ def test_softmax_loss_is_cross_entropy_to_the_normalised_scores():
     head = VQAHead(ModelConfig(), VQAHeadConfig(num_answers=4, loss="softmax"))
     logits = torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0]])
     target = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.9]])
-    head.logits = lambda encoder, batch: logits  # the loss alone, on fixed logits
+    head._logits = lambda encoder, batch: (logits, None)  # the loss alone, on fixed logits
     out = head(None, {"target": target, "packed": type("P", (), {"num_tokens": 1})()})
     want = (-torch.log_softmax(logits[0], 0)[1]
             - 0.25 * torch.log_softmax(logits[1], 0)[0]
@@ -92,3 +93,187 @@ def test_softmax_loss_is_cross_entropy_to_the_normalised_scores():
         torch.sigmoid(torch.tensor(3.0)))
     with pytest.raises(ValueError, match="heads.vqa.loss must be bce or softmax"):
         VQAHeadConfig(loss="hinge")
+
+
+def test_mirror_words_swaps_whole_words_only():
+    from omnimask.train.tasks.vqa import HFLIP_WORDS, VFLIP_WORDS, mirror_words
+
+    assert (mirror_words("Is the bright circle left of the square on the right?", HFLIP_WORDS)
+            == "Is the bright circle right of the square on the left?")
+    assert mirror_words("Left, leftover", HFLIP_WORDS) == "Right, leftover"
+    assert mirror_words("is it beneath the top one?", VFLIP_WORDS) == "is it above the bottom one?"
+    with pytest.raises(ValueError, match="tasks.vqa.hflip_words"):
+        VQAConfig(hflip_words={"Left side": "right"})
+    with pytest.raises(ValueError, match="tasks.vqa.vflip must be in"):
+        VQAConfig(vflip=1.5)
+
+
+@pytest.mark.parametrize("flip", [(True, False), (False, True), (True, True)])
+def test_mirrored_relation_questions_keep_their_answers(flip):
+    """ShapesWorld's geometry: on a mirrored scene, every phrase of a relation that holds
+    becomes, through the default word swaps, a phrase of a relation that holds there."""
+    import dataclasses
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from omnimask.train.data.shapesworld.language import REL_PHRASES, relations
+    from omnimask.train.data.shapesworld.scene import sample_scene
+
+    no_ids = NS(tok=NS(encode=lambda text, add_special_tokens: NS(ids=[])))
+    task = VQA(TaskContext(vocab=None, text=no_ids, pixels=True), VQAConfig())
+    size, checked = 64, 0
+    for s in range(40):
+        objs, *_ = sample_scene(np.random.default_rng([7, s]), "train", size)
+        mirrored = [dataclasses.replace(o, center=(size - o.center[0] if flip[0] else o.center[0],
+                                                   size - o.center[1] if flip[1] else o.center[1]))
+                    for o in objs]
+        for a, am in zip(objs, mirrored):
+            for b, bm in zip(objs, mirrored):
+                if a is b:
+                    continue
+                held = relations(am, bm, size)
+                for r in ("left", "right", "above", "below"):
+                    for phrase in REL_PHRASES[r]:
+                        q = {"question": f"is the a {phrase} the b?", "ids": [], "answers": []}
+                        new = task.mirror(q, flip)["question"][len("is the a "):-len(" the b?")]
+                        (r2,) = [x for x, ps in REL_PHRASES.items() if new in ps]
+                        assert (r in relations(a, b, size)) == (r2 in held)
+                        checked += 1
+    assert checked > 500
+
+
+def test_mirrored_batches_flip_pixels_and_questions(setup):
+    model, corpus, _, head = setup
+    text = model.tokenizers["text"]
+    ctx = TaskContext(vocab=model.vocab, text=text, pixels=True)
+    task = VQA(ctx, VQAConfig(questions_per_sequence=6, hflip=1.0))  # every question
+    task.bind(model)
+    seen = {}
+    pack_questions = task.pack_questions
+    task.pack_questions = lambda *a: seen.update(questions=a[2]) or pack_questions(*a)
+    idx = [i for i in range(len(corpus)) if any(q["type"] == "relation" for q in corpus.qa[i])]
+    b = task.batch(corpus, idx[:6], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(b["packed"].pixels["image"],
+                               torch.stack([corpus.pixels[i] for i in idx[:6]]).flip(-1))
+    asked = [q for qs in seen["questions"] for q in qs]
+    originals = {q["question"]: q for i in idx[:6] for q in corpus.qa[i]}
+    swapped = [q for q in asked if q["question"] not in originals]
+    assert swapped and all(q["type"] == "relation" for q in swapped)
+    for q in swapped:
+        assert q["ids"] == text.tok.encode(q["question"], add_special_tokens=False).ids
+        back = q["question"].replace("left", "@").replace("right", "left").replace("@", "right")
+        assert originals[back]["answers"] == q["answers"]
+    # off (the default), the flips draw nothing: the questions are those the plain
+    # question sampling picks from the same generator
+    plain = VQA(ctx, VQAConfig(questions_per_sequence=3))
+    plain.bind(model)
+    plain_pack = plain.pack_questions
+    plain.pack_questions = lambda *a: seen.update(questions=a[2]) or plain_pack(*a)
+    plain.batch(corpus, idx, torch.Generator().manual_seed(0))
+    g, want = torch.Generator().manual_seed(0), []
+    for i in idx:
+        qs = corpus.qa[i]
+        want.append([qs[j]["question"] for j in torch.randperm(len(qs), generator=g)[:3].tolist()]
+                    if len(qs) > 3 else [q["question"] for q in qs])
+    assert [[q["question"] for q in qs] for qs in seen["questions"]] == want
+
+
+def test_image_tokens_match_a_loop_over_samples():
+    from omnimask.fusion.packing import Segment, pack
+    from omnimask.heads.vqa import image_tokens
+
+    t = lambda n: Segment("text", ids=torch.arange(n))  # noqa: E731
+    im = lambda r, c: Segment("image", features=torch.randn(r * c, 4), grid=(r, c))  # noqa: E731
+    p = pack([[t(3), im(2, 3)], [t(5)], [im(4, 4), t(2), im(1, 2)]])
+    idx, valid, coords = image_tokens(p)
+    cu = p.cu_seqlens.tolist()
+    for s in range(3):
+        want = [j for j in range(cu[s], cu[s + 1]) if p.modality[j] == 1]
+        assert idx[s][valid[s]].tolist() == want
+        if want:
+            rc = p.position_2d[want].float()
+            side = rc.max(0).values.clamp_min(1)
+            torch.testing.assert_close(coords[s][valid[s]], 2 * rc / side - 1)
+    assert coords[0][valid[0]][[0, -1]].tolist() == [[-1, -1], [1, 1]]
+
+
+def test_glimpses_keep_packed_questions_independent_and_learn(setup, tiny_model_dir):
+    _, corpus, _, head = setup
+    g = omnimask.load(tiny_model_dir, heads={"vqa": {**head, "glimpses": 2,
+                                                     "relation_probes": 4}})
+    t = VQA(TaskContext(vocab=g.vocab, text=g.tokenizers["text"], pixels=True),
+            VQAConfig(questions_per_sequence=3))
+    t.bind(g)
+    g.eval()
+    qs = corpus.qa[0][:3]
+    packed = g(t.pack_questions(corpus, [0, 1], [qs, corpus.qa[1][:2]]), task="vqa")["logits"]
+    for k, q in enumerate(qs):
+        alone = g(t.pack_questions(corpus, [0], [[q]]), task="vqa")["logits"]
+        torch.testing.assert_close(packed[k], alone[0], atol=1e-5, rtol=1e-5)
+    g.train()
+    t.cfg.ground_weight = 1.0
+    b = t.batch(corpus, list(range(12)), torch.Generator().manual_seed(0))
+    before = t.loss(g, b)
+    first = fit_fixed_batch(lambda: t.loss(g, b), g, "vqa", steps=30, lr=3e-3)
+    after = t.loss(g, b)
+    assert float(after["vqa"]) < 0.5 * first
+    assert float(after["ground"]) < 0.5 * float(before["ground"])  # the glimpses learn where
+
+
+def test_grounding_targets_follow_the_instances_through_mirrors(setup, tiny_model_dir):
+    _, corpus, _, head = setup
+    g = omnimask.load(tiny_model_dir, heads={"vqa": {**head, "glimpses": 2}})
+    t = VQA(TaskContext(vocab=g.vocab, text=g.tokenizers["text"], pixels=True),
+            VQAConfig(ground_weight=1.0))
+    t.bind(g)
+    i = next(i for i in range(len(corpus)) if any(q["type"] == "relation" for q in corpus.qa[i]))
+    qs = corpus.qa[i]
+    for flip in [(False, False), (True, False), (True, True)]:
+        tg = t.grounding(corpus, i, flip, qs)
+        assert tg.shape == (len(qs), 2, 64)
+        inst = corpus.inst[i].flip([d for d, on in zip((-1, -2), flip) if on])
+        for k, q in enumerate(qs):
+            for r in range(2):
+                ids = q["grounding"][r] if r < len(q["grounding"]) else []
+                # brute force: each 8x8 cell's count of the role's pixels, normalised
+                cells = torch.tensor([[float(sum(int(inst[y, x]) in ids
+                                                 for y in range(8 * a, 8 * a + 8)
+                                                 for x in range(8 * c, 8 * c + 8)))
+                                       for c in range(8)] for a in range(8)]).flatten()
+                want = cells / cells.sum() if cells.sum() else cells
+                torch.testing.assert_close(tg[k, r], want)
+    with pytest.raises(OmnimaskError, match="heads.vqa.glimpses"):
+        VQA(t.ctx, VQAConfig(ground_weight=1.0)).bind(omnimask.load(
+            tiny_model_dir, heads={"vqa": head}))
+
+
+def test_question_means_match_a_loop():
+    from omnimask.fusion.packing import Segment
+    from omnimask.heads.vqa import VQAHeadConfig, question_means
+    from omnimask.train.tasks.base import pack_blocks
+
+    t = lambda n: Segment("text", ids=torch.arange(n))  # noqa: E731
+    im = Segment("image", features=torch.randn(4, 3), grid=(2, 2))
+    b = pack_blocks([im, im], [[t(3), t(5)], [t(2)]])
+    h = torch.randn(b["packed"].num_tokens, 6)
+    got = question_means(h, b["packed"], b["cls"])
+    starts, lens = b["cls"].tolist(), [3, 5, 2]
+    for k, (c, n) in enumerate(zip(starts, lens)):
+        torch.testing.assert_close(got[k], h[c:c + n].mean(0))
+    with pytest.raises(ValueError, match="glimpses >= 2"):
+        VQAHeadConfig(glimpses=1, relation_probes=2)
+
+
+def test_grounding_loss_by_hand():
+    from omnimask.heads.vqa import grounding_loss
+
+    attn = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]])
+    target = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])  # glimpse 1: no target
+    ce, hit = grounding_loss(attn, target)
+    torch.testing.assert_close(ce, -torch.log(torch.tensor(0.25)))
+    assert float(hit) == 0.0  # glimpse 0 looks hardest at token 0, outside the target
+    ce, hit = grounding_loss(attn, torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]]))
+    torch.testing.assert_close(ce, (-(0.5 * torch.log(torch.tensor([0.5, 0.25]))).sum()
+                                    - torch.log(torch.tensor(0.8))) / 2)
+    assert float(hit) == 1.0

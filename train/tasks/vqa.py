@@ -4,16 +4,19 @@ Training data: several questions of one image packed into one sequence ([image][
 [<cls> q2]...; block mask: the image is encoded once, questions do not see each other),
 soft answer scores as targets (``soft_score``: 1 for a single annotator's answer; with
 several annotators, 0.3 per agreeing annotator up to 1, as UNITER's and bottom-up
-attention's preprocessing). Evaluation: the official VQA accuracy with answer
+attention's preprocessing); optionally images mirrored with their questions' direction words
+swapped (``hflip``/``vflip``), so that an answer about where things are cannot be recalled
+from the image alone. Evaluation: the official VQA accuracy with answer
 normalisation, per question type, and the prior baseline (each type's most frequent
 training answer, kept in the head's settings).
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,11 +35,48 @@ class VQAConfig:
     max_answers: int = 3129  # the answer vocabulary: the most frequent training answers
     eval_images: int = 64  # images per evaluation batch
     max_question_tokens: int = 40
+    # share of training images mirrored left-right / top-bottom; the words of
+    # hflip_words / vflip_words in their questions and answers become their mirror images
+    hflip: float = 0.0
+    vflip: float = 0.0
+    hflip_words: dict[str, str] = field(default_factory=lambda: dict(HFLIP_WORDS))
+    vflip_words: dict[str, str] = field(default_factory=lambda: dict(VFLIP_WORDS))
+    # weight of the glimpses' grounding loss (attention supervision): glimpse k of a
+    # question attends where the instances of its k-th grounding role are (needs
+    # heads.vqa.glimpses, inst.png and questions with "grounding"); 0: off
+    ground_weight: float = 0.0
 
     def __post_init__(self) -> None:
         p = "tasks.vqa."
         check_fields(self, ">=0", "questions_per_sequence", prefix=p)
         check_fields(self, ">=1", "max_answers", "eval_images", "max_question_tokens", prefix=p)
+        check_fields(self, "[0,1]", "hflip", "vflip", prefix=p)
+        check_fields(self, ">=0", "ground_weight", prefix=p)
+        for name in ("hflip_words", "vflip_words"):
+            bad = [w for w in (*getattr(self, name), *getattr(self, name).values())
+                   if not re.fullmatch(r"[a-z]+", w)]
+            if bad:
+                raise ValueError(f"{p}{name} must map lower-case words to words, got {bad[0]!r}")
+
+
+# direction words and their mirror images (ShapesWorld's and English's usual ones)
+HFLIP_WORDS = {"left": "right", "right": "left"}
+VFLIP_WORDS = {"above": "below", "below": "above", "beneath": "above", "under": "above",
+               "top": "bottom", "bottom": "top"}
+
+
+def mirror_words(text: str, swaps: dict[str, str]) -> str:
+    """``text`` with every whole word of ``swaps`` replaced (case-insensitive; a capital
+    first letter stays capital)."""
+    if not swaps:
+        return text
+
+    def sub(m: re.Match) -> str:
+        w = swaps[m.group(0).lower()]
+        return w.capitalize() if m.group(0)[0].isupper() else w
+
+    words = "|".join(sorted(map(re.escape, swaps), key=len, reverse=True))
+    return re.sub(rf"\b(?:{words})\b", sub, text, flags=re.IGNORECASE)
 
 
 def soft_score(count: int, annotators: int) -> float:
@@ -61,6 +101,12 @@ class VQA(Task):
         super().__init__(ctx, cfg)
         self.answers: list[str] = []
         self.index: dict[str, int] = {}
+        self._mirrored: dict[tuple[str, bool, bool], list[int]] = {}  # question ids
+        self._grounded = None  # the corpus checked for grounding
+        self.glimpses = 0
+        if (self.cfg.hflip or self.cfg.vflip) and not ctx.pixels:
+            raise OmnimaskError("tasks.vqa.hflip/vflip mirror pixels: they need "
+                                "model.image_input=pixels (feature rows are not mirrored)")
 
     def check(self, corpus, what: str) -> None:
         super().check(corpus, what)
@@ -86,6 +132,10 @@ class VQA(Task):
         self.answers = list(hc.answers)
         self.index = {a: i for i, a in enumerate(self.answers)}
         self.priors = dict(hc.priors)
+        self.glimpses = hc.glimpses
+        if self.cfg.ground_weight and not self.glimpses:
+            raise OmnimaskError("tasks.vqa.ground_weight supervises the head's glimpses: set "
+                                "heads.vqa.glimpses >= 1")
 
     # -- data ------------------------------------------------------------------------------
     def _target(self, answers: list[str]) -> torch.Tensor:
@@ -98,32 +148,90 @@ class VQA(Task):
     def _question(self, q: dict) -> Segment:
         return text_segment(self.ctx, q["ids"][:self.cfg.max_question_tokens])
 
-    def pack_questions(self, corpus, images: list[int], questions: list[list[dict]]) -> dict:
-        """Image ``images[k]`` with its ``questions[k]``: packed as blocks, or one question
-        per sequence when ``questions_per_sequence`` is 0."""
+    def _image(self, corpus, i: int, flip: tuple[bool, bool]) -> Segment:
+        seg = image_segment(corpus, i, self.ctx.pixels)
+        dims = [d for d, on in zip((-1, -2), flip) if on]
+        if dims:
+            seg.pixels = seg.pixels.flip(dims)
+        return seg
+
+    def mirror(self, q: dict, flip: tuple[bool, bool]) -> dict:
+        """Question ``q`` as asked of its image mirrored by ``flip`` = (left-right,
+        top-bottom): direction words swapped in the question and the answers."""
+        if not any(flip):
+            return q
+        h = self.cfg.hflip_words if flip[0] else {}
+        v = self.cfg.vflip_words if flip[1] else {}
+        swaps = {w: v.get(h.get(w, w), h.get(w, w)) for w in {**h, **v}}  # v after h
+        text = mirror_words(q["question"], swaps)
+        key = (q["question"], *flip)
+        if key not in self._mirrored:
+            self._mirrored[key] = (q["ids"] if text == q["question"] else
+                                   self.ctx.text.tok.encode(text, add_special_tokens=False).ids)
+        return {**q, "question": text, "ids": self._mirrored[key],
+                "answers": [mirror_words(a, swaps) for a in q["answers"]]}
+
+    def pack_questions(self, corpus, images: list[int], questions: list[list[dict]],
+                       flips: list[tuple[bool, bool]] | None = None) -> dict:
+        """Image ``images[k]`` (mirrored by ``flips[k]``) with its ``questions[k]``: packed
+        as blocks, or one question per sequence when ``questions_per_sequence`` is 0."""
+        flips = flips or [(False, False)] * len(images)
         if self.cfg.questions_per_sequence == 0:
-            samples = [[self._question(q), image_segment(corpus, i, self.ctx.pixels)]
-                       for i, qs in zip(images, questions) for q in qs]
+            samples = [[self._question(q), self._image(corpus, i, f)]
+                       for i, f, qs in zip(images, flips, questions) for q in qs]
             return {"packed": pack(samples)}
-        return pack_blocks([image_segment(corpus, i, self.ctx.pixels) for i in images],
+        return pack_blocks([self._image(corpus, i, f) for i, f in zip(images, flips)],
                            [[self._question(q) for q in qs] for qs in questions])
 
     def batch(self, corpus, idx: list[int], gen: torch.Generator) -> dict:
         k = self.cfg.questions_per_sequence
-        images, questions = [], []
+        images, questions, flips = [], [], []
         for i in idx:
             qs = corpus.qa[i]
             if not qs:
                 continue
             if k and len(qs) > k:
                 qs = [qs[j] for j in torch.randperm(len(qs), generator=gen)[:k].tolist()]
+            flip = tuple(bool(p) and bool(torch.rand((), generator=gen) < p)
+                         for p in (self.cfg.hflip, self.cfg.vflip))
             images.append(i)
-            questions.append(qs)
+            questions.append([self.mirror(q, flip) for q in qs])
+            flips.append(flip)
         if not images:
             raise OmnimaskError("a VQA batch without questions: the sampled images have none")
-        b = self.pack_questions(corpus, images, questions)
+        b = self.pack_questions(corpus, images, questions, flips)
         b["target"] = torch.stack([self._target(q["answers"]) for qs in questions for q in qs])
+        if self.cfg.ground_weight:
+            if corpus is not self._grounded:  # checked once per training corpus
+                if corpus.inst is None or not any("grounding" in q for qs in corpus.qa
+                                                  for q in qs):
+                    raise OmnimaskError("tasks.vqa.ground_weight: the training shards need "
+                                        "instance masks (inst.png) and questions with "
+                                        "\"grounding\" (ShapesWorld >= 1.1)")
+                self._grounded = corpus
+            b["ground"] = torch.cat([self.grounding(corpus, i, f, qs)
+                                     for i, f, qs in zip(images, flips, questions)])
+            b["ground_weight"] = self.cfg.ground_weight
         return b
+
+    def grounding(self, corpus, i: int, flip: tuple[bool, bool], questions: list[dict]
+                  ) -> torch.Tensor:
+        """[len(questions), glimpses, grid cells]: per question and role, the share of the
+        role's instance pixels in each grid cell of image ``i`` (mirrored by ``flip``);
+        zeros where a question has no such role or the role no pixels."""
+        inst = corpus.inst[i]
+        dims = [d for d, on in zip((-1, -2), flip) if on]
+        if dims:
+            inst = inst.flip(dims)
+        rows, cols = corpus.grid
+        out = torch.zeros(len(questions), self.glimpses, rows * cols)
+        for k, q in enumerate(questions):
+            for g, ids in enumerate(q.get("grounding", [])[:self.glimpses]):
+                m = torch.isin(inst, torch.tensor(ids, dtype=inst.dtype)).float()
+                cells = torch.nn.functional.adaptive_avg_pool2d(m[None], (rows, cols)).flatten()
+                if cells.sum() > 0:
+                    out[k, g] = cells / cells.sum()
+        return out
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
