@@ -112,7 +112,9 @@ class VQAHead(nn.Module):
         d, g = model_cfg.trunk.dim, self.cfg.glimpses
         if g:
             self.query = nn.Linear(d, g * d)
-            self.key = nn.Linear(d, d)
+            # no key bias: it adds the same logit to every token of a query, so softmax
+            # ignores it and its gradient is rounding noise (which Adam would amplify)
+            self.key = nn.Linear(d, d, bias=False)
             self.value = nn.Linear(d, d)
             init_linear(self.query, self.key, self.value)
         k = self.cfg.relation_probes
