@@ -224,7 +224,7 @@ def test_save_pretrained_then_load_gives_identical_outputs(tmp_path):
                                                    "tokenizers"]
     info = json.loads((d / "config.json").read_text())
     assert info["heads"] == {"vqa": {"answers": [], "num_answers": 5, "priors": {},
-                                     "loss": "bce"}}
+                                     "loss": "bce", "glimpses": 0, "relation_probes": 0}}
     assert info["format_version"] == 1
     loaded = omnimask.load(d).eval()
     assert loaded.tokenizers is None and loaded.vocab.size == 300
