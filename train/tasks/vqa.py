@@ -79,6 +79,12 @@ def mirror_words(text: str, swaps: dict[str, str]) -> str:
     return re.sub(rf"\b(?:{words})\b", sub, text, flags=re.IGNORECASE)
 
 
+def mirrored(x: torch.Tensor, flip: tuple[bool, bool]) -> torch.Tensor:
+    """``x`` ([..., H, W]) mirrored left-right and/or top-bottom by ``flip``."""
+    dims = [d for d, on in zip((-1, -2), flip) if on]
+    return x.flip(dims) if dims else x
+
+
 def soft_score(count: int, annotators: int) -> float:
     """Target score of an answer given by ``count`` of ``annotators`` people."""
     if annotators <= 1:
@@ -150,9 +156,7 @@ class VQA(Task):
 
     def _image(self, corpus, i: int, flip: tuple[bool, bool]) -> Segment:
         seg = image_segment(corpus, i, self.ctx.pixels)
-        dims = [d for d, on in zip((-1, -2), flip) if on]
-        if dims:
-            seg.pixels = seg.pixels.flip(dims)
+        seg.pixels = mirrored(seg.pixels, flip)
         return seg
 
     def mirror(self, q: dict, flip: tuple[bool, bool]) -> dict:
@@ -219,16 +223,18 @@ class VQA(Task):
         """[len(questions), glimpses, grid cells]: per question and role, the share of the
         role's instance pixels in each grid cell of image ``i`` (mirrored by ``flip``);
         zeros where a question has no such role or the role no pixels."""
-        inst = corpus.inst[i]
-        dims = [d for d, on in zip((-1, -2), flip) if on]
-        if dims:
-            inst = inst.flip(dims)
+        inst = mirrored(corpus.inst[i], flip).long()
         rows, cols = corpus.grid
+        # each instance's pixels per grid cell, pooled once per image (instances are disjoint,
+        # so a role's cells are the sum of its instances' rows)
+        per_inst = torch.nn.functional.adaptive_avg_pool2d(
+            torch.nn.functional.one_hot(inst, int(inst.max()) + 1).permute(2, 0, 1).float(),
+            (rows, cols)).flatten(1)
         out = torch.zeros(len(questions), self.glimpses, rows * cols)
         for k, q in enumerate(questions):
             for g, ids in enumerate(q.get("grounding", [])[:self.glimpses]):
-                m = torch.isin(inst, torch.tensor(ids, dtype=inst.dtype)).float()
-                cells = torch.nn.functional.adaptive_avg_pool2d(m[None], (rows, cols)).flatten()
+                ids = [j for j in ids if 0 <= j < len(per_inst)]
+                cells = per_inst[ids].sum(0) if ids else out[k, g]
                 if cells.sum() > 0:
                     out[k, g] = cells / cells.sum()
         return out
