@@ -6,7 +6,9 @@ image, unmasked in rounds); the drawn codes go through the image tokenizer's dec
 ShapesWorld shape judge (``train/data/shapesworld/judge.py``) scores them against the
 caption: named colours present, judged shapes named with their colour, and the object
 count. The same scores of the tokenizer's reconstructions (what its codes can show at
-best) and of the original images (what the judge can see at best) stand beside them.
+best) and of the original images (what the judge can see at best) stand beside them, and
+the sampler's grounding: its loss on the images' codes after their own caption and after
+another one (equal: the caption is not read).
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
             out["judge_shape_chance"] = sc["shape_chance"]
         out[f"judge_color{suffix}"] = sc["colour_present"]
         out[f"judge_count{suffix}"] = count_scores(ims, captions)["count_hit"]
+    idx = list(range(min(n, 64)))
+    if g.sampler == "maskgit":  # does the drawing read the caption: own vs another's
+        from .objectives.maskgit import grounding
+        out["grounding"] = grounding(model, ctx, corpus, idx)
+    else:
+        out["grounding"] = cg.grounding(model, ctx, corpus, idx)
     out["settings"] = {k: v for k, v in asdict(g).items() if k not in ("batch", "grid_images")}
     if examples is not None:
         out["examples_png"] = str(examples_png(originals, recon, pictures, captions,

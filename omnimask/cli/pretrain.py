@@ -41,6 +41,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         print("CM3 grounding (val loss, own vs another sample's): image tokens given caption "
               f"{g['image_given_caption']:.3f} vs {g['image_given_other_caption']:.3f}; caption "
               f"given image {g['caption_given_image']:.3f} vs {g['caption_given_other_image']:.3f}")
+        if "maskgit" in g:
+            m = g["maskgit"]
+            obj = (f"; object codes {m['object_codes_given_caption']:.3f} vs "
+                   f"{m['object_codes_given_other_caption']:.3f}"
+                   if "object_codes_given_caption" in m else "")
+            print("MaskGIT grounding (val loss, every code masked, own vs another sample's "
+                  f"caption): codes {m['codes_given_caption']:.3f} vs "
+                  f"{m['codes_given_other_caption']:.3f}{obj}")
     print(cfg.out)
     return 0
 

@@ -49,6 +49,11 @@ def test_eval_generate_draws_judges_and_writes_the_grid(tiny_model_dir, shapes_d
     mm = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert mm["settings"]["sampler"] == "maskgit" and 0 <= mm["judge_color"] <= 1
     assert mm["judge_shape_originals"] == m["judge_shape_originals"]
+    # each sampler's grounding: own caption vs another's, on every code (and object codes)
+    assert set(m["grounding"]) >= {"image_given_caption", "image_given_other_caption"}
+    assert set(mm["grounding"]) == {f"{w}codes_given_{c}" for w in ("", "object_")
+                                    for c in ("caption", "other_caption")}
+    assert all(v > 0 for v in mm["grounding"].values())
     assert run(tmp_path / "c.json", "--set", "sampler=diffusion") == 2
     # bad settings are one-line errors naming the key
     assert run(tmp_path / "c.json", "--set", "rerank=clip") == 2

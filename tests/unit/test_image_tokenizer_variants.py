@@ -214,3 +214,5 @@ def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, t
     s = pre.fit()
     assert s["status"] == "done" and s["step"] == 2
     assert Path(s["samples"]["images_png"]).is_file()
+    mg = s["samples"]["grounding"]["maskgit"]  # the sampler's own grounding, every code
+    assert mg["object_codes_given_caption"] > 0 and mg["codes_given_other_caption"] > 0

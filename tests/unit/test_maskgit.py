@@ -7,9 +7,11 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
-from omnimask.fusion.packing import IGNORE
+from omnimask.fusion.packing import IGNORE, pack
 from omnimask.train.objectives import maskgit as mg
+from omnimask.train.objectives.base import text_segment
 
 from .test_objectives import CODES, P, _batch, _corpus, _ctx, _model
 
@@ -72,9 +74,6 @@ def test_draw_keeps_codes_and_unmasks_on_the_cosine_schedule(monkeypatch):
     # greedy with one round: the argmax of one forward over the all-masked image
     one = mg.draw(model, ctx, caps, P, 4, steps=1, temperature=0.0)
     lo, hi = ctx.vocab.ranges()["image"]
-    from omnimask.fusion.packing import pack
-    from omnimask.train.objectives.base import text_segment
-
     p = pack([[text_segment(ctx, c), real(ctx, torch.zeros(P, dtype=torch.long),
                                           torch.ones(P, dtype=torch.bool), 4, False)]
               for c in caps])
@@ -106,3 +105,90 @@ def test_maskgit_learns_to_draw_what_the_caption_decides():
     drawn = mg.draw(model, ctx, [[w] for w in words], P, 4, steps=4, temperature=0.0)
     acc = float((drawn == codes[:4]).float().mean())
     assert acc > 0.9, acc
+    # grounding: the codes cost far less after their own caption than after another's
+    # (the next sample's caption names the next word); object codes: their share of the loss
+    with_objects, obj = _with_objects(corpus)
+    gr = mg.grounding(model, ctx, with_objects, list(range(8)))
+    assert gr["codes_given_caption"] < gr["codes_given_other_caption"] - 1.0, gr
+    p = pack([[text_segment(ctx, corpus.captions[i][0]), mg.masked_image_segment(
+        ctx, codes[i], torch.ones(P, dtype=torch.bool), 4)] for i in range(8)])
+    with torch.no_grad():
+        h = model.encoder(p, mask="bidirectional")
+        pos = p.target_positions
+        ce = F.cross_entropy(model.encoder.vocab_logits(h, pos), p.targets[pos],
+                             reduction="none")
+    assert abs(gr["codes_given_caption"] - float(ce.mean())) < 1e-3
+    assert abs(gr["object_codes_given_caption"] - float(ce[obj[:8].flatten()].mean())) < 1e-3
+
+
+def _with_objects(corpus, seed: int = 3):
+    """The corpus with ``regions``: each patch background (class 0) or, for about a third,
+    partly an object (class 1 or 2)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(corpus)
+    obj = torch.rand(n, P, generator=g) < 0.33
+    share = torch.where(obj, torch.rand(n, P, generator=g) * 0.9 + 0.1, torch.zeros(n, P))
+    cls = torch.randint(1, 3, (n, P), generator=g)
+    regions = torch.zeros(n, P, 3)
+    regions[..., 0] = 1 - share
+    regions.scatter_(2, cls[..., None], share[..., None])
+    return replace(corpus, regions=regions.half()), obj
+
+
+def test_object_mask_masks_every_object_code_and_leaves_the_default_draws_alone():
+    corpus, obj = _with_objects(_corpus())
+    always, never = mg.MaskGIT(_ctx(maskgit_object_mask=1.0)), mg.MaskGIT(_ctx())
+    g = torch.Generator().manual_seed(0)
+    for k in range(40):
+        i = k % len(corpus)
+        image = always.sample(corpus, i, g)[1]
+        masked = image.ids == always.ctx.sp("mask")
+        assert bool(masked[obj[i]].all())
+        assert torch.equal(image.targets != IGNORE, masked)
+    # share 0 draws nothing more: the same samples as before the option existed
+    a = never.batch(corpus, list(range(8)), torch.Generator().manual_seed(5))["packed"]
+    b = _batch("maskgit", _ctx(), _corpus(), seed=5)["packed"]
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.targets, b.targets)
+    # share 0.5: about half the samples have every object code masked
+    half = mg.MaskGIT(_ctx(maskgit_object_mask=0.5, maskgit_uncond=0.0))
+    full = 0
+    for k in range(400):
+        i = k % len(corpus)
+        masked = half.sample(corpus, i, g)[1].ids == half.ctx.sp("mask")
+        full += bool(masked[obj[i]].all())
+    # all-masked by the ratio alone: P(r*P covers them) is small but not zero
+    assert 0.45 < full / 400 < 0.7, full
+
+
+def test_object_weight_is_the_weighted_mean_of_the_masked_codes_cross_entropy():
+    corpus, obj = _with_objects(_corpus())
+    ctx = _ctx(maskgit_object_weight=4.0)
+    b = _batch("maskgit", ctx, corpus, seed=2)
+    model = _model(ctx).eval()
+    p = b["packed"]
+    pos = p.target_positions
+    # brute force: each target's code, object or not, from its sample and patch
+    want_w = []
+    for s in range(p.num_samples):
+        lo, hi = int(p.cu_seqlens[s]), int(p.cu_seqlens[s + 1])
+        patch = torch.arange(P)
+        img = hi - P
+        for t in pos[(pos >= lo) & (pos < hi)].tolist():
+            want_w.append(4.0 if obj[s][patch[t - img]] else 1.0)
+    assert torch.equal(b["weights"], torch.tensor(want_w))
+    h = model.encoder(p, mask="bidirectional")
+    ce = F.cross_entropy(model.encoder.vocab_logits(h, pos).float(), p.targets[pos],
+                         reduction="none")
+    want = (ce * b["weights"]).sum() / b["weights"].sum()
+    got = model(b, task="maskgit")["loss"]
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert {1.0, 4.0} <= set(want_w)  # both kinds of code are in the batch
+
+
+def test_object_options_need_segmentation_maps():
+    import pytest
+
+    from omnimask.errors import OmnimaskError
+
+    with pytest.raises(OmnimaskError, match="maskgit_object_weight"):
+        _batch("maskgit", _ctx(maskgit_object_weight=2.0), _corpus())

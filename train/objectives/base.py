@@ -62,6 +62,12 @@ class ObjectivesConfig:
     cm3_image_first: float = 0.5  # probability that a document puts the image before the text
     cm3_speech: float = 0.0  # probability that a document also holds the spoken caption's units
     maskgit_uncond: float = 0.1  # MaskGIT samples without their caption (guidance's baseline)
+    # loss weight of the masked codes whose patch holds object pixels (seg.png), against 1
+    # for the background's: the caption decides the objects, not the background
+    maskgit_object_weight: float = 1.0
+    # share of MaskGIT samples that mask every object code (plus the ratio's random share):
+    # the objects must then come from the caption, not from the rest of the image
+    maskgit_object_mask: float = 0.0
     # span starts per frame, spans of speech_span frames (overlapping): wav2vec2's mask_prob
     # 0.65 / length 10, ~50% of the frames covered (HuBERT's 0.08 covers ~57%)
     speech_start_prob: float = 0.065
@@ -74,10 +80,11 @@ class ObjectivesConfig:
         check_fields(self, "(0,1)", "mlm_prob", "mim_ratio", prefix=p)
         check_fields(self, "(0,1]", "mrm_prob", "speech_start_prob", prefix=p)
         check_fields(self, "[0,1]", "itm_neg_prob", "cm3_image_first", "cm3_speech",
-                     "maskgit_uncond", "speech_with_text", prefix=p)
+                     "maskgit_uncond", "maskgit_object_mask", "speech_with_text", prefix=p)
         check_fields(self, ">=1", "mlm_max_ngram", "mim_min_block", "ot_iterations",
                      "cm3_max_spans", "speech_span", prefix=p)
-        check_fields(self, ">0", "mrc_temperature", "ot_beta", "cm3_poisson", prefix=p)
+        check_fields(self, ">0", "mrc_temperature", "ot_beta", "cm3_poisson",
+                     "maskgit_object_weight", prefix=p)
         check_fields(self, ">=0", "mix_ramp_steps", "wra_weight", "speech_max_units", prefix=p)
         if self.itm_features not in ("cls", "pair"):
             raise ValueError(f"{p}itm_features must be cls or pair, got {self.itm_features!r}")

@@ -9,6 +9,10 @@ probability ``objectives.maskgit_uncond`` the caption is left out (the unconditi
 that classifier-free guidance subtracts). The trunk runs bidirectionally; the loss is
 cross-entropy of the masked codes through the vocabulary head.
 
+Objects (patches with object pixels in ``seg.png``) can weigh more than the background
+(``maskgit_object_weight``), and a share of samples (``maskgit_object_mask``) masks every
+object code: the rest of the image then says nothing of what the caption names.
+
 ``draw`` decodes in ``steps`` rounds: each round predicts every masked code, samples them,
 and keeps the most confident ones so that cos(pi/2 * (t+1)/steps) of the codes stay masked
 (confidence = log-probability of the sampled code plus Gumbel noise annealed to 0).
@@ -19,7 +23,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import IGNORE, Segment, pack
 
 from .base import Context, Objective, TokenPrediction, objective, pick_caption, text_segment
@@ -38,9 +44,31 @@ def masked_image_segment(ctx: Context, codes: torch.Tensor, masked: torch.Tensor
 
 
 class MaskGITHead(TokenPrediction):
-    """Cross-entropy of the masked codes through the vocabulary head, bidirectional."""
+    """Cross-entropy of the masked codes through the vocabulary head, bidirectional; with
+    ``weights`` (one per target), their weighted mean."""
 
     task, mask = "maskgit", "bidirectional"
+
+    def forward(self, encoder, b: dict) -> dict:
+        if "weights" not in b:
+            return super().forward(encoder, b)
+        p = b["packed"]
+        pos, target = self.targets(b)
+        h = encoder(p, mask=self.mask, outputs=pos)
+        ce = F.cross_entropy(encoder.vocab_logits(h, torch.arange(len(h), device=h.device))
+                             .float(), target.to(h.device), reduction="none")
+        w = b["weights"].to(ce.device)
+        loss = (ce * w).sum() / w.sum()
+        return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
+
+
+def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
+    """[P] bool: sample ``i``'s codes whose patch holds object pixels (``regions``: class 0
+    is the background); ``setting`` names what needs them in the error."""
+    if corpus.regions is None:
+        raise OmnimaskError(f"objectives.{setting}: the shards have no seg.png, so no "
+                            f"object codes")
+    return corpus.regions[i][:, 1:].float().sum(-1) > 0
 
 
 @objective("maskgit")
@@ -54,13 +82,23 @@ class MaskGIT(Objective):
         k = min(n, max(1, math.ceil(ratio * n)))
         masked = torch.zeros(n, dtype=torch.bool)
         masked[torch.randperm(n, generator=gen)[:k]] = True
+        p = self.cfg.maskgit_object_mask
+        if p > 0 and float(torch.rand(1, generator=gen)) < p:
+            masked |= object_codes(corpus, i, "maskgit_object_mask")
         uncond = float(torch.rand(1, generator=gen)) < self.cfg.maskgit_uncond
         caption = [] if uncond else pick_caption(corpus, i, gen)
         return [text_segment(self.ctx, caption),
                 masked_image_segment(self.ctx, codes, masked, corpus.grid[1])]
 
     def batch(self, corpus, idx, gen) -> dict:
-        return {"packed": pack([self.sample(corpus, i, gen) for i in idx])}
+        samples = [self.sample(corpus, i, gen) for i in idx]
+        out = {"packed": pack(samples)}
+        w = self.cfg.maskgit_object_weight
+        if w != 1.0:  # one weight per target, in the packed targets' order
+            obj = [object_codes(corpus, i, "maskgit_object_weight")[s[-1].targets != IGNORE]
+                   for i, s in zip(idx, samples)]
+            out["weights"] = torch.cat(obj).float() * (w - 1) + 1
+        return out
 
 
 @torch.no_grad()
@@ -106,3 +144,29 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
         codes = torch.where(new, pick, codes)
         known |= new
     return codes
+
+
+@torch.no_grad()
+def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
+    """Whether drawing reads the caption: the loss of every code of images ``idx``, all
+    masked (the first round of ``draw``), after the image's own caption and after another
+    sample's (the list rotated by one); with ``seg.png``, also of the object codes alone.
+    Equal pairs: the model draws the same whatever the caption says."""
+    model.eval()
+    n, cols = corpus.codes.shape[1], corpus.grid[1]
+    caps = [corpus.captions[i][0] if corpus.captions[i] else [] for i in idx]
+    obj = (torch.stack([object_codes(corpus, i, "") for i in idx])
+           if corpus.regions is not None else None)
+    out = {}
+    for name, cs in (("caption", caps), ("other_caption", caps[1:] + caps[:1])):
+        p = pack([[text_segment(ctx, c), masked_image_segment(
+            ctx, corpus.codes[i], torch.ones(n, dtype=torch.bool), cols)]
+            for c, i in zip(cs, idx)])
+        h = model.encoder(p, mask="bidirectional")
+        pos = p.target_positions.to(h.device)
+        ce = F.cross_entropy(model.encoder.vocab_logits(h, pos).float(),
+                             p.targets[pos].to(h.device), reduction="none").cpu()
+        out[f"codes_given_{name}"] = round(float(ce.mean()), 4)
+        if obj is not None:
+            out[f"object_codes_given_{name}"] = round(float(ce[obj.flatten()].mean()), 4)
+    return out
