@@ -143,7 +143,8 @@ class Context:
 
 class TokenPrediction(nn.Module):
     """A head without parameters: cross-entropy of the encoder's vocabulary logits (the
-    trunk's head, tied to the token embeddings) at the predicted positions. ``task`` keys
+    trunk's head, tied to the token embeddings) at the predicted positions, or its mean
+    weighted by the batch's ``weights`` (one per target) when it has them. ``task`` keys
     the loss; ``mask`` is the attention mask the encoder runs with."""
 
     task, mask = "", "bidirectional"
@@ -161,8 +162,13 @@ class TokenPrediction(nn.Module):
         p = b["packed"]
         pos, target = self.targets(b)
         h = encoder(p, mask=self.mask, masked=b.get("masked"), outputs=pos)  # [P, dim]
-        loss = F.cross_entropy(encoder.vocab_logits(h, torch.arange(len(h), device=h.device))
-                               .float(), target.to(h.device))
+        logits = encoder.vocab_logits(h, torch.arange(len(h), device=h.device)).float()
+        w = b.get("weights")
+        if w is None:
+            loss = F.cross_entropy(logits, target.to(h.device))
+        else:
+            w = w.to(h.device)
+            loss = (F.cross_entropy(logits, target.to(h.device), reduction="none") * w).sum() / w.sum()
         return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
 
 

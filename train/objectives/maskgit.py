@@ -44,22 +44,10 @@ def masked_image_segment(ctx: Context, codes: torch.Tensor, masked: torch.Tensor
 
 
 class MaskGITHead(TokenPrediction):
-    """Cross-entropy of the masked codes through the vocabulary head, bidirectional; with
-    ``weights`` (one per target), their weighted mean."""
+    """Cross-entropy of the masked codes through the vocabulary head, bidirectional (the
+    batch's ``weights``: the object weight per target)."""
 
     task, mask = "maskgit", "bidirectional"
-
-    def forward(self, encoder, b: dict) -> dict:
-        if "weights" not in b:
-            return super().forward(encoder, b)
-        p = b["packed"]
-        pos, target = self.targets(b)
-        h = encoder(p, mask=self.mask, outputs=pos)
-        ce = F.cross_entropy(encoder.vocab_logits(h, torch.arange(len(h), device=h.device))
-                             .float(), target.to(h.device), reduction="none")
-        w = b["weights"].to(ce.device)
-        loss = (ce * w).sum() / w.sum()
-        return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
 
 
 def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
