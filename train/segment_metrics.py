@@ -12,7 +12,8 @@
   intersections over the summed unions (cumulative IoU, as in LAVT and SEEM's reports).
 - Interactive: ``next_click`` (the standard protocol of RITM / SimpleClick: a click at the
   point farthest from the boundary of the larger error region, positive in a missed part,
-  negative in a false one) and ``clicks_to_iou`` (NoC@IoU for one object).
+  negative in a false one) and ``clicks_to_iou`` (NoC@IoU for one object;
+  ``clicks_to_iou_many`` for several, each round's masks asked for at once).
 """
 
 from __future__ import annotations
@@ -171,14 +172,37 @@ def clicks_to_iou(predict: Callable[[list[Click]], np.ndarray], truth, target: f
                   max_clicks: int = 20) -> tuple[int, list[float]]:
     """Clicks until ``predict(clicks)``'s mask reaches IoU ``target`` with ``truth`` (NoC;
     ``max_clicks`` when it never does) and the IoU after each click."""
-    clicks: list[Click] = []
-    ious: list[float] = []
-    pred = np.zeros(_np(truth).shape, dtype=bool)
+    return clicks_to_iou_many(lambda asks: [predict(c) for _, c in asks], [truth], target,
+                              max_clicks)[0]
+
+
+def clicks_to_iou_many(predict: Callable[[list[tuple[int, list[Click]]]], Sequence],
+                       truths: Sequence, target: float = 0.85,
+                       max_clicks: int = 20) -> list[tuple[int, list[float]]]:
+    """``clicks_to_iou`` for several objects at once: each round, every object not yet at
+    ``target`` gets its next click, and ``predict`` is asked for all their masks in one call
+    (a list of (object index, its clicks so far) -> a mask per entry), so a model can
+    batch them."""
+    truths = [_np(t).astype(bool) for t in truths]
+    clicks: list[list[Click]] = [[] for _ in truths]
+    ious: list[list[float]] = [[] for _ in truths]
+    preds = [np.zeros(t.shape, dtype=bool) for t in truths]
+    noc = [max_clicks] * len(truths)
+    active = list(range(len(truths)))
     for k in range(1, max_clicks + 1):
-        clicks.append(next_click(pred, truth))
-        pred = _np(predict(list(clicks))).astype(bool)
-        i, u = mask_iou(pred, truth)
-        ious.append(i / u if u else 1.0)
-        if ious[-1] >= target:
-            return k, ious
-    return max_clicks, ious
+        if not active:
+            break
+        for j in active:
+            clicks[j].append(next_click(preds[j], truths[j]))
+        masks = predict([(j, list(clicks[j])) for j in active])
+        still = []
+        for j, m in zip(active, masks, strict=True):
+            preds[j] = _np(m).astype(bool)
+            i, u = mask_iou(preds[j], truths[j])
+            ious[j].append(i / u if u else 1.0)
+            if ious[j][-1] >= target:
+                noc[j] = k
+            else:
+                still.append(j)
+        active = still
+    return list(zip(noc, ious))

@@ -251,6 +251,17 @@ def test_segment_finetune_eval_and_api(segment_run, shapes_dir, tmp_path):
         assert all(0 <= m[k] <= 1 for k in keys if k not in ("per_class_iou", "noc85"))
     seg = json.loads((tmp_path / "segment.json").read_text())["metrics"]
     assert 1 <= seg["noc85"] <= 3 and seg["objects"] == 5  # the protocol --set asked for
+    # the click protocol asks for every object's next mask in one forward: the same
+    # numbers as one object per forward (prompts never see each other)
+    from omnimask.train.evaluate_task import evaluate_model
+
+    data = [str(shapes_dir / "test-novel-*.tar")]
+    one, many = (evaluate_model("segment", str(out / "model"), data, limit=6, progress=False,
+                                settings={"noc_max_clicks": 4, "noc_objects": 8,
+                                          "eval_images": n})["metrics"] for n in (1, 32))
+    assert one["noc85"] == many["noc85"] and one["objects"] == many["objects"] == 8
+    assert one["point_miou"] == pytest.approx(many["point_miou"], abs=1e-6)
+    assert one["box_miou"] == pytest.approx(many["box_miou"], abs=1e-6)
     assert {p.name for p in (tmp_path / "ex").iterdir()} == {"segment_examples.png",
                                                              "refer_examples.png"}
     img = (torch.rand(3, 48, 80) * 255).to(torch.uint8)  # not the model's size, not square

@@ -8,6 +8,7 @@ from omnimask.train.segment_metrics import (
     PanopticMeter,
     SemanticMeter,
     clicks_to_iou,
+    clicks_to_iou_many,
     mask_iou,
     next_click,
     referring_report,
@@ -115,3 +116,28 @@ def test_clicks_to_iou_on_a_known_predictor():
     assert noc == 5 and ious == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     noc, ious = clicks_to_iou(lambda clicks: np.zeros_like(g), g, 0.85, 3)
     assert noc == 3 and ious == [0.0, 0.0, 0.0]
+
+
+def test_clicks_to_iou_many_equals_one_object_at_a_time():
+    rng = np.random.default_rng(0)
+    truths = [_square(n=16, at=tuple(rng.integers(0, 8, 2)), side=int(rng.integers(3, 8)))
+              for _ in range(6)]
+
+    def blob(clicks, shape):  # a square around each positive click, cut by negatives
+        p = np.zeros(shape, bool)
+        for r, c, pos in clicks:
+            p[max(0, r - 2):r + 3, max(0, c - 2):c + 3] = pos
+        return p
+
+    calls = []
+
+    def many(asks):
+        calls.append(len(asks))
+        return [blob(c, truths[j].shape) for j, c in asks]
+
+    batched = clicks_to_iou_many(many, truths, 0.85, 6)
+    alone = [clicks_to_iou(lambda c, t=t: blob(c, t.shape), t, 0.85, 6) for t in truths]
+    assert batched == alone
+    assert len(calls) == max(n for n, _ in alone)  # one call per round, not per object
+    assert calls == sorted(calls, reverse=True) and calls[0] == len(truths)
+    assert {n for n, _ in alone} != {6}  # some objects finish early, some do not

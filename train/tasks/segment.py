@@ -346,13 +346,13 @@ class Segment(Task):
     def interactive(self, model, corpus, idx: list[int]) -> tuple[dict, list[tuple]]:
         """The interactive metrics, and (image, clicks, mask) of the first few single
         clicks (for the examples PNG)."""
-        from ..segment_metrics import clicks_to_iou, mask_iou, next_click, referring_report
+        from ..segment_metrics import clicks_to_iou_many, mask_iou, next_click, referring_report
 
         objs = self.object_list(corpus, idx, self.class_map(corpus, strict=False))
         if not objs:
             return {}, []
         s = corpus.pixels.shape[-1]
-        point, box, noc, clicked = [], [], [], []
+        point, box, clicked = [], [], []
         for c in range(0, len(objs), self.cfg.eval_images):
             chunk = objs[c:c + self.cfg.eval_images]
             images = sorted({i for i, _ in chunk})
@@ -369,13 +369,23 @@ class Segment(Task):
                 if len(clicked) < 6:
                     clicked.append((i, [firsts[n]], out[2 * n]))
                 box.append(mask_iou(out[2 * n + 1], m))
-        for i, m in objs:
-            def predict(clicks, i=i):
-                pr = [{"image": 0, "kind": "point", "clicks": click_tensor(clicks, s)}]
-                return (self.run(model, corpus, [i], pr)["prompt_masks"][0] > 0).numpy()
 
-            noc.append(clicks_to_iou(predict, m.numpy(), self.cfg.noc_iou,
-                                     self.cfg.noc_max_clicks)[0])
+        def predict(asks: list[tuple[int, list]]) -> list:
+            """Each object's mask after its clicks: prompts never see each other, so one
+            forward serves a chunk of objects."""
+            masks = []
+            for c in range(0, len(asks), self.cfg.eval_images):
+                chunk = asks[c:c + self.cfg.eval_images]
+                images = sorted({objs[j][0] for j, _ in chunk})
+                where = {i: b for b, i in enumerate(images)}
+                prompts = [{"image": where[objs[j][0]], "kind": "point",
+                            "clicks": click_tensor(clicks, s)} for j, clicks in chunk]
+                masks += list((self.run(model, corpus, images, prompts)["prompt_masks"] > 0)
+                              .numpy())
+            return masks
+
+        noc = [n for n, _ in clicks_to_iou_many(predict, [m.numpy() for _, m in objs],
+                                               self.cfg.noc_iou, self.cfg.noc_max_clicks)]
         return {"point_miou": referring_report(point)["miou"],
                 "box_miou": referring_report(box)["miou"],
                 f"noc{round(self.cfg.noc_iou * 100)}": float(np.mean(noc)),
