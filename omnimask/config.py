@@ -111,14 +111,14 @@ class DemoConfig:
     speech_units: int = 500  # k-means units
     # training stages are sized in steps, so a busy machine takes longer but learns the
     # same; stage_max_minutes only stops a stuck one (the report says when it cut a stage)
-    vq_steps: int = 1000  # VQ image tokenizer (quick: a tenth)
+    vq_steps: int = 800  # VQ image tokenizer (quick: a tenth)
     # VQ codes: more reconstruct better (1024: +0.7 dB), fewer make learnable MIM targets
     vq_codes: int = 128
     # the pixel encoder's region-label warm-up before pretraining, then frozen (0: shapes_tiny
     # as it is, the encoder trained end to end); quick: 5
     encoder_warmup_steps: int = 1000
     pretrain_steps: int = 900  # multi-task pretraining, shapes_tiny's schedule (quick: 10)
-    finetune_vqa_steps: int = 1500  # the VQA head, after the two below (quick: 10)
+    finetune_vqa_steps: int = 1300  # the VQA head, after the two below (quick: 10)
     finetune_steps: int = 600  # the retrieval and caption heads, together (quick: 10)
     # ITM trained beside ITC in that run, re-ranking each query's top 16; off, ITC alone
     # ranks: at the demo's budget ITM's pairs cost much of the run and lowered captions

@@ -109,7 +109,9 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                 "trainer.eval_every=0",  # validation (and the export) once, at the end
                 f"trainer.checkpoint_every={max(1, n // 3)}",
                 f"trainer.warmup_steps={max(1, min(50, n // 10))}",
-                "data.val_limit=8" if quick else "data.val_limit=100", *settings]
+                "data.val_limit=8" if quick else "data.val_limit=100",
+                # validation only picks the checkpoint: METEOR's JVM is for the test splits
+                "tasks.caption.meteor=false", *settings]
         if task == "multitask":
             over += [f"mix.{t}=0" for t in TRAINED if t not in serves]
         if "retrieval" in serves and not itm:

@@ -51,7 +51,8 @@ def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
     data, out = Path(data), Path(out)
     train, val = [str(data / "train-*.tar")], [str(data / "val-*.tar")]
     plans = [("text", [], {}),
-             ("speech", ["kind=kmeans", f"codebook_size={speech_units}"], {}),
+             # k-means fitted on a sample of 100k frames (200 per unit), not on every frame
+             ("speech", ["kind=kmeans", f"codebook_size={speech_units}", "max_frames=100000"], {}),
              ("image", [f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
                         f"vq.codebook_size={vq_codes}"],
               {"grid": str(grid) if grid is not None else None})]
