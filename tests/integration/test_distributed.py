@@ -45,6 +45,20 @@ def final(run: Path, step: int = 20) -> tuple[dict, dict]:
     return load_file(str(d / "model.safetensors")), load_tree(d / "state.safetensors")
 
 
+def assert_same_weights(wa: dict, wb: dict, atol: float = 1e-6) -> None:
+    """Every weight to ``atol``, but the attention's key bias to 1e-4: softmax ignores a
+    shift shared by all keys, so its gradient is only rounding noise, which Adam scales up
+    to steps of ~1e-6 that differ between reduction orders (FSDP's, one process's)."""
+    assert set(wa) == set(wb)
+    for k in wa:
+        x, y = wa[k], wb[k]
+        if k.endswith("attn.qkv.bias"):
+            d = x.shape[0] // 3
+            torch.testing.assert_close(x[d:2 * d], y[d:2 * d], atol=1e-4, rtol=0)
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def assert_same_run(a: Path, b: Path, atol: float = 1e-6) -> None:
     ra, rb = rows(a), rows(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 21))
@@ -52,9 +66,7 @@ def assert_same_run(a: Path, b: Path, atol: float = 1e-6) -> None:
         assert x["tokens"] == y["tokens"]
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
     (wa, sa), (wb, sb) = final(a), final(b)
-    assert set(wa) == set(wb)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0)
+    assert_same_weights(wa, wb, atol)
     oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert set(oa) == set(ob)
     for i in oa:
@@ -88,9 +100,8 @@ def test_a_checkpoint_moves_between_world_sizes(single, tmp_path, parallel):
     launch(tmp_path / "down", 1, accumulate=2, parallel=parallel,
            resume=str(two / "checkpoints" / "step_00000010"))
     (w_down, _) = final(tmp_path / "down")
-    for k in w:
-        torch.testing.assert_close(w_up[k], w[k], atol=1e-6, rtol=0)
-        torch.testing.assert_close(w_down[k], w[k], atol=1e-6, rtol=0)
+    assert_same_weights(w_up, w)
+    assert_same_weights(w_down, w)
 
 
 def test_launched_as_two_processes_without_a_parallel_mode_is_an_error(tmp_path):
