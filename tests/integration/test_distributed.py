@@ -48,7 +48,7 @@ def final(run: Path, step: int = 20) -> tuple[dict, dict]:
 def assert_same_weights(wa: dict, wb: dict, atol: float = 1e-6) -> None:
     """Every weight to ``atol``, but the attention's key bias to 1e-4: softmax ignores a
     shift shared by all keys, so its gradient is only rounding noise, which Adam scales up
-    to steps of ~1e-6 that differ between reduction orders (FSDP's, one process's)."""
+    into differences of a few 1e-6 between reduction orders (FSDP's, one process's)."""
     assert set(wa) == set(wb)
     for k in wa:
         x, y = wa[k], wb[k]
