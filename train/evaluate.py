@@ -73,11 +73,12 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
     d = [ctx.sp("bos"), *cg.text_part(ctx, val.captions[0][0])]
     s, e = 1 + len(val.captions[0][0]) // 3, 1 + 2 * len(val.captions[0][0]) // 3
     filled = cg.infill(model, ctx, text, d, s, e)
-    grounding = cg.grounding(model, ctx, val, list(range(min(64, len(val)))))
+    first = list(range(min(64, len(val))))
+    grounding = cg.grounding(model, ctx, val, first)
     if g.sampler == "maskgit":
         from .objectives import maskgit
 
-        grounding["maskgit"] = maskgit.grounding(model, ctx, val, list(range(min(64, len(val)))))
+        grounding["maskgit"] = maskgit.grounding(model, ctx, val, first)
 
     def mean(key: str) -> float:
         return round(sum(c[key] for c in caps) / max(1, len(caps)), 3)

@@ -343,6 +343,20 @@ class Segment(Task):
                     return out
         return out
 
+    def prompt_masks(self, model, corpus, asks: list[tuple[int, dict]],
+                     size: int) -> torch.Tensor:
+        """bool [len(asks), H, W]: the mask of each visual prompt (image index, prompt
+        without its ``image``), ``size`` prompts per forward: prompts never attend to each
+        other, so one forward serves many."""
+        out = []
+        for c in range(0, len(asks), size):
+            chunk = asks[c:c + size]
+            images = sorted({i for i, _ in chunk})
+            where = {i: b for b, i in enumerate(images)}
+            prompts = [pr | {"image": where[i]} for i, pr in chunk]
+            out.append(self.run(model, corpus, images, prompts)["prompt_masks"] > 0)
+        return torch.cat(out)
+
     def interactive(self, model, corpus, idx: list[int]) -> tuple[dict, list[tuple]]:
         """The interactive metrics, and (image, clicks, mask) of the first few single
         clicks (for the examples PNG)."""
@@ -352,37 +366,19 @@ class Segment(Task):
         if not objs:
             return {}, []
         s = corpus.pixels.shape[-1]
-        point, box, clicked = [], [], []
-        for c in range(0, len(objs), self.cfg.eval_images):
-            chunk = objs[c:c + self.cfg.eval_images]
-            images = sorted({i for i, _ in chunk})
-            where = {i: b for b, i in enumerate(images)}
-            prompts = []
-            firsts = [next_click(np.zeros(m.shape, bool), m.numpy()) for _, m in chunk]
-            for (i, m), first_click in zip(chunk, firsts):
-                prompts.append({"image": where[i], "kind": "point",
-                                "clicks": click_tensor([first_click], s)})
-                prompts.append({"image": where[i], "kind": "box", "box": tight_box(m)})
-            out = self.run(model, corpus, images, prompts)["prompt_masks"] > 0
-            for n, (i, m) in enumerate(chunk):
-                point.append(mask_iou(out[2 * n], m))
-                if len(clicked) < 6:
-                    clicked.append((i, [firsts[n]], out[2 * n]))
-                box.append(mask_iou(out[2 * n + 1], m))
+        firsts = [next_click(np.zeros(m.shape, bool), m.numpy()) for _, m in objs]
+        asks = [a for (i, m), f in zip(objs, firsts)
+                for a in ((i, {"kind": "point", "clicks": click_tensor([f], s)}),
+                          (i, {"kind": "box", "box": tight_box(m)}))]
+        out = self.prompt_masks(model, corpus, asks, 2 * self.cfg.eval_images)
+        point = [mask_iou(out[2 * n], m) for n, (_, m) in enumerate(objs)]
+        box = [mask_iou(out[2 * n + 1], m) for n, (_, m) in enumerate(objs)]
+        clicked = [(i, [f], out[2 * n]) for n, ((i, _), f) in enumerate(zip(objs[:6], firsts))]
 
         def predict(asks: list[tuple[int, list]]) -> list:
-            """Each object's mask after its clicks: prompts never see each other, so one
-            forward serves a chunk of objects."""
-            masks = []
-            for c in range(0, len(asks), self.cfg.eval_images):
-                chunk = asks[c:c + self.cfg.eval_images]
-                images = sorted({objs[j][0] for j, _ in chunk})
-                where = {i: b for b, i in enumerate(images)}
-                prompts = [{"image": where[objs[j][0]], "kind": "point",
-                            "clicks": click_tensor(clicks, s)} for j, clicks in chunk]
-                masks += list((self.run(model, corpus, images, prompts)["prompt_masks"] > 0)
-                              .numpy())
-            return masks
+            return list(self.prompt_masks(model, corpus, [
+                (objs[j][0], {"kind": "point", "clicks": click_tensor(clicks, s)})
+                for j, clicks in asks], self.cfg.eval_images).numpy())
 
         noc = [n for n, _ in clicks_to_iou_many(predict, [m.numpy() for _, m in objs],
                                                self.cfg.noc_iou, self.cfg.noc_max_clicks)]
