@@ -4,15 +4,17 @@
 Each (side, lengths) configuration runs in its own Python process (a configuration
 changes the allocator's and oneDNN's state for the ones after it), one after another on
 the same machine, for several rounds in turn; each side keeps its fastest round. A process
-measures this machine's matmul peak before and after its steps (fp32 on CPU, bf16 on
-CUDA; the better of the two), warms up (compilation included, timed), times ``steps`` steps (forward, backward,
-fused AdamW on both sides, as transformers' Trainer defaults to on torch >= 2.8), counts
+measures this machine's matmul peak before and after its steps, in the dtype both sides
+step in (the better of the two), warms up (compilation included, timed), times ``steps``
+steps (forward, backward, fused AdamW on both sides, as transformers' Trainer defaults to on torch >= 2.8), counts
 one step's FLOPs with ``torch.utils.flop_counter`` (the CPU flash-attention kernels
 added) and reports real (non-pad) tokens/s, FLOPs per real token, achieved GFLOP/s, the
 fraction of the peak and peak memory (CUDA: allocated; CPU: the process's peak RSS). Our
 side packs without padding and computes the last layer and the vocabulary projection only
 at masked positions; theirs pads to the longest sample and projects every position. On
-CUDA both run under bf16 autocast and the fraction is the MFU.
+CUDA both run under bf16 autocast and the fraction is the MFU; ``dtype="bf16"`` runs both
+sides under bf16 autocast on CPU too (CPUs with native bf16 matmuls, e.g. AVX512-BF16 or
+AMX), against the bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -67,9 +69,22 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def matmul_peak(dev: torch.device) -> float:
-    """FLOP/s of the best of several square matmuls: fp32 on CPU, bf16 on CUDA."""
-    n, dtype, reps = (8192, torch.bfloat16, 10) if dev.type == "cuda" else (1536, torch.float32, 4)
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def step_dtype(dev: torch.device, dtype: str = "auto") -> torch.dtype:
+    """What the timed steps compute in: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def matmul_peak(dev: torch.device, dtype: torch.dtype | None = None) -> float:
+    """FLOP/s of the best of several square matmuls in ``dtype`` (default: the device's
+    ``step_dtype``)."""
+    dtype = dtype or step_dtype(dev)
+    n, reps = (8192, 10) if dev.type == "cuda" else (1536, 4)
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     c = torch.empty(n, n, device=dev, dtype=dtype)
@@ -118,6 +133,7 @@ def measure(spec: dict) -> dict:
     """One side on one length range, in this process (see the module docstring)."""
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
+    dtype = step_dtype(dev, spec.get("dtype", "auto"))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     model = _models(spec, dev)
@@ -137,13 +153,13 @@ def measure(spec: dict) -> dict:
     inputs = [packed(s, dev) if ours else padded(s, dev) for s in data]
 
     def step(x):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_of(x) if ours else loss_of(*x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    peak = matmul_peak(dev)
+    peak = matmul_peak(dev, dtype)
     t0 = time.perf_counter()
     for x in inputs[:spec["warmup"]]:
         step(x)
@@ -156,7 +172,7 @@ def measure(spec: dict) -> dict:
         step(x)
     _sync(dev)
     seconds = time.perf_counter() - t0
-    peak = max(peak, matmul_peak(dev))  # before and after: a busy moment lowers one only
+    peak = max(peak, matmul_peak(dev, dtype))  # before and after: a busy moment lowers one only
     tokens = sum(len(i) for s in data[spec["warmup"]:] for i, _ in s)
     mem = (torch.cuda.max_memory_allocated(dev) if cuda
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -188,15 +204,16 @@ def _in_process(spec: dict) -> dict:
 def bench_trunk(layers=4, dim=256, heads=4, ffn=1024, vocab=8192, batch=16, min_len=32,
                 max_len=256, steps=10, warmup=2, device: str | None = None, seed=0,
                 compile: bool = False, threads: int | None = None, isolate: bool = True,
-                rounds: int = 3, progress=None) -> dict:
+                rounds: int = 3, dtype: str = "auto", progress=None) -> dict:
     """Both sides on lengths uniform in [min_len, max_len] and at max_len; each
     configuration in its own process (unless ``isolate=False``: tests), ``rounds`` times
     in turn; each side keeps its fastest round (a shared machine only ever slows a run
     down), and every round's tokens/s is kept."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = step_dtype(dev, dtype) == torch.bfloat16
     base = {"layers": layers, "dim": dim, "heads": heads, "ffn": ffn, "vocab": vocab,
             "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev),
-            "seed": seed, "compile": compile, "threads": threads}
+            "seed": seed, "compile": compile, "threads": threads, "dtype": dtype}
     run = _in_process if isolate else measure
     out = {}
     for key, lengths in (("variable", [min_len, max_len]), ("full_length", [max_len, max_len])):
@@ -219,7 +236,7 @@ def bench_trunk(layers=4, dim=256, heads=4, ffn=1024, vocab=8192, batch=16, min_
             "config": {**{k: v for k, v in base.items() if k not in ("device", "seed")},
                        "lengths": [min_len, max_len],
                        "threads": threads or torch.get_num_threads(),
-                       "dtype": "bf16 autocast" if dev.type == "cuda" else "float32",
+                       "dtype": "bf16 autocast" if bf16 else "float32",
                        "optimizer": "AdamW(fused=True) on both sides",
                        "attention_backend": "auto", "hf_attention": "sdpa",
                        "isolated_processes": isolate, "rounds": rounds},

@@ -38,7 +38,7 @@ def cmd_bench_trunk(a: argparse.Namespace) -> int:
         raise OmnimaskError(f"--device {device_problem(a.device)}")
     res = bench_trunk(a.layers, a.dim, a.heads, a.ffn, a.vocab, a.batch, a.min_len, a.max_len,
                       a.steps, a.warmup, a.device, compile=a.compile, threads=a.threads,
-                      rounds=a.rounds,
+                      rounds=a.rounds, dtype=a.dtype,
                       progress=None if a.quiet else lambda m: print(f"running {m}", flush=True))
     print(trunk_table(res))
     _write_json(res, a.out)
@@ -111,6 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     btr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     btr.add_argument("--compile", action="store_true",
                      help="torch.compile both sides' loss (warm-up time reported)")
+    btr.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="both sides' step: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 "
+                          "= bf16 autocast (CPUs with native bf16), against the bf16 peak")
     btr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     btr.add_argument("--rounds", type=int, default=3,
                      help="processes per configuration, in turn; each side keeps its best")

@@ -113,6 +113,28 @@ def test_bench_trunk_json(tmp_path):
                 side["gflop_per_s"] / side["matmul_peak_gflop_per_s"], abs=2e-3)
 
 
+def test_bench_trunk_bf16_on_cpu():
+    """--dtype bf16: both sides step under bf16 autocast, against the bf16 matmul peak."""
+    from omnimask.bench_trunk import bench_trunk, matmul_peak, step_dtype
+
+    cpu = torch.device("cpu")
+    assert step_dtype(cpu) == torch.float32 and step_dtype(cpu, "bf16") == torch.bfloat16
+    assert step_dtype(torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        step_dtype(cpu, "fp16")
+    assert matmul_peak(cpu, torch.bfloat16) > 0
+    r = bench_trunk(1, 32, 2, 64, 100, 3, 4, 16, steps=2, warmup=1, device="cpu", rounds=1,
+                    isolate=False, dtype="bf16")
+    assert r["config"]["dtype"] == "bf16 autocast"
+    # the same work is counted whatever the dtype
+    f32 = bench_trunk(1, 32, 2, 64, 100, 3, 4, 16, steps=2, warmup=1, device="cpu", rounds=1,
+                      isolate=False)
+    assert f32["config"]["dtype"] == "float32"
+    for key in ("variable", "full_length"):
+        for side in ("omnimask", "hf"):
+            assert r[key][side]["mflop_per_token"] == f32[key][side]["mflop_per_token"]
+
+
 def test_bench_counts_cpu_flash_attention_flops():
     """The FLOP counter learns the CPU flash-attention kernels: forward = two bmms."""
     from torch.utils.flop_counter import FlopCounterMode
