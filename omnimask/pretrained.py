@@ -259,6 +259,41 @@ def check_tokenizers(toks: dict, vocab, what: str) -> None:
         vocab.check_compatible(got, what)
 
 
+IMAGE_ENCODER = "encoder.embedders.image.encoder."
+
+
+def load_image_encoder(model: OmniModel, source: str | os.PathLike) -> int:
+    """The pixel encoder of the model directory (or zoo name) ``source`` into ``model``,
+    whose own pixel encoder has the same architecture (every ``model.image_encoder`` field
+    but ``frozen``); the rest of ``model`` is untouched. Returns the tensors copied."""
+    from dataclasses import asdict
+
+    from omnimask.zoo import resolve
+
+    d = resolve(source)
+    cfg = _model_config(read_config(d), d / CONFIG)
+    if cfg.image_input != "pixels" or model.cfg.image_input != "pixels":
+        raise OmnimaskError(f"{d}: a pixel encoder needs model.image_input=pixels on both "
+                            f"sides (there: {cfg.image_input}, here: {model.cfg.image_input})")
+    theirs, ours = (
+        {k: v for k, v in asdict(c.image_encoder).items() if k != "frozen"}
+        for c in (cfg, model.cfg))
+    diff = [f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k]]
+    if diff:
+        raise OmnimaskError(f"{d / CONFIG}: its model.image_encoder differs from this model's "
+                            f"({'; '.join(diff[:3])})")
+    sd = {k: v for k, v in _read_weights(_require(d / WEIGHTS, d)).items()
+          if k.startswith(IMAGE_ENCODER)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(IMAGE_ENCODER)}
+    if set(sd) != set(own):
+        raise OmnimaskError(f"{d / WEIGHTS}: its pixel encoder's tensors differ from this "
+                            f"model's ({sorted(set(sd) ^ set(own))[:3]})")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(sd[k].to(v.dtype))
+    return len(own)
+
+
 def load_encoder(model: OmniModel, source: str | os.PathLike) -> list[str]:
     """The encoder of the model directory ``source`` into ``model``, strictly; the model's
     head keys stay as they are (fresh) and are returned."""

@@ -66,6 +66,10 @@ class FinetuneConfig:
     # fine-tune the pixel encoder too when the model directory keeps it frozen
     # (model.image_encoder.frozen, as the demo's warm-up leaves it); the export says so
     train_image_encoder: bool = False
+    # a model directory or zoo name whose pixel encoder replaces the init's (same
+    # architecture), e.g. one a segmentation run trained on hue-turned images: shape features
+    # learned apart from colour, for colour-shape pairs training never shows
+    image_encoder_from: str = ""
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         max_steps=500, batch_size=16, lr=5e-4, warmup_steps=50, eval_every=100,
         checkpoint_every=100))
@@ -219,6 +223,8 @@ class Finetuning:
                     if done:
                         log.info("heads.%s starts from the pretraining heads: %s", n,
                                  ", ".join(done))
+        if cfg.image_encoder_from:
+            self._swap_image_encoder(cfg.image_encoder_from)
         if cfg.train_image_encoder:
             self._unfreeze_image_encoder()
         for t in self.tasks.values():
@@ -226,6 +232,15 @@ class Finetuning:
         self.vocab.save(self.run / "vocab.json")
         save_config(cfg, self.run)
         self.best = self._read_best()
+
+    def _swap_image_encoder(self, source: str) -> None:
+        from omnimask.pretrained import load_image_encoder
+
+        try:
+            n = load_image_encoder(self.model, source)
+        except OmnimaskError as e:
+            raise ConfigError(f"image_encoder_from: {e}") from None
+        log.info("the pixel encoder (%d tensors) comes from %s", n, source)
 
     def _unfreeze_image_encoder(self) -> None:
         mc = self.model.cfg

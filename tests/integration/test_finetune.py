@@ -107,6 +107,49 @@ def test_train_image_encoder_frees_a_frozen_encoder_and_exports_it(tiny_model_di
         assert all(same) if not flag else not any(same)
 
 
+def test_image_encoder_from_takes_another_models_pixel_encoder(tiny_model_dir, shapes_dir,
+                                                                tmp_path):
+    """The init's trunk with another directory's pixel encoder (frozen, as the init keeps
+    it): the encoder leaves training equal to the donor's, the trunk starts from the init."""
+    from dataclasses import replace
+
+    from omnimask.errors import ConfigError
+    from omnimask.pretrained import IMAGE_ENCODER, load_image_encoder
+
+    model = omnimask.load(tiny_model_dir)
+    model.cfg.image_encoder = replace(model.cfg.image_encoder, frozen=True)
+    init = model.save_pretrained(tmp_path / "init")
+    donor = omnimask.load(tiny_model_dir)
+    with torch.no_grad():
+        for v in donor.state_dict().values():
+            v.add_(torch.randn_like(v) * 0.1 if v.is_floating_point() else 0)
+    donor_dir = donor.save_pretrained(tmp_path / "donor")
+
+    def part(m, enc: bool):
+        return {k: v.clone() for k, v in m.state_dict().items()
+                if k.startswith(IMAGE_ENCODER) == enc}
+
+    _finetune(init, shapes_dir, tmp_path / "ft", "vqa", image_encoder_from=str(donor_dir))
+    tuned = omnimask.load(tmp_path / "ft" / "model")
+    want = part(omnimask.load(donor_dir), True)
+    got = part(tuned, True)
+    assert want.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in want.items())
+    assert tuned.cfg.image_encoder.frozen  # the init's setting stays
+    # the rest started from the init, not the donor: 6 Adam steps at lr 1e-3 move a weight
+    # by < 0.01, the donor differs by noise of std 0.1
+    start, moved = part(omnimask.load(init), False), part(tuned, False)
+    trunk = [k for k in start if k.startswith("encoder.") and start[k].is_floating_point()]
+    assert trunk and all((moved[k] - start[k]).abs().max() < 0.03 for k in trunk)
+    # a different architecture is refused, naming the field
+    other = omnimask.load(tiny_model_dir)
+    other.cfg.image_encoder = replace(other.cfg.image_encoder, channels=[8, 16, 16])
+    with pytest.raises(OmnimaskError, match="image_encoder differs.*channels"):
+        load_image_encoder(other, donor_dir)
+    with pytest.raises(ConfigError, match="image_encoder_from: no model directory"):
+        _finetune(init, shapes_dir, tmp_path / "bad", "vqa",
+                  image_encoder_from=str(tmp_path / "nowhere"))
+
+
 def test_bad_finetune_inputs_fail_naming_the_setting(tiny_model_dir, shapes_dir, tmp_path):
     from omnimask.errors import ConfigError
 
