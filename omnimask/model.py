@@ -78,6 +78,11 @@ class ModelConfig:
     # the token ids of each word of image_encoder.tags (set from the text tokenizer): a
     # tag's vector is the mean of its tokens' embeddings
     image_tag_ids: list[list[list[int]]] = field(default_factory=list)
+    # width of a shape-blind colour path beside the pixel encoder (0: none): per-pixel
+    # features (1x1 convolutions) max-pooled over each token's patch, projected (from zero)
+    # and added to its token. Colour then reaches the trunk without the encoder's shape
+    # features, which can stay colour-blind (finetune image_encoder_from)
+    image_color_path: int = 0
     mrc_temperature: float = 0.1  # MRC logits: cos(predicted latent, codes) / t
 
     def __post_init__(self) -> None:
@@ -87,7 +92,7 @@ class ModelConfig:
                      prefix=p)
         check_fields(self, ">0", "itc_temperature", "unit_temperature", "mrc_temperature",
                      prefix=p)
-        check_fields(self, ">=0", "speech_conv_kernel", prefix=p)
+        check_fields(self, ">=0", "speech_conv_kernel", "image_color_path", prefix=p)
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"{p}image_input must be one of {', '.join(IMAGE_INPUTS)}, got "
                              f"{self.image_input!r}")
@@ -148,7 +153,7 @@ class Encoder(nn.Module):
         self.embedders = nn.ModuleDict({
             "image": ImageEmbedder(cfg.image_feature_dim, d, cfg.image_codes, cfg.code_dim,
                                    encoder=replace(cfg.image_encoder, dim=d) if self.pixels
-                                   else None),
+                                   else None, color_path=cfg.image_color_path),
             "speech": SpeechEmbedder(cfg.speech_feature_dim, d, cfg.speech_conv_kernel,
                                      cfg.speech_conv_groups)})
         self.pooler = nn.Linear(d, d)

@@ -70,11 +70,15 @@ class FinetuneConfig:
     # architecture), e.g. one a segmentation run trained on hue-turned images: shape features
     # learned apart from colour, for colour-shape pairs training never shows
     image_encoder_from: str = ""
+    # a shape-blind colour path of this width added to the model's pixel tokens (fresh; see
+    # model.image_color_path); 0: the model's own (none, unless its directory has one)
+    image_color_path: int = 0
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         max_steps=500, batch_size=16, lr=5e-4, warmup_steps=50, eval_every=100,
         checkpoint_every=100))
 
     def __post_init__(self) -> None:
+        check_fields(self, ">=0", "image_color_path")
         if self.task not in (*TASK_NAMES, "multitask"):
             raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}, multitask; got "
                              f"{self.task!r}")
@@ -225,6 +229,8 @@ class Finetuning:
                                  ", ".join(done))
         if cfg.image_encoder_from:
             self._swap_image_encoder(cfg.image_encoder_from)
+        if cfg.image_color_path:
+            self._add_color_path(cfg.image_color_path)
         if cfg.train_image_encoder:
             self._unfreeze_image_encoder()
         for t in self.tasks.values():
@@ -241,6 +247,20 @@ class Finetuning:
         except OmnimaskError as e:
             raise ConfigError(f"image_encoder_from: {e}") from None
         log.info("the pixel encoder (%d tensors) comes from %s", n, source)
+
+    def _add_color_path(self, width: int) -> None:
+        from omnimask.modalities.image.embedder import ColorPath
+
+        mc, emb = self.model.cfg, self.model.encoder.embedders["image"]
+        if mc.image_input != "pixels":
+            raise ConfigError("image_color_path: this model reads no pixels "
+                              f"(model.image_input={mc.image_input})")
+        if mc.image_color_path not in (0, width):
+            raise ConfigError(f"image_color_path: the model has one of width "
+                              f"{mc.image_color_path} already, got {width}")
+        if emb.color is None:
+            emb.color = ColorPath(width, mc.trunk.dim, mc.image_encoder.grid)
+            mc.image_color_path = width
 
     def _unfreeze_image_encoder(self) -> None:
         mc = self.model.cfg

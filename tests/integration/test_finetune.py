@@ -150,6 +150,33 @@ def test_image_encoder_from_takes_another_models_pixel_encoder(tiny_model_dir, s
                   image_encoder_from=str(tmp_path / "nowhere"))
 
 
+def test_image_color_path_starts_as_a_no_op_trains_and_is_exported(tiny_model_dir,
+                                                                   shapes_dir, tmp_path):
+    from omnimask.errors import ConfigError
+    from omnimask.train.finetune import FinetuneConfig, Finetuning
+
+    cfg = load_config(FinetuneConfig, None, **{
+        "out": str(tmp_path / "a"), "task": "vqa", "init": str(tiny_model_dir),
+        "image_color_path": 8, "data": {"train": [str(shapes_dir / "test-novel-*.tar")],
+                                        "val": [str(shapes_dir / "test-novel-*.tar")]}})
+    ft = Finetuning(cfg, progress=False)
+    ft.lock.release()
+    color = ft.model.encoder.embedders["image"].color
+    assert color is not None and ft.model.cfg.image_color_path == 8
+    base = omnimask.load(tiny_model_dir).encoder.embedders["image"]
+    px = (torch.rand(2, 3, 64, 64) * 255).to(torch.uint8)
+    with torch.no_grad():  # the path's projection starts at zero: the same tokens
+        torch.testing.assert_close(ft.model.encoder.embedders["image"].eval().embed_pixels(px),
+                                   base.eval().embed_pixels(px))
+    _finetune(tiny_model_dir, shapes_dir, tmp_path / "b", "vqa", image_color_path=8)
+    tuned = omnimask.load(tmp_path / "b" / "model")
+    assert tuned.cfg.image_color_path == 8
+    assert tuned.encoder.embedders["image"].color.proj.weight.abs().max() > 0  # it learned
+    with pytest.raises(ConfigError, match="image_color_path: the model has one of width 8"):
+        _finetune(tmp_path / "b" / "model", shapes_dir, tmp_path / "c", "vqa",
+                  image_color_path=4)
+
+
 def test_bad_finetune_inputs_fail_naming_the_setting(tiny_model_dir, shapes_dir, tmp_path):
     from omnimask.errors import ConfigError
 

@@ -294,3 +294,30 @@ def test_corpus_region_labels_are_the_shards_seg_and_object_colours(small_shards
             torch.testing.assert_close(c.region_attrs[i, p].float(), torch.tensor(want),
                                        atol=1e-3, rtol=0)
     assert c.regions.float().sum(-1).sub(1).abs().max() < 1e-2
+
+
+def test_color_path_is_shape_blind_and_local_to_its_patch():
+    """Each token sees only its own patch's set of pixel colours: shuffling the pixels inside
+    a patch (its shape) changes nothing, a pixel changed in one patch moves that token
+    alone; the zero-initialised projection starts at 0."""
+    from omnimask.modalities.image.embedder import ColorPath
+
+    torch.manual_seed(0)
+    path = ColorPath(8, 16, grid=4)
+    img = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8)
+    assert path(img).abs().max() == 0
+    torch.nn.init.normal_(path.proj.weight)
+    out = path(img)
+    assert out.shape == (1, 16, 16) and out.abs().max() > 0
+    shuffled = img.clone()
+    for r in range(4):
+        for c in range(4):
+            patch = shuffled[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(3, 64)
+            perm = torch.randperm(64)
+            shuffled[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = patch[:, perm].view(3, 8, 8)
+    torch.testing.assert_close(path(shuffled), out)
+    grey = torch.full_like(img, 128)
+    moved = grey.clone()
+    moved[0, :, 9, 18] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # patch (1, 2)
+    changed = (path(moved) - path(grey)).abs().amax(-1)[0]
+    assert changed[1 * 4 + 2] > 0 and (changed.nonzero().flatten() == 1 * 4 + 2).all()
