@@ -91,6 +91,13 @@ def fit_image(t: torch.Tensor, size: int | None, fit: str = "crop",
     return x[0].to(torch.uint8).reshape(*t.shape[:-2], size, size)
 
 
+# colour words a hue turn changes (greys, black and white it keeps)
+HUE_WORDS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown",
+             "magenta", "violet", "teal", "turquoise", "maroon", "navy", "olive", "lime",
+             "gold", "golden", "beige", "tan", "indigo", "colored", "coloured", "colorful",
+             "colourful")
+
+
 def hue_rotate(t: torch.Tensor, angle: float) -> torch.Tensor:
     """[3, H, W] uint8 rotated by ``angle`` radians about the grey axis of RGB space (a
     linear hue shift: greys stay, a turn of 2 pi / 3 cycles R -> G -> B), clipped to uint8."""

@@ -179,6 +179,41 @@ def test_mirrored_batches_flip_pixels_and_questions(setup):
     assert [[q["question"] for q in qs] for qs in seen["questions"]] == want
 
 
+def test_hue_turned_batches_keep_only_hueless_questions(setup):
+    """hue_jitter=1: every image with a question that survives a hue turn is turned (greys
+    kept, hues moved) and asked only such questions; images with none stay as they are."""
+    from omnimask.modalities.image.processor import HUE_WORDS
+
+    model, corpus, _, _ = setup
+    ctx = TaskContext(vocab=model.vocab, text=model.tokenizers["text"], pixels=True)
+    task = VQA(ctx, VQAConfig(questions_per_sequence=6, hue_jitter=1.0))
+    task.bind(model)
+    seen = {}
+    pack_questions = task.pack_questions
+    task.pack_questions = lambda *a: seen.update(q=a[2], turns=a[4]) or pack_questions(*a)
+    idx = list(range(12))
+    b = task.batch(corpus, idx, torch.Generator().manual_seed(0))
+    pixels = b["packed"].pixels["image"]
+    turned = 0
+    for k, (i, qs, turn) in enumerate(zip(idx, seen["q"], seen["turns"])):
+        words = {w for q in qs for t in (q["question"], *q["answers"])
+                 for w in t.lower().replace("?", " ").split()}
+        hueless = task.hueless(corpus.qa[i])
+        if hueless:
+            turned += 1
+            assert 0 < turn < 2 * 3.15 and not words & set(HUE_WORDS)
+            assert {q["question"] for q in qs} <= {q["question"] for q in hueless}
+            assert not torch.equal(pixels[k], corpus.pixels[i])
+            # a hue turn keeps a pixel's channel mean (brightness) but where it clips
+            diff = pixels[k].float().mean(0) - corpus.pixels[i].float().mean(0)
+            assert diff.abs().median() <= 0.5
+        else:
+            assert turn == 0 and torch.equal(pixels[k], corpus.pixels[i])
+    assert turned >= 6
+    colour = [q for qs in corpus.qa[:12] for q in qs if q["type"] == "color"]
+    assert colour and not task.hueless(colour)  # colour questions answer a hue
+
+
 def test_image_tokens_match_a_loop_over_samples():
     from omnimask.fusion.packing import Segment, pack
     from omnimask.heads.vqa import image_tokens

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import pack
-from omnimask.modalities.image.processor import hue_rotate
+from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate
 
 from ..objectives.base import image_segment, text_segment
 from ..segment_metrics import IGNORE
@@ -42,11 +42,6 @@ from .base import Task, evaluating, first, pack_blocks, task
 # name's in-sentence token (" circle"), the one captions train, and by the trunk's state at
 # the name's last token (the <cls> state barely depends on a one-word text)
 CLASS_PROMPT, CLASS_POOL = "a {}", "last"
-# colour words a hue turn changes (greys, black and white it keeps)
-HUE_WORDS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown",
-             "magenta", "violet", "teal", "turquoise", "maroon", "navy", "olive", "lime",
-             "gold", "golden", "beige", "tan", "indigo", "colored", "coloured", "colorful",
-             "colourful")
 
 
 @dataclass

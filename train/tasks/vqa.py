@@ -13,6 +13,7 @@ training answer, kept in the head's settings).
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
 from collections import Counter
@@ -24,6 +25,7 @@ import torch
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
+from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate
 
 from ..objectives.base import image_segment, text_segment
 from .base import Task, evaluating, first, pack_blocks, pyplot, save_figure, task
@@ -45,12 +47,17 @@ class VQAConfig:
     # question attends where the instances of its k-th grounding role are (needs
     # heads.vqa.glimpses, inst.png and questions with "grounding"); 0: off
     ground_weight: float = 0.0
+    # share of training images whose hue is turned by a random angle (pixel inputs), keeping
+    # only their questions that name no hue and answer none (``hue_words``): shape, size,
+    # count, relation seen in colours training never pairs them with
+    hue_jitter: float = 0.0
+    hue_words: list[str] = field(default_factory=lambda: list(HUE_WORDS))
 
     def __post_init__(self) -> None:
         p = "tasks.vqa."
         check_fields(self, ">=0", "questions_per_sequence", prefix=p)
         check_fields(self, ">=1", "max_answers", "eval_images", "max_question_tokens", prefix=p)
-        check_fields(self, "[0,1]", "hflip", "vflip", prefix=p)
+        check_fields(self, "[0,1]", "hflip", "vflip", "hue_jitter", prefix=p)
         check_fields(self, ">=0", "ground_weight", prefix=p)
         for name in ("hflip_words", "vflip_words"):
             bad = [w for w in (*getattr(self, name), *getattr(self, name).values())
@@ -110,9 +117,11 @@ class VQA(Task):
         self._mirrored: dict[tuple[str, bool, bool], list[int]] = {}  # question ids
         self._grounded = None  # the corpus checked for grounding
         self.glimpses = 0
-        if (self.cfg.hflip or self.cfg.vflip) and not ctx.pixels:
-            raise OmnimaskError("tasks.vqa.hflip/vflip mirror pixels: they need "
-                                "model.image_input=pixels (feature rows are not mirrored)")
+        self._hue_re = re.compile(rf"\b(?:{'|'.join(map(re.escape, self.cfg.hue_words))})\b"
+                                  if self.cfg.hue_words else "(?!)", re.IGNORECASE)
+        if (self.cfg.hflip or self.cfg.vflip or self.cfg.hue_jitter) and not ctx.pixels:
+            raise OmnimaskError("tasks.vqa.hflip/vflip/hue_jitter change pixels: they need "
+                                "model.image_input=pixels (feature rows are not changed)")
 
     def check(self, corpus, what: str) -> None:
         super().check(corpus, what)
@@ -154,10 +163,17 @@ class VQA(Task):
     def _question(self, q: dict) -> Segment:
         return text_segment(self.ctx, q["ids"][:self.cfg.max_question_tokens])
 
-    def _image(self, corpus, i: int, flip: tuple[bool, bool]) -> Segment:
+    def _image(self, corpus, i: int, flip: tuple[bool, bool], turn: float = 0.0) -> Segment:
         seg = image_segment(corpus, i, self.ctx.pixels)
         seg.pixels = mirrored(seg.pixels, flip)
+        if turn:
+            seg.pixels = hue_rotate(seg.pixels, turn)
         return seg
+
+    def hueless(self, qs: list[dict]) -> list[dict]:
+        """The questions of ``qs`` that stay true when the image's hues turn."""
+        return [q for q in qs if not any(self._hue_re.search(t)
+                                         for t in (q["question"], *q["answers"]))]
 
     def mirror(self, q: dict, flip: tuple[bool, bool]) -> dict:
         """Question ``q`` as asked of its image mirrored by ``flip`` = (left-right,
@@ -176,24 +192,33 @@ class VQA(Task):
                 "answers": [mirror_words(a, swaps) for a in q["answers"]]}
 
     def pack_questions(self, corpus, images: list[int], questions: list[list[dict]],
-                       flips: list[tuple[bool, bool]] | None = None) -> dict:
-        """Image ``images[k]`` (mirrored by ``flips[k]``) with its ``questions[k]``: packed
-        as blocks, or one question per sequence when ``questions_per_sequence`` is 0."""
+                       flips: list[tuple[bool, bool]] | None = None,
+                       turns: list[float] | None = None) -> dict:
+        """Image ``images[k]`` (mirrored by ``flips[k]``, its hue turned by ``turns[k]``
+        radians) with its ``questions[k]``: packed as blocks, or one question per sequence
+        when ``questions_per_sequence`` is 0."""
         flips = flips or [(False, False)] * len(images)
+        turns = turns or [0.0] * len(images)
         if self.cfg.questions_per_sequence == 0:
-            samples = [[self._question(q), self._image(corpus, i, f)]
-                       for i, f, qs in zip(images, flips, questions) for q in qs]
+            samples = [[self._question(q), self._image(corpus, i, f, t)]
+                       for i, f, t, qs in zip(images, flips, turns, questions) for q in qs]
             return {"packed": pack(samples)}
-        return pack_blocks([self._image(corpus, i, f) for i, f in zip(images, flips)],
+        return pack_blocks([self._image(corpus, i, f, t)
+                            for i, f, t in zip(images, flips, turns)],
                            [[self._question(q) for q in qs] for qs in questions])
 
     def batch(self, corpus, idx: list[int], gen: torch.Generator) -> dict:
         k = self.cfg.questions_per_sequence
-        images, questions, flips = [], [], []
+        images, questions, flips, turns = [], [], [], []
         for i in idx:
             qs = corpus.qa[i]
             if not qs:
                 continue
+            turn = 0.0
+            if self.cfg.hue_jitter and torch.rand((), generator=gen) < self.cfg.hue_jitter:
+                kept = self.hueless(qs)
+                if kept:  # an image with only hue questions stays as it is
+                    qs, turn = kept, float(torch.rand((), generator=gen)) * 2 * math.pi
             if k and len(qs) > k:
                 qs = [qs[j] for j in torch.randperm(len(qs), generator=gen)[:k].tolist()]
             flip = tuple(bool(p) and bool(torch.rand((), generator=gen) < p)
@@ -201,9 +226,10 @@ class VQA(Task):
             images.append(i)
             questions.append([self.mirror(q, flip) for q in qs])
             flips.append(flip)
+            turns.append(turn)
         if not images:
             raise OmnimaskError("a VQA batch without questions: the sampled images have none")
-        b = self.pack_questions(corpus, images, questions, flips)
+        b = self.pack_questions(corpus, images, questions, flips, turns)
         b["target"] = torch.stack([self._target(q["answers"]) for qs in questions for q in qs])
         if self.cfg.ground_weight:
             if corpus is not self._grounded:  # checked once per training corpus
