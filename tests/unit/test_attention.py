@@ -247,3 +247,26 @@ def test_fast_paths_and_query_rows_match_reference_in_float64(mask, lengths):
     for got in results[:2]:
         for a, b in zip(got, results[2]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mask", A.MASKS)
+@pytest.mark.parametrize("lengths", [[1, 7, 3, 12], [6, 6, 6]])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_bf16_attention_is_the_fp32_attention_of_its_inputs(mask, lengths, autocast):
+    """On CPU, bf16 q/k/v are attended in fp32 (under autocast too, which would cast SDPA's
+    inputs to bf16) and the output rounded once to bf16; gradients come back in bf16, each
+    the fp32 gradient rounded."""
+    q, k, v, cu = _problem(lengths, dtype=torch.bfloat16)
+    pre = _pre(mask, lengths, [1, 3, 2, 5][:len(lengths)])
+    # bf16-exact weights: both runs' output gradients hold the same values
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).bfloat16().float()
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast and dtype != torch.float32):
+            out = A.attention(*xs, cu, None, mask, pre, backend="sdpa")
+        (out.float() * weight).sum().backward()
+        outs.append([out, *(x.grad for x in xs)])
+    for got, want in zip(*outs):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.to(torch.bfloat16), atol=0, rtol=0)
