@@ -14,7 +14,6 @@ truth, answer); ``--out`` writes them as JSON. One question at a time through
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import sys
@@ -25,9 +24,13 @@ from pathlib import Path
 
 def read_shards(patterns: list[str]) -> list[tuple[bytes, dict, list[dict]]]:
     """(image PNG bytes, meta, questions) of every sample of the shards."""
-    files = sorted({f for p in patterns for f in glob.glob(p)})
-    if not files:
-        raise SystemExit(f"--data: no shard matches {' '.join(patterns)}")
+    from omnimask.errors import OmnimaskError
+    from omnimask.train.data.shards import expand_shards
+
+    try:
+        files = expand_shards(patterns)
+    except OmnimaskError as e:
+        raise SystemExit(f"--data: {e}") from None
     out = []
     for f in files:
         parts: dict[str, dict[str, bytes]] = defaultdict(dict)

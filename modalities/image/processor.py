@@ -11,6 +11,7 @@ Images stay uint8 until they reach the model: a quarter of the bytes through wor
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,12 @@ HUE_WORDS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink
              "magenta", "violet", "teal", "turquoise", "maroon", "navy", "olive", "lime",
              "gold", "golden", "beige", "tan", "indigo", "colored", "coloured", "colorful",
              "colourful")
+
+
+def words_pattern(words) -> re.Pattern:
+    """Matches any of ``words`` as a whole word, case-insensitively (none: nothing)."""
+    alts = "|".join(re.escape(w) for w in words)
+    return re.compile(rf"\b(?:{alts})\b" if alts else "(?!)", re.IGNORECASE)
 
 
 def hue_rotate(t: torch.Tensor, angle: float) -> torch.Tensor:

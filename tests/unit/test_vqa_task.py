@@ -212,6 +212,8 @@ def test_hue_turned_batches_keep_only_hueless_questions(setup):
     assert turned >= 6
     colour = [q for qs in corpus.qa[:12] for q in qs if q["type"] == "color"]
     assert colour and not task.hueless(colour)  # colour questions answer a hue
+    none = VQA(ctx, VQAConfig(hue_jitter=1.0, hue_words=[]))  # no hue words: all kept
+    assert none.hueless(colour) == colour
 
 
 def test_image_tokens_match_a_loop_over_samples():

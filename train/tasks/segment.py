@@ -21,7 +21,6 @@ and ``noc85`` (clicks to IoU 0.85, at most ``noc_max_clicks``). ``refer``: ``mio
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import pack
-from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate
+from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate, words_pattern
 
 from ..objectives.base import image_segment, text_segment
 from ..segment_metrics import IGNORE
@@ -111,8 +110,7 @@ class Segment(Task):
         super().__init__(ctx, cfg)
         self.head_cfg = None
         self._names: dict[tuple[str, ...], object] = {}
-        words = "|".join(re.escape(w) for w in self.cfg.hue_words) or "(?!)"
-        self._hue_re = re.compile(rf"\b(?:{words})\b", re.IGNORECASE)
+        self._hue_re = words_pattern(self.cfg.hue_words)
 
     def check(self, corpus, what: str) -> None:
         super().check(corpus, what)

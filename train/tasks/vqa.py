@@ -25,7 +25,7 @@ import torch
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
-from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate
+from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate, words_pattern
 
 from ..objectives.base import image_segment, text_segment
 from .base import Task, evaluating, first, pack_blocks, pyplot, save_figure, task
@@ -117,8 +117,7 @@ class VQA(Task):
         self._mirrored: dict[tuple[str, bool, bool], list[int]] = {}  # question ids
         self._grounded = None  # the corpus checked for grounding
         self.glimpses = 0
-        self._hue_re = re.compile(rf"\b(?:{'|'.join(map(re.escape, self.cfg.hue_words))})\b"
-                                  if self.cfg.hue_words else "(?!)", re.IGNORECASE)
+        self._hue_re = words_pattern(self.cfg.hue_words)
         if (self.cfg.hflip or self.cfg.vflip or self.cfg.hue_jitter) and not ctx.pixels:
             raise OmnimaskError("tasks.vqa.hflip/vflip/hue_jitter change pixels: they need "
                                 "model.image_input=pixels (feature rows are not changed)")
