@@ -1,20 +1,20 @@
 """``omnimask bench trunk --vs hf``: an MLM training step of our trunk against transformers'
 ``BertForMaskedLM`` (SDPA attention), same sizes and weights, same variable-length batches.
 
-Each (side, lengths) configuration runs in its own Python process (a configuration
-changes the allocator's and oneDNN's state for the ones after it), one after another on
-the same machine, for several rounds in turn; each side keeps its fastest round. A process
-measures this machine's matmul peak before and after its steps, in the dtype both sides
-step in (the better of the two), warms up (compilation included, timed), times ``steps``
-steps (forward, backward, fused AdamW on both sides, as transformers' Trainer defaults to on torch >= 2.8), counts
-one step's FLOPs with ``torch.utils.flop_counter`` (the CPU flash-attention kernels
-added) and reports real (non-pad) tokens/s, FLOPs per real token, achieved GFLOP/s, the
-fraction of the peak and peak memory (CUDA: allocated; CPU: the process's peak RSS). Our
-side packs without padding and computes the last layer and the vocabulary projection only
-at masked positions; theirs pads to the longest sample and projects every position. On
-CUDA both run under bf16 autocast and the fraction is the MFU; ``dtype="bf16"`` runs both
-sides under bf16 autocast on CPU too (CPUs with native bf16 matmuls, e.g. AVX512-BF16 or
-AMX), against the bf16 matmul peak.
+Each (side, lengths) configuration runs in its own Python process (a configuration changes
+the allocator's and oneDNN's state for the ones after it), one after another on the same
+machine, for several rounds in turn; each side keeps its fastest round. A process measures
+this machine's matmul peak before and after its steps, in the dtype both sides step in
+(the better of the two), warms up (compilation included, timed), times ``steps`` steps
+(forward, backward, fused AdamW on both sides, as transformers' Trainer defaults to on
+torch >= 2.8), counts one step's FLOPs with ``torch.utils.flop_counter`` (the CPU
+flash-attention kernels added) and reports real (non-pad) tokens/s, FLOPs per real token,
+achieved GFLOP/s, the fraction of the peak and peak memory (CUDA: allocated; CPU: the
+process's peak RSS). Our side packs without padding and computes the last layer and the
+vocabulary projection only at masked positions; theirs pads to the longest sample and
+projects every position. On CUDA both run under bf16 autocast and the fraction is the MFU;
+``dtype="bf16"`` runs both sides under bf16 autocast on CPU too (CPUs with native bf16
+matmuls, e.g. AVX512-BF16 or AMX), against the bf16 matmul peak.
 """
 
 from __future__ import annotations

@@ -251,10 +251,8 @@ class Finetuning:
     def _add_color_path(self, width: int) -> None:
         from omnimask.modalities.image.embedder import ColorPath
 
+        self._need_pixels("image_color_path")
         mc, emb = self.model.cfg, self.model.encoder.embedders["image"]
-        if mc.image_input != "pixels":
-            raise ConfigError("image_color_path: this model reads no pixels "
-                              f"(model.image_input={mc.image_input})")
         if mc.image_color_path not in (0, width):
             raise ConfigError(f"image_color_path: the model has one of width "
                               f"{mc.image_color_path} already, got {width}")
@@ -262,11 +260,14 @@ class Finetuning:
             emb.color = ColorPath(width, mc.trunk.dim, mc.image_encoder.grid)
             mc.image_color_path = width
 
+    def _need_pixels(self, setting: str) -> None:
+        if self.model.cfg.image_input != "pixels":
+            raise ConfigError(f"{setting}: this model reads no pixels "
+                              f"(model.image_input={self.model.cfg.image_input})")
+
     def _unfreeze_image_encoder(self) -> None:
+        self._need_pixels("train_image_encoder")
         mc = self.model.cfg
-        if mc.image_input != "pixels":
-            raise ConfigError("train_image_encoder: this model reads no pixels "
-                              f"(model.image_input={mc.image_input})")
         enc = self.model.encoder.embedders["image"].encoder
         enc.freeze(False)
         enc.cfg = replace(enc.cfg, frozen=False)
