@@ -186,11 +186,13 @@ class VQAHead(nn.Module):
         if "target" in batch:
             t = batch["target"].to(logits.device)
             lf = logits.float()
+            # a question-only expert's log-ratios join the logits in the loss only (PoE)
+            lt = lf + batch["prior"].to(lf.device) if "prior" in batch else lf
             if self.cfg.loss == "softmax":  # questions without an answer in the vocabulary: 0
                 dist = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
-                loss = -(dist * lf.log_softmax(-1)).sum() / len(t)
+                loss = -(dist * lt.log_softmax(-1)).sum() / len(t)
             else:
-                loss = F.binary_cross_entropy_with_logits(lf, t, reduction="sum") / len(t)
+                loss = F.binary_cross_entropy_with_logits(lt, t, reduction="sum") / len(t)
             acc = t.gather(1, lf.argmax(-1, keepdim=True)).mean()
             out |= {"vqa": loss.detach(), "vqa_acc": acc.detach(),
                     "tokens": batch["packed"].num_tokens}

@@ -95,6 +95,53 @@ def test_softmax_loss_is_cross_entropy_to_the_normalised_scores():
         VQAHeadConfig(loss="hinge")
 
 
+def test_question_bias_table_by_hand():
+    """log p(a | text) - log p(a | type), the text's counts smoothed towards the type."""
+    import math
+
+    from omnimask.train.tasks.vqa import question_bias_table
+
+    red = {"question": "what shape is the red object?", "type": "shape", "answers": ["circle"]}
+    blue = {"question": "what shape is the blue object?", "type": "shape",
+            "answers": ["cross"]}
+    there = {"question": "is there a circle?", "type": "exists", "answers": ["yes"]}
+    index = {"circle": 0, "cross": 1, "yes": 2, "no": 3}
+    table = question_bias_table([red, red, red, blue, there], index, pseudo=2.0)
+    # type shape: circle 3/4, cross 1/4; red: 3 circles of 3 answers, 2 pseudo-counts
+    want_red = [math.log((3 + 1.5) / 5 / 0.75), math.log(0.5 / 5 / 0.25), 0.0, 0.0]
+    want_blue = [math.log(1.5 / 3 / 0.75), math.log((1 + 0.5) / 3 / 0.25), 0.0, 0.0]
+    torch.testing.assert_close(table[red["question"]], torch.tensor(want_red))
+    torch.testing.assert_close(table[blue["question"]], torch.tensor(want_blue))
+    torch.testing.assert_close(table[there["question"]], torch.zeros(4))  # yes: p = 1 both
+
+
+def test_debiased_loss_adds_the_bias_in_training_only(setup):
+    """debias_question: the batch carries each question's bias row; the loss is the
+    cross-entropy of logits + bias, the logits (what evaluation reads) stay the head's."""
+    model, corpus, _, _ = setup
+    ctx = TaskContext(vocab=model.vocab, text=model.tokenizers["text"], pixels=True)
+    task = VQA(ctx, VQAConfig(questions_per_sequence=3, hflip=0.5, debias_question=5.0))
+    task.bind(model)
+    seen = {}
+    pack_questions = task.pack_questions
+    task.pack_questions = lambda *a: seen.update(q=a[2]) or pack_questions(*a)
+    b = task.batch(corpus, list(range(16)), torch.Generator().manual_seed(0))
+    asked = [q for qs in seen["q"] for q in qs]
+    assert b["prior"].shape == b["target"].shape and b["prior"].abs().sum() > 0
+    for q, row in zip(asked, b["prior"]):  # mirrored texts too: all were counted
+        assert q["question"] in task._bias[1]
+        torch.testing.assert_close(row, task.question_bias(corpus, q))
+    model.eval()
+    out = model(b, task="vqa")
+    plain = model({k: v for k, v in b.items() if k != "prior"}, task="vqa")
+    torch.testing.assert_close(out["logits"], plain["logits"])
+    lt, t = plain["logits"] + b["prior"], b["target"]
+    assert model.head_configs["vqa"].loss == "bce"
+    want = torch.nn.functional.binary_cross_entropy_with_logits(lt, t, reduction="sum")
+    torch.testing.assert_close(out["vqa"], want / len(t))
+    assert not torch.allclose(out["vqa"], plain["vqa"])
+
+
 def test_mirror_words_swaps_whole_words_only():
     from omnimask.train.tasks.vqa import HFLIP_WORDS, VFLIP_WORDS, mirror_words
 
@@ -214,6 +261,40 @@ def test_hue_turned_batches_keep_only_hueless_questions(setup):
     assert colour and not task.hueless(colour)  # colour questions answer a hue
     none = VQA(ctx, VQAConfig(hue_jitter=1.0, hue_words=[]))  # no hue words: all kept
     assert none.hueless(colour) == colour
+
+
+def test_hue_copy_asks_the_hue_questions_of_an_untouched_copy(setup):
+    """hue_copy: a turned image's hue questions go to an untouched copy of it in the same
+    batch, so every question is asked once, hue questions of true colours only."""
+    model, corpus, _, _ = setup
+    ctx = TaskContext(vocab=model.vocab, text=model.tokenizers["text"], pixels=True)
+    task = VQA(ctx, VQAConfig(questions_per_sequence=100, hue_jitter=1.0, hue_copy=True))
+    task.bind(model)
+    seen = {}
+    pack_questions = task.pack_questions
+    task.pack_questions = lambda *a: seen.update(i=a[1], q=a[2], turns=a[4]) or \
+        pack_questions(*a)
+    idx = list(range(12))
+    b = task.batch(corpus, idx, torch.Generator().manual_seed(0))
+    pixels = b["packed"].pixels["image"]
+    assert pixels.shape[0] == len(seen["i"]) > len(idx)  # some images come twice
+    for i in idx:
+        views = [(k, qs, t) for k, (j, qs, t) in enumerate(zip(seen["i"], seen["q"],
+                                                               seen["turns"])) if j == i]
+        hueless = task.hueless(corpus.qa[i])
+        asked = sorted(q["question"] for _, qs, _ in views for q in qs)
+        assert asked == sorted(q["question"] for q in corpus.qa[i])  # each once, none lost
+        for k, qs, turn in views:
+            if turn:
+                assert qs == hueless and not torch.equal(pixels[k], corpus.pixels[i])
+            else:
+                assert torch.equal(pixels[k], corpus.pixels[i])
+                assert not hueless or not task.hueless(qs)  # the copy: hue questions only
+        assert len(views) == 1 + (0 < len(hueless) < len(corpus.qa[i]))
+    # the targets follow the questions in order
+    flat = [q for qs in seen["q"] for q in qs]
+    torch.testing.assert_close(b["target"], torch.stack([task._target(q["answers"])
+                                                         for q in flat]))
 
 
 def test_image_tokens_match_a_loop_over_samples():

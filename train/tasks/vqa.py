@@ -52,13 +52,23 @@ class VQAConfig:
     # count, relation seen in colours training never pairs them with
     hue_jitter: float = 0.0
     hue_words: list[str] = field(default_factory=lambda: list(HUE_WORDS))
+    # a hue-turned image's other questions (those that name or answer a hue) are asked of
+    # an untouched copy in the same batch instead of dropped: shape questions meet
+    # turned hues as often as hue_jitter says, colour questions are not lost
+    hue_copy: bool = False
+    # product of experts with a question-only bias (Clark et al., 2019): in training the
+    # answer logits get log p(answer | question text) - log p(answer | question type), the
+    # training answers' counts per question text smoothed towards the type's with this many
+    # pseudo-counts, so the head need not learn what the words alone predict (a colour never
+    # seen with a shape); evaluation reads the head's logits alone. 0: off
+    debias_question: float = 0.0
 
     def __post_init__(self) -> None:
         p = "tasks.vqa."
         check_fields(self, ">=0", "questions_per_sequence", prefix=p)
         check_fields(self, ">=1", "max_answers", "eval_images", "max_question_tokens", prefix=p)
         check_fields(self, "[0,1]", "hflip", "vflip", "hue_jitter", prefix=p)
-        check_fields(self, ">=0", "ground_weight", prefix=p)
+        check_fields(self, ">=0", "ground_weight", "debias_question", prefix=p)
         for name in ("hflip_words", "vflip_words"):
             bad = [w for w in (*getattr(self, name), *getattr(self, name).values())
                    if not re.fullmatch(r"[a-z]+", w)]
@@ -116,6 +126,7 @@ class VQA(Task):
         self.index: dict[str, int] = {}
         self._mirrored: dict[tuple[str, bool, bool], list[int]] = {}  # question ids
         self._grounded = None  # the corpus checked for grounding
+        self._bias: tuple | None = None  # (corpus, {question text: log-ratio row})
         self.glimpses = 0
         self._hue_re = words_pattern(self.cfg.hue_words)
         if (self.cfg.hflip or self.cfg.vflip or self.cfg.hue_jitter) and not ctx.pixels:
@@ -213,23 +224,30 @@ class VQA(Task):
             qs = corpus.qa[i]
             if not qs:
                 continue
-            turn = 0.0
+            views = [(qs, 0.0)]
             if self.cfg.hue_jitter and torch.rand((), generator=gen) < self.cfg.hue_jitter:
                 kept = self.hueless(qs)
                 if kept:  # an image with only hue questions stays as it is
-                    qs, turn = kept, float(torch.rand((), generator=gen)) * 2 * math.pi
-            if k and len(qs) > k:
-                qs = [qs[j] for j in torch.randperm(len(qs), generator=gen)[:k].tolist()]
-            flip = tuple(bool(p) and bool(torch.rand((), generator=gen) < p)
-                         for p in (self.cfg.hflip, self.cfg.vflip))
-            images.append(i)
-            questions.append([self.mirror(q, flip) for q in qs])
-            flips.append(flip)
-            turns.append(turn)
+                    turn = float(torch.rand((), generator=gen)) * 2 * math.pi
+                    rest = ([q for q in qs if all(q is not x for x in kept)]
+                            if self.cfg.hue_copy else [])
+                    views = [(kept, turn)] + ([(rest, 0.0)] if rest else [])
+            for qs, turn in views:
+                if k and len(qs) > k:
+                    qs = [qs[j] for j in torch.randperm(len(qs), generator=gen)[:k].tolist()]
+                flip = tuple(bool(p) and bool(torch.rand((), generator=gen) < p)
+                             for p in (self.cfg.hflip, self.cfg.vflip))
+                images.append(i)
+                questions.append([self.mirror(q, flip) for q in qs])
+                flips.append(flip)
+                turns.append(turn)
         if not images:
             raise OmnimaskError("a VQA batch without questions: the sampled images have none")
         b = self.pack_questions(corpus, images, questions, flips, turns)
         b["target"] = torch.stack([self._target(q["answers"]) for qs in questions for q in qs])
+        if self.cfg.debias_question:
+            b["prior"] = torch.stack([self.question_bias(corpus, q)
+                                      for qs in questions for q in qs])
         if self.cfg.ground_weight:
             if corpus is not self._grounded:  # checked once per training corpus
                 if corpus.inst is None or not any("grounding" in q for qs in corpus.qa
@@ -242,6 +260,19 @@ class VQA(Task):
                                      for i, f, qs in zip(images, flips, questions)])
             b["ground_weight"] = self.cfg.ground_weight
         return b
+
+    def question_bias(self, corpus, q: dict) -> torch.Tensor:
+        """The question-only bias of ``q`` over the answers (``debias_question``): zero
+        outside its type's answers and for a text training never asks."""
+        if self._bias is None or self._bias[0] is not corpus:
+            asked = [x for qs in corpus.qa for x in qs]
+            flips = [f for f in ((True, False), (False, True), (True, True))
+                     if (self.cfg.hflip or not f[0]) and (self.cfg.vflip or not f[1])]
+            asked += [self.mirror(x, f) for f in flips for x in asked]  # as batch() asks
+            self._bias = (corpus, question_bias_table(asked, self.index,
+                                                      self.cfg.debias_question))
+        row = self._bias[1].get(q["question"])
+        return torch.zeros(len(self.answers)) if row is None else row
 
     def grounding(self, corpus, i: int, flip: tuple[bool, bool], questions: list[dict]
                   ) -> torch.Tensor:
@@ -302,6 +333,33 @@ class VQA(Task):
         if examples is not None:
             report_examples(corpus, shown, Path(examples) / "vqa_examples.png")
         return report
+
+
+def question_bias_table(questions: list[dict], index: dict[str, int], pseudo: float
+                        ) -> dict[str, torch.Tensor]:
+    """{question text: log p(a | text) - log p(a | type)} over the answers of ``index``
+    for the texts of ``questions``, each answer counted as the soft targets do; p(a | text)
+    is the text's counts smoothed with ``pseudo`` counts of the type's distribution; answers
+    the type never has get 0 (the head still learns which answers a type takes)."""
+    by_type: dict[str, Counter] = {}
+    by_text: dict[str, tuple[str, Counter]] = {}
+    for q in questions:
+        c = Counter()
+        for a, n in Counter(normalized(a) for a in q["answers"]).items():
+            if a in index:
+                c[a] += soft_score(n, len(q["answers"]))
+        by_type.setdefault(q["type"], Counter()).update(c)
+        by_text.setdefault(q["question"], (q["type"], Counter()))[1].update(c)
+    out = {}
+    for text, (t, c) in by_text.items():
+        prior = by_type[t]
+        total, n = sum(prior.values()), sum(c.values())
+        row = torch.zeros(len(index))
+        for a, k in prior.items():
+            p_type = k / total
+            row[index[a]] = math.log((c[a] + pseudo * p_type) / (n + pseudo)) - math.log(p_type)
+        out[text] = row
+    return out
 
 
 def report_examples(corpus, shown: list[tuple], path: Path) -> Path:
