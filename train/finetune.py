@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -319,11 +320,17 @@ class Finetuning:
 
             tb_add(self.run, step, {f"examples/{p.stem}": p for p in sorted(shown.glob("*.png"))},
                    writer=trainer.tb)
-        if step > 0 and score > self.best.get("score", float("-inf")):
+        if step > 0 and score > self._best_score():
             self._export(step, score, metrics)
         return {"metrics": metrics}
 
-    def _export(self, step: int, score: float, metrics: dict) -> None:
+    def _best_score(self) -> float:
+        """The exported model's validation score; -inf when it has none (a run stopped
+        before validating exports its last weights unscored: any later validation beats it)."""
+        best = self.best.get("score")
+        return best if isinstance(best, (int, float)) and math.isfinite(best) else float("-inf")
+
+    def _export(self, step: int, score: float | None, metrics: dict) -> None:
         """The model (task heads only) as ``RUN/model``, replaced whole: written beside it,
         then swapped in."""
         from omnimask.model import OmniModel
@@ -372,8 +379,8 @@ class Finetuning:
             summary = self.trainer.fit()
             self._fwd = None
             summary["train_seconds"] = round(time.perf_counter() - t0, 1)
-            if not (self.run / "model").is_dir():  # no evaluation beat -inf: keep the last
-                self._export(self.trainer.step, float("nan"), {})
+            if not (self.run / "model").is_dir():  # nothing validated yet: keep the last
+                self._export(self.trainer.step, None, {})
             if not dist.is_main():
                 return summary
             summary["best"] = self._read_best()

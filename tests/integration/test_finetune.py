@@ -84,6 +84,36 @@ def test_answer_api_takes_paths_arrays_and_tensors(vqa_run, tmp_path):
     assert model.answer(img, "what color is the circle?") == a  # a path and a tensor: one image
 
 
+def test_a_run_stopped_before_validating_exports_the_validated_model_on_resume(
+        tiny_model_dir, shapes_dir, tmp_path, monkeypatch):
+    """A run stopped (SIGTERM) before its first validation exports its last weights unscored;
+    resumed, its first validation must replace them (a NaN score once blocked every later
+    export, leaving the stopped run's weights as the final model)."""
+    import math
+    import os
+    import signal
+
+    out = tmp_path / "vqa"
+    make_batch = Finetuning.make_batch
+
+    def stop_early(self, step, micro):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled as a stop request by the trainer
+        return make_batch(self, step, micro)
+
+    monkeypatch.setattr(Finetuning, "make_batch", stop_early)
+    first = _finetune(tiny_model_dir, shapes_dir, out, "vqa")
+    assert first["status"] != "done" and first["step"] < 3
+    placeholder = json.loads((out / "model" / "metrics.json").read_text())
+    assert placeholder["score"] is None and placeholder["step"] == first["step"]
+    monkeypatch.setattr(Finetuning, "make_batch", make_batch)
+    done = _finetune(tiny_model_dir, shapes_dir, out, "vqa")
+    assert done["status"] == "done" and done["step"] == 6
+    best = json.loads((out / "model" / "metrics.json").read_text())
+    assert best["step"] in (3, 6) and math.isfinite(best["score"]) and best["metrics"]
+    assert done["best"] == best
+
+
 def test_train_image_encoder_frees_a_frozen_encoder_and_exports_it(tiny_model_dir, shapes_dir,
                                                                    tmp_path):
     from dataclasses import replace
