@@ -180,10 +180,13 @@ class VQA(Task):
             seg.pixels = hue_rotate(seg.pixels, turn)
         return seg
 
+    def names_hue(self, q: dict) -> bool:
+        """Whether question ``q`` or an answer of it names a hue (``hue_words``)."""
+        return any(self._hue_re.search(t) for t in (q["question"], *q["answers"]))
+
     def hueless(self, qs: list[dict]) -> list[dict]:
         """The questions of ``qs`` that stay true when the image's hues turn."""
-        return [q for q in qs if not any(self._hue_re.search(t)
-                                         for t in (q["question"], *q["answers"]))]
+        return [q for q in qs if not self.names_hue(q)]
 
     def mirror(self, q: dict, flip: tuple[bool, bool]) -> dict:
         """Question ``q`` as asked of its image mirrored by ``flip`` = (left-right,
@@ -229,8 +232,7 @@ class VQA(Task):
                 kept = self.hueless(qs)
                 if kept:  # an image with only hue questions stays as it is
                     turn = float(torch.rand((), generator=gen)) * 2 * math.pi
-                    rest = ([q for q in qs if all(q is not x for x in kept)]
-                            if self.cfg.hue_copy else [])
+                    rest = [q for q in qs if self.names_hue(q)] if self.cfg.hue_copy else []
                     views = [(kept, turn)] + ([(rest, 0.0)] if rest else [])
             for qs, turn in views:
                 if k and len(qs) > k:
