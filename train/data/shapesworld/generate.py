@@ -27,16 +27,16 @@ _state: dict = {}
 
 
 def _speech_tools():
-    """Per-process eSpeak NG and resampler, made on first use."""
-    if "espeak" not in _state:
+    """Per-process eSpeak NG and resampler, made on first use (again in a forked worker)."""
+    from ..espeak import get_espeak
+
+    tts = get_espeak()
+    if _state.get("espeak") is not tts:
         import torchaudio
 
-        from ..espeak import get_espeak
-
-        tts = get_espeak()
         _state["espeak"] = tts
         _state["resample"] = torchaudio.transforms.Resample(tts.sample_rate, SPEECH_SAMPLE_RATE)
-    return _state["espeak"], _state["resample"]
+    return tts, _state["resample"]
 
 
 def _speak(text: str, rng: np.random.Generator) -> tuple[bytes, dict]:
