@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -320,16 +322,41 @@ def _ptb_run(jar: str, lines: list[str], timeout: float) -> list[str]:
             for line in out[:-1]]
 
 
+_METEOR: dict = {}  # pid -> its METEOR process, kept between evaluations (JVM start ~20 s)
+
+
+def _close_meteor(m) -> None:
+    p = m.meteor_p
+    p.kill()  # also ends a read a worker is blocked in
+    p.wait()
+    for f in (p.stdin, p.stdout, p.stderr):
+        with contextlib.suppress(OSError):
+            f.close()
+    # Meteor.__del__ takes this lock, which a failed compute_score leaves held: a fresh one
+    # keeps the garbage collector from blocking on it
+    m.lock = threading.Lock()
+
+
+@atexit.register
+def _close_meteors() -> None:
+    m = _METEOR.pop(os.getpid(), None)
+    if m is not None:
+        _close_meteor(m)
+
+
 def _meteor(gts: dict, res: dict, timeout: float) -> float | None:
-    """pycocoevalcap's METEOR (a Java subprocess), given at most ``timeout`` seconds; the
-    process is always killed, and on any failure the caller gets None and a warning."""
+    """pycocoevalcap's METEOR (a Java subprocess, started once per process and kept),
+    given at most ``timeout`` seconds; on any failure the process is killed, and the caller
+    gets None and a warning."""
     from pycocoevalcap.meteor import meteor as pm
 
-    try:
-        m = pm.Meteor()
-    except OSError as e:
-        log.warning("METEOR left out: cannot start java (%s)", e)
-        return None
+    m = _METEOR.pop(os.getpid(), None)
+    if m is None or m.meteor_p.poll() is not None:
+        try:
+            m = pm.Meteor()
+        except OSError as e:
+            log.warning("METEOR left out: cannot start java (%s)", e)
+            return None
     box: dict = {}
 
     def work() -> None:
@@ -341,18 +368,11 @@ def _meteor(gts: dict, res: dict, timeout: float) -> float | None:
     th = threading.Thread(target=work, name="meteor", daemon=True)
     th.start()
     th.join(timeout)
-    p = m.meteor_p
-    p.kill()  # also ends a read the worker is blocked in
-    p.wait()
-    th.join(10)
-    for f in (p.stdin, p.stdout, p.stderr):
-        with contextlib.suppress(OSError):
-            f.close()
-    # Meteor.__del__ takes this lock, which a failed compute_score leaves held: a fresh one
-    # keeps the garbage collector from blocking on it
-    m.lock = threading.Lock()
     if "score" in box:
+        _METEOR[os.getpid()] = m
         return box["score"]
+    _close_meteor(m)
+    th.join(10)
     why = box.get("error") or f"no answer within {timeout:g} s"
     log.warning("METEOR left out: %s", why)
     return None

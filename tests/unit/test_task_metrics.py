@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,9 @@ def test_meteor_reproduces_the_published_example():
     m = caption_metrics(NLG_HYP, NLG_REFS, meteor=True)
     assert m["meteor"] == pytest.approx(NLG_PUBLISHED["meteor"], abs=5e-4)
     assert m["cider"] == pytest.approx(NLG_PUBLISHED["cider"], abs=5e-4)
+    kept = metrics._METEOR[os.getpid()]  # the JVM stays for the next evaluation
+    assert caption_metrics(NLG_HYP, NLG_REFS, meteor=True) == m
+    assert metrics._METEOR[os.getpid()] is kept and kept.meteor_p.poll() is None
 
 
 @needs_java
@@ -321,6 +325,7 @@ def test_meteor_that_hangs_is_killed_and_left_out(monkeypatch, caplog):
 
     monkeypatch.setattr(metrics, "_java", lambda: True)
     monkeypatch.setattr(pm, "Meteor", _HangingMeteor)
+    monkeypatch.setattr(metrics, "_METEOR", {})  # no process kept from an earlier test
     t = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="omnimask.metrics"):
         m = caption_metrics({1: "a red square"}, {1: ["a red square"]},
@@ -331,3 +336,4 @@ def test_meteor_that_hangs_is_killed_and_left_out(monkeypatch, caplog):
     p = _HangingMeteor.last.meteor_p
     assert p.returncode is not None  # killed and reaped
     assert _HangingMeteor.last.lock.acquire(timeout=1)  # the garbage collector cannot block
+    assert not metrics._METEOR  # not kept
