@@ -322,7 +322,9 @@ def _ptb_run(jar: str, lines: list[str], timeout: float) -> list[str]:
             for line in out[:-1]]
 
 
-_METEOR: dict = {}  # pid -> its METEOR process, kept between evaluations (JVM start ~20 s)
+# pid -> its METEOR process, kept between evaluations (the JVM's start and paraphrase table
+# take ~10-20 s; it holds up to 2 GB until the process ends)
+_METEOR: dict = {}
 
 
 def _close_meteor(m) -> None:
@@ -351,7 +353,10 @@ def _meteor(gts: dict, res: dict, timeout: float) -> float | None:
     from pycocoevalcap.meteor import meteor as pm
 
     m = _METEOR.pop(os.getpid(), None)
-    if m is None or m.meteor_p.poll() is not None:
+    if m is not None and m.meteor_p.poll() is not None:  # it died since: reap it
+        _close_meteor(m)
+        m = None
+    if m is None:
         try:
             m = pm.Meteor()
         except OSError as e:

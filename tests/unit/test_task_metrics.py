@@ -262,6 +262,10 @@ def test_meteor_reproduces_the_published_example():
     kept = metrics._METEOR[os.getpid()]  # the JVM stays for the next evaluation
     assert caption_metrics(NLG_HYP, NLG_REFS, meteor=True) == m
     assert metrics._METEOR[os.getpid()] is kept and kept.meteor_p.poll() is None
+    kept.meteor_p.kill()  # a kept process that died is replaced
+    kept.meteor_p.wait()
+    assert caption_metrics(NLG_HYP, NLG_REFS, meteor=True) == m
+    assert metrics._METEOR[os.getpid()] is not kept
 
 
 @needs_java
