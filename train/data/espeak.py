@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +58,7 @@ class Espeak:
             raise RuntimeError("one eSpeak NG per process: use get_espeak()")
         self.owner = os.getpid()
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", str(Path(__file__).with_name("espeak_zygote.py"))],
+            [sys.executable, "-I", "-m", "omnimask.train.data.espeak_zygote"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         atexit.register(self.close)
         self.sample_rate = self._read_length("initialise")

@@ -1,5 +1,5 @@
 """eSpeak NG's zygote: a small process that initialises the library once and forks a child
-per utterance (run by path from ``espeak.py``; imports nothing of omnimask, so a fork here
+per utterance (run with ``-m`` by ``espeak.py``; imports nothing of omnimask, so a fork here
 copies a few megabytes instead of a process that holds torch).
 
 Protocol on stdin/stdout: it writes the sample rate as 8 bytes; then for each request line
