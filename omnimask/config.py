@@ -126,17 +126,27 @@ class DemoConfig:
     # what the VQA run starts from: the retrieval + caption run's model ("multitask":
     # captioning teaches the trunk to bind colours to shapes) or the pretrained one
     vqa_init: str = "multitask"
+    # the retrieval and caption heads again, from the VQA model (the retrieval and caption
+    # models served; quick: 10; 0: none, the first run's are served)
+    finetune_final_steps: int = 300
     finetune_segment_steps: int = 300  # the segmentation head (quick: 10; 0: none)
+    # what the segmentation run starts from: the last model of the chain above ("chain":
+    # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
+    segment_init: str = "chain"
     stage_max_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
                      "shard_size", "train_question_rounds", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
                      "finetune_vqa_steps", "finetune_steps")
-        check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps")
+        check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps",
+                     "finetune_final_steps")
         check_fields(self, ">0", "stage_max_minutes")
         if self.vqa_init not in ("multitask", "pretrained"):
             raise ValueError(f"vqa_init must be multitask or pretrained, got {self.vqa_init!r}")
+        if self.segment_init not in ("chain", "pretrained"):
+            raise ValueError(f"segment_init must be chain or pretrained, got "
+                             f"{self.segment_init!r}")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 

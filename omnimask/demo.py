@@ -317,10 +317,12 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
               ("tasks", lambda: stage_tasks(
                   {"vqa": 10 if quick else cfg.finetune_vqa_steps,
                    "multitask": 10 if quick else cfg.finetune_steps,
+                   "final": min(10, cfg.finetune_final_steps) if quick
+                   else cfg.finetune_final_steps,
                    "segment": min(10, cfg.finetune_segment_steps) if quick
                    else cfg.finetune_segment_steps},
                   cfg.stage_max_minutes, run, quick, progress, itm=cfg.retrieval_itm,
-                  vqa_init=cfg.vqa_init)),
+                  vqa_init=cfg.vqa_init, segment_init=cfg.segment_init)),
               ("zoo", lambda: stage_zoo(run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)

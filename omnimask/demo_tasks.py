@@ -1,9 +1,9 @@
-"""The demo's task stage: the pretrained encoder exported, the VQA head fine-tuned on it
-alone, the retrieval and caption heads together and the segmentation head alone
-(``finetune vqa``, ``multitask`` and ``segment``, the packaged ``finetune/shapes_tasks``
-config on the demo's data, sized in steps), each task evaluated on test and test-novel,
-and the report section: the metrics beside their baselines and the demo-tier targets, and
-the example PNGs."""
+"""The demo's task stage: the pretrained encoder exported, then a chain of fine-tuning runs
+(``RUNS``: the retrieval and caption heads together, the VQA head alone, the retrieval and
+caption heads again, the segmentation head; ``finetune multitask``, ``vqa`` and
+``segment``, the packaged ``finetune/shapes_tasks`` config on the demo's data, sized in
+steps), each task evaluated on test and test-novel, and the report section: the metrics
+beside their baselines and the demo-tier targets, and the example PNGs."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ TASKS = ("vqa", "retrieval", "caption", "segment", "refer")  # evaluated
 TRAINED = ("vqa", "retrieval", "caption", "segment")  # fine-tuning tasks (``mix`` keys)
 EVAL_SPLITS = ("test", "test-novel")
 # the demo's fine-tuning runs, in order: (run, ``finetune`` task, the tasks its model
-# serves, its settings over configs/finetune/shapes_tasks, the run whose model it starts
-# from: None for the pretrained one). VQA trains alone (in a mix with the others it learned
-# less) from the retrieval + caption model: captioning teaches the trunk to bind colours
-# to shapes, which VQA alone learns slowly; its softmax head learns best at half the rate
-# (docs/experiments/2026-11-30-demo-time-and-captions.md)
-RUNS = (("multitask", "multitask", ("retrieval", "caption"), (), None),
-        ("vqa", "vqa", ("vqa",), ("trainer.lr=5e-4",), "multitask"),
-        ("segment", "segment", ("segment", "refer"), (), None))
+# serves, its settings over configs/finetune/shapes_tasks, the runs whose model it starts
+# from: the first of them that ran, else the pretrained one). VQA trains alone (in a mix
+# with the others it learned less) from the retrieval + caption model: captioning teaches
+# the trunk to bind colours to shapes, which VQA alone learns slowly; its softmax head
+# learns best at half the rate (docs/experiments/2026-11-30-demo-time-and-captions.md).
+# VQA's hue-turned images in turn teach the trunk shape apart from colour, so the
+# retrieval and caption heads are trained again from the VQA model ("final": the
+# retrieval and caption models served) and the segmentation head continues the chain
+# (docs/experiments/2026-12-01-novel-pairs.md)
+RUNS = (("multitask", "multitask", ("retrieval", "caption"), (), ()),
+        ("vqa", "vqa", ("vqa",), ("trainer.lr=5e-4",), ("multitask",)),
+        ("final", "multitask", ("retrieval", "caption"), (), ("vqa", "multitask")),
+        ("segment", "segment", ("segment", "refer"), (), ("final", "vqa", "multitask")))
 # quick mode's interactive protocol: a few objects, a few clicks
 QUICK_SETTINGS = {"segment": {"noc_objects": 4, "noc_max_clicks": 3}}
 
@@ -80,10 +85,12 @@ def baseline(result: dict, key: str | None) -> float | None:
 
 
 def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: bool,
-                progress: bool, itm: bool = True, vqa_init: str = "multitask") -> dict:
-    """``steps``: each of ``RUNS``' fine-tuning steps by name; ``itm``: the retrieval head
-    trains ITM and re-ranks by it (else ITC alone); ``vqa_init``: the VQA run starts from
-    the multitask run's model or from the pretrained one ("pretrained")."""
+                progress: bool, itm: bool = True, vqa_init: str = "multitask",
+                segment_init: str = "chain") -> dict:
+    """``steps``: each of ``RUNS``' fine-tuning steps by name (0: the run is skipped);
+    ``itm``: the retrieval head trains ITM and re-ranks by it (else ITC alone);
+    ``vqa_init`` / ``segment_init``: the VQA / segmentation run starts from the model
+    ``RUNS`` names ("multitask" / "chain") or from the pretrained one ("pretrained")."""
     from .config import load_config, packaged_config
     from .train.corpus import share_cache
     from .train.evaluate_task import evaluate_model
@@ -92,13 +99,13 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
 
     pre = export_run(run / "pretrain", run / "pretrain" / "model")
     runs, models = {}, {}
-    for name, task, serves, settings, start in RUNS:
+    for name, task, serves, settings, starts in RUNS:
         n = steps.get(name, 0)
         if not n:
             continue
-        if name == "vqa" and vqa_init == "pretrained":
-            start = None
-        init = runs[start]["model"] if start in runs else pre
+        if {"vqa": vqa_init, "segment": segment_init}.get(name) == "pretrained":
+            starts = ()
+        init = next((runs[s]["model"] for s in starts if s in runs), pre)
         out = run / ("finetune" if name == "multitask" else f"finetune-{name}")
         share_cache(run / "pretrain", out)  # the same shards and tokenizers: tokenised once
         over = [f"out={out}",
@@ -175,10 +182,11 @@ def report_lines(x: dict) -> list[str]:
     notes = [ln for name, r in x["runs"].items() for ln in cut_note(f"{name} fine-tuning", r)]
     lines = ["", f"## Tasks (fine-tuning: {_runs_label(x)}; {x['train_seconds']:.0f} s)", "",
              *notes,
-             "The pretrained model fine-tuned three times: the retrieval and caption heads "
-             "together on one encoder, then the VQA head from that model, and the "
-             "segmentation head (semantic masks, referring expressions, clicks and boxes); "
-             "each task evaluated on the test "
+             "The pretrained model fine-tuned in a chain: the retrieval and caption heads "
+             "together on one encoder, the VQA head from that model, the retrieval and "
+             "caption heads again from the VQA model (the ones evaluated), and the "
+             "segmentation head from that last model (semantic masks, referring "
+             "expressions, clicks and boxes); each task evaluated on the test "
              "split and on test-novel (colour-shape pairs never seen in training). Baseline: "
              "VQA the most frequent answer per question type, retrieval chance, captions "
              "matched against another image's objects. Targets: the demo tier.", "",

@@ -116,3 +116,17 @@ def test_a_mapping_override_replaces_a_free_form_mapping():
                                                       ).trainer.max_steps  # a block merges
     with pytest.raises(ConfigError, match="objectives.mix.mlm"):
         load_config(PretrainConfig, "shapes_tiny", ["objectives.mix={mlm: x}"])
+
+
+@pytest.mark.parametrize("ov,msg", [("vqa_init=scratch", "vqa_init must be multitask or "
+                                     "pretrained"),
+                                    ("segment_init=vqa", "segment_init must be chain or "
+                                     "pretrained"),
+                                    ("finetune_final_steps=-1", "finetune_final_steps must "
+                                     "be >= 0")])
+def test_demo_chain_settings_are_checked(ov, msg):
+    from omnimask.config import DemoConfig
+
+    with pytest.raises(ConfigError, match=msg):
+        load_config(DemoConfig, None, [ov])
+    assert load_config(DemoConfig, None, ["finetune_final_steps=0"]).segment_init == "chain"

@@ -1,5 +1,7 @@
 """The demo's task section: metrics beside baselines and targets, and the time-cap note."""
 
+from pathlib import Path
+
 from omnimask.demo_tasks import baseline, cut_note, report_lines, results_rows
 from omnimask.demo_zoo import report_lines as zoo_lines
 
@@ -161,7 +163,9 @@ def test_image_tables_label_rows_and_caption_every_image(tmp_path):
 
 def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
     """VQA starts from the retrieval + caption model (``vqa_init: multitask``) or from the
-    pretrained one; ITM is trained only with ``itm``; segmentation from the pretrained."""
+    pretrained one; the final retrieval + caption run from the VQA model (the first run's
+    when VQA is skipped) and serves those tasks; segmentation from the last model of that
+    chain or the pretrained one (``segment_init``); ITM is trained only with ``itm``."""
     import omnimask.train.evaluate_task as evaluate_task
     import omnimask.train.export as export
     import omnimask.train.finetune as finetune
@@ -174,19 +178,36 @@ def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
             self.cfg = cfg
 
         def fit(self):
-            seen[self.cfg.task] = self.cfg
+            seen[Path(self.cfg.out).name] = self.cfg
             return {"step": 2, "status": "done", "train_seconds": 0.0,
                     "model": f"{self.cfg.out}/model"}
 
     monkeypatch.setattr(export, "export_run", lambda src, dst: dst)
     monkeypatch.setattr(finetune, "Finetuning", FakeRun)
     monkeypatch.setattr(evaluate_task, "evaluate_model", lambda *a, **k: {"metrics": {}})
-    steps = {"vqa": 2, "multitask": 2, "segment": 2}
-    for vqa_init, itm in (("multitask", False), ("pretrained", True)):
+    pre = str(tmp_path / "pretrain" / "model")
+    for vqa_init, seg_init, itm in (("multitask", "chain", False),
+                                    ("pretrained", "pretrained", True)):
+        seen.clear()
+        steps = {"vqa": 2, "multitask": 2, "final": 2, "segment": 2}
         x = stage_tasks(steps, 1.0, tmp_path, quick=False, progress=False, itm=itm,
-                        vqa_init=vqa_init)
-        pre, mt = str(tmp_path / "pretrain" / "model"), x["runs"]["multitask"]["model"]
-        assert x["runs"]["vqa"]["init"] == (mt if vqa_init == "multitask" else pre)
-        assert x["runs"]["segment"]["init"] == x["runs"]["multitask"]["init"] == pre
-        rc = seen["multitask"].heads.get("retrieval", {})
-        assert (rc.get("itm_weight"), rc.get("rerank_k")) == ((None, None) if itm else (0, 0))
+                        vqa_init=vqa_init, segment_init=seg_init)
+        r = x["runs"]
+        assert r["multitask"]["init"] == pre
+        assert r["vqa"]["init"] == (r["multitask"]["model"] if vqa_init == "multitask" else pre)
+        assert r["final"]["init"] == r["vqa"]["model"]
+        assert r["segment"]["init"] == (r["final"]["model"] if seg_init == "chain" else pre)
+        assert x["models"] == {"retrieval": r["final"]["model"], "caption": r["final"]["model"],
+                               "vqa": r["vqa"]["model"], "segment": r["segment"]["model"]}
+        assert seen["finetune-final"].task == seen["finetune"].task == "multitask"
+        for run in ("finetune", "finetune-final"):
+            rc = seen[run].heads.get("retrieval", {})
+            assert (rc.get("itm_weight"), rc.get("rerank_k")) == ((None, None) if itm
+                                                                  else (0, 0))
+    # without VQA the final run starts from the first; without it the first one serves
+    x = stage_tasks({"multitask": 2, "final": 2}, 1.0, tmp_path, quick=False, progress=False)
+    assert x["runs"]["final"]["init"] == x["runs"]["multitask"]["model"]
+    x = stage_tasks({"multitask": 2, "vqa": 2, "segment": 2}, 1.0, tmp_path, quick=False,
+                    progress=False)
+    assert x["models"]["caption"] == x["runs"]["multitask"]["model"]
+    assert x["runs"]["segment"]["init"] == x["runs"]["vqa"]["model"]
