@@ -45,17 +45,22 @@ def test_quick_demo(tmp_path, capsys):
     assert "frozen: true" in (run / "pretrain" / "config.yaml").read_text()
     assert "## Pretraining" in (run / "report.md").read_text()
     x = m["tasks"]
-    assert [(r["steps"], r["max_steps"]) for r in x["runs"].values()] == [(10, 10)] * 3
+    assert list(x["runs"]) == ["multitask", "vqa", "final", "segment"]
+    assert [(r["steps"], r["max_steps"]) for r in x["runs"].values()] == [(10, 10)] * 4
     for task, split_metric in (("vqa", "accuracy"), ("retrieval", "t2i_r10"),
                                ("caption", "pair_precision"), ("segment", "miou"),
                                ("refer", "miou")):
         for split in ("test", "test-novel"):
             assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
             assert x["eval"][task][split]["n"] == 10  # the split's own shards only
-    # retrieval and captions on one encoder, then VQA alone from that model
-    assert rep["models"]["retrieval"] == rep["models"]["caption"] != rep["models"]["vqa"]
-    assert x["runs"]["vqa"]["init"] == rep["models"]["caption"]
-    assert x["runs"]["segment"]["init"] == rep["models"]["pretrained_model"]
+    # the chain: retrieval and captions on one encoder, VQA alone from that model,
+    # retrieval and captions again from the VQA model (the ones served), segmentation last
+    r = x["runs"]
+    assert r["multitask"]["init"] == rep["models"]["pretrained_model"]
+    assert r["vqa"]["init"] == r["multitask"]["model"] != rep["models"]["caption"]
+    assert r["final"]["init"] == rep["models"]["vqa"] == r["vqa"]["model"]
+    assert rep["models"]["retrieval"] == rep["models"]["caption"] == r["final"]["model"]
+    assert r["segment"]["init"] == r["final"]["model"]
     for task in ("vqa", "retrieval", "caption", "segment"):
         assert (Path(rep["models"][task]) / "config.json").is_file()
     mt = omnimask.load(rep["models"]["caption"])
