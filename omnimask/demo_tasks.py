@@ -45,6 +45,7 @@ TARGETS = [
     ("caption", "color_precision", "caption colour precision", None, "color_precision_chance"),
     ("caption", "shape_precision", "caption shape precision", None, "shape_precision_chance"),
     ("caption", "pair_precision", "caption pair precision", 0.40, "pair_precision_chance"),
+    ("caption", "pair_recall", "caption pair recall", None, "pair_recall_chance"),
     ("segment", "miou", "semantic mIoU", 0.50, None),
     ("segment", "pq", "panoptic PQ", None, None),
     ("segment", "point_miou", "one-click mIoU", None, None),

@@ -23,6 +23,12 @@ def test_partial_and_plural_and_empty():
     assert object_match("a red cross", [])["recall"] == 0.0
 
 
+def test_a_repeated_object_is_precise_but_recalls_one_pair():
+    refs = ["a large red square and a small blue circle"]
+    m = object_match("a red square, a large red square and a small red square", refs)
+    assert (m["precision"], m["recall"], m["names_all"]) == (1.0, 0.5, False)
+
+
 def test_score_line_puts_each_score_beside_its_chance():
     s = {"captions_scored": 32, "captions_naming_every_object": 3,
          "chance_captions_naming_every_object": 0}

@@ -234,7 +234,7 @@ def test_caption_task_finetunes_and_evaluates(tiny_model_dir, shapes_dir, tmp_pa
     report = task.evaluate(model, corpus, limit=6, examples=tmp_path)
     for k in ("bleu4", "cider", "meteor", "color_precision", "shape_precision",
               "pair_precision", "color_precision_chance", "shape_precision_chance",
-              "pair_precision_chance"):
+              "pair_precision_chance", "pair_recall", "pair_recall_chance"):
         assert k in report, k
     assert report["images"] == 6 and report["cider"] >= 0 and report["meteor"] is None
     assert (tmp_path / "caption_examples.png").stat().st_size > 10_000

@@ -24,9 +24,10 @@ from omnimask.heads.captioning import CaptionHeadConfig, caption_batch, generate
 from ..objectives.base import image_segment, pick_caption
 from .base import Task, first, task
 
-# our object scores -> object_match's keys
+# our object scores -> object_match's keys; recall: precision alone rewards a caption that
+# names one object it is sure of, repeated
 OBJECT_SCORES = {"color_precision": "colour_precision", "shape_precision": "shape_precision",
-                 "pair_precision": "precision"}
+                 "pair_precision": "precision", "pair_recall": "recall"}
 
 
 @dataclass
