@@ -67,6 +67,7 @@ def test_quick_demo(tmp_path, capsys):
     assert set(mt.heads) == {"retrieval", "caption"}
     rc = mt.head_configs["retrieval"]  # retrieval_itm off: ITC alone trains and ranks
     assert (rc.itm_weight, rc.rerank_k) == (0.0, 0)
+    assert mt.head_configs["caption"].no_repeat_ngram == 3  # shapes_tasks' decoding
     assert set(omnimask.load(rep["models"]["segment"]).heads) == {"segment"}
     assert x["eval"]["segment"]["test"]["metrics"]["objects"] == 4  # quick's protocol
     assert {"examples/vqa_examples.png", "examples/caption_examples.png",
