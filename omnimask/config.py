@@ -142,11 +142,11 @@ class DemoConfig:
         check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps",
                      "finetune_final_steps")
         check_fields(self, ">0", "stage_max_minutes")
-        if self.vqa_init not in ("multitask", "pretrained"):
-            raise ValueError(f"vqa_init must be multitask or pretrained, got {self.vqa_init!r}")
-        if self.segment_init not in ("chain", "pretrained"):
-            raise ValueError(f"segment_init must be chain or pretrained, got "
-                             f"{self.segment_init!r}")
+        for key, allowed in (("vqa_init", ("multitask", "pretrained")),
+                             ("segment_init", ("chain", "pretrained"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be {' or '.join(allowed)}, got "
+                                 f"{getattr(self, key)!r}")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 
