@@ -114,7 +114,8 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                 f"data.train=[{run / 'data' / 'train-*.tar'}]",
                 f"data.val=[{run / 'data' / 'val-*.tar'}]",
                 f"trainer.max_steps={n}", f"trainer.max_minutes={max_minutes}",
-                "trainer.eval_every=0",  # validation (and the export) once, at the end
+                # validation (and the export) once, at the end
+                "trainer.eval_every=0", "trainer.eval_first=false",
                 f"trainer.checkpoint_every={max(1, n // 3)}",
                 f"trainer.warmup_steps={max(1, min(50, n // 10))}",
                 "data.val_limit=8" if quick else "data.val_limit=100",

@@ -86,7 +86,8 @@ class TrainerConfig:
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights
     checkpoint_every: int = 500
     keep: int = 2
-    eval_every: int = 200  # 0: only at the start and the end
+    eval_every: int = 200  # 0: only at the end (and the start, with eval_first)
+    eval_first: bool = True  # a fresh run validates before its first step too
     log_every: int = 10  # progress bar and TensorBoard; metrics.jsonl gets every step
     max_nonfinite: int = 5
     resume: str = "auto"  # auto (newest complete checkpoint, if any) | never | PATH
@@ -219,6 +220,16 @@ def set_rng_state(st: dict) -> None:
     np.random.set_state(st["numpy"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX
+    (elsewhere bf16 matmuls and convolutions are emulated, slower than fp32)."""
+    if torch.device(device).type == "cuda":
+        return True
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, f, lambda: False)())
+               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def seed_everything(seed: int) -> None:
@@ -792,7 +803,7 @@ class Trainer:
         self._stop = StopSignals()  # restored in `finally`, whatever raises after this
         try:
             self._open_tb()
-            if not resumed:
+            if not resumed and cfg.eval_first:
                 self.run_eval()
             bar, at = self._bar()
             t_start = self.clock() - self.elapsed

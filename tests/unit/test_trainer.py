@@ -529,3 +529,13 @@ def test_figures_and_text_reach_tensorboard_with_or_without_an_open_writer(tmp_p
     assert [e.step for e in ev.Images("examples/vqa")] == [9]
     (txt,) = ev.Tensors("samples/captions/text_summary")
     assert txt.tensor_proto.string_val[0].decode() == "| a |"
+
+
+def test_validation_before_the_first_step_is_optional_and_the_end_still_validates(tmp_path):
+    for first in (True, False):
+        run = tmp_path / str(first)
+        out = _trainer(run, eval_first=first, max_steps=4)
+        out.fit()
+        assert [r["step"] for r in _rows(run, "val")] == ([0, 4] if first else [4])
+        # the same training either way: validation draws nothing from the batches' RNGs
+        assert [r["loss"] for r in _rows(run)] == [r["loss"] for r in _rows(tmp_path / "True")]
