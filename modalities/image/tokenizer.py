@@ -54,6 +54,10 @@ class ImageTokenizerConfig:
     max_images: int = 0  # 0: every training image
     parallel: str = "none"  # none | ddp (several processes: torchrun, omnimask submit)
     tensorboard: bool = True  # OUT/tb: the losses, usage, and reconstructions at the end
+    # the encoder's and decoder's convolutions in training (the quantiser stays fp32; the
+    # tokenizer encodes and decodes in fp32): fp32 | bf16 | auto (bf16 where the processor
+    # computes it natively, AVX512-BF16/AMX or CUDA; fp32 elsewhere, where it is slower)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
@@ -62,6 +66,8 @@ class ImageTokenizerConfig:
                      "max_images", "object_weight", "edge_weight")
         if self.parallel not in ("none", "ddp"):
             raise ValueError(f"parallel must be none or ddp, got {self.parallel!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
         if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
             raise ValueError(f"max_steps or max_minutes must be > 0 (a training budget), got "
                              f"max_steps={self.max_steps}, max_minutes={self.max_minutes}")
@@ -224,6 +230,14 @@ def trainer_config(cfg: ImageTokenizerConfig):
         parallel=cfg.parallel)
 
 
+def conv_dtype(precision: str) -> torch.dtype | None:
+    """The VQ's convolutions' autocast dtype in training for ``precision`` (None: fp32)."""
+    from omnimask.train.trainer import native_bf16
+
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16("cpu"))
+    return torch.bfloat16 if bf16 else None
+
+
 def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     from omnimask.train import checkpoint
     from omnimask.train import distributed as dist
@@ -243,6 +257,8 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
             idx = torch.randperm(len(images), generator=gen)[:512]
             model.quantizer.init_kmeans(model.latents(model.to_input(images[idx])), cfg.seed)
     model = model.to(memory_format=torch.channels_last)
+    model.conv_dtype = conv_dtype(cfg.precision)
+    bf16 = model.conv_dtype is not None
 
     def make_batch(step: int, micro: int) -> tuple[str, dict]:
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro))
@@ -284,8 +300,10 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
     if summary["status"].startswith("interrupted"):  # resumable, not finished: no tokenizer
         raise Interrupted(f"image tokenizer training {summary['status']} at step "
                           f"{summary['step']}; checkpoint saved in {trainer.ckpt_dir}")
+    model.conv_dtype = None  # the tokenizer runs in fp32
     stats = {"steps": summary["step"], "train_seconds": summary["elapsed_s"],
-             "images": len(images), "params": sum(p.numel() for p in model.parameters())}
+             "images": len(images), "params": sum(p.numel() for p in model.parameters()),
+             "precision": "bf16" if bf16 else "fp32"}
     tok = ImageTokenizer(model.to(memory_format=torch.contiguous_format).eval(), stats)
     if main:
         tok.save(run)

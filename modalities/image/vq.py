@@ -347,6 +347,7 @@ class VQVAE(nn.Module):
         for a, b in zip(rev[:-1], rev[1:]):
             dec += [nn.ConvTranspose2d(a, b, 4, 2, 1), ResBlock(b), nn.SiLU()]
         self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(ch[0], 3, 4, 2, 1))
+        self.conv_dtype: torch.dtype | None = None  # forward()'s convolutions (training)
 
     @staticmethod
     def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -373,10 +374,20 @@ class VQVAE(nn.Module):
 
     def forward(self, x: torch.Tensor):
         b = x.shape[0]
-        q, ids, losses = self.quantizer(self.latents(x))
-        recon = self.decode_codes(q, b)
+        with self._convs(x):
+            z = self.latents(x)
+        q, ids, losses = self.quantizer(z.float())  # matching and EMA statistics in fp32
+        with self._convs(x):
+            recon = self.decode_codes(q, b)
+        recon = recon.float()
         losses["recon"] = F.mse_loss(recon, x)
         return recon, ids.reshape(b, -1), losses
+
+    def _convs(self, x: torch.Tensor):
+        """The encoder's and decoder's autocast (``conv_dtype``, a training setting: None
+        runs them in the inputs' precision)."""
+        return torch.autocast(x.device.type, dtype=self.conv_dtype,
+                              enabled=self.conv_dtype is not None)
 
     @torch.no_grad()
     def unit_latents(self, images: torch.Tensor) -> torch.Tensor:
