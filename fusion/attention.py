@@ -24,6 +24,7 @@ missing or broken xformers never breaks an import.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -177,7 +178,32 @@ def _padded_rows(q, k, v, lay: Layout, rows):
     return qp, kp, vp, mq.view(lay.B, 1, Lq, lay.L), unpad
 
 
-@torch.compiler.disable
+_EAGER: dict = {}  # function -> its torch.compiler.disable'd self (prepare_compile)
+
+
+def eager(fn):
+    """``fn`` run eagerly inside compiled code (``torch.compiler.disable``), the disabled
+    version made by ``prepare_compile`` before anything compiles: a process that never
+    compiles does not import torch._dynamo (~4 s)."""
+    _EAGER[fn] = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _EAGER[fn](*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
+def prepare_compile() -> None:
+    """The ``eager`` functions' disabled versions (imports torch._dynamo); call it before
+    ``torch.compile`` traces code that calls them."""
+    for fn, done in _EAGER.items():
+        if done is None:
+            _EAGER[fn] = torch.compiler.disable(fn)
+
+
+@eager
 def math_attention(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None, probs=None,
                    layout: Layout | None = None, rows: torch.Tensor | None = None):
     """Explicit attention on padded blocks; ``probs(scores, allowed)`` replaces the softmax
@@ -387,7 +413,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o[0].transpose(0, 1)
 
 
-@torch.compiler.disable  # data-dependent (lengths, masks): compiled blocks run it eagerly
+@eager  # data-dependent (lengths, masks): compiled blocks run it eagerly
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
               max_seqlen: int | None = None, mask: str = "bidirectional", prefix_len=None,
               backend: str = "auto", scale: float | None = None, layout: Layout | None = None,

@@ -28,6 +28,26 @@ def test_libpng_op_and_pil_agree(key, level):
         assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b)
 
 
+def test_libpng_op_is_loaded_without_importing_torchvision():
+    import subprocess
+    import sys
+
+    from torchvision.io import ImageReadMode
+
+    from omnimask.train.data import schema
+
+    assert ImageReadMode.RGB.value == schema._RGB
+    assert ImageReadMode.UNCHANGED.value == schema._ANY
+    # a fresh process: the reader has the op, and neither torchvision nor torch._dynamo
+    # (seconds of import) came with it
+    code = ("import sys; from omnimask.train.data import schema; "
+            "print(schema._PNG_OP is not None, 'torchvision' in sys.modules, "
+            "'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "False", "False"]
+
+
 def test_png_crc_catches_every_single_flip():
     data = encode_png(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
     for pos in range(8, len(data)):  # every byte after the signature

@@ -16,7 +16,6 @@ import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode
 
 SCHEMA_VERSION = 1
 SPEECH_SAMPLE_RATE = 16000
@@ -158,9 +157,23 @@ def check_png(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
 
 def _png_op():
     """torchvision's libpng op, called directly: its Python wrapper (deprecated in 0.29 in
-    favour of torchcodec) costs as much as decoding a 64 px mask. None if unavailable."""
-    try:
-        import torchvision  # noqa: F401  (registers torch.ops.image)
+    favour of torchcodec) costs as much as decoding a 64 px mask. Its library is loaded
+    alone: importing torchvision imports torch._dynamo (~4 s per process). None if
+    unavailable."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("torchvision")
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        for name in ("image_stable.so", "image.so", "image.pyd", "image_stable.pyd"):
+            if os.path.isfile(os.path.join(where, name)):
+                try:
+                    torch.ops.load_library(os.path.join(where, name))
+                    return torch.ops.image.decode_png
+                except (OSError, AttributeError, RuntimeError):
+                    pass
+    try:  # another layout: the package registers the op itself
+        import torchvision  # noqa: F401
 
         return torch.ops.image.decode_png
     except (ImportError, AttributeError, RuntimeError):
@@ -168,7 +181,7 @@ def _png_op():
 
 
 _PNG_OP = _png_op()
-_RGB, _ANY = ImageReadMode.RGB.value, ImageReadMode.UNCHANGED.value
+_RGB, _ANY = 3, 0  # torchvision.io.ImageReadMode.RGB and .UNCHANGED
 
 
 def decode_png_pil(data: bytes, rgb: bool = False) -> torch.Tensor:
