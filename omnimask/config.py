@@ -129,7 +129,7 @@ class DemoConfig:
     # the retrieval and caption heads again, from the VQA model (the retrieval and caption
     # models served; quick: 10; 0: none, the first run's are served)
     finetune_final_steps: int = 300
-    finetune_segment_steps: int = 300  # the segmentation head (quick: 10; 0: none)
+    finetune_segment_steps: int = 200  # the segmentation head (quick: 10; 0: none)
     # what the segmentation run starts from: the last model of the chain above ("chain":
     # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
     segment_init: str = "chain"
