@@ -56,8 +56,9 @@ class ImageTokenizerConfig:
     tensorboard: bool = True  # OUT/tb: the losses, usage, and reconstructions at the end
     # the encoder's and decoder's convolutions in training (the quantiser stays fp32; the
     # tokenizer encodes and decodes in fp32): fp32 | bf16 | auto (bf16 where the processor
-    # computes it natively, AVX512-BF16/AMX or CUDA; fp32 elsewhere, where it is slower)
-    precision: str = "auto"
+    # computes it natively, AVX512-BF16/AMX or CUDA; fp32 elsewhere, where it is slower).
+    # fp32 by default: the same tokens on every machine
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
