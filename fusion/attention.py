@@ -183,20 +183,23 @@ _EAGER: dict = {}  # function -> its torch.compiler.disable'd self (prepare_comp
 
 def eager(fn):
     """``fn`` run eagerly inside compiled code (``torch.compiler.disable``), the disabled
-    version made by ``prepare_compile`` before anything compiles: a process that never
-    compiles does not import torch._dynamo (~4 s)."""
+    version made only once something compiles (``prepare_compile``, or here, the first
+    time a trace reaches it): a process that never compiles does not import torch._dynamo
+    (~4 s)."""
     _EAGER[fn] = None
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         if torch.compiler.is_compiling():
+            if _EAGER[fn] is None:  # e.g. torch.compile(trunk) without prepare_compile
+                _EAGER[fn] = torch.compiler.disable(fn)
             return _EAGER[fn](*args, **kwargs)
         return fn(*args, **kwargs)
     return run
 
 
 def prepare_compile() -> None:
-    """The ``eager`` functions' disabled versions (imports torch._dynamo); call it before
+    """The ``eager`` functions' disabled versions (imports torch._dynamo), made before
     ``torch.compile`` traces code that calls them."""
     for fn, done in _EAGER.items():
         if done is None:
