@@ -147,6 +147,25 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(torch.compile(t)(b), t(b), atol=1e-5, rtol=1e-5)
 
 
+def test_a_process_that_never_compiles_never_imports_dynamo():
+    import subprocess
+    import sys
+
+    # the trunk's eager() attention builds its torch.compiler.disable'd version only when
+    # something compiles: importing torch._dynamo costs seconds per process
+    code = ("import sys, torch\n"
+            "from omnimask.fusion.packing import Segment, pack\n"
+            "from omnimask.fusion.trunk import Trunk, TrunkConfig\n"
+            "t = Trunk(TrunkConfig(vocab_size=50, dim=32, heads=4, layers=2, ffn_dim=48))\n"
+            "b = pack([[Segment('text', ids=torch.arange(1, 6))]])\n"
+            "with torch.no_grad():\n"
+            "    out = t(b)\n"
+            "print(tuple(out.shape), 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")[-2]
+    assert out == "(5, 32) False"
+
+
 def test_grid_positions_add_row_and_column_embeddings():
     torch.manual_seed(0)
     t = Trunk(TrunkConfig(vocab_size=30, dim=16, heads=2, layers=1, ffn_dim=16,
