@@ -178,32 +178,21 @@ def _padded_rows(q, k, v, lay: Layout, rows):
     return qp, kp, vp, mq.view(lay.B, 1, Lq, lay.L), unpad
 
 
-_EAGER: dict = {}  # function -> its torch.compiler.disable'd self (prepare_compile)
+_EAGER: dict = {}  # function -> its torch.compiler.disable'd self, once something compiles
 
 
 def eager(fn):
     """``fn`` run eagerly inside compiled code (``torch.compiler.disable``), the disabled
-    version made only once something compiles (``prepare_compile``, or here, the first
-    time a trace reaches it): a process that never compiles does not import torch._dynamo
-    (~4 s)."""
-    _EAGER[fn] = None
-
+    version built the first time a trace reaches it: a process that never compiles does not
+    import torch._dynamo (~4 s)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         if torch.compiler.is_compiling():
-            if _EAGER[fn] is None:  # e.g. torch.compile(trunk) without prepare_compile
+            if fn not in _EAGER:
                 _EAGER[fn] = torch.compiler.disable(fn)
             return _EAGER[fn](*args, **kwargs)
         return fn(*args, **kwargs)
     return run
-
-
-def prepare_compile() -> None:
-    """The ``eager`` functions' disabled versions (imports torch._dynamo), made before
-    ``torch.compile`` traces code that calls them."""
-    for fn, done in _EAGER.items():
-        if done is None:
-            _EAGER[fn] = torch.compiler.disable(fn)
 
 
 @eager

@@ -330,9 +330,6 @@ class Trunk(nn.Module):
         """``torch.compile`` each block in place (dynamic shapes; parameter names and
         checkpoints unchanged): norms, projections, residuals and the FFN fuse into
         compiled kernels, attention stays eager (its lengths and masks are data)."""
-        from .attention import prepare_compile
-
-        prepare_compile()
         for blk in self.blocks:
             blk.compile(dynamic=True)
         return self
