@@ -165,7 +165,7 @@ def _png_op():
 
     spec = importlib.util.find_spec("torchvision")
     for where in (spec.submodule_search_locations or []) if spec else []:
-        for name in ("image_stable.so", "image.so", "image.pyd", "image_stable.pyd"):
+        for name in ("image_stable.so", "image.so"):  # torchvision >= 0.29, before
             if os.path.isfile(os.path.join(where, name)):
                 try:
                     torch.ops.load_library(os.path.join(where, name))
