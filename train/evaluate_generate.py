@@ -33,8 +33,9 @@ class GenerateEvalConfig:
     guidance: float = 5.0  # classifier-free guidance scale (1: none)
     candidates: int = 8  # images sampled per caption; the one `rerank` scores best is kept
     rerank: str = "itc"  # itc | itm: the model's own head scores the candidates
-    # the ShapesWorld shape judge (safetensors); trained and saved there when missing (~1 min)
-    shape_judge: str = "shape_judge.safetensors"
+    # the ShapesWorld shape judge: "shipped" (the package's), or a safetensors file, trained
+    # and saved there when missing (~30 s)
+    shape_judge: str = "shipped"
     seed: int = 0
     batch: int = 16  # captions drawn at once (times candidates, times 2 with guidance)
     grid_images: int = 8  # columns of the examples PNG

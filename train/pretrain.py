@@ -77,7 +77,8 @@ class GenerateConfig:
     caption_temperature: float = 0.7  # sampling the extra caption candidates (top_k applies)
     # ShapesWorld shape judge (train/data/shapesworld/judge.py, safetensors): scores the
     # drawn images and the VQ's reconstructions of the same val images against the
-    # captions; trained and saved there when missing (~1 minute); empty: no judging
+    # captions; "shipped": the package's judge; a file path: trained and saved there when
+    # missing (~30 s); empty: no judging
     shape_judge: str | None = None
     grid_images: int = 8  # drawn images shown in generated_images.png
 

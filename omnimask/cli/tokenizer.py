@@ -70,5 +70,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     te.add_argument("--out", help="write the metrics JSON here (default: print it)")
     te.add_argument("--judge", help="image, ShapesWorld shards: score the reconstructions with "
                                     "the shape judge in this file (trained and saved there "
-                                    "when missing)")
+                                    "when missing; 'shipped': the package's)")
     te.set_defaults(fn=cmd_tokenizer_eval)

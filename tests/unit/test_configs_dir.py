@@ -78,9 +78,10 @@ def test_wheel_ships_every_module_and_config(omnimask_wheel, package_dirs, tmp_p
     assert "omnimask/configs/pretrain/shapes_tiny.yaml" in names
     want = {f"{PACKAGES[folder]}/{p.relative_to(REPO / folder).as_posix()}"
             for folder in PACKAGES for p in (REPO / folder).rglob("*")
-            if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts}
+            if p.suffix in (".py", ".yaml", ".safetensors") and "__pycache__" not in p.parts}
     assert want - names == set()
     assert "omnimask/cli/__main__.py" in names and "omnimask/configs/demo/default.yaml" in names
+    assert "omnimask/train/data/shapesworld/shape_judge.safetensors" in names
     shipped = {f"omnimask/zoo/shipped/{p.relative_to(REPO / 'zoo').as_posix()}"
                for p in (REPO / "zoo").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert shipped - names == set()  # the zoo's manifest and every model file it lists

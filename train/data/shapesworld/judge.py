@@ -40,6 +40,11 @@ from .vocab import COLOR_NAMES, COLORS, SHAPES
 CHROMA = 80  # max - min channel: backgrounds stay below ~60, palette colours >= 120
 MIN_PIXELS = 8  # the generator's own minimum visible object size
 CROP = 24
+# `load_or_train(SHIPPED)`: the judge `train_judge()` makes with its defaults, shipped in the
+# package (it depends only on the generator, not on anyone's data); regenerate it with
+# `python -m omnimask.train.data.shapesworld.judge` after a change of the renderer
+SHIPPED = "shipped"
+SHIPPED_FILE = Path(__file__).with_name("shape_judge.safetensors")
 _PALETTE = torch.tensor([COLORS[c] for c in COLOR_NAMES], dtype=torch.float32)
 
 
@@ -213,11 +218,12 @@ def train_judge(scenes: int = 2000, epochs: int = 8, batch_size: int = 128, lr: 
 
 
 def load_or_train(path: str | Path, progress: bool = True, **kw) -> ShapeClassifier:
-    """The judge saved at ``path`` (safetensors), or a new one trained and saved there
-    (written to a temporary file and renamed: a half-written judge is never loaded)."""
+    """The judge saved at ``path`` (safetensors; ``SHIPPED``: the package's own), or a new
+    one trained and saved there (written to a temporary file and renamed: a half-written
+    judge is never loaded)."""
     from safetensors.torch import load_file, save_file
 
-    p = Path(path)
+    p = SHIPPED_FILE if str(path) == SHIPPED else Path(path)
     if p.is_file():
         model = ShapeClassifier()
         try:
@@ -284,3 +290,8 @@ def count_scores(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     pairs = [(len(f), k) for f, k in zip(found, map(named_count, captions)) if k]
     return {"counted": len(pairs),
             "count_hit": round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 3)}
+
+
+if __name__ == "__main__":  # regenerates the shipped judge (~30 s)
+    SHIPPED_FILE.unlink(missing_ok=True)
+    load_or_train(SHIPPED_FILE)
