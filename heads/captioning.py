@@ -39,12 +39,19 @@ class CaptionHeadConfig:
     length_penalty: float = 1.0  # alpha: a finished caption scores sum(log p) / len ** alpha
     no_repeat_ngram: int = 0  # > 0: no n-gram of this size twice in a caption
     label_smoothing: float = 0.0
+    # decoding against the language prior (contrastive decoding, as VCD): each step's
+    # log-probabilities become (1 + w) log p(. | image, prefix) - w log p(. | prefix), the
+    # second from the same trunk without the image, over the tokens whose p(. | image) is
+    # at least `prior_cutoff` of the best one's; 0: off
+    prior_weight: float = 0.0
+    prior_cutoff: float = 0.1
 
     def __post_init__(self) -> None:
         p = "heads.caption."
         check_fields(self, ">=1", "max_len", "beams", prefix=p)
-        check_fields(self, ">=0", "no_repeat_ngram", prefix=p)
+        check_fields(self, ">=0", "no_repeat_ngram", "prior_weight", prefix=p)
         check_fields(self, "[0,1)", "label_smoothing", prefix=p)
+        check_fields(self, "(0,1]", "prior_cutoff", prefix=p)
 
 
 def allowed_ids(vocab, size: int | None = None) -> torch.Tensor:
@@ -251,14 +258,26 @@ def _image_segments(model, images) -> list[Segment]:
     return list(images)
 
 
+def contrast(logp: torch.Tensor, prior: torch.Tensor, weight: float, cutoff: float
+             ) -> torch.Tensor:
+    """Log-probabilities of ``(1 + weight) logp - weight prior`` renormalised over the
+    plausible tokens (``logp`` within ``log cutoff`` of its best; the others -inf)."""
+    plausible = logp >= logp.max(-1, keepdim=True).values + math.log(cutoff)
+    mixed = torch.where(plausible, (1 + weight) * logp - weight * prior,
+                        torch.full_like(logp, float("-inf")))
+    return mixed.log_softmax(-1)
+
+
 @torch.no_grad()
 def generate(model, images, beams: int | None = None, max_len: int | None = None,
              length_penalty: float | None = None, no_repeat_ngram: int | None = None,
-             use_cache: bool = True) -> list[list[int]]:
+             use_cache: bool = True, prior_weight: float | None = None) -> list[list[int]]:
     """Caption ids (``<eos>`` left out) of each image: ``images`` as the model reads them
     (uint8 pixels [B, 3, S, S] or patch features [B, P, d], or ``Segment``s of one length).
     Unset settings come from the model's caption head (else the defaults); greedy when
-    ``beams`` is 1. ``use_cache=False`` runs the full sequence every step (for tests)."""
+    ``beams`` is 1; ``prior_weight`` > 0 decodes against the language prior (see
+    ``CaptionHeadConfig``). ``use_cache=False`` runs the full sequence every step (for
+    tests)."""
     cfg = CaptionHeadConfig()
     if "caption" in model.heads:  # the settings it was fine-tuned with
         cfg = model.heads["caption"].cfg
@@ -266,9 +285,10 @@ def generate(model, images, beams: int | None = None, max_len: int | None = None
     max_len = cfg.max_len if max_len is None else max_len
     alpha = cfg.length_penalty if length_penalty is None else length_penalty
     ngram = cfg.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
-    if beams < 1 or max_len < 1 or ngram < 0:
-        raise OmnimaskError(f"captioning needs beams >= 1, max_len >= 1, no_repeat_ngram >= 0;"
-                            f" got {beams}, {max_len}, {ngram}")
+    weight = cfg.prior_weight if prior_weight is None else prior_weight
+    if beams < 1 or max_len < 1 or ngram < 0 or weight < 0:
+        raise OmnimaskError(f"captioning needs beams >= 1, max_len >= 1, no_repeat_ngram >= 0,"
+                            f" prior_weight >= 0; got {beams}, {max_len}, {ngram}, {weight}")
     vocab = model.vocab
     if vocab is None:
         raise OmnimaskError("the model has no vocabulary (load it from a model directory)")
@@ -278,44 +298,59 @@ def generate(model, images, beams: int | None = None, max_len: int | None = None
     if len({len(s) for s in segs}) > 1:
         raise OmnimaskError(f"images of one captioning call give one number of tokens each; "
                             f"got {sorted({len(s) for s in segs})}")
-    enc = model.encoder
     was_training = model.training
     model.eval()
     try:
-        start = torch.tensor([vocab.special(START)])
-        P = len(segs[0]) + 1
-        allowed = None
-
-        def log_probs(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            nonlocal allowed
-            logits = enc.vocab_logits(h, pos.to(h.device)).float()
-            if allowed is None:
-                allowed = allowed_ids(vocab, logits.shape[-1]).to(logits.device)
-            return logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
-
-        prefix = pack([[s, Segment("text", ids=start)] for s in segs])
-        cache = KVCache() if use_cache else None
-        h = _encode(enc, prefix, [P] * len(segs), cache)
-        first = log_probs(h, prefix.cu_seqlens[1:].long() - 1)
-        if use_cache:
-            def step(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
-                cache.reorder(rows)
-                h = enc.trunk.step(toks, cache)
-                return log_probs(h, torch.arange(len(toks)))
-        else:
-            state = {"image": list(range(len(segs))), "seq": [[] for _ in segs]}
+        first, step = _decoder(model, [[s] for s in segs], use_cache)
+        if weight:
+            p_first, p_step = _decoder(model, [[] for _ in segs], use_cache)  # no image
+            first = contrast(first, p_first, weight, cfg.prior_cutoff)
+            own_step = step
 
             def step(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
-                state["image"] = [state["image"][r] for r in rows.tolist()]
-                state["seq"] = [state["seq"][r] + [t] for r, t in zip(rows.tolist(),
-                                                                      toks.tolist())]
-                p = pack([[segs[i], Segment("text", ids=torch.cat([start, torch.tensor(s)]))]
-                          for i, s in zip(state["image"], state["seq"])])
-                h = _encode(enc, p, [P] * len(rows), None)
-                return log_probs(h, p.cu_seqlens[1:].long() - 1)
+                return contrast(own_step(rows, toks), p_step(rows, toks), weight,
+                                cfg.prior_cutoff)
         end = vocab.special(END)
         if beams == 1:
             return greedy_search(first, step, max_len, end, ngram)
         return beam_search(first, step, beams, max_len, end, alpha, ngram)
     finally:
         model.train(was_training)
+
+
+def _decoder(model, prefixes: list[list[Segment]], use_cache: bool
+             ) -> tuple[torch.Tensor, Step]:
+    """``[prefix][<cls>]`` of each caption encoded once: the first token's log-probabilities
+    [B, V] and the ``Step`` that extends the rows (on a KV cache, or the full sequence)."""
+    enc, vocab = model.encoder, model.vocab
+    start = torch.tensor([vocab.special(START)])
+    plen = [sum(len(s) for s in p) + 1 for p in prefixes]
+    allowed = None
+
+    def log_probs(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        nonlocal allowed
+        logits = enc.vocab_logits(h, pos.to(h.device)).float()
+        if allowed is None:
+            allowed = allowed_ids(vocab, logits.shape[-1]).to(logits.device)
+        return logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+
+    prefix = pack([[*p, Segment("text", ids=start)] for p in prefixes])
+    cache = KVCache() if use_cache else None
+    h = _encode(enc, prefix, plen, cache)
+    first = log_probs(h, prefix.cu_seqlens[1:].long() - 1)
+    if use_cache:
+        def step(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+            cache.reorder(rows)
+            h = enc.trunk.step(toks, cache)
+            return log_probs(h, torch.arange(len(toks)))
+        return first, step
+    state = {"image": list(range(len(prefixes))), "seq": [[] for _ in prefixes]}
+
+    def step(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+        state["image"] = [state["image"][r] for r in rows.tolist()]
+        state["seq"] = [state["seq"][r] + [t] for r, t in zip(rows.tolist(), toks.tolist())]
+        p = pack([[*prefixes[i], Segment("text", ids=torch.cat([start, torch.tensor(s)]))]
+                  for i, s in zip(state["image"], state["seq"])])
+        h = _encode(enc, p, [plen[i] for i in state["image"]], None)
+        return log_probs(h, p.cu_seqlens[1:].long() - 1)
+    return first, step

@@ -108,9 +108,10 @@ def answer(model, image, question: str | list[str], batch_size: int = 64):
 
 @torch.no_grad()
 def caption(model, image, beams: int | None = None, max_len: int | None = None,
-            batch_size: int = 64):
-    """The caption of ``image`` (a string; a list for a list of images); ``beams`` and
-    ``max_len`` default to the caption head's settings (beam search when beams > 1)."""
+            batch_size: int = 64, prior_weight: float | None = None):
+    """The caption of ``image`` (a string; a list for a list of images); ``beams``,
+    ``max_len`` and ``prior_weight`` (decoding against the language prior) default to the
+    caption head's settings (beam search when beams > 1)."""
     from omnimask.heads.captioning import generate
     from omnimask.train.objectives.base import image_segment
     from omnimask.train.tasks.base import task_for
@@ -122,7 +123,8 @@ def caption(model, image, beams: int | None = None, max_len: int | None = None,
         ims = prepare_images(model, images[s:s + batch_size])
         segs = [image_segment(ims, i, task.ctx.pixels) for i in range(len(ims))]
         out += [task.ctx.text.decode(ids)
-                for ids in generate(model, segs, beams=beams, max_len=max_len)]
+                for ids in generate(model, segs, beams=beams, max_len=max_len,
+                                    prior_weight=prior_weight)]
     return out[0] if single else out
 
 

@@ -406,7 +406,8 @@ class OmniModel(nn.Module, PyTorchModelHubMixin, library_name="omnimask",
         return answer(self, image, question, **kw)
 
     def caption(self, image, **kw):
-        """Captioning: the caption of an image (``beams=``, ``max_len=``); lists give lists."""
+        """Captioning: the caption of an image (``beams=``, ``max_len=``, ``prior_weight=``);
+        lists give lists."""
         from omnimask.inference import caption
 
         return caption(self, image, **kw)

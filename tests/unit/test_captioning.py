@@ -134,6 +134,52 @@ def test_cached_decoding_equals_uncached_and_only_caption_ids(trunk):
         assert all(len(c) <= 8 for c in cached)
 
 
+def test_contrast_is_the_weighted_ratio_over_plausible_tokens():
+    """softmax((1 + w) log p - w log q) over the tokens with p >= cutoff * max p, computed
+    by hand in float64; banned (-inf) tokens stay out."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 7, generator=g, dtype=torch.float64).log_softmax(-1)
+    logp[:, 6] = float("-inf")  # a banned id: -inf under both streams
+    prior = torch.randn(3, 7, generator=g, dtype=torch.float64).log_softmax(-1)
+    prior[:, 6] = float("-inf")
+    w, cut = 1.5, 0.3
+    got = C.contrast(logp, prior, w, cut)
+    p, q = logp.exp(), prior.exp()
+    for r in range(3):
+        keep = p[r] >= cut * p[r].max()
+        want = torch.where(keep, p[r] ** (1 + w) / q[r] ** w, torch.zeros_like(p[r]))
+        assert torch.allclose(got[r].exp(), want / want.sum(), atol=1e-12)
+        assert got[r, 6] == float("-inf") and not got[r].isnan().any()
+    # weight 0 and cutoff 1: only the argmax survives
+    assert torch.equal(C.contrast(logp, prior, 0.0, 1.0).argmax(-1), logp.argmax(-1))
+
+
+def test_decoding_against_the_prior_caches_like_full_forwards():
+    """Both streams (with the image and without) on KV caches = full forwards each step,
+    and the prior changes what is decoded; a prior of weight w is the hand-made mix of the
+    two streams' first-token log-probabilities."""
+    m = _model()
+    plain = C.generate(m, _images(4))
+    changed = False
+    for kw in ({"beams": 1}, {"beams": 3}):
+        cached = C.generate(m, _images(4), prior_weight=2.0, **kw)
+        assert cached == C.generate(m, _images(4), prior_weight=2.0, use_cache=False, **kw)
+        changed |= kw["beams"] == 3 and cached != plain
+    assert changed
+    x = _images(1)[0]
+    allowed = C.allowed_ids(VOCAB)
+    with torch.no_grad():
+        rows = []
+        for prefix in ([Segment("image", features=x, grid=(2, 2))], []):
+            p = pack([[*prefix, Segment("text", ids=torch.tensor([VOCAB.special("cls")]))]])
+            h = m.encoder(p, mask="prefix", prefix_len=[p.num_tokens])
+            rows.append(m.encoder.vocab_logits(h, torch.tensor([p.num_tokens - 1]))
+                        .masked_fill(~allowed, float("-inf")).log_softmax(-1))
+    best = int(C.contrast(rows[0], rows[1], 2.0, 0.1).argmax())
+    (first,) = C.generate(m, x[None], beams=1, max_len=1, prior_weight=2.0)
+    assert first == ([] if best == VOCAB.special("eos") else [best])
+
+
 def test_greedy_generate_is_the_argmax_of_full_forwards():
     """beams=1 through the cache = the argmax of the full prefix-LM forward each step."""
     m = _model()
@@ -198,13 +244,20 @@ def test_bad_settings_and_inputs():
         C.generate(m, _images())
     with pytest.raises(ValueError, match="label_smoothing"):
         C.CaptionHeadConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="prior_cutoff"):
+        C.CaptionHeadConfig(prior_cutoff=0.0)
+    m.vocab = VOCAB
+    with pytest.raises(Exception, match="prior_weight"):
+        C.generate(m, _images(), prior_weight=-1.0)
 
 
 # -- the task, end to end on the tiny model directory ------------------------------------------
 def test_caption_task_finetunes_and_evaluates(tiny_model_dir, shapes_dir, tmp_path):
     import omnimask
+    from omnimask.heads.captioning import generate
     from omnimask.train.corpus import build_corpus
     from omnimask.train.data.shards import expand_shards
+    from omnimask.train.objectives.base import image_segment
     from omnimask.train.tasks.base import TASKS, TaskContext
 
     model = omnimask.load(tiny_model_dir, heads={"caption": {"max_len": 10, "beams": 2,
@@ -239,3 +292,17 @@ def test_caption_task_finetunes_and_evaluates(tiny_model_dir, shapes_dir, tmp_pa
     assert report["images"] == 6 and report["cider"] >= 0 and report["meteor"] is None
     assert (tmp_path / "caption_examples.png").stat().st_size > 10_000
     assert model.training  # evaluation leaves the model as it found it
+    # tasks.caption.prior_weight (eval --set) reaches the decoder: the same captions as a
+    # direct generate() with it, and the head's setting (0) when unset
+    model.eval()
+    idx = list(range(6))
+    segs = [image_segment(corpus, i, True) for i in idx]
+    got = {}
+    for w in (None, 3.0):
+        task.cfg = cls.Config(meteor=False, tokenizer="simple", prior_weight=w)
+        want = [toks["text"].decode(c) for c in generate(model, segs, prior_weight=w or 0.0)]
+        got[w] = task.captions(model, corpus, idx)
+        assert got[w] == want
+    assert got[None] != got[3.0]
+    with pytest.raises(ValueError, match="tasks.caption.prior_weight"):
+        cls.Config(prior_weight=-1.0)

@@ -36,11 +36,14 @@ class CaptionConfig:
     examples: int = 12  # images shown in the examples PNG
     meteor: bool = True  # METEOR too (needs Java; ~20 s of JVM per evaluation)
     tokenizer: str = "auto"  # caption_metrics' tokenizer: auto (PTB with Java) | ptb | simple
+    # decoding against the language prior (heads.caption.prior_weight); unset: the head's
+    prior_weight: float | None = None
 
     def __post_init__(self) -> None:
         p = "tasks.caption."
         check_fields(self, ">=1", "eval_images", prefix=p)
         check_fields(self, ">=0", "examples", prefix=p)
+        check_fields(self, ">=0", "prior_weight", prefix=p)
         if self.tokenizer not in ("auto", "ptb", "simple"):
             raise ValueError(f"{p}tokenizer must be auto, ptb or simple, got {self.tokenizer!r}")
 
@@ -85,7 +88,8 @@ class Caption(Task):
         for s in range(0, len(idx), self.cfg.eval_images):
             segs = [image_segment(corpus, i, self.ctx.pixels)
                     for i in idx[s:s + self.cfg.eval_images]]
-            out += [self.ctx.text.decode(ids) for ids in generate(model, segs)]
+            out += [self.ctx.text.decode(ids)
+                    for ids in generate(model, segs, prior_weight=self.cfg.prior_weight)]
         return out
 
     def evaluate(self, model, corpus, limit: int | None = None,
