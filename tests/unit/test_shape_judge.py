@@ -6,7 +6,6 @@ import torch
 from omnimask.errors import OmnimaskError
 from omnimask.train.data.shapesworld.judge import (
     SHIPPED,
-    SHIPPED_FILE,
     components,
     count_scores,
     crop,
@@ -15,6 +14,7 @@ from omnimask.train.data.shapesworld.judge import (
     objects,
     rendered_batch,
     shape_scores,
+    shipped_judge,
 )
 from omnimask.train.data.shapesworld.language import captions, named_count, named_objects
 from omnimask.train.data.shapesworld.vocab import COLORS, SHAPES
@@ -89,7 +89,7 @@ def test_judge_names_the_shapes_of_rendered_scenes_and_rejects_swapped_captions(
 def test_the_shipped_judge_loads_by_name_and_names_rendered_shapes():
     """The package's judge (no training, nothing written) on unseen rendered scenes: as the
     README states, ~0.94 of the objects' shapes against chance ~0.19."""
-    assert SHIPPED_FILE.is_file()
+    assert shipped_judge().is_file()
     model = load_or_train(SHIPPED, progress=False)
     images, _, objs = rendered_batch(np.random.default_rng(123), 64)
     true = [", ".join(f"a {o.color} {o.shape}" for o in ob) for ob in objs]

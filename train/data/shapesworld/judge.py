@@ -41,10 +41,10 @@ CHROMA = 80  # max - min channel: backgrounds stay below ~60, palette colours >=
 MIN_PIXELS = 8  # the generator's own minimum visible object size
 CROP = 24
 # `load_or_train(SHIPPED)`: the judge `train_judge()` makes with its defaults, shipped in the
-# package (it depends only on the generator, not on anyone's data); regenerate it with
-# `python -m omnimask.train.data.shapesworld.judge` after a change of the renderer
-SHIPPED = "shipped"
-SHIPPED_FILE = Path(__file__).with_name("shape_judge.safetensors")
+# package as SHIPPED_FILE (it depends only on the generator, not on anyone's data);
+# regenerate it with `python -m omnimask.train.data.shapesworld.judge` after a change of
+# the renderer
+SHIPPED, SHIPPED_FILE = "shipped", "shape_judge.safetensors"
 _PALETTE = torch.tensor([COLORS[c] for c in COLOR_NAMES], dtype=torch.float32)
 
 
@@ -221,23 +221,33 @@ def load_or_train(path: str | Path, progress: bool = True, **kw) -> ShapeClassif
     """The judge saved at ``path`` (safetensors; ``SHIPPED``: the package's own), or a new
     one trained and saved there (written to a temporary file and renamed: a half-written
     judge is never loaded)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load, save_file
 
-    p = SHIPPED_FILE if str(path) == SHIPPED else Path(path)
+    shipped = str(path) == SHIPPED
+    p = shipped_judge() if shipped else Path(path)
     if p.is_file():
         model = ShapeClassifier()
         try:
-            model.load_state_dict(load_file(p))
+            model.load_state_dict(load(p.read_bytes()))
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
             raise OmnimaskError(f"shape judge {p} is unreadable ({type(e).__name__}: {e}); "
                                 "delete it to train a new one") from None
         return model.eval()
+    if shipped:
+        raise OmnimaskError(f"the package has no {SHIPPED_FILE}: reinstall omnimask")
     model = train_judge(progress=progress, **kw)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
     save_file(model.state_dict(), tmp)
     tmp.replace(p)
     return model
+
+
+def shipped_judge():
+    """The package's judge file (an ``importlib.resources`` Traversable)."""
+    from importlib.resources import files
+
+    return files(__package__) / SHIPPED_FILE
 
 
 @torch.no_grad()
@@ -292,6 +302,9 @@ def count_scores(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
             "count_hit": round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 3)}
 
 
-if __name__ == "__main__":  # regenerates the shipped judge (~30 s)
-    SHIPPED_FILE.unlink(missing_ok=True)
-    load_or_train(SHIPPED_FILE)
+if __name__ == "__main__":  # regenerates the shipped judge (~30 s) in the source tree
+    from importlib.resources import as_file
+
+    with as_file(shipped_judge()) as target:
+        Path(target).unlink(missing_ok=True)
+        load_or_train(target)
