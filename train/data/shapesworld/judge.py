@@ -230,8 +230,9 @@ def load_or_train(path: str | Path, progress: bool = True, **kw) -> ShapeClassif
         try:
             model.load_state_dict(load(p.read_bytes()))
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            fix = "reinstall omnimask" if shipped else "delete it to train a new one"
             raise OmnimaskError(f"shape judge {p} is unreadable ({type(e).__name__}: {e}); "
-                                "delete it to train a new one") from None
+                                f"{fix}") from None
         return model.eval()
     if shipped:
         raise OmnimaskError(f"the package has no {SHIPPED_FILE}: reinstall omnimask")
