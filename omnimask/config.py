@@ -134,6 +134,10 @@ class DemoConfig:
     # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
     segment_init: str = "chain"
     stage_max_minutes: float = 30.0
+    # the convolutional nets' training arithmetic (the VQ tokenizer's and the pixel encoder's
+    # warm-up): fp32, bf16 (autocast) or auto (bf16 where the CPU computes it natively: ~1.6x
+    # faster there; elsewhere emulated bf16 is slower than fp32). The trunk's steps stay fp32
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
@@ -143,7 +147,8 @@ class DemoConfig:
                      "finetune_final_steps")
         check_fields(self, ">0", "stage_max_minutes")
         for key, allowed in (("vqa_init", ("multitask", "pretrained")),
-                             ("segment_init", ("chain", "pretrained"))):
+                             ("segment_init", ("chain", "pretrained")),
+                             ("precision", ("fp32", "bf16", "auto"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be {' or '.join(allowed)}, got "
                                  f"{getattr(self, key)!r}")

@@ -110,7 +110,8 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
                             vq_codes=cfg.vq_codes,
                             vq_steps=max(1, cfg.vq_steps // (10 if quick else 1)),
                             vq_max_minutes=cfg.stage_max_minutes,
-                            grid=run / "vq_reconstructions.png", progress=progress)
+                            grid=run / "vq_reconstructions.png", progress=progress,
+                            vq_precision=cfg.precision)
 
 
 def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
@@ -127,7 +128,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
             f"data.val=[{run / 'data' / 'val-*.tar'}]",
             f"tokenizers.text={tok / 'text'}", f"tokenizers.image={tok / 'image'}",
             f"tokenizers.speech={tok / 'speech'}",
-            f"generate.shape_judge={'' if quick else 'shipped'}"]
+            f"generate.shape_judge={'' if quick else 'shipped'}",
+            f"encoder_warmup.precision={cfg.precision}"]
     base = load_config(PretrainConfig, tiny)
     if quick:
         over += ["trainer.max_steps=10", "trainer.batch_size=8", "trainer.eval_every=0",
@@ -261,8 +263,9 @@ def _write_reports(run: Path, report: dict) -> None:
                          f"{x['train_and_eval_seconds']} |")
         if "image" in t:
             x = t["image"]
+            conv = f", {x['precision']} convolutions" if x.get("precision") else ""
             lines.append(f"| image VQ | {x['size']} | PSNR {x['psnr_db']:.1f} dB, usage "
-                         f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image | "
+                         f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image{conv} | "
                          f"{x['train_and_eval_seconds']} |")
             lines += ["", *cut_note("the VQ", x)]
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]

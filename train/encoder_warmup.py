@@ -25,6 +25,8 @@ from tqdm import tqdm
 from omnimask.config import check_fields
 from omnimask.errors import ConfigError
 
+from .trainer import native_bf16
+
 log = logging.getLogger("omnimask.encoder_warmup")
 
 
@@ -46,6 +48,9 @@ class EncoderWarmupConfig:
     # then also carries the embeddings of its predicted words, the words captions and
     # questions use, so text finds the patches it names. none | classes | all (+ colours)
     tags: str = "none"
+    # the training steps' arithmetic: fp32, bf16 (autocast) or auto (bf16 where the CPU, or
+    # a GPU, computes it natively)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         p = "encoder_warmup."
@@ -53,6 +58,8 @@ class EncoderWarmupConfig:
         check_fields(self, ">=1", "batch_size", prefix=p)
         check_fields(self, ">0", "lr", prefix=p)
         check_fields(self, "[0,1]", "hue_jitter", prefix=p)
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"{p}precision must be fp32, bf16 or auto, got {self.precision!r}")
         if self.tags not in TAG_MODES:
             raise ValueError(f"{p}tags must be one of {', '.join(TAG_MODES)}, got {self.tags!r}")
 
@@ -126,7 +133,8 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
     """Train ``encoder`` (an :class:`ImageEncoder`) on ``train``'s patch classes, and its
     objects' colours where the corpus has them (``region_attrs``), for ``cfg.steps`` steps
     (all randomness from ``seed``); returns the validation object-patch accuracies before
-    and after, the classes and the seconds taken."""
+    and after, the classes, the seconds taken and the training steps' precision (the
+    accuracies are measured in fp32)."""
     k = check_labels(train, val, cfg)
     names = list(train.region_colors or [])
     attrs = {id(c): _attrs(c, names) for c in (train, val)}
@@ -140,6 +148,8 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
         return out
 
     device = next(encoder.parameters()).device
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
+    dtype = torch.bfloat16 if bf16 else None
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sizes = [k, 1 + len(names)] if colors else [k]
@@ -176,14 +186,16 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
         pixels, kept = train.pixels[idx], torch.ones(len(idx), dtype=torch.bool)
         if cfg.hue_jitter > 0:
             pixels, kept = hue_jittered(pixels, cfg.hue_jitter, g)
-        tok = encoder(pixels.to(device)).tokens
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            tok = encoder(pixels.to(device)).tokens
+            logits = [h(tok).flatten(0, 1).float() for h in heads]
         loss = 0
-        for j, (h, t) in enumerate(zip(heads, targets(train, idx))):
+        for j, (z, t) in enumerate(zip(logits, targets(train, idx))):
             rows = slice(None) if j == 0 else kept.repeat_interleave(tok.shape[1]).to(device)
             if j and not kept.any():  # every image turned: no colour to learn this step
                 continue
-            loss = loss + F.kl_div(h(tok).flatten(0, 1)[rows].float().log_softmax(-1),
-                                   t.to(device)[rows], reduction="batchmean")
+            loss = loss + F.kl_div(z[rows].log_softmax(-1), t.to(device)[rows],
+                                   reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,7 +206,8 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
     out = {"steps": cfg.steps, "classes": k, "seconds": round(time.perf_counter() - t0, 1),
            "object_patch_accuracy_before": round(before[0], 4),
            "object_patch_accuracy": round(after[0], 4),
-           "chance": round(1 / max(1, k - 1), 4)}
+           "chance": round(1 / max(1, k - 1), 4),
+           "precision": "bf16" if dtype is not None else "fp32"}
     if colors:
         out |= {"colors": len(names), "color_patch_accuracy_before": round(before[1], 4),
                 "color_patch_accuracy": round(after[1], 4),

@@ -11,7 +11,7 @@ def test_quick_demo(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["demo", "--quick", "--out", str(run), "num_train=300", "num_val=100",
                  "num_test=100", "num_test_novel=100", "shard_size=10", "vq_steps=20",
-                 "speech_units=32", "-q"]) == 0
+                 "speech_units=32", "precision=bf16", "-q"]) == 0
     out = capsys.readouterr().out
     assert "== summary" in out and "resume exact: True" in out
     rep = json.loads((run / "report.json").read_text())
@@ -43,6 +43,9 @@ def test_quick_demo(tmp_path, capsys):
     # the encoder's warm-up ran first (a few steps when quick), then the encoder was frozen
     assert p["encoder_warmup"]["steps"] == 5 and p["encoder_warmup"]["classes"] == 7
     assert "frozen: true" in (run / "pretrain" / "config.yaml").read_text()
+    # the demo's precision reaches the VQ's and the warm-up's convolutions, not the trunk
+    assert t["image"]["precision"] == p["encoder_warmup"]["precision"] == "bf16"
+    assert "precision: bf16" not in (run / "finetune" / "config.yaml").read_text()
     assert "## Pretraining" in (run / "report.md").read_text()
     x = m["tasks"]
     assert list(x["runs"]) == ["multitask", "vqa", "final", "segment"]

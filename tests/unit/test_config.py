@@ -123,10 +123,13 @@ def test_a_mapping_override_replaces_a_free_form_mapping():
                                     ("segment_init=vqa", "segment_init must be chain or "
                                      "pretrained"),
                                     ("finetune_final_steps=-1", "finetune_final_steps must "
-                                     "be >= 0")])
+                                     "be >= 0"),
+                                    ("precision=fp16", "precision must be fp32 or bf16 or "
+                                     "auto")])
 def test_demo_chain_settings_are_checked(ov, msg):
     from omnimask.config import DemoConfig
 
     with pytest.raises(ConfigError, match=msg):
         load_config(DemoConfig, None, [ov])
     assert load_config(DemoConfig, None, ["finetune_final_steps=0"]).segment_init == "chain"
+

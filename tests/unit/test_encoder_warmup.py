@@ -89,6 +89,35 @@ def test_warm_up_teaches_the_encoder_the_shapes_and_leaves_it_frozen():
     assert all(not m.training for m in enc.modules() if m is not enc)
 
 
+def test_warm_up_in_bf16_runs_its_convolutions_in_bf16_and_learns():
+    train, val = _scenes(256, 0), _scenes(100, 1)
+    enc, seen = _encoder(), []
+    conv = next(m for m in enc.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
+    out = warm_up_encoder(enc, train, val, EncoderWarmupConfig(steps=200, batch_size=16,
+                                                               lr=1e-2, precision="bf16"),
+                          seed=0, progress=False)
+    # training steps in bf16, the accuracies before and after in fp32; weights stay fp32
+    assert {d for t, d in seen if t} == {torch.bfloat16}
+    assert {d for t, d in seen if not t} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in enc.parameters())
+    assert out["precision"] == "bf16" and out["object_patch_accuracy"] > 0.8  # fp32: 0.93
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_warm_up_precision_auto_is_bf16_only_where_the_cpu_computes_it(native, monkeypatch):
+    import omnimask.train.encoder_warmup as ew
+
+    monkeypatch.setattr(ew, "native_bf16", lambda device: native)
+    train, val = _scenes(8, 0), _scenes(4, 1)
+    out = warm_up_encoder(_encoder(), train, val, EncoderWarmupConfig(steps=1, batch_size=4,
+                                                                      precision="auto"),
+                          seed=0, progress=False)
+    assert out["precision"] == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="encoder_warmup.precision must be fp32, bf16 or auto"):
+        EncoderWarmupConfig(precision="fp16")
+
+
 def test_warm_up_learns_object_colours_where_the_corpus_has_them():
     train, val = _scenes(128, 0, colors=True), _scenes(60, 1, colors=True)
     # the validation corpus lists its colours in another order: aligned by name
