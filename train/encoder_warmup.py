@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from omnimask.config import check_fields
 from omnimask.errors import ConfigError
-
-from .trainer import native_bf16
+from omnimask.modalities.image.tokenizer import conv_dtype
 
 log = logging.getLogger("omnimask.encoder_warmup")
 
@@ -148,8 +147,7 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
         return out
 
     device = next(encoder.parameters()).device
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
-    dtype = torch.bfloat16 if bf16 else None
+    dtype = conv_dtype(cfg.precision, device)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sizes = [k, 1 + len(names)] if colors else [k]

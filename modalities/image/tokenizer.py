@@ -231,11 +231,13 @@ def trainer_config(cfg: ImageTokenizerConfig):
         parallel=cfg.parallel)
 
 
-def conv_dtype(precision: str) -> torch.dtype | None:
-    """The VQ's convolutions' autocast dtype in training for ``precision`` (None: fp32)."""
+def conv_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """A convolutional net's autocast dtype in training on ``device`` for ``precision``
+    (fp32 | bf16 | auto: bf16 where ``device`` computes it natively); None: fp32. The VQ's
+    and the pixel encoder warm-up's setting."""
     from omnimask.train.trainer import native_bf16
 
-    bf16 = precision == "bf16" or (precision == "auto" and native_bf16("cpu"))
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
     return torch.bfloat16 if bf16 else None
 
 

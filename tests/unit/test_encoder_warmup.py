@@ -106,9 +106,9 @@ def test_warm_up_in_bf16_runs_its_convolutions_in_bf16_and_learns():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_warm_up_precision_auto_is_bf16_only_where_the_cpu_computes_it(native, monkeypatch):
-    import omnimask.train.encoder_warmup as ew
+    import omnimask.train.trainer as trainer
 
-    monkeypatch.setattr(ew, "native_bf16", lambda device: native)
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
     train, val = _scenes(8, 0), _scenes(4, 1)
     out = warm_up_encoder(_encoder(), train, val, EncoderWarmupConfig(steps=1, batch_size=4,
                                                                       precision="auto"),
