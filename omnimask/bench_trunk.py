@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from .config import PRECISIONS
 from .fusion.packing import IGNORE, Segment, pack
 from .fusion.trunk import Trunk
 from .train.data.bench import machine
@@ -69,13 +70,10 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-DTYPES = ("auto", "fp32", "bf16")
-
-
 def step_dtype(dev: torch.device, dtype: str = "auto") -> torch.dtype:
     """What the timed steps compute in: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(PRECISIONS)}")
     bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
 

@@ -55,6 +55,19 @@ def check_fields(obj: Any, rule: str, *names: str, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{name} must be {words}, got {v}")
 
 
+def check_choice(obj: Any, name: str, allowed, prefix: str = "") -> None:
+    """Raise ``ValueError("PREFIXNAME must be A|B|C, got 'V'")`` when field ``name`` of
+    ``obj`` is not one of ``allowed``."""
+    v = getattr(obj, name)
+    if v not in allowed:
+        raise ValueError(f"{prefix}{name} must be {'|'.join(allowed)}, got {v!r}")
+
+
+# what a training loop computes in: fp32, bf16 autocast, or auto (each setting says where
+# auto means bf16)
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
 def check_override(ov: str) -> None:
     """A ``key=value`` override with a dotted key of identifiers, or a ConfigError naming it."""
     if not OVERRIDE.match(ov):
@@ -148,10 +161,8 @@ class DemoConfig:
         check_fields(self, ">0", "stage_max_minutes")
         for key, allowed in (("vqa_init", ("multitask", "pretrained")),
                              ("segment_init", ("chain", "pretrained")),
-                             ("precision", ("fp32", "bf16", "auto"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be {' or '.join(allowed)}, got "
-                                 f"{getattr(self, key)!r}")
+                             ("precision", PRECISIONS)):
+            check_choice(self, key, allowed)
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from omnimask.config import check_fields
+from omnimask.config import PRECISIONS, check_choice, check_fields
 from omnimask.errors import ConfigError
 from omnimask.modalities.image.tokenizer import conv_dtype
 
@@ -57,8 +57,7 @@ class EncoderWarmupConfig:
         check_fields(self, ">=1", "batch_size", prefix=p)
         check_fields(self, ">0", "lr", prefix=p)
         check_fields(self, "[0,1]", "hue_jitter", prefix=p)
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f"{p}precision must be fp32, bf16 or auto, got {self.precision!r}")
+        check_choice(self, "precision", PRECISIONS, prefix=p)
         if self.tags not in TAG_MODES:
             raise ValueError(f"{p}tags must be one of {', '.join(TAG_MODES)}, got {self.tags!r}")
 

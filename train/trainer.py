@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omnimask.config import check_fields
+from omnimask.config import PRECISIONS, check_choice, check_fields
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.runlock import RunLock
 from omnimask.safeio import atomic_write_bytes
@@ -104,12 +104,10 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         p = "trainer."  # where it sits in a pretraining config: errors name the full key
-        for key, allowed in (("precision", ("auto", "fp32", "bf16")),
+        for key, allowed in (("precision", PRECISIONS),
                              ("schedule_by", ("steps", "time")), ("optimizer", ("adamw", "adam")),
                              ("parallel", dist.PARALLEL)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{p}{key} must be {'|'.join(allowed)}, got "
-                                 f"{getattr(self, key)!r}")
+            check_choice(self, key, allowed, prefix=p)
         check_fields(self, ">=1", "batch_size", "accumulate", "checkpoint_every",
                      "keep", "log_every", "max_nonfinite", prefix=p)
         check_fields(self, ">=0", "max_steps", "max_minutes", "warmup_steps", "weight_decay",

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from omnimask.config import DataConfig, check_fields, load_config, save_config
+from omnimask.config import (
+    PRECISIONS,
+    DataConfig,
+    check_choice,
+    check_fields,
+    load_config,
+    save_config,
+)
 from omnimask.errors import Interrupted, OmnimaskError
 from omnimask.registry import TOKENIZERS
 
@@ -67,8 +74,7 @@ class ImageTokenizerConfig:
                      "max_images", "object_weight", "edge_weight")
         if self.parallel not in ("none", "ddp"):
             raise ValueError(f"parallel must be none or ddp, got {self.parallel!r}")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
+        check_choice(self, "precision", PRECISIONS)
         if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
             raise ValueError(f"max_steps or max_minutes must be > 0 (a training budget), got "
                              f"max_steps={self.max_steps}, max_minutes={self.max_minutes}")

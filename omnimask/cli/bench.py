@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import PRECISIONS
 from ..errors import OmnimaskError
 from .common import QUIET, _at_least, _write_json
 
@@ -111,7 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     btr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     btr.add_argument("--compile", action="store_true",
                      help="torch.compile both sides' loss (warm-up time reported)")
-    btr.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+    btr.add_argument("--dtype", choices=PRECISIONS, default="auto",
                      help="both sides' step: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 "
                           "= bf16 autocast (CPUs with native bf16), against the bf16 peak")
     btr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

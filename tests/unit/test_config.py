@@ -118,13 +118,13 @@ def test_a_mapping_override_replaces_a_free_form_mapping():
         load_config(PretrainConfig, "shapes_tiny", ["objectives.mix={mlm: x}"])
 
 
-@pytest.mark.parametrize("ov,msg", [("vqa_init=scratch", "vqa_init must be multitask or "
-                                     "pretrained"),
-                                    ("segment_init=vqa", "segment_init must be chain or "
+@pytest.mark.parametrize("ov,msg", [("vqa_init=scratch", r"vqa_init must be multitask\|"
+                                     "pretrained, got 'scratch'"),
+                                    ("segment_init=vqa", r"segment_init must be chain\|"
                                      "pretrained"),
                                     ("finetune_final_steps=-1", "finetune_final_steps must "
                                      "be >= 0"),
-                                    ("precision=fp16", "precision must be fp32 or bf16 or "
+                                    ("precision=fp16", r"precision must be fp32\|bf16\|"
                                      "auto")])
 def test_demo_chain_settings_are_checked(ov, msg):
     from omnimask.config import DemoConfig
