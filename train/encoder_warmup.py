@@ -25,6 +25,7 @@ from tqdm import tqdm
 from omnimask.config import PRECISIONS, check_choice, check_fields
 from omnimask.errors import ConfigError
 from omnimask.modalities.image.tokenizer import conv_dtype
+from omnimask.modalities.image.vq import autocast_to
 
 log = logging.getLogger("omnimask.encoder_warmup")
 
@@ -183,7 +184,7 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
         pixels, kept = train.pixels[idx], torch.ones(len(idx), dtype=torch.bool)
         if cfg.hue_jitter > 0:
             pixels, kept = hue_jittered(pixels, cfg.hue_jitter, g)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast_to(dtype, device):
             tok = encoder(pixels.to(device)).tokens
             logits = [h(tok).flatten(0, 1).float() for h in heads]
         loss = 0

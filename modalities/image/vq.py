@@ -30,6 +30,11 @@ from omnimask.errors import OmnimaskError
 from ..kmeans import kmeans
 
 
+def autocast_to(dtype: torch.dtype | None, device: torch.device):
+    """Autocast to ``dtype`` on ``device``; None: off (the inputs' precision)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @dataclass
 class VQConfig:
     image_size: int = 64
@@ -384,10 +389,8 @@ class VQVAE(nn.Module):
         return recon, ids.reshape(b, -1), losses
 
     def _convs(self, x: torch.Tensor):
-        """The encoder's and decoder's autocast (``conv_dtype``, a training setting: None
-        runs them in the inputs' precision)."""
-        return torch.autocast(x.device.type, dtype=self.conv_dtype,
-                              enabled=self.conv_dtype is not None)
+        """The encoder's and decoder's autocast (``conv_dtype``, a training setting)."""
+        return autocast_to(self.conv_dtype, x.device)
 
     @torch.no_grad()
     def unit_latents(self, images: torch.Tensor) -> torch.Tensor:
