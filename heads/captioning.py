@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omnimask.config import check_fields
@@ -63,21 +64,30 @@ def allowed_ids(vocab, size: int | None = None) -> torch.Tensor:
     return a
 
 
-def caption_sample(vocab, image: Segment, caption: Sequence[int], max_len: int
-                   ) -> list[Segment]:
+def caption_sample(vocab, image: Segment, caption: Sequence[int], max_len: int,
+                   hidden: torch.Tensor | None = None) -> list[Segment]:
     """``[image][<cls> caption <eos>]`` with next-token targets on the text (the caption cut
-    to ``max_len - 1`` tokens so that <eos> fits)."""
+    to ``max_len - 1`` tokens so that <eos> fits); the tokens in ``hidden`` are read as
+    ``<mask>`` and not predicted."""
     cap = [int(t) for t in caption][:max_len - 1]
     ids = torch.tensor([vocab.special(START), *cap, vocab.special(END)])
-    return [image, Segment("text", ids=ids, targets=torch.cat([ids[1:], torch.tensor([IGNORE])]))]
+    targets = torch.cat([ids[1:], torch.tensor([IGNORE])])
+    if hidden is not None and len(hidden):
+        gone = torch.isin(ids, hidden)
+        ids = ids.masked_fill(gone, vocab.special("mask"))
+        targets = targets.masked_fill(torch.isin(targets, hidden), IGNORE)
+    return [image, Segment("text", ids=ids, targets=targets)]
 
 
-def caption_batch(vocab, images: list[Segment], captions: list[Sequence[int]], max_len: int
-                  ) -> dict:
-    """A training batch: image k with caption k (see :func:`caption_sample`)."""
+def caption_batch(vocab, images: list[Segment], captions: list[Sequence[int]], max_len: int,
+                  hidden: list[torch.Tensor | None] | None = None) -> dict:
+    """A training batch: image k with caption k (see :func:`caption_sample`; ``hidden[k]``
+    its hidden tokens)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    p = pack([caption_sample(vocab, i, c, max_len) for i, c in zip(images, captions)])
+    hidden = hidden or [None] * len(images)
+    p = pack([caption_sample(vocab, i, c, max_len, h)
+              for i, c, h in zip(images, captions, hidden)])
     return {"packed": p, "prefix_len": [len(i) + 1 for i in images],
             "allowed": allowed_ids(vocab)}
 
@@ -115,6 +125,9 @@ class CaptionHead(nn.Module):
         pos = p.target_positions.to(h.device)
         target = p.targets.to(h.device)[pos]
         logits = encoder.vocab_logits(h, pos).float()
+        if "prior" in batch:  # a product of experts in training (tasks.caption.debias_prior)
+            prior = batch["prior"].to(logits.device)
+            logits = logits + F.pad(prior, (0, logits.shape[-1] - prior.shape[-1]))
         loss = smoothed_loss(logits, target, batch.get("allowed"), self.cfg.label_smoothing)
         acc = (logits.masked_fill(~batch["allowed"].to(h.device), float("-inf"))
                if "allowed" in batch else logits).argmax(-1).eq(target).float().mean()

@@ -192,5 +192,12 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def word_ids(self, words) -> list[int]:
+        """The ids of the single-token forms of ``words``: as given, lowercase and
+        capitalised, each with and without a leading space (a form of several tokens has
+        none)."""
+        return sorted({e[0] for w in words for f in {w, w.lower(), w.capitalize()}
+                       for e in (self.encode(f), self.encode(" " + f)) if len(e) == 1})
+
     def is_special(self, i: int) -> bool:
         return i in self._special_ids

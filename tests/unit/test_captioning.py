@@ -4,6 +4,7 @@ decoding equal to full forwards, the no-repeat-n-gram ban, only caption ids gene
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -306,3 +307,131 @@ def test_caption_task_finetunes_and_evaluates(tiny_model_dir, shapes_dir, tmp_pa
     assert got[None] != got[3.0]
     with pytest.raises(ValueError, match="tasks.caption.prior_weight"):
         cls.Config(prior_weight=-1.0)
+
+
+# -- the word-pair expert (tasks.caption.debias_prior) --------------------------------------
+def test_word_bias_table_is_the_smoothed_pair_ratio():
+    """log p(w | u) - log p(w | class), by hand in float64: u's next-token counts smoothed
+    with K counts of the class's distribution; 0 where the class is never followed by w;
+    no row for a class word never seen."""
+    from omnimask.train.tasks.caption import word_bias_table
+
+    S, E, size, K = 1, 2, 12, 4.0
+    caps = [[5, 8], [5, 8], [5, 9], [6, 9], [6, 10], [7, 5, 8]]  # 5, 6: the class's words
+    table = word_bias_table(caps, {5, 6, 11}, S, E, size, K)
+    assert set(table) == {5, 6}  # 11 never occurs
+    pooled = {8: 3, 9: 2, 10: 1}  # what follows 5 or 6 anywhere
+    cls = {w: n / 6 for w, n in pooled.items()}
+    after = {5: {8: 3, 9: 1}, 6: {9: 1, 10: 1}}
+    for u, counts in after.items():
+        n = sum(counts.values())
+        for w in range(size):
+            want = 0.0
+            if w in cls:
+                p = (counts.get(w, 0) + K * cls[w]) / (n + K)
+                want = math.log(p) - math.log(cls[w])
+            assert table[u][w].item() == pytest.approx(want, abs=1e-6), (u, w)
+    # a pair never seen: log(K / (n + K)), below 0; a pair seen more than the class: above
+    assert table[6][8].item() == pytest.approx(math.log(K / 6)) and table[5][8] > 0
+
+
+def test_debias_prior_enters_the_loss_as_a_product_of_experts():
+    """The head's loss with batch["prior"] = cross-entropy of logits + prior (the prior
+    padded past the text ids); a zero prior changes nothing."""
+    m = _model()
+    segs = [Segment("image", features=x, grid=(2, 2)) for x in _images(2)]
+    b = C.caption_batch(VOCAB, segs, [[5, 9, 7], [11, 4, 6]], max_len=8)
+    n = len(b["packed"].target_positions)
+    prior = torch.randn(n, VOCAB.text_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = m(b, task="caption")["loss"]
+        assert m({**b, "prior": torch.zeros(n, VOCAB.text_size)}, task="caption")["loss"] == plain
+        got = m({**b, "prior": prior}, task="caption")["loss"]
+        p = b["packed"]
+        h = m.encoder(p, mask="prefix", prefix_len=b["prefix_len"])
+        logits = m.encoder.vocab_logits(h, p.target_positions).float()
+        logits[:, :VOCAB.text_size] += prior
+        want = C.smoothed_loss(logits, p.targets[p.target_positions], b["allowed"], 0.0)
+    torch.testing.assert_close(got, want)
+    assert got != plain
+
+
+def _caption_task(model_dir, shapes_dir, **settings):
+    """The caption task bound to the tiny model, with its training corpus."""
+    import omnimask
+    from omnimask.train.corpus import build_corpus
+    from omnimask.train.data.shards import expand_shards
+    from omnimask.train.tasks.base import TASKS, TaskContext
+
+    model = omnimask.load(model_dir, heads=["caption"])
+    toks = model.tokenizers
+    corpus = build_corpus(expand_shards([str(shapes_dir / "train-*.tar")]), toks["text"],
+                          toks["image"], None, progress=False)
+    cls = TASKS.get("caption")
+    task = cls(TaskContext(vocab=model.vocab, text=toks["text"], pixels=True),
+               cls.Config(**settings))
+    task.bind(model)
+    return task, model, corpus
+
+
+def test_caption_task_debias_rows_follow_the_colour_words(tiny_model_dir, shapes_dir):
+    """tasks.caption.debias_prior: each target's prior row is the table's row of the token
+    before it (a colour word), zeros after any other token."""
+    task, model, corpus = _caption_task(tiny_model_dir, shapes_dir, debias_prior=10.0)
+    toks, cls = model.tokenizers, type(task)
+    b = task.batch(corpus, list(range(8)), torch.Generator().manual_seed(0))
+    p = b["packed"]
+    before = p.ids[p.target_positions]
+    colours = set(toks["text"].word_ids(["red", "blue", "green", "yellow"]))
+    assert colours and b["prior"].shape == (len(before), model.vocab.text_size)
+    table = task._bias[1]
+    hit = 0
+    for k, u in enumerate(before.tolist()):
+        if u in table:
+            hit += 1
+            assert torch.equal(b["prior"][k], table[u])
+        else:
+            assert not b["prior"][k].any()
+    assert hit and set(table) <= set(toks["text"].word_ids(cls.Config().debias_words))
+    assert colours & set(table)
+    with pytest.raises(ValueError, match="tasks.caption.debias_prior"):
+        cls.Config(debias_prior=-1.0)
+
+
+def test_caption_task_hue_copies_hide_the_colour_words(tiny_model_dir, shapes_dir):
+    """tasks.caption.hue_copy=1: every image twice, the copy hue-turned with its caption's
+    colour words read as <mask> and not predicted; the originals as without copies."""
+    from omnimask.modalities.image.processor import HUE_WORDS
+
+    plain, model, corpus = _caption_task(tiny_model_dir, shapes_dir)
+    task = _caption_task(tiny_model_dir, shapes_dir, hue_copy=1.0)[0]
+    idx = list(range(6))
+    b = task.batch(corpus, idx, torch.Generator().manual_seed(0))
+    ref = plain.batch(corpus, idx, torch.Generator().manual_seed(0))
+    p, r = b["packed"], ref["packed"]
+    n = len(r.cu_seqlens) - 1
+    assert len(p.cu_seqlens) - 1 == 2 * n and b["prefix_len"] == ref["prefix_len"] * 2
+    end = int(r.cu_seqlens[-1])
+    assert torch.equal(p.ids[:end], r.ids) and torch.equal(p.targets[:end], r.targets)
+    hues = torch.tensor(model.tokenizers["text"].word_ids(HUE_WORDS))
+    mask = model.vocab.special("mask")
+    hid = 0
+    for k in range(n):  # copy k against original k: hue words masked and unscored
+        o = slice(int(r.cu_seqlens[k]), int(r.cu_seqlens[k + 1]))
+        c = slice(end + o.start, end + o.stop)
+        gone = torch.isin(r.ids[o], hues)
+        hid += int(gone.sum())
+        assert torch.equal(p.ids[c], r.ids[o].masked_fill(gone, mask))
+        assert torch.equal(p.targets[c], r.targets[o].masked_fill(torch.isin(r.targets[o], hues),
+                                                                  -100))
+    assert hid > 0
+    # the copies' pixels turned about the grey axis: other colours, the same R + G + B up
+    # to rounding and clipping; the originals' untouched
+    px, rx = p.pixels["image"], r.pixels["image"]
+    assert torch.equal(px[:n], rx)
+    for k in range(n):
+        assert not torch.equal(px[n + k], rx[k])
+        total = px[n + k].int().sum(0) - rx[k].int().sum(0)
+        assert total.abs().float().mean() < 3
+    with pytest.raises(ValueError, match="tasks.caption.hue_copy"):
+        type(task).Config(hue_copy=1.5)

@@ -11,15 +11,17 @@ against the next evaluated image's references.
 
 from __future__ import annotations
 
+import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from omnimask.config import check_fields
 from omnimask.errors import OmnimaskError
-from omnimask.heads.captioning import CaptionHeadConfig, caption_batch, generate
+from omnimask.heads.captioning import START, CaptionHeadConfig, caption_batch, generate
+from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate
 
 from ..objectives.base import image_segment, pick_caption
 from .base import Task, first, task
@@ -38,11 +40,23 @@ class CaptionConfig:
     tokenizer: str = "auto"  # caption_metrics' tokenizer: auto (PTB with Java) | ptb | simple
     # decoding against the language prior (heads.caption.prior_weight); unset: the head's
     prior_weight: float | None = None
+    # > 0: a product of experts in training (Clark et al., 2019, as tasks.vqa's
+    # debias_question) with what the word before says beyond its class: the logits get
+    # log p(w | u) - log p(w | class of u) when u is one of `debias_words` (the training
+    # captions' word pairs smoothed with this many pseudo-counts of the class's), so the
+    # head need not learn which shapes a colour's name rules out; decoding reads it alone
+    debias_prior: float = 0.0
+    debias_words: list[str] = field(default_factory=lambda: list(HUE_WORDS))
+    # the share of training images that also come hue-turned (a random angle) in the same
+    # batch, their caption's hue words (`debias_words`) read as <mask> and not predicted:
+    # the other words, shapes first, are learned apart from colour (pixel models only)
+    hue_copy: float = 0.0
 
     def __post_init__(self) -> None:
         p = "tasks.caption."
         check_fields(self, ">=1", "eval_images", prefix=p)
-        check_fields(self, ">=0", "examples", prefix=p)
+        check_fields(self, ">=0", "examples", "debias_prior", prefix=p)
+        check_fields(self, "[0,1]", "hue_copy", prefix=p)
         check_fields(self, ">=0", "prior_weight", prefix=p)
         if self.tokenizer not in ("auto", "ptb", "simple"):
             raise ValueError(f"{p}tokenizer must be auto, ptb or simple, got {self.tokenizer!r}")
@@ -56,6 +70,10 @@ class Caption(Task):
     def __init__(self, ctx, cfg=None) -> None:
         super().__init__(ctx, cfg)
         self.head = CaptionHeadConfig()  # the head's settings, read back by ``bind``
+        self._bias = None  # (corpus, {token: bias row}) of debias_prior
+        if self.cfg.hue_copy and not ctx.pixels:
+            raise OmnimaskError("tasks.caption.hue_copy turns pixels: it needs "
+                                "model.image_input=pixels (feature rows are not changed)")
 
     def bind(self, model) -> None:
         hc = model.head_configs.get(self.name)
@@ -73,7 +91,37 @@ class Caption(Task):
             raise OmnimaskError("a caption batch without captions: the sampled images have none")
         caps = [pick_caption(corpus, i, gen) for i in idx]
         images = [image_segment(corpus, i, self.ctx.pixels) for i in idx]
-        return caption_batch(self.ctx.vocab, images, caps, self.head.max_len)
+        hidden = [None] * len(idx)
+        if self.cfg.hue_copy:
+            hues = torch.tensor(self.ctx.text.word_ids(self.cfg.debias_words), dtype=torch.long)
+            for i, cap in zip(idx, list(caps)):
+                if torch.rand((), generator=gen) < self.cfg.hue_copy:
+                    turn = float(torch.rand((), generator=gen)) * 2 * math.pi
+                    seg = image_segment(corpus, i, self.ctx.pixels)
+                    seg.pixels = hue_rotate(seg.pixels, turn)
+                    images.append(seg)
+                    caps.append(cap)
+                    hidden.append(hues)
+        b = caption_batch(self.ctx.vocab, images, caps, self.head.max_len, hidden)
+        if self.cfg.debias_prior:
+            b["prior"] = self.word_bias(corpus, b["packed"])
+        return b
+
+    def word_bias(self, corpus, packed) -> torch.Tensor:
+        """[targets, text ids] the debias expert's logits of each target of ``packed``: the
+        row of the token it follows (zeros after a token not in ``debias_words``)."""
+        if self._bias is None or self._bias[0] is not corpus:
+            words = set(self.ctx.text.word_ids(self.cfg.debias_words))
+            self._bias = (corpus, word_bias_table(
+                [c for cs in corpus.captions for c in cs], words, self.ctx.sp(START),
+                self.ctx.sp("eos"), self.ctx.vocab.text_size, self.cfg.debias_prior))
+        before = packed.ids[packed.target_positions].tolist()
+        out = torch.zeros(len(before), self.ctx.vocab.text_size)
+        for k, u in enumerate(before):
+            row = self._bias[1].get(u)
+            if row is not None:
+                out[k] = row
+        return out
 
     def references(self, corpus, i: int) -> list[str]:
         """Image ``i``'s captions as written (decoded from their ids when not kept)."""
@@ -118,6 +166,30 @@ class Caption(Task):
             caption_examples(corpus, list(zip(idx, preds, refs))[:n],
                              Path(examples) / "caption_examples.png")
         return report
+
+
+def word_bias_table(captions: list[list[int]], words: set[int], start: int, end: int,
+                    size: int, pseudo: float) -> dict[int, torch.Tensor]:
+    """{u in ``words``: [size] log p(w | u) - log p(w | class)} from the token pairs of
+    ``captions`` read as ``[start] caption [end]``: the class pools every token of ``words``;
+    p(. | u) is u's next-token counts smoothed with ``pseudo`` counts of the class's
+    distribution; tokens the class is never followed by get 0 (the head learns them)."""
+    after: dict[int, torch.Tensor] = {u: torch.zeros(size, dtype=torch.float64) for u in words}
+    for cap in captions:
+        seq = [start, *map(int, cap), end]
+        for u, w in zip(seq, seq[1:]):
+            if u in after and 0 <= w < size:
+                after[u][w] += 1
+    pooled = sum(after.values(), torch.zeros(size, dtype=torch.float64))
+    if not pooled.sum():
+        return {}
+    cls = pooled / pooled.sum()
+    out = {}
+    for u, c in after.items():
+        if c.sum():
+            p = (c + pseudo * cls) / (c.sum() + pseudo)
+            out[u] = torch.where(cls > 0, p.log() - cls.log(), 0.0).float()
+    return out
 
 
 def caption_examples(corpus, shown: list[tuple[int, str, list[str]]], path: Path,
