@@ -396,6 +396,8 @@ def test_caption_task_debias_rows_follow_the_colour_words(tiny_model_dir, shapes
     assert colours & set(table)
     with pytest.raises(ValueError, match="tasks.caption.debias_prior"):
         cls.Config(debias_prior=-1.0)
+    with pytest.raises(Exception, match="tasks.caption.debias_words"):
+        cls(task.ctx, cls.Config(debias_prior=10.0, debias_words=["zzqxv"]))
 
 
 def test_caption_task_hue_copies_hide_the_colour_words(tiny_model_dir, shapes_dir):

@@ -74,6 +74,12 @@ class Caption(Task):
         if self.cfg.hue_copy and not ctx.pixels:
             raise OmnimaskError("tasks.caption.hue_copy turns pixels: it needs "
                                 "model.image_input=pixels (feature rows are not changed)")
+        self._hues = None  # the token ids of debias_words
+        if self.cfg.debias_prior or self.cfg.hue_copy:
+            self._hues = torch.tensor(ctx.text.word_ids(self.cfg.debias_words), dtype=torch.long)
+            if not len(self._hues):
+                raise OmnimaskError("tasks.caption.debias_words: none of them is one token of "
+                                    "the text tokenizer (debias_prior and hue_copy need them)")
 
     def bind(self, model) -> None:
         hc = model.head_configs.get(self.name)
@@ -93,7 +99,6 @@ class Caption(Task):
         images = [image_segment(corpus, i, self.ctx.pixels) for i in idx]
         hidden = [None] * len(idx)
         if self.cfg.hue_copy:
-            hues = torch.tensor(self.ctx.text.word_ids(self.cfg.debias_words), dtype=torch.long)
             for i, cap in zip(idx, list(caps)):
                 if torch.rand((), generator=gen) < self.cfg.hue_copy:
                     turn = float(torch.rand((), generator=gen)) * 2 * math.pi
@@ -101,7 +106,7 @@ class Caption(Task):
                     seg.pixels = hue_rotate(seg.pixels, turn)
                     images.append(seg)
                     caps.append(cap)
-                    hidden.append(hues)
+                    hidden.append(self._hues)
         b = caption_batch(self.ctx.vocab, images, caps, self.head.max_len, hidden)
         if self.cfg.debias_prior:
             b["prior"] = self.word_bias(corpus, b["packed"])
@@ -111,10 +116,10 @@ class Caption(Task):
         """[targets, text ids] the debias expert's logits of each target of ``packed``: the
         row of the token it follows (zeros after a token not in ``debias_words``)."""
         if self._bias is None or self._bias[0] is not corpus:
-            words = set(self.ctx.text.word_ids(self.cfg.debias_words))
             self._bias = (corpus, word_bias_table(
-                [c for cs in corpus.captions for c in cs], words, self.ctx.sp(START),
-                self.ctx.sp("eos"), self.ctx.vocab.text_size, self.cfg.debias_prior))
+                [c for cs in corpus.captions for c in cs], set(self._hues.tolist()),
+                self.ctx.sp(START), self.ctx.sp("eos"), self.ctx.vocab.text_size,
+                self.cfg.debias_prior))
         before = packed.ids[packed.target_positions].tolist()
         out = torch.zeros(len(before), self.ctx.vocab.text_size)
         for k, u in enumerate(before):
