@@ -115,18 +115,18 @@ class Caption(Task):
     def word_bias(self, corpus, packed) -> torch.Tensor:
         """[targets, text ids] the debias expert's logits of each target of ``packed``: the
         row of the token it follows (zeros after a token not in ``debias_words``)."""
+        size = self.ctx.vocab.text_size
         if self._bias is None or self._bias[0] is not corpus:
-            self._bias = (corpus, word_bias_table(
+            table = word_bias_table(
                 [c for cs in corpus.captions for c in cs], set(self._hues.tolist()),
-                self.ctx.sp(START), self.ctx.sp("eos"), self.ctx.vocab.text_size,
-                self.cfg.debias_prior))
-        before = packed.ids[packed.target_positions].tolist()
-        out = torch.zeros(len(before), self.ctx.vocab.text_size)
-        for k, u in enumerate(before):
-            row = self._bias[1].get(u)
-            if row is not None:
-                out[k] = row
-        return out
+                self.ctx.sp(START), self.ctx.sp("eos"), size, self.cfg.debias_prior)
+            # token id -> its row of ``rows`` (row 0: zeros, for every other token)
+            index = torch.zeros(size, dtype=torch.long)
+            index[list(table)] = torch.arange(1, len(table) + 1)
+            rows = torch.cat([torch.zeros(1, size), *(r[None] for r in table.values())])
+            self._bias = (corpus, table, index, rows)
+        _, _, index, rows = self._bias
+        return rows[index[packed.ids[packed.target_positions]]]
 
     def references(self, corpus, i: int) -> list[str]:
         """Image ``i``'s captions as written (decoded from their ids when not kept)."""
