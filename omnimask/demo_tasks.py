@@ -22,15 +22,16 @@ EVAL_SPLITS = ("test", "test-novel")
 # VQA's hue-turned images in turn teach the trunk shape apart from colour, so the
 # retrieval and caption heads are trained again from the VQA model ("final": the
 # retrieval and caption models served) and the segmentation head continues the chain
-# (docs/experiments/2026-12-01-novel-pairs.md). The first run, whose model VQA starts
-# from, trains its captions without the word-pair expert: with it, one draw's VQA
-# test-novel shape and the chain's segmentation fell below their targets
-# (docs/experiments/2026-12-02-caption-binding-probes.md)
-RUNS = (("multitask", "multitask", ("retrieval", "caption"), ("tasks.caption.debias_prior=0",),
-         ()),
+# (docs/experiments/2026-12-01-novel-pairs.md).
+RUNS = (("multitask", "multitask", ("retrieval", "caption"), (), ()),
         ("vqa", "vqa", ("vqa",), ("trainer.lr=5e-4",), ("multitask",)),
         ("final", "multitask", ("retrieval", "caption"), (), ("vqa", "multitask")),
         ("segment", "segment", ("segment", "refer"), (), ("final", "vqa", "multitask")))
+# settings of a run whose tasks a later run serves (its model only a step of the chain):
+# the first run, whose model VQA starts from, trains its captions without the word-pair
+# expert: with it, one draw's VQA test-novel shape and the chain's segmentation fell below
+# their targets (docs/experiments/2026-12-02-caption-binding-probes.md)
+STEP_SETTINGS = {"multitask": ("tasks.caption.debias_prior=0",)}
 # quick mode's interactive protocol: a few objects, a few clicks
 QUICK_SETTINGS = {"segment": {"noc_objects": 4, "noc_max_clicks": 3}}
 
@@ -104,10 +105,12 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
 
     pre = export_run(run / "pretrain", run / "pretrain" / "model")
     runs, models = {}, {}
-    for name, task, serves, settings, starts in RUNS:
+    for i, (name, task, serves, settings, starts) in enumerate(RUNS):
         n = steps.get(name, 0)
         if not n:
             continue
+        if any(steps.get(later[0]) and set(later[2]) & set(serves) for later in RUNS[i + 1:]):
+            settings = (*settings, *STEP_SETTINGS.get(name, ()))
         if {"vqa": vqa_init, "segment": segment_init}.get(name) == "pretrained":
             starts = ()
         init = next((runs[s]["model"] for s in starts if s in runs), pre)

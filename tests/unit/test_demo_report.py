@@ -165,7 +165,8 @@ def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
     """VQA starts from the retrieval + caption model (``vqa_init: multitask``) or from the
     pretrained one; the final retrieval + caption run from the VQA model (the first run's
     when VQA is skipped) and serves those tasks; segmentation from the last model of that
-    chain or the pretrained one (``segment_init``); ITM is trained only with ``itm``."""
+    chain or the pretrained one (``segment_init``); ITM is trained only with ``itm``; the
+    word-pair caption expert is off only in a run whose captions a later run serves."""
     import omnimask.train.evaluate_task as evaluate_task
     import omnimask.train.export as export
     import omnimask.train.finetune as finetune
@@ -204,10 +205,14 @@ def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
             rc = seen[run].heads.get("retrieval", {})
             assert (rc.get("itm_weight"), rc.get("rerank_k")) == ((None, None) if itm
                                                                   else (0, 0))
+        debias = {run: seen[run].tasks["caption"]["debias_prior"]
+                  for run in ("finetune", "finetune-final")}
+        assert debias == {"finetune": 0, "finetune-final": 10.0}
     # without VQA the final run starts from the first; without it the first one serves
     x = stage_tasks({"multitask": 2, "final": 2}, 1.0, tmp_path, quick=False, progress=False)
     assert x["runs"]["final"]["init"] == x["runs"]["multitask"]["model"]
     x = stage_tasks({"multitask": 2, "vqa": 2, "segment": 2}, 1.0, tmp_path, quick=False,
                     progress=False)
     assert x["models"]["caption"] == x["runs"]["multitask"]["model"]
+    assert seen["finetune"].tasks["caption"]["debias_prior"] == 10.0
     assert x["runs"]["segment"]["init"] == x["runs"]["vqa"]["model"]
