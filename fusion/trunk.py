@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import ConfigError
 from omnimask.modalities.vocab import MODALITIES
 
@@ -75,13 +75,11 @@ class TrunkConfig:
         if self.clip_zeta <= self.clip_gamma:
             raise ValueError(f"{p}clip_zeta must be > {p}clip_gamma, got {self.clip_zeta} "
                              f"and {self.clip_gamma}")
-        if self.norm not in ("layernorm", "rmsnorm") or self.activation not in ("gelu", "swiglu"):
-            raise ValueError("norm must be layernorm|rmsnorm and activation gelu|swiglu")
+        check_choice(self, "norm", ("layernorm", "rmsnorm"), prefix=p)
+        check_choice(self, "activation", ("gelu", "swiglu"), prefix=p)
         from .attention import BACKENDS
 
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of "
-                             f"{', '.join(BACKENDS)}")
+        check_choice(self, "attention_backend", BACKENDS, prefix=p)
 
     @property
     def plain_softmax(self) -> bool:

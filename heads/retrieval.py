@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.fusion.packing import Segment, pack
 from omnimask.model import init_linear
@@ -56,8 +56,7 @@ class RetrievalHeadConfig:
         p = "heads.retrieval."
         check_fields(self, ">=0", "rerank_k", "itm_weight", "speech_weight", prefix=p)
         check_fields(self, ">=1", "batch_size", prefix=p)
-        if self.features not in ("cls", "pair"):
-            raise ValueError(f"{p}features must be cls or pair, got {self.features!r}")
+        check_choice(self, "features", ("cls", "pair"), prefix=p)
         if self.rerank_k and not self.itm_weight:
             raise ValueError(f"{p}rerank_k re-ranks by ITM, which {p}itm_weight=0 leaves "
                              f"untrained: set {p}rerank_k=0 too")

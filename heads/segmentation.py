@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.model import init_linear
 from omnimask.registry import HEADS
@@ -90,8 +90,7 @@ class SegmentHeadConfig:
         self.class_names = [str(c) for c in self.class_names]
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"{p}class_names has repeated names")
-        if self.class_pool not in ("cls", "mean", "last"):
-            raise ValueError(f"{p}class_pool must be cls, mean or last, got {self.class_pool!r}")
+        check_choice(self, "class_pool", ("cls", "mean", "last"), prefix=p)
         if self.class_prompt.count("{}") != 1:
             raise ValueError(f"{p}class_prompt must hold one {{}} for the class name, got "
                              f"{self.class_prompt!r}")

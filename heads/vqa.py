@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.modalities.vocab import MODALITIES
 from omnimask.model import init_linear
 from omnimask.registry import HEADS
@@ -51,8 +51,7 @@ class VQAHeadConfig:
     relation_probes: int = 0
 
     def __post_init__(self) -> None:
-        if self.loss not in ("bce", "softmax"):
-            raise ValueError(f"heads.vqa.loss must be bce or softmax, got {self.loss!r}")
+        check_choice(self, "loss", ("bce", "softmax"), prefix="heads.vqa.")
         if self.answers:
             self.answers = [str(a) for a in self.answers]
             if len(set(self.answers)) != len(self.answers):

@@ -60,7 +60,7 @@ def check_choice(obj: Any, name: str, allowed, prefix: str = "") -> None:
     ``obj`` is not one of ``allowed``."""
     v = getattr(obj, name)
     if v not in allowed:
-        raise ValueError(f"{prefix}{name} must be {'|'.join(allowed)}, got {v!r}")
+        raise ValueError(f"{prefix}{name} must be {'|'.join(map(str, allowed))}, got {v!r}")
 
 
 # what a training loop computes in: fp32, bf16 autocast, or auto (each setting says where

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.fusion.packing import PackedBatch
 from omnimask.fusion.trunk import Trunk, TrunkConfig
@@ -93,9 +93,7 @@ class ModelConfig:
         check_fields(self, ">0", "itc_temperature", "unit_temperature", "mrc_temperature",
                      prefix=p)
         check_fields(self, ">=0", "speech_conv_kernel", "image_color_path", prefix=p)
-        if self.image_input not in IMAGE_INPUTS:
-            raise ValueError(f"{p}image_input must be one of {', '.join(IMAGE_INPUTS)}, got "
-                             f"{self.image_input!r}")
+        check_choice(self, "image_input", IMAGE_INPUTS, prefix=p)
         if self.image_encoder.dim != self.trunk.dim:  # the encoder's tokens are trunk inputs
             self.image_encoder = replace(self.image_encoder, dim=self.trunk.dim)
         shape = [len(w) for w in self.image_encoder.tags]
@@ -103,9 +101,7 @@ class ModelConfig:
             raise ValueError(f"{p}image_tag_ids must give token ids for each word of "
                              f"{p}image_encoder.tags ({shape} words), got "
                              f"{[len(w) for w in self.image_tag_ids]}")
-        if self.image_code_input not in ("features", "embedding"):
-            raise ValueError(f"{p}image_code_input must be features or embedding, got "
-                             f"{self.image_code_input!r}")
+        check_choice(self, "image_code_input", ("features", "embedding"), prefix=p)
         k, g = self.speech_conv_kernel, self.speech_conv_groups
         if k and k % 2 == 0:
             raise ValueError(f"{p}speech_conv_kernel must be odd (or 0: off), got {k}")

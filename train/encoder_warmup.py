@@ -59,8 +59,7 @@ class EncoderWarmupConfig:
         check_fields(self, ">0", "lr", prefix=p)
         check_fields(self, "[0,1]", "hue_jitter", prefix=p)
         check_choice(self, "precision", PRECISIONS, prefix=p)
-        if self.tags not in TAG_MODES:
-            raise ValueError(f"{p}tags must be one of {', '.join(TAG_MODES)}, got {self.tags!r}")
+        check_choice(self, "tags", TAG_MODES, prefix=p)
 
 
 def object_patch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:

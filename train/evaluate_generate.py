@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from omnimask.config import check_fields, load_config
+from omnimask.config import check_choice, check_fields, load_config
 from omnimask.errors import ConfigError, OmnimaskError
 
 
@@ -41,10 +41,8 @@ class GenerateEvalConfig:
     grid_images: int = 8  # columns of the examples PNG
 
     def __post_init__(self) -> None:
-        if self.rerank not in ("itc", "itm"):
-            raise ValueError(f"rerank must be itc or itm, got {self.rerank!r}")
-        if self.sampler not in ("cm3", "maskgit"):
-            raise ValueError(f"sampler must be cm3 or maskgit, got {self.sampler!r}")
+        check_choice(self, "rerank", ("itc", "itm"))
+        check_choice(self, "sampler", ("cm3", "maskgit"))
         check_fields(self, ">=1", "candidates", "batch", "grid_images", "steps")
         check_fields(self, ">=0", "temperature", "top_k", "seed")
         check_fields(self, ">0", "guidance")

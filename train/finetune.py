@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from omnimask.config import check_fields, save_config
+from omnimask.config import check_choice, check_fields, save_config
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig
 from omnimask.safeio import atomic_write_bytes
@@ -80,9 +80,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, ">=0", "image_color_path")
-        if self.task not in (*TASK_NAMES, "multitask"):
-            raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}, multitask; got "
-                             f"{self.task!r}")
+        check_choice(self, "task", (*TASK_NAMES, "multitask"))
         for name, v in self.mix.items():
             if name not in TASK_NAMES:
                 raise ValueError(f"mix.{name}: unknown task; known: {', '.join(TASK_NAMES)}")

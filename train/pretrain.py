@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from omnimask.config import check_fields, save_config
+from omnimask.config import check_choice, check_fields, save_config
 from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.model import ModelConfig, OmniModel
 from omnimask.safeio import atomic_write_bytes
@@ -50,8 +50,7 @@ class PretrainData:
     val_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.features not in ("vq", "patch_encoder"):
-            raise ValueError(f"data.features must be vq or patch_encoder, got {self.features!r}")
+        check_choice(self, "features", ("vq", "patch_encoder"), prefix="data.")
         check_fields(self, ">=1", "val_batches", "val_batch_size", prefix="data.")
 
 
@@ -84,10 +83,8 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         p = "generate."
-        if self.rerank not in ("itc", "itm"):
-            raise ValueError(f"{p}rerank must be itc or itm, got {self.rerank!r}")
-        if self.sampler not in ("cm3", "maskgit"):
-            raise ValueError(f"{p}sampler must be cm3 or maskgit, got {self.sampler!r}")
+        check_choice(self, "rerank", ("itc", "itm"), prefix=p)
+        check_choice(self, "sampler", ("cm3", "maskgit"), prefix=p)
         check_fields(self, ">=1", "captions", "images", "candidates", "caption_candidates",
                      "grid_images", "steps", prefix=p)
         check_fields(self, ">=0", "temperature", "top_k", "caption_temperature", prefix=p)

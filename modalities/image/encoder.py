@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import OmnimaskError
 
 PREFIX = "model.image_encoder."  # where the config sits in a pretraining config
@@ -63,8 +63,7 @@ class ImageEncoderConfig:
         if not isinstance(self.backbone, str) or not self.backbone:
             raise ValueError(f"{p}backbone must be 'conv' or a timm model name, got "
                              f"{self.backbone!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"{p}norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        check_choice(self, "norm", NORMS, prefix=p)
         if self.grid > self.image_size or self.image_size % self.grid:
             raise ValueError(f"{p}grid must divide image_size ({self.image_size}), got "
                              f"{self.grid}")

@@ -72,8 +72,7 @@ class ImageTokenizerConfig:
         check_fields(self, ">0", "lr")
         check_fields(self, ">=0", "warmup_steps", "max_minutes", "max_steps", "threads",
                      "max_images", "object_weight", "edge_weight")
-        if self.parallel not in ("none", "ddp"):
-            raise ValueError(f"parallel must be none or ddp, got {self.parallel!r}")
+        check_choice(self, "parallel", ("none", "ddp"))
         check_choice(self, "precision", PRECISIONS)
         if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
             raise ValueError(f"max_steps or max_minutes must be > 0 (a training budget), got "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import OmnimaskError
 
 from ..kmeans import kmeans
@@ -56,11 +56,8 @@ class VQConfig:
                      "rq_depth", prefix=p)
         check_fields(self, "[0,1)", "decay", prefix=p)
         check_fields(self, ">=0", "commitment", prefix=p)
-        if self.downsample not in (2, 3):
-            raise ValueError(f"{p}downsample must be 2 or 3 (stride-2 stages), got "
-                             f"{self.downsample}")
-        if self.quantizer not in ("vq", "fsq", "rq"):
-            raise ValueError(f"{p}quantizer must be vq, fsq or rq, got {self.quantizer!r}")
+        check_choice(self, "downsample", (2, 3), prefix=p)
+        check_choice(self, "quantizer", ("vq", "fsq", "rq"), prefix=p)
         if self.image_size % self.patch:
             raise ValueError(f"{p}image_size must be a multiple of {self.patch} "
                              f"(2**downsample), got {self.image_size}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from omnimask.config import DataConfig, check_fields, load_config
+from omnimask.config import DataConfig, check_choice, check_fields, load_config
 from omnimask.errors import OmnimaskError
 from omnimask.registry import TOKENIZERS
 
@@ -39,8 +39,7 @@ class SpeechTokenizerConfig:
     max_frames: int = 400_000  # kmeans: fit on at most this many (random) stacked frames
 
     def __post_init__(self) -> None:
-        if self.kind not in DEFAULT_SIZE:
-            raise ValueError(f"kind must be bestrq or kmeans, got {self.kind!r}")
+        check_choice(self, "kind", DEFAULT_SIZE)
         check_fields(self, ">=0", "codebook_size")
         check_fields(self, ">=1", "code_dim", "num_mel_bins", "stack", "iterations",
                      "max_frames")

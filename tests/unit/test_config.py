@@ -133,3 +133,61 @@ def test_demo_chain_settings_are_checked(ov, msg):
         load_config(DemoConfig, None, [ov])
     assert load_config(DemoConfig, None, ["finetune_final_steps=0"]).segment_init == "chain"
 
+
+
+# every setting that takes one of a few values, checked by check_choice: (config, field,
+# where the error says it sits)
+CHOICES = [
+    ("model:ModelConfig", "image_input", "model."),
+    ("model:ModelConfig", "image_code_input", "model."),
+    ("modalities.image.vq:VQConfig", "quantizer", ""),
+    ("modalities.image.vq:VQConfig", "downsample", ""),
+    ("modalities.image.tokenizer:ImageTokenizerConfig", "parallel", ""),
+    ("modalities.image.encoder:ImageEncoderConfig", "norm", ""),
+    ("modalities.speech.tokenizer:SpeechTokenizerConfig", "kind", ""),
+    ("heads.segmentation:SegmentHeadConfig", "class_pool", ""),
+    ("heads.vqa:VQAHeadConfig", "loss", "heads.vqa."),
+    ("heads.retrieval:RetrievalHeadConfig", "features", ""),
+    ("train.encoder_warmup:EncoderWarmupConfig", "tags", "encoder_warmup."),
+    ("train.tasks.caption:CaptionConfig", "tokenizer", ""),
+    ("train.evaluate_generate:GenerateEvalConfig", "rerank", ""),
+    ("train.evaluate_generate:GenerateEvalConfig", "sampler", ""),
+    ("train.pretrain:PretrainData", "features", "data."),
+    ("train.pretrain:GenerateConfig", "rerank", ""),
+    ("train.pretrain:GenerateConfig", "sampler", ""),
+    ("train.objectives.base:ObjectivesConfig", "itm_features", ""),
+    ("train.finetune:FinetuneConfig", "task", ""),
+    ("fusion.trunk:TrunkConfig", "norm", "model.trunk."),
+    ("fusion.trunk:TrunkConfig", "activation", "model.trunk."),
+    ("fusion.trunk:TrunkConfig", "attention_backend", "model.trunk."),
+]
+
+
+@pytest.mark.parametrize("where,name,prefix", CHOICES, ids=[f"{w.split(':')[1]}.{n}"
+                                                             for w, n, _ in CHOICES])
+def test_a_choice_outside_its_values_is_refused_by_name(where, name, prefix):
+    """Each choice setting's default is accepted and any other value is refused with one
+    line naming the setting, every allowed value and the value given."""
+    import importlib
+    import re
+
+    module, cls = where.split(":")
+    cfg = getattr(importlib.import_module(f"omnimask.{module}"), cls)
+    cfg()  # the defaults hold
+    with pytest.raises(ValueError) as e:
+        cfg(**{name: "zzq"})
+    msg = str(e.value)
+    assert re.search(rf"{re.escape(prefix)}{name} must be \w+(\|\w+)+, got 'zzq'", msg), msg
+    assert "\n" not in msg
+
+
+def test_check_choice_names_the_field_and_joins_the_values():
+    @dataclass
+    class C:
+        size: int = 2
+
+    from omnimask.config import check_choice
+
+    check_choice(C(), "size", (2, 3))
+    with pytest.raises(ValueError, match=r"^x\.size must be 2\|3, got 5$"):
+        check_choice(C(5), "size", (2, 3), prefix="x.")

@@ -73,7 +73,7 @@ def test_grids_and_quantizers_encode_decode_shapes():
     assert tc.vq.stage_channels == [64, 128] and VQVAE(tc.vq).cfg.tokens_side == 16
     with pytest.raises(ValueError, match="channels must be 2 sizes"):
         VQConfig(downsample=2, channels=[8, 8, 8])
-    with pytest.raises(ValueError, match="quantizer must be vq, fsq or rq"):
+    with pytest.raises(ValueError, match=r"quantizer must be vq\|fsq\|rq"):
         VQConfig(quantizer="pq")
     with pytest.raises(ValueError, match="fsq_levels"):
         VQConfig(quantizer="fsq", fsq_levels=[8, 1])

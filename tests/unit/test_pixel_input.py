@@ -180,7 +180,7 @@ def test_input_forms_never_mix_and_fail_clearly():
 
 
 def test_model_config_image_input_is_checked_and_the_encoder_follows_the_trunk():
-    with pytest.raises(ConfigError, match="model.image_input must be one of pixels"):
+    with pytest.raises(ConfigError, match="model.image_input must be pixels"):
         omnimask.create_model("omnimask-tiny", image_input="jpeg")
     cfg = ModelConfig(image_input="pixels", trunk=TrunkConfig(dim=64, heads=4))
     assert cfg.image_encoder.dim == 64

@@ -52,7 +52,7 @@ def test_tag_words_name_the_warm_up_classes_and_colours():
     train.region_attrs = None  # no colours: the class classifier alone; more classes asked
     assert tag_words(train, EncoderWarmupConfig(steps=1, classes=4, tags="all")) == [
         ["", "circle", "", ""]]
-    with pytest.raises(ValueError, match="encoder_warmup.tags must be one of none, classes"):
+    with pytest.raises(ValueError, match=r"encoder_warmup.tags must be none\|classes"):
         EncoderWarmupConfig(tags="yes")
 
 

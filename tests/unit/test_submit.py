@@ -62,7 +62,7 @@ def test_a_job_runs_its_command_line_and_reports_a_failure(monkeypatch):
 
 
 def test_parallel_settings_are_checked():
-    with pytest.raises(ValueError, match="trainer.parallel must be none|ddp|fsdp"):
+    with pytest.raises(ValueError, match=r"trainer.parallel must be none\|ddp\|fsdp"):
         TrainerConfig(parallel="zero3")
     with pytest.raises(ValueError, match="trainer.ema is not supported with trainer.parallel=fsdp"):
         TrainerConfig(parallel="fsdp", ema=0.99)

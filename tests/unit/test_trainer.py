@@ -252,7 +252,7 @@ def test_optimizer_choice_adam_or_adamw(tmp_path):
     opt.step()
     for k, v in weights(ref).items():
         torch.testing.assert_close(weights(t.model)[k], v)
-    with pytest.raises(ValueError, match="trainer.optimizer must be adamw|adam, got 'sgd'"):
+    with pytest.raises(ValueError, match=r"trainer.optimizer must be adamw\|adam, got 'sgd'"):
         TrainerConfig(optimizer="sgd")
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import IGNORE, Segment
 from omnimask.modalities.vocab import Vocab
@@ -86,8 +86,7 @@ class ObjectivesConfig:
         check_fields(self, ">0", "mrc_temperature", "ot_beta", "cm3_poisson",
                      "maskgit_object_weight", prefix=p)
         check_fields(self, ">=0", "mix_ramp_steps", "wra_weight", "speech_max_units", prefix=p)
-        if self.itm_features not in ("cls", "pair"):
-            raise ValueError(f"{p}itm_features must be cls or pair, got {self.itm_features!r}")
+        check_choice(self, "itm_features", ("cls", "pair"), prefix=p)
         for key in ("mix", "mix_start"):
             for name, v in getattr(self, key).items():
                 if not float(v) >= 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from omnimask.config import check_fields
+from omnimask.config import check_choice, check_fields
 from omnimask.errors import OmnimaskError
 from omnimask.heads.captioning import START, CaptionHeadConfig, caption_batch, generate
 from omnimask.modalities.image.processor import HUE_WORDS, hue_rotate
@@ -58,8 +58,7 @@ class CaptionConfig:
         check_fields(self, ">=0", "examples", "debias_prior", prefix=p)
         check_fields(self, "[0,1]", "hue_copy", prefix=p)
         check_fields(self, ">=0", "prior_weight", prefix=p)
-        if self.tokenizer not in ("auto", "ptb", "simple"):
-            raise ValueError(f"{p}tokenizer must be auto, ptb or simple, got {self.tokenizer!r}")
+        check_choice(self, "tokenizer", ("auto", "ptb", "simple"), prefix=p)
 
 
 @task("caption")
