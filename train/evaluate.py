@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+# how drawn images are drawn (left to right, or MaskGIT's parallel rounds) and which head
+# reranks the candidates: settings of pretraining's samples and of `eval generate`
+SAMPLERS = ("cm3", "maskgit")
+RERANKERS = ("itc", "itm")
+
 if TYPE_CHECKING:
     from .corpus import Corpus
     from .objectives.base import Context

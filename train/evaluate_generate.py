@@ -21,6 +21,8 @@ import torch
 from omnimask.config import check_choice, check_fields, load_config
 from omnimask.errors import ConfigError, OmnimaskError
 
+from .evaluate import RERANKERS, SAMPLERS
+
 
 @dataclass
 class GenerateEvalConfig:
@@ -41,8 +43,8 @@ class GenerateEvalConfig:
     grid_images: int = 8  # columns of the examples PNG
 
     def __post_init__(self) -> None:
-        check_choice(self, "rerank", ("itc", "itm"))
-        check_choice(self, "sampler", ("cm3", "maskgit"))
+        check_choice(self, "rerank", RERANKERS)
+        check_choice(self, "sampler", SAMPLERS)
         check_fields(self, ">=1", "candidates", "batch", "grid_images", "steps")
         check_fields(self, ">=0", "temperature", "top_k", "seed")
         check_fields(self, ">0", "guidance")

@@ -25,7 +25,7 @@ from omnimask.safeio import atomic_write_bytes
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .encoder_warmup import EncoderWarmupConfig, check_labels, tag_words, warm_up_encoder
-from .evaluate import samples, val_history
+from .evaluate import RERANKERS, SAMPLERS, samples, val_history
 from .objectives.base import (
     OBJECTIVES,
     Context,
@@ -83,8 +83,8 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         p = "generate."
-        check_choice(self, "rerank", ("itc", "itm"), prefix=p)
-        check_choice(self, "sampler", ("cm3", "maskgit"), prefix=p)
+        check_choice(self, "rerank", RERANKERS, prefix=p)
+        check_choice(self, "sampler", SAMPLERS, prefix=p)
         check_fields(self, ">=1", "captions", "images", "candidates", "caption_candidates",
                      "grid_images", "steps", prefix=p)
         check_fields(self, ">=0", "temperature", "top_k", "caption_temperature", prefix=p)
