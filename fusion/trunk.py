@@ -324,6 +324,17 @@ class Trunk(nn.Module):
         for blk in self.blocks:
             blk.attn.init_gate()
 
+    def layer_depths(self) -> tuple[dict[str, int], int]:
+        """Each parameter's depth, for layer-wise lr decay: the embeddings 0, block i i + 1,
+        what reads the last block (final norm, MLM head) layers + 1; and that top depth."""
+        top = len(self.blocks) + 1
+        depths = {}
+        for name, _ in self.named_parameters():
+            first = name.split(".")[0]
+            depths[name] = (int(name.split(".")[1]) + 1 if first == "blocks"
+                            else top if first in ("final_norm", "mlm") else 0)
+        return depths, top
+
     def compile_blocks(self) -> Trunk:
         """``torch.compile`` each block in place (dynamic shapes; parameter names and
         checkpoints unchanged): norms, projections, residuals and the FFN fuse into

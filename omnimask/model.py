@@ -368,6 +368,18 @@ class OmniModel(nn.Module, PyTorchModelHubMixin, library_name="omnimask",
         self.head_configs[name] = cfg
         return self.heads[name]
 
+    def layer_depths(self) -> tuple[dict[str, int], int]:
+        """Each parameter's depth (``trainer.layer_decay``): the trunk's own
+        (``Trunk.layer_depths``), the modality embedders 0, the pooler and heads the top."""
+        trunk, top = self.encoder.trunk.layer_depths()
+        depths = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("encoder.trunk."):
+                depths[name] = trunk[name.removeprefix("encoder.trunk.")]
+            else:
+                depths[name] = 0 if name.startswith("encoder.embedders.") else top
+        return depths, top
+
     def head_settings(self) -> dict[str, dict]:
         """Each head's config as plain data (for ``config.json``)."""
         return {n: (dataclasses.asdict(c) if c is not None else {})

@@ -80,6 +80,10 @@ class TrainerConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
+    # < 1: layer-wise learning-rate decay (BEiT's fine-tuning): a parameter at depth d of
+    # the model's D (its ``layer_depths()``: embeddings 0, block i i + 1, heads D) trains at
+    # lr * layer_decay ** (D - d), so the lower layers keep more of what pretraining taught
+    layer_decay: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     clip: float = 5.0  # max gradient norm; 0 disables
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
@@ -120,6 +124,7 @@ class TrainerConfig:
                              f"{self.max_minutes}")
         check_fields(self, ">0", "lr", prefix=p)
         check_fields(self, "[0,1]", "min_lr_ratio", prefix=p)
+        check_fields(self, "(0,1]", "layer_decay", prefix=p)
         check_fields(self, "[0,1)", "ema", prefix=p)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{p}betas must be two numbers in [0, 1), got {list(self.betas)}")
@@ -153,24 +158,37 @@ def lr_at(cfg: TrainerConfig, step: int, total: int, warmup: int,
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 layer_decay: float = 1.0) -> list[dict]:
     """No weight decay on norms, biases, embeddings and other vectors. Embedding tables are
     the weights of ``nn.Embedding`` modules and the parameters a module names in its
     ``no_weight_decay()`` (timm's convention; names relative to that module), e.g. a plain
-    ``nn.Parameter`` indexed or scored against as a table."""
-    decay, no_decay = [], []
+    ``nn.Parameter`` indexed or scored against as a table. ``layer_decay`` < 1: one group
+    per (depth, decay), each with its ``lr_scale`` (``TrainerConfig.layer_decay``)."""
     emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for m in model.modules():
         if callable(getattr(m, "no_weight_decay", None)):
             emb |= {id(m.get_parameter(name)) for name in m.no_weight_decay()}
+    depths, top = {}, 0
+    if layer_decay < 1:
+        if not callable(getattr(model, "layer_depths", None)):
+            raise ConfigError(f"trainer.layer_decay={layer_decay}: {type(model).__name__} "
+                              "does not name its layers' depths (layer_depths()); use 1")
+        depths, top = model.layer_depths()
+    groups: dict[tuple[int, bool], list] = {}
     seen = set()
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in emb else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim < 2 or id(p) in emb)
+        groups.setdefault((depths.get(name, top), decays), []).append(p)
+    if layer_decay == 1:  # the two groups, in this order, as checkpoints have them
+        return [{"params": groups.get((0, d), []), "weight_decay": weight_decay if d else 0.0}
+                for d in (True, False)]
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0,
+             "lr_scale": layer_decay ** (top - depth)}
+            for (depth, d), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def compile_trunks(model: torch.nn.Module) -> int:
@@ -195,7 +213,7 @@ def make_optimizer(cfg: TrainerConfig, model: torch.nn.Module) -> torch.optim.Op
     """AdamW (decoupled decay) or Adam (decay as an L2 penalty) over ``param_groups``;
     fused where ``fusable`` (the same update as the per-tensor loop, fewer passes)."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    return cls(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                fused=fusable(model) or None)
 
 
@@ -661,7 +679,7 @@ class Trainer:
         cfg = self.cfg
         lr = self.lr()
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         logs: dict = {}
         outputs: list[dict] = []
         count, finite, name = 0, True, ""

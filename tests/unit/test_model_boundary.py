@@ -323,3 +323,28 @@ def test_an_encoder_key_that_does_not_fit_fails_naming_it(tmp_path, change):
     for heads in (None, ["vqa"]):
         with pytest.raises(OmnimaskError, match=key.replace(".", r"\.")):
             omnimask.load(d, heads=heads)
+
+
+def test_layer_depths_order_the_model_from_inputs_to_heads():
+    """trainer.layer_decay's depths: the embedders and the trunk's embeddings 0, block i
+    i + 1, the final norm, MLM head, pooler and task heads on top; every parameter has one,
+    and the optimizer groups hold each trainable parameter once."""
+    from omnimask.train.trainer import param_groups
+
+    m = _tiny(heads={"vqa": {}, "caption": {}})
+    depths, top = m.layer_depths()
+    assert top == 3 and set(depths) == {n for n, _ in m.named_parameters()}
+    for name, d in depths.items():
+        if name.startswith("encoder.trunk.blocks."):
+            assert d == int(name.split(".")[3]) + 1, name
+        elif name.startswith(("encoder.embedders.", "encoder.trunk.tok.",
+                              "encoder.trunk.pos.")):
+            assert d == 0, name
+        elif name.startswith(("heads.", "encoder.pooler.", "encoder.trunk.final_norm.",
+                              "encoder.trunk.mlm.")):
+            assert d == top, name
+    assert {d for n, d in depths.items() if n.startswith("heads.")} == {top}
+    groups = param_groups(m, 0.01, 0.5)
+    held = [id(p) for g in groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in m.parameters() if p.requires_grad)
+    assert {g["lr_scale"] for g in groups} == {0.5 ** k for k in range(top + 1)}

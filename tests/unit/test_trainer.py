@@ -57,9 +57,9 @@ def _loss(model):
     return fn
 
 
-def _trainer(tmp_path, poison=(), **kw):
+def _trainer(tmp_path, poison=(), cls=None, **kw):
     torch.manual_seed(0)
-    m = Tiny()
+    m = (cls or Tiny)()
     cfg = TrainerConfig(**{"max_steps": 12, "lr": 1e-2, "warmup_steps": 2,
                            "checkpoint_every": 5, "eval_every": 0, "tensorboard": False,
                            "device": "cpu", **kw})  # CPU semantics (exact), on any machine
@@ -254,6 +254,40 @@ def test_optimizer_choice_adam_or_adamw(tmp_path):
         torch.testing.assert_close(weights(t.model)[k], v)
     with pytest.raises(ValueError, match=r"trainer.optimizer must be adamw\|adam, got 'sgd'"):
         TrainerConfig(optimizer="sgd")
+
+
+class Layered(Tiny):
+    """Tiny with depths: the embedding 0, the linear layer and norm 1, the head on top (2)."""
+
+    def layer_depths(self):
+        d = {"emb.weight": 0, "lin.weight": 1, "lin.bias": 1, "norm.weight": 1, "norm.bias": 1}
+        return d, 2
+
+
+def test_layer_decay_scales_each_depths_steps(tmp_path):
+    """trainer.layer_decay=0.5: a step equals AdamW's with lr * 0.5 ** (2 - depth) per
+    parameter, weight decay still off for vectors and embeddings; 1 keeps two groups."""
+    assert len(param_groups(Layered(), 0.01)) == 2
+    t = _trainer(tmp_path, cls=Layered, max_steps=1, warmup_steps=1, clip=0,
+                 weight_decay=0.1, layer_decay=0.5)
+    scales = {id(p): g["lr_scale"] for g in t.opt.param_groups for p in g["params"]}
+    assert sorted(scales.values()) == [0.25, 0.5, 0.5, 0.5, 0.5]
+    ref = copy.deepcopy(t.model)
+    t.fit()
+    depth, _ = ref.layer_depths()
+    groups = [{"params": [p], "lr": 1e-2 * 0.5 ** (2 - depth[n]),
+               "weight_decay": 0.1 if n == "lin.weight" else 0.0}
+              for n, p in ref.named_parameters()]
+    opt = torch.optim.AdamW(groups, betas=tuple(t.cfg.betas))
+    _, b = _batches()(0, 0)
+    _loss(ref)("reg", b)["loss"].backward()
+    opt.step()
+    for k, v in weights(ref).items():
+        torch.testing.assert_close(weights(t.model)[k], v, msg=k)
+    with pytest.raises(OmnimaskError, match=r"trainer.layer_decay=0.5: Tiny does not name"):
+        param_groups(Tiny(), 0.01, 0.5)
+    with pytest.raises(ValueError, match=r"trainer.layer_decay must be in \(0, 1\], got 0"):
+        TrainerConfig(layer_decay=0)
 
 
 def test_fused_adamw_takes_the_per_tensor_steps():
