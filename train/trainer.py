@@ -188,7 +188,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
                 for d in (True, False)]
     return [{"params": ps, "weight_decay": weight_decay if d else 0.0,
              "lr_scale": layer_decay ** (top - depth)}
-            for (depth, d), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+            for (depth, d), ps in sorted(groups.items(),
+                                         key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def compile_trunks(model: torch.nn.Module) -> int:
@@ -213,8 +214,8 @@ def make_optimizer(cfg: TrainerConfig, model: torch.nn.Module) -> torch.optim.Op
     """AdamW (decoupled decay) or Adam (decay as an L2 penalty) over ``param_groups``;
     fused where ``fusable`` (the same update as the per-tensor loop, fewer passes)."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-               fused=fusable(model) or None)
+    return cls(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
+               betas=tuple(cfg.betas), fused=fusable(model) or None)
 
 
 def _scalar(v) -> bool:
