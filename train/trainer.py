@@ -443,6 +443,16 @@ class Trainer:
         by_id = {id(p): n for n, p in self.module.named_parameters()}
         return [[by_id[id(p)] for p in g["params"]] for g in self.opt.param_groups]
 
+    def _check_groups(self, sd: dict, path: Path) -> None:
+        """Refuses a checkpoint whose optimizer groups (sizes, lr scales) are not this run's:
+        loading would take the checkpoint's scales, or fail inside torch."""
+        mine = [(len(g["params"]), g.get("lr_scale")) for g in self.opt.param_groups]
+        theirs = [(len(g["params"]), g.get("lr_scale")) for g in sd["param_groups"]]
+        if mine != theirs:
+            raise OmnimaskError(f"{path}: its optimizer groups differ from this run's "
+                                "(trainer.layer_decay or the trainable parameters changed): "
+                                "resume with the run's settings, or start a new run")
+
     def _load_optimizer(self, sd: dict) -> None:
         if not self.fsdp:
             self.opt.load_state_dict(sd)
@@ -540,6 +550,7 @@ class Trainer:
                                 " a stateful data source, this run has "
                                 f"{'none' if self.data is None else 'one'}: start a new run")
         self._load_weights(sd, str(path))
+        self._check_groups(st["optimizer"], path)
         self._load_optimizer(st["optimizer"])
         self.step = st["step"]
         self.schedule = {"by": "steps", "minutes": 0.0, **st["schedule"]}  # older: by steps

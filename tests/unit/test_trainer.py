@@ -284,6 +284,14 @@ def test_layer_decay_scales_each_depths_steps(tmp_path):
     opt.step()
     for k, v in weights(ref).items():
         torch.testing.assert_close(weights(t.model)[k], v, msg=k)
+    # resumed with the same decay it trains on; with another it is refused by name
+    again = _trainer(tmp_path, cls=Layered, max_steps=2, warmup_steps=1, clip=0,
+                     weight_decay=0.1, layer_decay=0.5, extend=True)
+    assert again.fit()["step"] == 2
+    for other in (1.0, 0.7):
+        with pytest.raises(OmnimaskError, match=r"optimizer groups differ from this run's "
+                           r"\(trainer.layer_decay"):
+            _trainer(tmp_path, cls=Layered, max_steps=3, layer_decay=other, extend=True).fit()
     with pytest.raises(OmnimaskError, match=r"trainer.layer_decay=0.5: Tiny does not name"):
         param_groups(Tiny(), 0.01, 0.5)
     with pytest.raises(ValueError, match=r"trainer.layer_decay must be in \(0, 1\], got 0"):
