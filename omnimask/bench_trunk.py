@@ -20,6 +20,7 @@ matmuls, e.g. AVX512-BF16 or AMX), against the bf16 matmul peak.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -32,6 +33,9 @@ from .config import PRECISIONS
 from .fusion.packing import IGNORE, Segment, pack
 from .fusion.trunk import Trunk
 from .train.data.bench import machine
+from .train.trainer import native_bf16
+
+log = logging.getLogger("omnimask.bench")
 
 SIDES = ("omnimask", "hf")
 
@@ -80,21 +84,29 @@ def step_dtype(dev: torch.device, dtype: str = "auto") -> torch.dtype:
 
 def matmul_peak(dev: torch.device, dtype: torch.dtype | None = None) -> float:
     """FLOP/s of the best of several square matmuls in ``dtype`` (default: the device's
-    ``step_dtype``)."""
+    ``step_dtype``): 8192^2 on CUDA, up to 1536^2 on CPU, smaller where one would take
+    longer than ~0.5 s (emulated bf16 runs ~0.5 GFLOP/s: 1536^2 would take minutes)."""
     dtype = dtype or step_dtype(dev)
-    n, reps = (8192, 10) if dev.type == "cuda" else (1536, 4)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    c = torch.empty(n, n, device=dev, dtype=dtype)
-    best = 0.0
-    for _ in range(5):
+
+    def timed(n: int, reps: int) -> float:
+        a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+        c = torch.empty(n, n, device=dev, dtype=dtype)
         _sync(dev)
         t0 = time.perf_counter()
         for _ in range(reps):
             torch.mm(a, b, out=c)
         _sync(dev)
-        best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
+        return time.perf_counter() - t0
+
+    if dev.type == "cuda":
+        n, reps = 8192, 10
+    else:
+        n, took = 256, min(timed(256, 1) for _ in range(2))  # the first call warms up
+        while n < 1536 and took * (min(2 * n, 1536) / n) ** 3 < 0.5:
+            n = min(2 * n, 1536)
+            took = timed(n, 1)
+        reps = max(1, min(4, int(0.4 / max(took, 1e-9))))
+    return max(reps * 2 * n ** 3 / timed(n, reps) for _ in range(5))
 
 
 def _flop_mapping() -> dict:
@@ -209,6 +221,9 @@ def bench_trunk(layers=4, dim=256, heads=4, ffn=1024, vocab=8192, batch=16, min_
     down), and every round's tokens/s is kept."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = step_dtype(dev, dtype) == torch.bfloat16
+    if bf16 and not native_bf16(dev):
+        log.warning("bench trunk --dtype bf16: this CPU has no native bf16 (AVX512-BF16 or "
+                    "AMX); both sides run emulated bf16, slower than fp32")
     base = {"layers": layers, "dim": dim, "heads": heads, "ffn": ffn, "vocab": vocab,
             "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev),
             "seed": seed, "compile": compile, "threads": threads, "dtype": dtype}

@@ -76,6 +76,9 @@ def test_bench_data_writes_contract_json(tmp_path, capsys):
                  "--batch-size", "8", "--out", str(out), "-q"]) == 0
     r = json.loads(out.read_text())
     assert r["bench"] == "data" and r["device"] == "cpu" and r["machine"]["cores"] >= 1
+    # the ISA torch dispatches to tells CPUs of one model name apart
+    assert r["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(r["machine"]["native_bf16"], bool)
     for section in ("omnimask", "speech", "webdataset"):
         assert r[section]["one_core"]["samples"] == 40, section
         assert r[section]["workers_2"]["samples"] == 40, section

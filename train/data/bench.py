@@ -31,7 +31,13 @@ def machine() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    from omnimask.train.trainer import native_bf16
+
+    # the vector ISA torch dispatches to (e.g. AVX2 | AVX512) and native bf16 tell apart
+    # CPUs of one model name (EPYC generations differ 2-3x in these benches)
     return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_bf16("cpu"),
             "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform()}
 
