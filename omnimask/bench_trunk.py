@@ -20,7 +20,6 @@ matmuls, e.g. AVX512-BF16 or AMX), against the bf16 matmul peak.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -33,9 +32,7 @@ from .config import PRECISIONS
 from .fusion.packing import IGNORE, Segment, pack
 from .fusion.trunk import Trunk
 from .train.data.bench import machine
-from .train.trainer import native_bf16
-
-log = logging.getLogger("omnimask.bench")
+from .train.trainer import warn_emulated_bf16
 
 SIDES = ("omnimask", "hf")
 
@@ -85,7 +82,7 @@ def step_dtype(dev: torch.device, dtype: str = "auto") -> torch.dtype:
 def matmul_peak(dev: torch.device, dtype: torch.dtype | None = None) -> float:
     """FLOP/s of the best of several square matmuls in ``dtype`` (default: the device's
     ``step_dtype``): 8192^2 on CUDA, up to 1536^2 on CPU, smaller where one would take
-    longer than ~0.5 s (emulated bf16 runs ~0.5 GFLOP/s: 1536^2 would take minutes)."""
+    longer than ~0.5 s (emulated bf16 runs ~1 GFLOP/s: 1536^2 would take minutes)."""
     dtype = dtype or step_dtype(dev)
 
     def timed(n: int, reps: int) -> float:
@@ -221,9 +218,8 @@ def bench_trunk(layers=4, dim=256, heads=4, ffn=1024, vocab=8192, batch=16, min_
     down), and every round's tokens/s is kept."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = step_dtype(dev, dtype) == torch.bfloat16
-    if bf16 and not native_bf16(dev):
-        log.warning("bench trunk --dtype bf16: this CPU has no native bf16 (AVX512-BF16 or "
-                    "AMX); both sides run emulated bf16, slower than fp32")
+    if bf16:
+        warn_emulated_bf16("bench trunk --dtype", dev)
     base = {"layers": layers, "dim": dim, "heads": heads, "ffn": ffn, "vocab": vocab,
             "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev),
             "seed": seed, "compile": compile, "threads": threads, "dtype": dtype}

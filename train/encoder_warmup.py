@@ -146,7 +146,7 @@ def warm_up_encoder(encoder, train, val, cfg: EncoderWarmupConfig, seed: int,
         return out
 
     device = next(encoder.parameters()).device
-    dtype = conv_dtype(cfg.precision, device)
+    dtype = conv_dtype(cfg.precision, device, "encoder_warmup.precision")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sizes = [k, 1 + len(names)] if colors else [k]

@@ -249,6 +249,14 @@ def native_bf16(device: str | torch.device) -> bool:
                for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def warn_emulated_bf16(setting: str, device: str | torch.device) -> None:
+    """A warning where ``setting`` asks bf16 of a device that only emulates it (a CPU
+    without AVX512-BF16 or AMX: bf16 matmuls there run ~100x slower than fp32)."""
+    if not native_bf16(device):
+        log.warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is "
+                    "emulated here, far slower than fp32 (auto picks fp32)", setting)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -342,6 +350,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = dist.device_for_rank(resolve_device(cfg.device))
+        if cfg.precision == "bf16":
+            warn_emulated_bf16("trainer.precision", self.device)
         # local: a helper this process trains alone (the shape judge on rank 0)
         self.rank, self.world = (0, 1) if local else dist.rank_and_world()
         if self.world > 1 and cfg.parallel == "none":

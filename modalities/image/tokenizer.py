@@ -236,12 +236,15 @@ def trainer_config(cfg: ImageTokenizerConfig):
         parallel=cfg.parallel)
 
 
-def conv_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype | None:
+def conv_dtype(precision: str, device: str | torch.device = "cpu",
+               setting: str = "precision") -> torch.dtype | None:
     """A convolutional net's autocast dtype in training on ``device`` for ``precision``
     (fp32 | bf16 | auto: bf16 where ``device`` computes it natively); None: fp32. The VQ's
-    and the pixel encoder warm-up's setting."""
-    from omnimask.train.trainer import native_bf16
+    and the pixel encoder warm-up's setting (named ``setting`` in the emulation warning)."""
+    from omnimask.train.trainer import native_bf16, warn_emulated_bf16
 
+    if precision == "bf16":
+        warn_emulated_bf16(setting, device)
     bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
     return torch.bfloat16 if bf16 else None
 

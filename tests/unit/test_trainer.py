@@ -581,3 +581,26 @@ def test_validation_before_the_first_step_is_optional_and_the_end_still_validate
         assert [r["step"] for r in _rows(run, "val")] == ([0, 4] if first else [4])
         # the same training either way: validation draws nothing from the batches' RNGs
         assert [r["loss"] for r in _rows(run)] == [r["loss"] for r in _rows(tmp_path / "True")]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_of_a_cpu_that_emulates_it_is_warned_by_setting(tmp_path, native, caplog,
+                                                                    monkeypatch):
+    """Emulated bf16 runs ~100x slower than fp32: a setting that asks for it is named."""
+    from omnimask.modalities.image.tokenizer import conv_dtype
+    from omnimask.train import trainer
+
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
+    caplog.set_level("WARNING", logger="omnimask.trainer")
+    assert conv_dtype("bf16", "cpu", "encoder_warmup.precision") == torch.bfloat16
+    assert conv_dtype("auto", "cpu", "encoder_warmup.precision") == (
+        torch.bfloat16 if native else None)
+    _trainer(tmp_path / "a", precision="bf16")
+    _trainer(tmp_path / "b", precision="auto")
+    warned = [r.getMessage() for r in caplog.records]
+    if native:
+        assert warned == []
+    else:  # once per setting that names bf16, never for auto
+        assert len(warned) == 2, warned
+        assert warned[0].startswith("encoder_warmup.precision=bf16: this CPU has no native bf16")
+        assert warned[1].startswith("trainer.precision=bf16: this CPU has no native bf16")
