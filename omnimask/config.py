@@ -105,6 +105,10 @@ class DataConfig:
                              f"{IMAGE_FITS[-1]}, got {self.image_fit!r}")
 
 
+# the demo's task runs in order (omnimask.demo_tasks.RUNS), named by run_settings
+TASK_RUNS = ("multitask", "vqa", "final", "segment")
+
+
 @dataclass
 class DemoConfig:
     """``omnimask demo``: the main job on ShapesWorld."""
@@ -146,6 +150,9 @@ class DemoConfig:
     # what the segmentation run starts from: the last model of the chain above ("chain":
     # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
     segment_init: str = "chain"
+    # more key=value settings of configs/finetune/shapes_tasks for a run of the task chain,
+    # by run: multitask (the first retrieval + caption run), vqa, final, segment
+    run_settings: dict[str, list[str]] = field(default_factory=dict)
     stage_max_minutes: float = 30.0
     # the convolutional nets' training arithmetic (the VQ tokenizer's and the pixel encoder's
     # warm-up): fp32, bf16 (autocast) or auto (bf16 where the CPU computes it natively: ~1.6x
@@ -163,6 +170,13 @@ class DemoConfig:
                              ("segment_init", ("chain", "pretrained")),
                              ("precision", PRECISIONS)):
             check_choice(self, key, allowed)
+        for name, settings in self.run_settings.items():
+            if name not in TASK_RUNS:
+                raise ValueError(f"run_settings: no task run named {name!r} (runs: "
+                                 f"{', '.join(TASK_RUNS)})")
+            bad = [x for x in settings if "=" not in str(x)]
+            if bad:
+                raise ValueError(f"run_settings.{name}: settings are key=value, got {bad[0]!r}")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 

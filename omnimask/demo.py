@@ -325,7 +325,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, progress: bool = True) -> dic
                    "segment": min(10, cfg.finetune_segment_steps) if quick
                    else cfg.finetune_segment_steps},
                   cfg.stage_max_minutes, run, quick, progress, itm=cfg.retrieval_itm,
-                  vqa_init=cfg.vqa_init, segment_init=cfg.segment_init)),
+                  vqa_init=cfg.vqa_init, segment_init=cfg.segment_init,
+                  run_settings=cfg.run_settings)),
               ("zoo", lambda: stage_zoo(run, quick, progress))]
     for name, fn in stages:
         print(f"== {name}", flush=True)

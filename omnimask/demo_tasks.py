@@ -92,11 +92,12 @@ def baseline(result: dict, key: str | None) -> float | None:
 
 def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: bool,
                 progress: bool, itm: bool = True, vqa_init: str = "multitask",
-                segment_init: str = "chain") -> dict:
+                segment_init: str = "chain", run_settings: dict | None = None) -> dict:
     """``steps``: each of ``RUNS``' fine-tuning steps by name (0: the run is skipped);
     ``itm``: the retrieval head trains ITM and re-ranks by it (else ITC alone);
     ``vqa_init`` / ``segment_init``: the VQA / segmentation run starts from the model
-    ``RUNS`` names ("multitask" / "chain") or from the pretrained one ("pretrained")."""
+    ``RUNS`` names ("multitask" / "chain") or from the pretrained one ("pretrained");
+    ``run_settings``: more key=value settings by run name, applied last."""
     from .config import load_config, packaged_config
     from .train.corpus import share_cache
     from .train.evaluate_task import evaluate_model
@@ -128,12 +129,14 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                 "data.val_limit=8" if quick else "data.val_limit=100",
                 # validation only picks the checkpoint: METEOR's JVM is for the test splits
                 "tasks.caption.meteor=false", *settings]
+        extra = list((run_settings or {}).get(name, ()))
         if task == "multitask":
             over += [f"mix.{t}=0" for t in TRAINED if t not in serves]
         if "retrieval" in serves and not itm:
             over += ["heads.retrieval.itm_weight=0", "heads.retrieval.rerank_k=0"]
         if quick:
             over += ["trainer.batch_size=4", "tasks.caption.eval_images=8"]
+        over += extra
         cfg = load_config(FinetuneConfig, packaged_config("finetune/shapes_tasks"), over)
         s = Finetuning(cfg, progress=progress).fit()
         runs[name] = {"tasks": list(serves), "steps": s["step"], "max_steps": n,

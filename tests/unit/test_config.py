@@ -125,7 +125,11 @@ def test_a_mapping_override_replaces_a_free_form_mapping():
                                     ("finetune_final_steps=-1", "finetune_final_steps must "
                                      "be >= 0"),
                                     ("precision=fp16", r"precision must be fp32\|bf16\|"
-                                     "auto")])
+                                     "auto"),
+                                    ("run_settings={vqa2: [trainer.lr=1]}",
+                                     "run_settings: no task run named 'vqa2'"),
+                                    ("run_settings={vqa: [trainer.lr]}",
+                                     "run_settings.vqa: settings are key=value")])
 def test_demo_chain_settings_are_checked(ov, msg):
     from omnimask.config import DemoConfig
 

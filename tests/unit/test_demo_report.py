@@ -216,3 +216,18 @@ def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
     assert x["models"]["caption"] == x["runs"]["multitask"]["model"]
     assert seen["finetune"].tasks["caption"]["debias_prior"] == 10.0
     assert x["runs"]["segment"]["init"] == x["runs"]["vqa"]["model"]
+    from omnimask.config import TASK_RUNS
+    from omnimask.demo_tasks import RUNS
+
+    assert tuple(r[0] for r in RUNS) == TASK_RUNS  # the names run_settings is checked against
+    # run_settings reach their run only, after the chain's own (the expert back on)
+    seen.clear()
+    stage_tasks({"multitask": 2, "final": 2}, 1.0, tmp_path, quick=False, progress=False,
+                run_settings={"final": ["train_image_encoder=true",
+                                        "tasks.caption.hue_copy=0.5"],
+                              "multitask": ["tasks.caption.debias_prior=3"]})
+    assert seen["finetune-final"].train_image_encoder is True
+    assert seen["finetune-final"].tasks["caption"]["hue_copy"] == 0.5
+    assert seen["finetune"].train_image_encoder is False
+    assert "hue_copy" not in seen["finetune"].tasks["caption"]
+    assert seen["finetune"].tasks["caption"]["debias_prior"] == 3
