@@ -129,14 +129,13 @@ def stage_tasks(steps: dict[str, int], max_minutes: float, run: Path, quick: boo
                 "data.val_limit=8" if quick else "data.val_limit=100",
                 # validation only picks the checkpoint: METEOR's JVM is for the test splits
                 "tasks.caption.meteor=false", *settings]
-        extra = list((run_settings or {}).get(name, ()))
         if task == "multitask":
             over += [f"mix.{t}=0" for t in TRAINED if t not in serves]
         if "retrieval" in serves and not itm:
             over += ["heads.retrieval.itm_weight=0", "heads.retrieval.rerank_k=0"]
         if quick:
             over += ["trainer.batch_size=4", "tasks.caption.eval_images=8"]
-        over += extra
+        over += list((run_settings or {}).get(name, ()))
         cfg = load_config(FinetuneConfig, packaged_config("finetune/shapes_tasks"), over)
         s = Finetuning(cfg, progress=progress).fit()
         runs[name] = {"tasks": list(serves), "steps": s["step"], "max_steps": n,

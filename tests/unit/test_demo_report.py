@@ -170,7 +170,8 @@ def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
     import omnimask.train.evaluate_task as evaluate_task
     import omnimask.train.export as export
     import omnimask.train.finetune as finetune
-    from omnimask.demo_tasks import stage_tasks
+    from omnimask.config import TASK_RUNS
+    from omnimask.demo_tasks import RUNS, stage_tasks
 
     seen = {}
 
@@ -216,11 +217,8 @@ def test_runs_start_from_the_model_their_settings_name(tmp_path, monkeypatch):
     assert x["models"]["caption"] == x["runs"]["multitask"]["model"]
     assert seen["finetune"].tasks["caption"]["debias_prior"] == 10.0
     assert x["runs"]["segment"]["init"] == x["runs"]["vqa"]["model"]
-    from omnimask.config import TASK_RUNS
-    from omnimask.demo_tasks import RUNS
-
     assert tuple(r[0] for r in RUNS) == TASK_RUNS  # the names run_settings is checked against
-    # run_settings reach their run only, after the chain's own (the expert back on)
+    # run_settings reach their run only, applied after the chain's own (STEP_SETTINGS)
     seen.clear()
     stage_tasks({"multitask": 2, "final": 2}, 1.0, tmp_path, quick=False, progress=False,
                 run_settings={"final": ["train_image_encoder=true",
