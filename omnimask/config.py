@@ -174,9 +174,10 @@ class DemoConfig:
             if name not in TASK_RUNS:
                 raise ValueError(f"run_settings: no task run named {name!r} (runs: "
                                  f"{', '.join(TASK_RUNS)})")
-            bad = [x for x in settings if "=" not in str(x)]
+            bad = [x for x in settings if not OVERRIDE.match(str(x))]  # as check_override
             if bad:
-                raise ValueError(f"run_settings.{name}: settings are key=value, got {bad[0]!r}")
+                raise ValueError(f"run_settings.{name}: settings are key=value overrides (a "
+                                 f"dotted key, e.g. trainer.lr=1e-3), got {bad[0]!r}")
         if self.image_size < 16:  # ShapesWorld draws at least 16 pixels a side
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 
