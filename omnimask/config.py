@@ -131,6 +131,9 @@ class DemoConfig:
     vq_steps: int = 800  # VQ image tokenizer (quick: a tenth)
     # VQ codes: more reconstruct better (1024: +0.7 dB), fewer make learnable MIM targets
     vq_codes: int = 128
+    # the VQ trains on random crops of this side in pixels (0: whole images): a step costs
+    # the crop's share of the pixels, and the codes are local to a few patches
+    vq_crop: int = 0
     # the pixel encoder's region-label warm-up before pretraining, then frozen (0: shapes_tiny
     # as it is, the encoder trained end to end); quick: 5
     encoder_warmup_steps: int = 1000
@@ -164,8 +167,11 @@ class DemoConfig:
                      "shard_size", "train_question_rounds", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
                      "finetune_vqa_steps", "finetune_steps")
         check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps",
-                     "finetune_final_steps")
+                     "finetune_final_steps", "vq_crop")
         check_fields(self, ">0", "stage_max_minutes")
+        if self.vq_crop % 8 or self.vq_crop > self.image_size:  # the demo VQ's 8-pixel codes
+            raise ValueError(f"vq_crop must be 0 or a multiple of 8 (the VQ's patch) up to "
+                             f"image_size {self.image_size}, got {self.vq_crop}")
         for key, allowed in (("vqa_init", ("multitask", "pretrained")),
                              ("segment_init", ("chain", "pretrained")),
                              ("precision", PRECISIONS)):

@@ -111,7 +111,7 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
                             vq_steps=max(1, cfg.vq_steps // (10 if quick else 1)),
                             vq_max_minutes=cfg.stage_max_minutes,
                             grid=run / "vq_reconstructions.png", progress=progress,
-                            vq_precision=cfg.precision)
+                            vq_precision=cfg.precision, vq_crop=cfg.vq_crop)
 
 
 def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:

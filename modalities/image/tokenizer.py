@@ -66,6 +66,9 @@ class ImageTokenizerConfig:
     # computes it natively, AVX512-BF16/AMX or CUDA; fp32 elsewhere, where it is slower).
     # fp32 by default: the same tokens on every machine
     precision: str = "fp32"
+    # train on random crops of this many pixels, on the code grid (0: whole images): the
+    # nets are convolutional, so a step costs about the crop's share of the pixels
+    crop: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
@@ -74,6 +77,10 @@ class ImageTokenizerConfig:
                      "max_images", "object_weight", "edge_weight")
         check_choice(self, "parallel", ("none", "ddp"))
         check_choice(self, "precision", PRECISIONS)
+        p, size = self.vq.patch, self.vq.image_size
+        if self.crop and (self.crop < 0 or self.crop % p or self.crop > size):
+            raise ValueError(f"crop must be 0 or a multiple of {p} (vq.downsample's patch) "
+                             f"up to vq.image_size {size}, got {self.crop}")
         if not (self.max_steps > 0 or self.max_minutes > 0):  # else nothing is trained
             raise ValueError(f"max_steps or max_minutes must be > 0 (a training budget), got "
                              f"max_steps={self.max_steps}, max_minutes={self.max_minutes}")
@@ -207,6 +214,16 @@ def recon_loss(recon: torch.Tensor, x: torch.Tensor, object_weight: float = 0.0,
     return loss
 
 
+def grid_crops(x: torch.Tensor, size: int, patch: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop of each image in ``x`` [B, C, H, W], its corner
+    on the ``patch`` grid (the codes see the same pixel phase as on whole images)."""
+    b, _, h, w = x.shape
+    ys = torch.randint((h - size) // patch + 1, (b,), generator=gen) * patch
+    xs = torch.randint((w - size) // patch + 1, (b,), generator=gen) * patch
+    return torch.stack([im[:, y:y + size, c:c + size] for im, y, c in
+                        zip(x, ys.tolist(), xs.tolist())])
+
+
 def train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool = True) -> dict:
     """Train (or resume) a VQ-VAE in ``out``, holding the directory's lock meanwhile (rank
     0 holds it for all ranks when several train it: ``parallel=ddp`` under torchrun)."""
@@ -276,6 +293,8 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
         x = model.to_input(images[torch.randint(len(images), (cfg.batch_size,), generator=gen)])
         flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if cfg.crop and cfg.crop < cfg.vq.image_size:
+            x = grid_crops(x, cfg.crop, cfg.vq.patch, gen)
         return "vq", {"x": x.contiguous(memory_format=torch.channels_last)}
 
     fwd = [model]  # the trainer's forward entry (DDP) once it exists

@@ -370,17 +370,20 @@ class VQVAE(nn.Module):
         z = self.encoder(x)
         return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
-    def decode_codes(self, q: torch.Tensor, b: int) -> torch.Tensor:
-        s = self.cfg.tokens_side
+    def decode_codes(self, q: torch.Tensor, b: int, side: int | None = None) -> torch.Tensor:
+        """Code vectors [b * side**2, d] in raster order -> images; ``side``: codes per row
+        (the config's whole image when None; a training crop's fewer)."""
+        s = side or self.cfg.tokens_side
         return self.decoder(q.reshape(b, s, s, -1).permute(0, 3, 1, 2))
 
     def forward(self, x: torch.Tensor):
-        b = x.shape[0]
+        """Training on [B, 3, S, S] in [-1, 1], S the image size or a crop's."""
+        b, side = x.shape[0], x.shape[-1] // self.cfg.patch
         with self._convs(x):
             z = self.latents(x)
         q, ids, losses = self.quantizer(z.float())  # matching and EMA statistics in fp32
         with self._convs(x):
-            recon = self.decode_codes(q, b)
+            recon = self.decode_codes(q, b, side)
         recon = recon.float()
         losses["recon"] = F.mse_loss(recon, x)
         return recon, ids.reshape(b, -1), losses

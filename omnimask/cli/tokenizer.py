@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "max_minutes, max_steps, batch_size, lr, vq.codebook_size, "
                                      "vq.channels, vq.ema, vq.downsample, "
                                      "vq.quantizer=vq|fsq|rq, vq.rq_depth, vq.fsq_levels, "
-                                     "object_weight, edge_weight, precision=fp32|bf16|auto, "
+                                     "object_weight, edge_weight, crop, precision=fp32|bf16|auto, "
                                      "...). Image training resumes from "
                                      "OUT/checkpoints when present.")
     tt.add_argument("modality", choices=["text", "image", "speech"], help="which modality")

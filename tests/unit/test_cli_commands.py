@@ -252,4 +252,5 @@ def test_prepare_shapes_uses_the_shared_preparation(tmp_path, monkeypatch):
                      "test-novel": d.num_test_novel}
     assert dk["seed"] == d.seed and dk["shard_size"] == d.shard_size
     assert tk["speech_units"] == d.speech_units and tk["vq_steps"] == d.vq_steps
-    assert tk["vq_codes"] == d.vq_codes
+    assert tk["vq_codes"] == d.vq_codes and tk["vq_crop"] == d.vq_crop
+    assert tk["vq_precision"] == d.precision

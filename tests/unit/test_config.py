@@ -129,7 +129,9 @@ def test_a_mapping_override_replaces_a_free_form_mapping():
                                     ("run_settings={vqa2: [trainer.lr=1]}",
                                      "run_settings: no task run named 'vqa2'"),
                                     ("run_settings={vqa: [trainer.lr]}",
-                                     "run_settings.vqa: settings are key=value")])
+                                     "run_settings.vqa: settings are key=value"),
+                                    ("vq_crop=36", "vq_crop must be 0 or a multiple of 8"),
+                                    ("vq_crop=72", "up to image_size 64, got 72")])
 def test_demo_chain_settings_are_checked(ov, msg):
     from omnimask.config import DemoConfig
 

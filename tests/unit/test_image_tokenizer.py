@@ -231,3 +231,40 @@ def test_bf16_training_learns_and_the_saved_tokenizer_runs_in_fp32(shapes_dir, t
     assert {p.dtype for p in tok.model.parameters()} == {torch.float32}
     with pytest.raises(OmnimaskError, match=r"precision must be fp32\|bf16\|auto"):
         load_config(ImageTokenizerConfig, None, ["precision=fp16"])
+
+
+def test_grid_crops_cut_each_image_on_the_code_grid():
+    from omnimask.modalities.image.tokenizer import grid_crops
+
+    x = torch.arange(6 * 3 * 32 * 32, dtype=torch.float32).view(6, 3, 32, 32)
+    crops = grid_crops(x, 16, 8, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 16, 16)
+    corners = set()
+    for im, c in zip(x, crops):
+        (hit,) = [(y, s) for y in range(17) for s in range(17)
+                  if torch.equal(im[:, y:y + 16, s:s + 16], c)]
+        assert hit[0] % 8 == 0 and hit[1] % 8 == 0  # the patch grid's phase
+        corners.add(hit)
+    assert len(corners) > 1  # each image its own corner
+    for bad in ("crop=12", "crop=72", "crop=-8"):  # off the 8-pixel grid, past the image
+        with pytest.raises(OmnimaskError, match="crop must be 0 or a multiple of 8"):
+            load_config(ImageTokenizerConfig, None, [bad])
+
+
+def test_trained_on_crops_it_reconstructs_whole_images(shapes_dir, tmp_path):
+    images = load_images([str(shapes_dir / "test-novel-*.tar")], 64, 16)
+    scores = {}
+    for crop in (0, 32):  # whole images, and quarters of them (4 x 4 of the 8 x 8 codes)
+        cfg = load_config(ImageTokenizerConfig, None, TINY + ["max_steps=60", f"crop={crop}"])
+        train_vq([str(shapes_dir / "train-*.tar")], tmp_path / str(crop), cfg, progress=False)
+        tok = ImageTokenizer.load(tmp_path / str(crop))
+        with torch.no_grad():
+            ids = tok.model.encode(images)
+            assert ids.shape == (16, 64)  # the whole image's 8 x 8 codes
+            scores[crop] = float(psnr(images, tok.decode(ids)).mean())
+    untrained = VQVAE(tok.model.cfg).eval()
+    with torch.no_grad():
+        base = float(psnr(images, untrained.decode(untrained.encode(images))).mean())
+    # it learns on crops what serves whole images (behind them at equal steps: a quarter
+    # of the pixels per step)
+    assert scores[32] > base + 1 and scores[0] > base + 1

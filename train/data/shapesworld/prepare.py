@@ -42,11 +42,12 @@ def generate_splits(out: str | Path, sizes: dict[str, int], seed: int = 0,
 def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
                      vq_codes: int = 128, vq_steps: int = 1400, vq_max_minutes: float = 0.0,
                      grid: str | Path | None = None,
-                     progress: bool = True, vq_precision: str = "fp32") -> dict:
+                     progress: bool = True, vq_precision: str = "fp32", vq_crop: int = 0) -> dict:
     """Train the text BPE, k-means speech units and the image VQ on ``data``'s train split
     into ``out/<kind>`` and measure each on the val split; ``grid``: where the VQ's
     reconstruction grid goes; ``vq_precision``: the VQ's training convolutions (fp32, bf16,
-    auto). Per kind: its metrics and ``train_and_eval_seconds``."""
+    auto); ``vq_crop``: its training crops' side in pixels (0: whole images). Per kind: its
+    metrics and ``train_and_eval_seconds``."""
     from omnimask.registry import TOKENIZERS
 
     data, out = Path(data), Path(out)
@@ -55,7 +56,8 @@ def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
              # k-means fitted on a sample of 100k frames (200 per unit), not on every frame
              ("speech", ["kind=kmeans", f"codebook_size={speech_units}", "max_frames=100000"], {}),
              ("image", [f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
-                        f"vq.codebook_size={vq_codes}", f"precision={vq_precision}"],
+                        f"vq.codebook_size={vq_codes}", f"precision={vq_precision}",
+                        f"crop={vq_crop}"],
               {"grid": str(grid) if grid is not None else None})]
     metrics: dict = {}
     for kind, overrides, eval_kwargs in plans:
