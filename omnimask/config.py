@@ -133,7 +133,7 @@ class DemoConfig:
     vq_codes: int = 128
     # the VQ trains on random crops of this side in pixels (0: whole images): a step costs
     # the crop's share of the pixels, and the codes are local to a few patches
-    vq_crop: int = 0
+    vq_crop: int = 32
     # the pixel encoder's region-label warm-up before pretraining, then frozen (0: shapes_tiny
     # as it is, the encoder trained end to end); quick: 5
     encoder_warmup_steps: int = 1000
@@ -154,8 +154,10 @@ class DemoConfig:
     # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
     segment_init: str = "chain"
     # more key=value settings of configs/finetune/shapes_tasks for a run of the task chain,
-    # by run: multitask (the first retrieval + caption run), vqa, final, segment
-    run_settings: dict[str, list[str]] = field(default_factory=dict)
+    # by run: multitask (the first retrieval + caption run), vqa, final, segment. Default:
+    # the final run trains the pixel encoder on hue-turned caption copies (test-novel pairs)
+    run_settings: dict[str, list[str]] = field(default_factory=lambda: {
+        "final": ["train_image_encoder=true", "tasks.caption.hue_copy=0.5"]})
     stage_max_minutes: float = 30.0
     # the convolutional nets' training arithmetic (the VQ tokenizer's and the pixel encoder's
     # warm-up): fp32, bf16 (autocast) or auto (bf16 where the CPU computes it natively: ~1.6x
