@@ -154,10 +154,8 @@ class DemoConfig:
     # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
     segment_init: str = "chain"
     # more key=value settings of configs/finetune/shapes_tasks for a run of the task chain,
-    # by run: multitask (the first retrieval + caption run), vqa, final, segment. Default:
-    # the final run trains the pixel encoder on hue-turned caption copies (test-novel pairs)
-    run_settings: dict[str, list[str]] = field(default_factory=lambda: {
-        "final": ["train_image_encoder=true", "tasks.caption.hue_copy=0.5"]})
+    # by run: multitask (the first retrieval + caption run), vqa, final, segment
+    run_settings: dict[str, list[str]] = field(default_factory=dict)
     stage_max_minutes: float = 30.0
     # the convolutional nets' training arithmetic (the VQ tokenizer's and the pixel encoder's
     # warm-up): fp32, bf16 (autocast) or auto (bf16 where the CPU computes it natively: ~1.6x
