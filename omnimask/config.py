@@ -150,12 +150,15 @@ class DemoConfig:
     # models served; quick: 10; 0: none, the first run's are served)
     finetune_final_steps: int = 300
     finetune_segment_steps: int = 200  # the segmentation head (quick: 10; 0: none)
-    # what the segmentation run starts from: the last model of the chain above ("chain":
-    # VQA's hue-turned images taught it shape apart from colour) or the pretrained one
-    segment_init: str = "chain"
+    # what the segmentation run starts from: the last model of the chain above ("chain")
+    # or the pretrained one (its warm-up encoder; the chain's VQA-trained one segments worse)
+    segment_init: str = "pretrained"
     # more key=value settings of configs/finetune/shapes_tasks for a run of the task chain,
-    # by run: multitask (the first retrieval + caption run), vqa, final, segment
-    run_settings: dict[str, list[str]] = field(default_factory=dict)
+    # by run: multitask (the first retrieval + caption run), vqa, final, segment. Default:
+    # VQA trains the pixel encoder on its hue-turned images (shape apart from colour, for
+    # test-novel's unseen pairs); the final run keeps that encoder as it is
+    run_settings: dict[str, list[str]] = field(default_factory=lambda: {
+        "vqa": ["train_image_encoder=true"], "final": ["freeze_image_encoder=true"]})
     stage_max_minutes: float = 30.0
     # the convolutional nets' training arithmetic (the VQ tokenizer's and the pixel encoder's
     # warm-up): fp32, bf16 (autocast) or auto (bf16 where the CPU computes it natively: ~1.6x

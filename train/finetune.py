@@ -67,6 +67,9 @@ class FinetuneConfig:
     # fine-tune the pixel encoder too when the model directory keeps it frozen
     # (model.image_encoder.frozen, as the demo's warm-up leaves it); the export says so
     train_image_encoder: bool = False
+    # keep the pixel encoder as the init left it even when the model directory trains it
+    # (a chain's later runs after one that trained it); the export says frozen
+    freeze_image_encoder: bool = False
     # a model directory or zoo name whose pixel encoder replaces the init's (same
     # architecture), e.g. one a segmentation run trained on hue-turned images: shape features
     # learned apart from colour, for colour-shape pairs training never shows
@@ -80,6 +83,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, ">=0", "image_color_path")
+        if self.train_image_encoder and self.freeze_image_encoder:
+            raise ValueError("train_image_encoder and freeze_image_encoder are both true; "
+                             "set one")
         check_choice(self, "task", (*TASK_NAMES, "multitask"))
         for name, v in self.mix.items():
             if name not in TASK_NAMES:
@@ -230,8 +236,8 @@ class Finetuning:
             self._swap_image_encoder(cfg.image_encoder_from)
         if cfg.image_color_path:
             self._add_color_path(cfg.image_color_path)
-        if cfg.train_image_encoder:
-            self._unfreeze_image_encoder()
+        if cfg.train_image_encoder or cfg.freeze_image_encoder:
+            self._set_image_encoder_frozen(cfg.freeze_image_encoder)
         for t in self.tasks.values():
             t.bind(self.model)
         self.vocab.save(self.run / "vocab.json")
@@ -264,13 +270,13 @@ class Finetuning:
             raise ConfigError(f"{setting}: this model reads no pixels "
                               f"(model.image_input={self.model.cfg.image_input})")
 
-    def _unfreeze_image_encoder(self) -> None:
-        self._need_pixels("train_image_encoder")
+    def _set_image_encoder_frozen(self, frozen: bool) -> None:
+        self._need_pixels("freeze_image_encoder" if frozen else "train_image_encoder")
         mc = self.model.cfg
         enc = self.model.encoder.embedders["image"].encoder
-        enc.freeze(False)
-        enc.cfg = replace(enc.cfg, frozen=False)
-        mc.image_encoder = replace(mc.image_encoder, frozen=False)
+        enc.freeze(frozen)
+        enc.cfg = replace(enc.cfg, frozen=frozen)
+        mc.image_encoder = replace(mc.image_encoder, frozen=frozen)
 
     def _read_best(self) -> dict:
         p = self.run / "model" / BEST

@@ -10,7 +10,7 @@ import torch
 import omnimask
 from omnimask.cli import main
 from omnimask.config import load_config
-from omnimask.errors import OmnimaskError
+from omnimask.errors import ConfigError, OmnimaskError
 from omnimask.train.finetune import FinetuneConfig, Finetuning
 
 
@@ -114,7 +114,7 @@ def test_a_run_stopped_before_validating_exports_the_validated_model_on_resume(
     assert done["best"] == best
 
 
-def test_train_image_encoder_frees_a_frozen_encoder_and_exports_it(tiny_model_dir, shapes_dir,
+def test_train_and_freeze_image_encoder_set_what_trains_and_the_export(tiny_model_dir, shapes_dir,
                                                                    tmp_path):
     from dataclasses import replace
 
@@ -135,6 +135,16 @@ def test_train_image_encoder_frees_a_frozen_encoder_and_exports_it(tiny_model_di
         now = encoder(tuned)
         same = [torch.equal(v, now[k]) for k, v in start.items()]
         assert all(same) if not flag else not any(same)
+    # a chain's next run keeps the encoder the run before trained, frozen again
+    trained = tmp_path / "ft-True" / "model"
+    before = encoder(omnimask.load(trained))
+    _finetune(trained, shapes_dir, tmp_path / "refrozen", "vqa", freeze_image_encoder=True)
+    again = omnimask.load(tmp_path / "refrozen" / "model")
+    assert again.cfg.image_encoder.frozen is True
+    assert all(torch.equal(v, encoder(again)[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="train_image_encoder and freeze_image_encoder"):
+        _finetune(trained, shapes_dir, tmp_path / "both", "vqa", train_image_encoder=True,
+                  freeze_image_encoder=True)
 
 
 def test_image_encoder_from_takes_another_models_pixel_encoder(tiny_model_dir, shapes_dir,
@@ -143,7 +153,6 @@ def test_image_encoder_from_takes_another_models_pixel_encoder(tiny_model_dir, s
     it): the encoder leaves training equal to the donor's, the trunk starts from the init."""
     from dataclasses import replace
 
-    from omnimask.errors import ConfigError
     from omnimask.pretrained import IMAGE_ENCODER, load_image_encoder
 
     model = omnimask.load(tiny_model_dir)

@@ -137,7 +137,7 @@ def test_demo_chain_settings_are_checked(ov, msg):
 
     with pytest.raises(ConfigError, match=msg):
         load_config(DemoConfig, None, [ov])
-    assert load_config(DemoConfig, None, ["finetune_final_steps=0"]).segment_init == "chain"
+    assert load_config(DemoConfig, None, ["finetune_final_steps=0"]).segment_init == "pretrained"
 
 
 
