@@ -57,16 +57,20 @@ def test_quick_demo(tmp_path, capsys):
             assert 0 <= x["eval"][task][split]["metrics"][split_metric] <= 1
             assert x["eval"][task][split]["n"] == 10  # the split's own shards only
     # the chain: retrieval and captions on one encoder, VQA alone from that model,
-    # retrieval and captions again from the VQA model (the ones served), segmentation last
+    # retrieval and captions again from the VQA model (the ones served), segmentation from
+    # the pretrained model
     r = x["runs"]
     assert r["multitask"]["init"] == rep["models"]["pretrained_model"]
     assert r["vqa"]["init"] == r["multitask"]["model"] != rep["models"]["caption"]
     assert r["final"]["init"] == rep["models"]["vqa"] == r["vqa"]["model"]
     assert rep["models"]["retrieval"] == rep["models"]["caption"] == r["final"]["model"]
-    assert r["segment"]["init"] == r["final"]["model"]
+    assert r["segment"]["init"] == rep["models"]["pretrained_model"]
+    # run_settings: VQA trains the pixel encoder, the final run keeps it frozen
+    assert not omnimask.load(rep["models"]["vqa"]).cfg.image_encoder.frozen
     for task in ("vqa", "retrieval", "caption", "segment"):
         assert (Path(rep["models"][task]) / "config.json").is_file()
     mt = omnimask.load(rep["models"]["caption"])
+    assert mt.cfg.image_encoder.frozen
     assert set(mt.heads) == {"retrieval", "caption"}
     rc = mt.head_configs["retrieval"]  # retrieval_itm off: ITC alone trains and ranks
     assert (rc.itm_weight, rc.rerank_k) == (0.0, 0)
