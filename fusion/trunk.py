@@ -29,7 +29,6 @@ from omnimask.errors import ConfigError
 from omnimask.modalities.vocab import MODALITIES
 
 from .attention import Layout, attention, block_ids, math_attention
-from .cross_entropy import linear_cross_entropy
 from .packing import PackedBatch
 
 log = logging.getLogger("omnimask.trunk")
@@ -295,18 +294,8 @@ class MLMHead(nn.Module):
         self.embedding = embedding
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def features(self, h):
-        """What the tied projection reads: norm(GELU(dense(h)))."""
-        return self.norm(F.gelu(self.dense(h)))
-
     def forward(self, h):
-        return F.linear(self.features(h), self.embedding.weight, self.bias)
-
-    def loss(self, h, target, weights=None):
-        """Cross-entropy of ``forward(h)`` against ``target`` (mean, or ``weights``'
-        weighted mean), projection and loss fused (no separate log-softmax buffers)."""
-        return linear_cross_entropy(self.features(h), self.embedding.weight, self.bias,
-                                    target, weights)
+        return F.linear(self.norm(F.gelu(self.dense(h))), self.embedding.weight, self.bias)
 
 
 class Trunk(nn.Module):
@@ -498,8 +487,9 @@ class Trunk(nn.Module):
         """Cross-entropy at the batch's target positions; without ``hidden``, the forward
         computes only those rows in its last layer."""
         pos = batch.target_positions
-        h = self(batch, outputs=pos) if hidden is None else hidden[pos]
-        return self.mlm.loss(h, batch.targets[pos].to(h.device))
+        if hidden is None:
+            return F.cross_entropy(self.mlm(self(batch, outputs=pos)), batch.targets[pos])
+        return F.cross_entropy(self.mlm_logits(hidden, pos), batch.targets[pos])
 
     # -- Hugging Face BERT ---------------------------------------------------------------
     @classmethod

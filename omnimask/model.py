@@ -280,12 +280,6 @@ class Encoder(nn.Module):
         """Logits over the shared vocabulary at ``positions`` (the trunk's tied head)."""
         return self.trunk.mlm_logits(hidden, positions)
 
-    def vocab_loss(self, hidden: torch.Tensor, target: torch.Tensor,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of ``vocab_logits`` at every row of ``hidden`` against ``target``
-        (mean, or ``weights``' weighted mean), projection and loss fused."""
-        return self.trunk.mlm.loss(hidden, target, weights)
-
     @torch.no_grad()
     def init_from_tokenizers(self, codebook: torch.Tensor, vocab, features_are_latents: bool,
                              g: torch.Generator) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omnimask.config import check_choice, check_fields
@@ -160,8 +161,13 @@ class TokenPrediction(nn.Module):
         p = b["packed"]
         pos, target = self.targets(b)
         h = encoder(p, mask=self.mask, masked=b.get("masked"), outputs=pos)  # [P, dim]
+        logits = encoder.vocab_logits(h, torch.arange(len(h), device=h.device)).float()
         w = b.get("weights")
-        loss = encoder.vocab_loss(h, target.to(h.device), None if w is None else w.to(h.device))
+        if w is None:
+            loss = F.cross_entropy(logits, target.to(h.device))
+        else:
+            w = w.to(h.device)
+            loss = (F.cross_entropy(logits, target.to(h.device), reduction="none") * w).sum() / w.sum()
         return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
 
 
