@@ -133,14 +133,26 @@ class VQAHead(nn.Module):
         and the attention [Q, glimpses, N] over each question's image tokens (raster
         order)."""
         idx, valid, coords = image_tokens(p)
-        s = torch.bucketize(cls, p.cu_seqlens[1:].to(cls.device).long(), right=True)
-        img, ok, xy = h[idx[s]], valid[s], coords[s]  # [Q, N, d], [Q, N], [Q, N, 2]
+        S, N = idx.shape
         Q, d, g = len(cls), h.shape[-1], self.cfg.glimpses
-        q = self.query(h[cls]).view(Q, g, d)
-        a = torch.einsum("qgd,qnd->qgn", q, self.key(img)) / d ** 0.5
-        a = a.masked_fill(~ok[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-        return torch.cat([torch.einsum("qgn,qnd->qgd", a, self.value(img)),
-                          torch.einsum("qgn,qnc->qgc", a, xy.to(a.dtype))], -1).flatten(1), a
+        img = h[idx]  # [S, N, d]: keys and values once per image, not once per question
+        k, v = self.key(img), self.value(img)
+        # each question's slot among its sample's questions: the queries padded to [S, M]
+        s = torch.bucketize(cls, p.cu_seqlens[1:].to(cls.device).long(), right=True)
+        order = torch.argsort(s, stable=True)
+        counts = torch.bincount(s, minlength=S)
+        slot = torch.empty_like(s)
+        slot[order] = torch.arange(Q, device=s.device) - (counts.cumsum(0) - counts)[s[order]]
+        M = int(counts.max()) if Q else 1
+        q = self.query(h[cls])
+        qp = q.new_zeros(S, M, g * d).index_put((s, slot), q)
+        a = torch.bmm(qp.view(S, M * g, d), k.transpose(1, 2).to(qp.dtype))
+        a = a.view(S, M, g, N)[s, slot] / d ** 0.5  # [Q, g, N]
+        a = a.masked_fill(~valid[s][:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        ap = a.new_zeros(S, M, g, N).index_put((s, slot), a)
+        vx = torch.cat([v, coords.to(v.dtype)], -1).to(ap.dtype)  # [S, N, d + 2]
+        out = torch.bmm(ap.view(S, M * g, N), vx).view(S, M, g, d + 2)[s, slot]
+        return out.flatten(1), a
 
     def logits(self, encoder, batch: dict) -> torch.Tensor:
         """[Q, num_answers]: one row per question (``batch["cls"]`` positions when

@@ -395,3 +395,34 @@ def test_grounding_loss_by_hand():
     torch.testing.assert_close(ce, (-(0.5 * torch.log(torch.tensor([0.5, 0.25]))).sum()
                                     - torch.log(torch.tensor(0.8))) / 2)
     assert float(hit) == 1.0
+
+
+def test_glimpses_match_a_loop_over_questions():
+    from types import SimpleNamespace
+
+    from omnimask.fusion.packing import Segment
+    from omnimask.heads.vqa import VQAHead, VQAHeadConfig, image_tokens
+    from omnimask.train.tasks.base import pack_blocks
+
+    torch.manual_seed(0)
+    d, G = 6, 3
+    t = lambda n: Segment("text", ids=torch.arange(n))  # noqa: E731
+    im = lambda r, c: Segment("image", features=torch.randn(r * c, 3), grid=(r, c))  # noqa: E731
+    b = pack_blocks([im(2, 2), im(3, 2), im(1, 1)], [[t(3), t(5)], [t(2), t(4), t(1)], [t(2)]])
+    p = b["packed"]
+    head = VQAHead(SimpleNamespace(trunk=SimpleNamespace(dim=d)),
+                   VQAHeadConfig(num_answers=4, glimpses=G)).double()
+    h = torch.randn(p.num_tokens, d, dtype=torch.float64)
+    cls = b["cls"].long()[torch.tensor([4, 0, 5, 2, 1, 3])]  # any order of the questions
+    got, attn = head.glimpse(h, p, cls)
+    idx, valid, coords = image_tokens(p)
+    cu = p.cu_seqlens.tolist()
+    for k, c in enumerate(cls.tolist()):
+        s = next(i for i in range(len(cu) - 1) if cu[i] <= c < cu[i + 1])
+        img, xy = h[idx[s][valid[s]]], coords[s][valid[s]].double()
+        q = head.query(h[c]).view(G, d)
+        a = (q @ head.key(img).T / d ** 0.5).softmax(-1)  # [G, n]
+        want = torch.cat([a @ head.value(img), a @ xy], -1).flatten()
+        torch.testing.assert_close(got[k], want)
+        torch.testing.assert_close(attn[k][:, valid[s]], a)
+        assert float(attn[k][:, ~valid[s]].detach().abs().sum()) == 0.0
