@@ -79,6 +79,17 @@ def question_means(h: torch.Tensor, p, cls: torch.Tensor) -> torch.Tensor:
     return (sums / counts[:, None].to(h.dtype))[key[cls]]
 
 
+def group_slots(group: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each element's rank among the elements of its group (groups 0..n-1, in any order;
+    ties kept in order) and each group's size [n]."""
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=n)
+    slot = torch.empty_like(group)
+    slot[order] = (torch.arange(len(group), device=group.device)
+                   - (counts.cumsum(0) - counts)[group[order]])
+    return slot, counts
+
+
 def image_tokens(p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sample's image-grid tokens: positions [S, N] (padded with 0), valid [S, N] and
     coordinates [S, N, 2] (row, col scaled to [-1, 1] by the sample's grid size)."""
@@ -87,8 +98,7 @@ def image_tokens(p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     on = (p.modality == MODALITIES.index("image")) & (p.position_2d[:, 0] >= 0)
     pos = on.nonzero().squeeze(1)
     sample = torch.bucketize(pos, p.cu_seqlens[1:].to(dev).long(), right=True)
-    counts = torch.bincount(sample, minlength=S)
-    slot = torch.arange(len(pos), device=dev) - (counts.cumsum(0) - counts)[sample]
+    slot, counts = group_slots(sample, S)
     n = int(counts.max()) if len(pos) else 1
     idx = torch.zeros(S, n, dtype=torch.long, device=dev)
     valid = torch.zeros(S, n, dtype=torch.bool, device=dev)
@@ -139,10 +149,7 @@ class VQAHead(nn.Module):
         k, v = self.key(img), self.value(img)
         # each question's slot among its sample's questions: the queries padded to [S, M]
         s = torch.bucketize(cls, p.cu_seqlens[1:].to(cls.device).long(), right=True)
-        order = torch.argsort(s, stable=True)
-        counts = torch.bincount(s, minlength=S)
-        slot = torch.empty_like(s)
-        slot[order] = torch.arange(Q, device=s.device) - (counts.cumsum(0) - counts)[s[order]]
+        slot, counts = group_slots(s, S)
         M = int(counts.max()) if Q else 1
         q = self.query(h[cls])
         qp = q.new_zeros(S, M, g * d).index_put((s, slot), q)
