@@ -408,12 +408,14 @@ def test_glimpses_match_a_loop_over_questions():
     d, G = 6, 3
     t = lambda n: Segment("text", ids=torch.arange(n))  # noqa: E731
     im = lambda r, c: Segment("image", features=torch.randn(r * c, 3), grid=(r, c))  # noqa: E731
-    b = pack_blocks([im(2, 2), im(3, 2), im(1, 1)], [[t(3), t(5)], [t(2), t(4), t(1)], [t(2)]])
+    # sample 1 has no image tokens (its glimpses read nothing); grids of different sizes
+    b = pack_blocks([im(2, 2), t(4), im(3, 2), im(1, 1)],
+                    [[t(3), t(5)], [t(2)], [t(2), t(4), t(1)], [t(2)]])
     p = b["packed"]
     head = VQAHead(SimpleNamespace(trunk=SimpleNamespace(dim=d)),
                    VQAHeadConfig(num_answers=4, glimpses=G)).double()
     h = torch.randn(p.num_tokens, d, dtype=torch.float64)
-    cls = b["cls"].long()[torch.tensor([4, 0, 5, 2, 1, 3])]  # any order of the questions
+    cls = b["cls"].long()[torch.tensor([4, 0, 6, 5, 2, 1, 3])]  # any order of the questions
     got, attn = head.glimpse(h, p, cls)
     idx, valid, coords = image_tokens(p)
     cu = p.cu_seqlens.tolist()
@@ -421,8 +423,10 @@ def test_glimpses_match_a_loop_over_questions():
         s = next(i for i in range(len(cu) - 1) if cu[i] <= c < cu[i + 1])
         img, xy = h[idx[s][valid[s]]], coords[s][valid[s]].double()
         q = head.query(h[c]).view(G, d)
-        a = (q @ head.key(img).T / d ** 0.5).softmax(-1)  # [G, n]
+        a = (q @ head.key(img).T / d ** 0.5).softmax(-1)  # [G, n]; [G, 0] without an image
         want = torch.cat([a @ head.value(img), a @ xy], -1).flatten()
         torch.testing.assert_close(got[k], want)
         torch.testing.assert_close(attn[k][:, valid[s]], a)
         assert float(attn[k][:, ~valid[s]].detach().abs().sum()) == 0.0
+    alone = cls.tolist().index(int(b["cls"][2]))  # the question of sample 1
+    assert not valid[1].any() and float(got[alone].abs().sum()) == 0.0
