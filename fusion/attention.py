@@ -33,6 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .packing import group_slots
+
 log = logging.getLogger("omnimask.attention")
 MASKS = ("bidirectional", "causal", "prefix", "cm3", "blocks")
 BACKENDS = ("auto", "sdpa", "varlen", "xformers", "flex")
@@ -150,9 +152,8 @@ class Layout:
         """For query positions ``rows`` (sorted packed indices): the row of each in a
         [B * Lq] per-sample padded query layout, each one's position in its sample, and Lq."""
         cu = self.cu.to(rows.device).long()
-        sample, counts = self.row_samples(rows)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(rows.numel(), device=rows.device) - first[sample]
+        sample, _ = self.row_samples(rows)
+        rank, counts = group_slots(sample, self.B)
         Lq = max(int(counts.max()), 1) if rows.numel() else 1
         return sample * Lq + rank, rows - cu[sample], Lq
 

@@ -170,6 +170,17 @@ def sample_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
 
 
+def group_slots(group: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each element's rank among the elements of its group (groups 0..n-1, in any order;
+    ties kept in order) and each group's size [n]."""
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=n)
+    slot = torch.empty_like(group)
+    slot[order] = (torch.arange(len(group), device=group.device)
+                   - (counts.cumsum(0) - counts)[group[order]])
+    return slot, counts
+
+
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
     """Split a packed [T, ...] tensor back into per-sample tensors."""
     if x.shape[0] != int(cu_seqlens[-1]):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimask.config import check_choice, check_fields
+from omnimask.fusion.packing import group_slots
 from omnimask.modalities.vocab import MODALITIES
 from omnimask.model import init_linear
 from omnimask.registry import HEADS
@@ -77,17 +78,6 @@ def question_means(h: torch.Tensor, p, cls: torch.Tensor) -> torch.Tensor:
         0, key[txt], h[txt])
     counts = torch.bincount(key[txt], minlength=n).clamp_min(1)
     return (sums / counts[:, None].to(h.dtype))[key[cls]]
-
-
-def group_slots(group: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each element's rank among the elements of its group (groups 0..n-1, in any order;
-    ties kept in order) and each group's size [n]."""
-    order = torch.argsort(group, stable=True)
-    counts = torch.bincount(group, minlength=n)
-    slot = torch.empty_like(group)
-    slot[order] = (torch.arange(len(group), device=group.device)
-                   - (counts.cumsum(0) - counts)[group[order]])
-    return slot, counts
 
 
 def image_tokens(p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

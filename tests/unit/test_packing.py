@@ -89,3 +89,16 @@ def test_budget_bins(lengths, budget):
 def test_budget_rejects_long_samples():
     with pytest.raises(ValueError, match=r"samples \[1\] are longer"):
         pack_to_budget([3, 9], 8)
+
+
+def test_group_slots_rank_each_element_within_its_group():
+    from omnimask.fusion.packing import group_slots
+
+    g = torch.tensor([2, 0, 2, 1, 0, 2, 0])
+    slot, counts = group_slots(g, 4)
+    seen = [0] * 4  # brute force: each element's count of earlier elements of its group
+    want = []
+    for x in g.tolist():
+        want.append(seen[x])
+        seen[x] += 1
+    assert slot.tolist() == want and counts.tolist() == [3, 1, 3, 0]
