@@ -429,4 +429,4 @@ def test_glimpses_match_a_loop_over_questions():
         torch.testing.assert_close(attn[k][:, valid[s]], a)
         assert float(attn[k][:, ~valid[s]].detach().abs().sum()) == 0.0
     alone = cls.tolist().index(int(b["cls"][2]))  # the question of sample 1
-    assert not valid[1].any() and float(got[alone].abs().sum()) == 0.0
+    assert not valid[1].any() and float(got[alone].detach().abs().sum()) == 0.0
