@@ -19,6 +19,7 @@ import torch
 # how drawn images are drawn (left to right, or MaskGIT's parallel rounds) and which head
 # reranks the candidates: settings of pretraining's samples and of `eval generate`
 SAMPLERS = ("cm3", "maskgit")
+ORDERS = ("confidence", "random")  # maskgit: which sampled codes a round keeps
 RERANKERS = ("itc", "itm")
 
 if TYPE_CHECKING:

@@ -21,7 +21,9 @@ import torch
 from omnimask.config import check_choice, check_fields, load_config
 from omnimask.errors import ConfigError, OmnimaskError
 
-from .evaluate import RERANKERS, SAMPLERS
+from .evaluate import ORDERS, RERANKERS, SAMPLERS
+
+INFILLS = ("none", "objects")
 
 
 @dataclass
@@ -30,6 +32,12 @@ class GenerateEvalConfig:
 
     sampler: str = "cm3"  # cm3: left to right; maskgit: parallel rounds (objective maskgit)
     steps: int = 12  # maskgit's rounds
+    # maskgit: which drawn codes a round keeps: its most confident (MaskGIT's) or a uniformly
+    # random share (any-order sampling: confidence keeps the background first)
+    order: str = "confidence"
+    # maskgit: none draws whole images; objects draws only the codes around each object
+    # (its box, one code of margin), the rest given: the shape drawn where it belongs
+    infill: str = "none"
     temperature: float = 1.0  # sampling of image codes
     top_k: int = 20
     guidance: float = 5.0  # classifier-free guidance scale (1: none)
@@ -45,6 +53,11 @@ class GenerateEvalConfig:
     def __post_init__(self) -> None:
         check_choice(self, "rerank", RERANKERS)
         check_choice(self, "sampler", SAMPLERS)
+        check_choice(self, "order", ORDERS)
+        check_choice(self, "infill", INFILLS)
+        if self.infill != "none" and self.sampler != "maskgit":
+            raise ConfigError(f"infill={self.infill} needs sampler=maskgit (cm3 draws left "
+                              f"to right)")
         check_fields(self, ">=1", "candidates", "batch", "grid_images", "steps")
         check_fields(self, ">=0", "temperature", "top_k", "seed")
         check_fields(self, ">0", "guidance")
@@ -80,6 +93,8 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     if not shapesworld_captions(captions):
         raise OmnimaskError("eval generate judges ShapesWorld pictures; these captions name "
                             "none of its (colour, shape) pairs")
+    if g.infill == "objects" and corpus.regions is None:
+        raise OmnimaskError("infill=objects: the shards have no seg.png, so no object boxes")
     pixels = model.cfg.image_input == "pixels"
     ctx = Context(vocab=model.vocab, codebook=torch.empty(0), word_start=torch.empty(0),
                   cfg=None, pixels=pixels)
@@ -89,8 +104,13 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     rows, cols = corpus.grid
     drawn = []
     for s in tqdm(range(0, n, g.batch), desc="drawing", unit="batch", disable=not progress):
-        caps = [corpus.captions[i][0] for i in range(s, min(n, s + g.batch))]
-        drawn.append(draw_codes(model, ctx, caps, rows * cols, cols, g, score, gen))
+        idx = list(range(s, min(n, s + g.batch)))
+        caps = [corpus.captions[i][0] for i in idx]
+        given = None
+        if g.infill == "objects":
+            from .objectives.maskgit import object_boxes
+            given = (corpus.codes[idx].long(), ~object_boxes(corpus, idx))
+        drawn.append(draw_codes(model, ctx, caps, rows * cols, cols, g, score, gen, given))
     codes = torch.cat(drawn)
     vq = image.model
     with torch.no_grad():
@@ -120,11 +140,13 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
 
 
 def draw_codes(model, ctx, captions: list[list[int]], num_codes: int, cols: int, g,
-               score=None, gen: torch.Generator | None = None) -> torch.Tensor:
+               score=None, gen: torch.Generator | None = None,
+               given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Codes [len(captions), num_codes] drawn by ``g.sampler`` (cm3: left to right over the
-    KV cache; maskgit: ``g.steps`` parallel rounds) with ``g.temperature``, ``g.top_k``
-    (cm3), ``g.guidance`` and ``g.candidates`` per caption, the one ``score(caption,
-    codes)`` rates best kept (the first without ``score``)."""
+    KV cache; maskgit: ``g.steps`` parallel rounds in ``g.order``) with ``g.temperature``,
+    ``g.top_k`` (cm3), ``g.guidance`` and ``g.candidates`` per caption, the one
+    ``score(caption, codes)`` rates best kept (the first without ``score``). ``given``
+    (maskgit): (codes, keep) [len(captions), num_codes], the codes where ``keep`` stay."""
     from .objectives import cm3_generate as cg
     from .objectives.maskgit import draw
 
@@ -132,8 +154,11 @@ def draw_codes(model, ctx, captions: list[list[int]], num_codes: int, cols: int,
         return cg.images_from_captions(model, ctx, captions, num_codes, cols, g.temperature,
                                        g.top_k, g.guidance, g.candidates, score, gen)
     k = g.candidates
+    start, keep = ((given[0].repeat_interleave(k, 0), given[1].repeat_interleave(k, 0))
+                   if given is not None else (None, None))
     codes = draw(model, ctx, [c for c in captions for _ in range(k)], num_codes, cols,
-                 g.steps, g.temperature, g.guidance, gen).view(len(captions), k, -1)
+                 g.steps, g.temperature, g.guidance, gen, start=start, keep_known=keep,
+                 order=g.order).view(len(captions), k, -1)
     best = ([int(score(c, codes[j]).argmax()) for j, c in enumerate(captions)]
             if k > 1 and score is not None else [0] * len(captions))
     return codes[torch.arange(len(captions)), torch.tensor(best)]

@@ -25,7 +25,7 @@ from omnimask.safeio import atomic_write_bytes
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .encoder_warmup import EncoderWarmupConfig, check_labels, tag_words, warm_up_encoder
-from .evaluate import RERANKERS, SAMPLERS, samples, val_history
+from .evaluate import ORDERS, RERANKERS, SAMPLERS, samples, val_history
 from .objectives.base import (
     OBJECTIVES,
     Context,
@@ -67,6 +67,7 @@ class GenerateConfig:
     images: int = 8  # val captions to draw
     sampler: str = "cm3"  # cm3: left to right; maskgit: parallel rounds (objective maskgit)
     steps: int = 12  # maskgit's rounds
+    order: str = "confidence"  # maskgit: a round keeps its most confident codes, or random ones
     temperature: float = 1.0  # image sampling
     top_k: int = 20
     guidance: float = 1.0  # classifier-free guidance scale for images (1: none)
@@ -85,6 +86,7 @@ class GenerateConfig:
         p = "generate."
         check_choice(self, "rerank", RERANKERS, prefix=p)
         check_choice(self, "sampler", SAMPLERS, prefix=p)
+        check_choice(self, "order", ORDERS, prefix=p)
         check_fields(self, ">=1", "captions", "images", "candidates", "caption_candidates",
                      "grid_images", "steps", prefix=p)
         check_fields(self, ">=0", "temperature", "top_k", "caption_temperature", prefix=p)

@@ -54,6 +54,14 @@ def test_eval_generate_draws_judges_and_writes_the_grid(tiny_model_dir, shapes_d
     assert set(mm["grounding"]) == {f"{w}codes_given_{c}" for w in ("", "object_")
                                     for c in ("caption", "other_caption")}
     assert all(v > 0 for v in mm["grounding"].values())
+    # infilling the objects' boxes, any-order rounds: the settings say so
+    assert run(tmp_path / "i.json", "--set", "sampler=maskgit", "--set", "steps=2", "--set",
+               "infill=objects", "--set", "order=random") == 0
+    mi = json.loads((tmp_path / "i.json").read_text())["metrics"]
+    assert mi["settings"]["infill"] == "objects" and mi["settings"]["order"] == "random"
+    assert mi["judge_shape_reconstructions"] == mm["judge_shape_reconstructions"]
+    assert run(tmp_path / "c.json", "--set", "infill=objects") == 2  # cm3 cannot infill
+    assert run(tmp_path / "c.json", "--set", "sampler=maskgit", "--set", "order=best") == 2
     assert run(tmp_path / "c.json", "--set", "sampler=diffusion") == 2
     # bad settings are one-line errors naming the key
     assert run(tmp_path / "c.json", "--set", "rerank=clip") == 2

@@ -199,7 +199,8 @@ def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, t
         "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
         "trainer.warmup_steps=1", "data.val_batch_size=4", "generate.captions=1",
         "generate.images=1", "generate.candidates=2", "generate.sampler=maskgit",
-        "generate.steps=2", "objectives.mix={cm3: 1, mim: 1, maskgit: 1}",
+        "generate.steps=2", "generate.order=random",
+        "objectives.mix={cm3: 1, mim: 1, maskgit: 1}",
         "objectives.mix_start={}"], **{
         "out": str(tmp_path / "run"),
         "data": {"train": [str(shapes_dir / "train-*.tar")],

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from omnimask.fusion.packing import IGNORE, pack
+from omnimask.train.evaluate_generate import GenerateEvalConfig, draw_codes
 from omnimask.train.objectives import maskgit as mg
 from omnimask.train.objectives.base import text_segment
 
@@ -83,6 +85,42 @@ def test_draw_keeps_codes_and_unmasks_on_the_cosine_schedule(monkeypatch):
     assert torch.equal(one, want)
 
 
+def test_draw_infills_on_each_images_own_schedule(monkeypatch):
+    ctx = _ctx()
+    model = _model(ctx).eval()
+    caps = [[20, 21], [30]]
+    start = torch.randint(CODES, (2, P), generator=torch.Generator().manual_seed(1))
+    keep = torch.zeros(2, P, dtype=torch.bool)
+    keep[0, :4] = True
+    keep[1, 3:13] = True
+    seen = []
+    real = mg.masked_image_segment
+
+    def spy(ctx_, codes, masked, cols, targets=True):
+        seen.append(masked.clone())
+        return real(ctx_, codes, masked, cols, targets)
+
+    monkeypatch.setattr(mg, "masked_image_segment", spy)
+    steps = 4
+    out = mg.draw(model, ctx, caps, P, 4, steps=steps, gen=torch.Generator().manual_seed(0),
+                  start=start, keep_known=keep)
+    assert torch.equal(out[keep], start[keep])  # the given codes stay
+    for t in range(steps):
+        for k in range(2):
+            m = P - int(keep[k].sum())
+            assert int(seen[2 * t + k].sum()) == math.floor(m * math.cos(math.pi / 2 * t / steps))
+            assert not bool(seen[2 * t + k][keep[k]].any())
+    with pytest.raises(ValueError, match="keep_known"):
+        mg.draw(model, ctx, caps, P, 4, start=start)
+    # eval generate's path: candidates per caption, each infilled around the same codes
+    monkeypatch.setattr(mg, "masked_image_segment", real)
+    g = GenerateEvalConfig(sampler="maskgit", candidates=3, steps=2, infill="objects",
+                           order="random")
+    out = draw_codes(model, ctx, caps, P, 4, g, gen=torch.Generator().manual_seed(0),
+                     given=(start, keep))
+    assert out.shape == (2, P) and torch.equal(out[keep], start[keep])
+
+
 def test_maskgit_learns_to_draw_what_the_caption_decides():
     torch.manual_seed(0)
     ctx = _ctx(maskgit_uncond=0.0)
@@ -105,6 +143,11 @@ def test_maskgit_learns_to_draw_what_the_caption_decides():
     drawn = mg.draw(model, ctx, [[w] for w in words], P, 4, steps=4, temperature=0.0)
     acc = float((drawn == codes[:4]).float().mean())
     assert acc > 0.9, acc
+    # infilling: half of each image given, the rest drawn from the caption and those codes
+    keep = torch.rand(4, P, generator=torch.Generator().manual_seed(2)) < 0.5
+    filled = mg.draw(model, ctx, [[w] for w in words], P, 4, steps=2, temperature=0.0,
+                     start=codes[:4], keep_known=keep)
+    assert float((filled[~keep] == codes[:4][~keep]).float().mean()) > 0.9
     # grounding: the codes cost far less after their own caption than after another's
     # (the next sample's caption names the next word); object codes: their share of the loss
     with_objects, obj = _with_objects(corpus)
@@ -192,3 +235,44 @@ def test_object_options_need_segmentation_maps():
 
     with pytest.raises(OmnimaskError, match="maskgit_object_weight"):
         _batch("maskgit", _ctx(maskgit_object_weight=2.0), _corpus())
+
+
+def test_object_boxes_cover_each_object_group_with_a_margin():
+    corpus, _ = _with_objects(_corpus(n=4))
+    # sample 0: two separate objects on the 4 x 4 grid, sample 1: none, sample 2: a diagonal
+    # pair (8-connected: one group)
+    obj = torch.zeros(4, P, dtype=torch.bool)
+    obj[0, [0, 15]] = True
+    obj[2, [5, 10]] = True
+    regions = torch.zeros(4, P, 3)
+    regions[..., 0] = 1.0
+    regions[..., 1] = obj.float()
+    corpus = replace(corpus, regions=regions.half())
+
+    def brute(o: torch.Tensor, margin: int) -> torch.Tensor:
+        """Grow each connected group's box by flood fill over 8 neighbours, one by one."""
+        o, seen, box = o.view(4, 4), set(), torch.zeros(4, 4, dtype=torch.bool)
+        for r0 in range(4):
+            for c0 in range(4):
+                if not o[r0, c0] or (r0, c0) in seen:
+                    continue
+                group, todo = [], [(r0, c0)]
+                while todo:
+                    r, c = todo.pop()
+                    if (r, c) in seen or not (0 <= r < 4 and 0 <= c < 4) or not o[r, c]:
+                        continue
+                    seen.add((r, c))
+                    group.append((r, c))
+                    todo += [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+                rs, cs = [r for r, _ in group], [c for _, c in group]
+                for r in range(max(0, min(rs) - margin), min(4, max(rs) + margin + 1)):
+                    for c in range(max(0, min(cs) - margin), min(4, max(cs) + margin + 1)):
+                        box[r, c] = True
+        return box.flatten()
+
+    for margin in (0, 1):
+        got = mg.object_boxes(corpus, [0, 1, 2], margin)
+        for j in range(3):
+            assert torch.equal(got[j], brute(obj[j], margin)), (j, margin)
+    assert int(mg.object_boxes(corpus, [0], 0).sum()) == 2  # two single-code boxes
+    assert int(mg.object_boxes(corpus, [2], 0).sum()) == 4  # one 2 x 2 box

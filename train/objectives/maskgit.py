@@ -15,7 +15,9 @@ object code: the rest of the image then says nothing of what the caption names.
 
 ``draw`` decodes in ``steps`` rounds: each round predicts every masked code, samples them,
 and keeps the most confident ones so that cos(pi/2 * (t+1)/steps) of the codes stay masked
-(confidence = log-probability of the sampled code plus Gumbel noise annealed to 0).
+(confidence = log-probability of the sampled code plus Gumbel noise annealed to 0), or,
+with ``order="random"``, a uniformly random share (any-order sampling). Given codes can
+stay as they are (infilling).
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
     return corpus.regions[i][:, 1:].float().sum(-1) > 0
 
 
+def object_boxes(corpus, idx: list[int], margin: int = 1) -> torch.Tensor:
+    """[len(idx), P] bool: the codes within ``margin`` codes of the bounding box of each
+    8-connected group of object codes (what ``eval generate``'s ``infill=objects`` draws:
+    where each object is, not its outline)."""
+    import numpy as np
+    from scipy import ndimage
+
+    rows, cols = corpus.grid
+    out = torch.zeros(len(idx), rows * cols, dtype=torch.bool)
+    for j, i in enumerate(idx):
+        obj = object_codes(corpus, i, "infill").view(rows, cols).numpy()
+        box = np.zeros_like(obj)
+        for r, c in ndimage.find_objects(ndimage.label(obj, structure=np.ones((3, 3)))[0]):
+            box[max(0, r.start - margin):r.stop + margin, max(0, c.start - margin):c.stop + margin] = True
+        out[j] = torch.from_numpy(box.reshape(-1))
+    return out
+
+
 @objective("maskgit")
 class MaskGIT(Objective):
     head = MaskGITHead
@@ -92,14 +112,30 @@ class MaskGIT(Objective):
 @torch.no_grad()
 def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: int,
          steps: int = 12, temperature: float = 1.0, guidance: float = 1.0,
-         gen: torch.Generator | None = None) -> torch.Tensor:
+         gen: torch.Generator | None = None, start: torch.Tensor | None = None,
+         keep_known: torch.Tensor | None = None, order: str = "confidence") -> torch.Tensor:
     """Codes [len(captions), num_codes] drawn from the captions in ``steps`` rounds;
-    ``guidance`` s != 1 mixes in the caption-less prediction as u + s * (c - u)."""
+    ``guidance`` s != 1 mixes in the caption-less prediction as u + s * (c - u). Infilling:
+    ``start`` [n, num_codes] codes of which those where ``keep_known`` [n, num_codes] (bool)
+    stay as given, the rest drawn on the same schedule over each image's masked count.
+    ``order``: which sampled codes a round keeps, its most confident (``confidence``,
+    MaskGIT's) or a uniformly ``random`` share."""
     model.eval()
     lo, hi = ctx.vocab.ranges()["image"]
     n = len(captions)
     codes = torch.zeros(n, num_codes, dtype=torch.long)
     known = torch.zeros(n, num_codes, dtype=torch.bool)
+    if order not in ("confidence", "random"):
+        raise ValueError(f"draw: order must be confidence or random, got {order!r}")
+    if (start is None) != (keep_known is None):
+        raise ValueError("draw: start and keep_known come together")
+    if start is not None:
+        if start.shape != (n, num_codes) or keep_known.shape != (n, num_codes):
+            raise ValueError(f"draw: start and keep_known must be [{n}, {num_codes}], got "
+                             f"{list(start.shape)} and {list(keep_known.shape)}")
+        known = keep_known.clone()
+        codes = torch.where(known, start.long(), codes)
+    masked = (~known).sum(1, keepdim=True).double()  # [n, 1]: what the rounds draw
     guided = guidance != 1.0
     for t in range(steps):
         prompts = list(captions) + ([[]] * n if guided else [])
@@ -121,14 +157,15 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
         else:
             pick = logits.argmax(-1)
         conf = logits.gather(-1, pick[..., None])[..., 0]
-        if temperature > 0:  # MaskGIT's annealed noise: early rounds explore more
+        if order == "random":  # each round unmasks a uniformly random share
+            conf = torch.rand(conf.shape, generator=gen)
+        elif temperature > 0:  # MaskGIT's annealed noise: early rounds explore more
             g = -torch.log(-torch.log(torch.rand(conf.shape, generator=gen).clamp(1e-9, 1)))
             conf = conf + temperature * (1 - (t + 1) / steps) * g
         conf = conf.masked_fill(known, float("inf"))  # drawn codes stay
-        still = math.floor(num_codes * math.cos(math.pi / 2 * (t + 1) / steps))
-        keep = num_codes - still
-        order = conf.argsort(-1, descending=True)[:, :keep]
-        new = torch.zeros_like(known).scatter_(1, order, True) & ~known
+        still = (masked * math.cos(math.pi / 2 * (t + 1) / steps)).floor().long()
+        rank = conf.argsort(-1, descending=True).argsort(-1)  # 0: the most confident
+        new = (rank < num_codes - still) & ~known
         codes = torch.where(new, pick, codes)
         known |= new
     return codes
