@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import IGNORE, Segment, pack
 
+from ..evaluate import ORDERS
 from .base import Context, Objective, TokenPrediction, objective, pick_caption, text_segment
 
 
@@ -125,8 +126,8 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
     n = len(captions)
     codes = torch.zeros(n, num_codes, dtype=torch.long)
     known = torch.zeros(n, num_codes, dtype=torch.bool)
-    if order not in ("confidence", "random"):
-        raise ValueError(f"draw: order must be confidence or random, got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"draw: order must be one of {', '.join(ORDERS)}, got {order!r}")
     if (start is None) != (keep_known is None):
         raise ValueError("draw: start and keep_known come together")
     if start is not None:
