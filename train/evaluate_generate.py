@@ -93,8 +93,6 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     if not shapesworld_captions(captions):
         raise OmnimaskError("eval generate judges ShapesWorld pictures; these captions name "
                             "none of its (colour, shape) pairs")
-    if g.infill == "objects" and corpus.regions is None:
-        raise OmnimaskError("infill=objects: the shards have no seg.png, so no object boxes")
     pixels = model.cfg.image_input == "pixels"
     ctx = Context(vocab=model.vocab, codebook=torch.empty(0), word_start=torch.empty(0),
                   cfg=None, pixels=pixels)

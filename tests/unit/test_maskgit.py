@@ -276,3 +276,7 @@ def test_object_boxes_cover_each_object_group_with_a_margin():
             assert torch.equal(got[j], brute(obj[j], margin)), (j, margin)
     assert int(mg.object_boxes(corpus, [0], 0).sum()) == 2  # two single-code boxes
     assert int(mg.object_boxes(corpus, [2], 0).sum()) == 4  # one 2 x 2 box
+    from omnimask.errors import OmnimaskError
+
+    with pytest.raises(OmnimaskError, match="infill=objects: the shards have no seg.png"):
+        mg.object_boxes(_corpus(n=2), [0])

@@ -57,8 +57,7 @@ def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
     """[P] bool: sample ``i``'s codes whose patch holds object pixels (``regions``: class 0
     is the background); ``setting`` names what needs them in the error."""
     if corpus.regions is None:
-        raise OmnimaskError(f"objectives.{setting}: the shards have no seg.png, so no "
-                            f"object codes")
+        raise OmnimaskError(f"{setting}: the shards have no seg.png, so no object codes")
     return corpus.regions[i][:, 1:].float().sum(-1) > 0
 
 
@@ -72,7 +71,7 @@ def object_boxes(corpus, idx: list[int], margin: int = 1) -> torch.Tensor:
     rows, cols = corpus.grid
     out = torch.zeros(len(idx), rows * cols, dtype=torch.bool)
     for j, i in enumerate(idx):
-        obj = object_codes(corpus, i, "infill").view(rows, cols).numpy()
+        obj = object_codes(corpus, i, "infill=objects").view(rows, cols).numpy()
         box = np.zeros_like(obj)
         for r, c in ndimage.find_objects(ndimage.label(obj, structure=np.ones((3, 3)))[0]):
             box[max(0, r.start - margin):r.stop + margin, max(0, c.start - margin):c.stop + margin] = True
@@ -93,7 +92,7 @@ class MaskGIT(Objective):
         masked[torch.randperm(n, generator=gen)[:k]] = True
         p = self.cfg.maskgit_object_mask
         if p > 0 and float(torch.rand(1, generator=gen)) < p:
-            masked |= object_codes(corpus, i, "maskgit_object_mask")
+            masked |= object_codes(corpus, i, "objectives.maskgit_object_mask")
         uncond = float(torch.rand(1, generator=gen)) < self.cfg.maskgit_uncond
         caption = [] if uncond else pick_caption(corpus, i, gen)
         return [text_segment(self.ctx, caption),
@@ -104,7 +103,7 @@ class MaskGIT(Objective):
         out = {"packed": pack(samples)}
         w = self.cfg.maskgit_object_weight
         if w != 1.0:  # one weight per target, in the packed targets' order
-            obj = [object_codes(corpus, i, "maskgit_object_weight")[s[-1].targets != IGNORE]
+            obj = [object_codes(corpus, i, "objectives.maskgit_object_weight")[s[-1].targets != IGNORE]
                    for i, s in zip(idx, samples)]
             out["weights"] = torch.cat(obj).float() * (w - 1) + 1
         return out
