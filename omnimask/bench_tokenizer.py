@@ -52,7 +52,7 @@ def bench_tokenizer(data=None, image_tokenizer: str | None = None, num: int = 20
 
         t = best(lambda: [vq.model.encode(images[i:i + 128]) for i in range(0, len(images), 128)])
         res["image_vq_encode"] = {"images_per_s": round(len(images) / t, 1),
-                                  "tokens_per_image": vq.model.cfg.tokens_side ** 2}
+                                  "tokens_per_image": vq.model.cfg.tokens_per_image}
         ids = torch.cat([vq.model.encode(images[i:i + 128]) for i in range(0, len(images), 128)])
         t = best(lambda: [vq.model.decode(ids[i:i + 128]) for i in range(0, len(ids), 128)])
         res["image_vq_decode"] = {"images_per_s": round(len(images) / t, 1)}

@@ -65,7 +65,8 @@ def tiny_tokenizers(shapes_dir, tmp_path_factory):
     train = str(shapes_dir / "train-*.tar")
     TOKENIZERS.get("text").train([train], str(d / "text"), progress=False)
     TOKENIZERS.get("image").train([train], str(d / "image"),
-                                  ["max_steps=2", "vq.codebook_size=128", "batch_size=16"],
+                                  ["max_steps=2", "vq.quantizer=vq", "vq.downsample=3", "crop=0",
+                                   "vq.codebook_size=128", "batch_size=16"],
                                   progress=False)
     TOKENIZERS.get("speech").train([train], str(d / "speech"),
                                    ["kind=kmeans", "codebook_size=32", "iterations=3"],

@@ -48,11 +48,11 @@ class ImageTokenizerConfig:
     # reconstruction loss: pixels of saturated objects weigh 1 + object_weight (a 3x3
     # neighbourhood of them, so their outlines count: the shapes, not the muted background
     # gradient, carry the information); edge_weight adds an L1 loss on image gradients
-    object_weight: float = 0.0
-    edge_weight: float = 0.0
-    # the budget: steps (the demo's ~5 quiet minutes on 2 cores), and with them max_minutes
-    # only caps a stuck run (0: no cap); max_steps=0 trains and schedules by max_minutes
-    max_steps: int = 1400
+    object_weight: float = 4.0
+    edge_weight: float = 0.5
+    # the budget: steps (the default tokenizer's ~7 quiet minutes on 2 cores), and with them
+    # max_minutes only caps a stuck run (0: no cap); max_steps=0 schedules by max_minutes
+    max_steps: int = 3000
     max_minutes: float = 0.0
     seed: int = 0
     checkpoint_every: int = 300  # steps
@@ -68,7 +68,7 @@ class ImageTokenizerConfig:
     precision: str = "fp32"
     # train on random crops of this many pixels, on the code grid (0: whole images): the
     # nets are convolutional, so a step costs about the crop's share of the pixels
-    crop: int = 0
+    crop: int = 32
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "batch_size", "checkpoint_every", "log_every")
@@ -93,7 +93,7 @@ class ImageTokenizer:
 
     @property
     def size(self) -> int:
-        return self.model.cfg.codebook_size
+        return self.model.cfg.size
 
     def prepare(self, images, fit: str = "crop") -> torch.Tensor:
         """uint8 [B, 3, S, S] from a tensor batch, or a list of PIL images / HxW(xC) arrays.
@@ -133,14 +133,17 @@ class ImageTokenizer:
         return self.model.decode(ids)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        return save_artifact(directory, META, {"vq": asdict(self.model.cfg), "stats": self.stats,
-                                               "size": self.size},
+        cfg = self.model.cfg  # written with the sizes in use (fsq's follow from its levels)
+        vq = asdict(cfg) | {"code_dim": cfg.dim, "codebook_size": cfg.size}
+        return save_artifact(directory, META, {"vq": vq, "stats": self.stats, "size": self.size},
                              WEIGHTS, self.model.state_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ImageTokenizer:
         info, tensors = load_artifact(directory, META, WEIGHTS, "an image tokenizer")
-        model = VQVAE(VQConfig(**info["vq"]))
+        # written before these fields existed: 8 px patches of a VQ codebook, whatever the
+        # defaults are now
+        model = VQVAE(VQConfig(**{"downsample": 3, "quantizer": "vq", **info["vq"]}))
         model.load_state_dict(tensors)
         return cls(model, info.get("stats"))
 
@@ -309,7 +312,7 @@ def _train_vq(data, out, cfg: ImageTokenizerConfig, progress: bool) -> dict:
                 **{k: v.detach() for k, v in losses.items() if k != "recon"},
                 "images": len(batch["x"]), "ids": ids}
 
-    used = torch.zeros(cfg.vq.codebook_size, dtype=torch.bool)  # codes used since the last row
+    used = torch.zeros(cfg.vq.size, dtype=torch.bool)  # codes used since the last row
     restarts = [0]  # dead codes restarted since the last row
 
     def after_step(step: int, outputs: list[dict]) -> dict | None:
@@ -366,7 +369,7 @@ class ImageTokenizerOps:
     def train(data, out, overrides=(), progress: bool = True) -> dict:
         cfg = load_config(ImageTokenizerConfig, None, overrides)
         stats = train_vq(data, out, cfg, progress)
-        return {"kind": "image", "out": str(out), "size": cfg.vq.codebook_size, **stats}
+        return {"kind": "image", "out": str(out), "size": cfg.vq.size, **stats}
 
     @staticmethod
     def evaluate(tokenizer, data, progress: bool = True, grid: str | None = None,

@@ -20,7 +20,7 @@ from omnimask.errors import ConfigError
 from omnimask.registry import TOKENIZERS
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "shapes_tiny.yaml")
-VQ_TINY = ["vq.channels=[8,8,8]", "vq.codebook_size=16", "vq.code_dim=4", "batch_size=4",
+VQ_TINY = ["vq.quantizer=vq", "vq.downsample=3", "crop=0", "vq.channels=[8,8,8]", "vq.codebook_size=16", "vq.code_dim=4", "batch_size=4",
            "warmup_steps=0", "max_images=16"]
 
 
@@ -97,7 +97,7 @@ def test_cuda_index_beyond_the_gpus_is_named(monkeypatch, capsys, tmp_path):
     ("image", ["max_steps=-1", "max_minutes=0"], "max_steps"),
     ("image", ["max_steps=0", "max_minutes=0"], "max_steps or max_minutes must be > 0"),
     ("image", ["vq.codebook_size=0"], "vq.codebook_size"),
-    ("image", ["vq.image_size=60"], "vq.image_size"),
+    ("image", ["vq.image_size=62"], "vq.image_size"),
     ("image", ["batch_size=0"], "batch_size"),
     ("text", ["vocab_size=-5"], "vocab_size"),
     ("speech", ["stack=0"], "stack"),

@@ -32,12 +32,13 @@ from omnimask.modalities.image.tokenizer import (
 from omnimask.modalities.image.vq import VQVAE, Quantizer, VQConfig
 from omnimask.train import checkpoint
 
-TINY = ["vq.channels=[16,32,32]", "vq.codebook_size=64", "vq.code_dim=8", "batch_size=16",
+TINY = ["vq.quantizer=vq", "vq.downsample=3", "crop=0", "object_weight=0", "edge_weight=0",
+        "vq.channels=[16,32,32]", "vq.codebook_size=64", "vq.code_dim=8", "batch_size=16",
         "warmup_steps=5", "log_every=10", "checkpoint_every=10", "max_images=64"]
 
 
 def test_quantizer_matches_cosine_and_passes_gradients():
-    q = Quantizer(VQConfig(codebook_size=50, code_dim=8)).eval()  # no EMA update
+    q = Quantizer(VQConfig(quantizer="vq", codebook_size=50, code_dim=8)).eval()  # no EMA update
     z = torch.randn(40, 8, requires_grad=True)
     out, ids, losses = q(z)
     brute = (F.normalize(z, dim=-1) @ F.normalize(q.codebook, dim=-1).T).argmax(1)
@@ -49,7 +50,7 @@ def test_quantizer_matches_cosine_and_passes_gradients():
 
 def test_ema_moves_codes_and_dead_codes_restart():
     torch.manual_seed(0)
-    q = Quantizer(VQConfig(codebook_size=8, code_dim=4, decay=0.5, dead_after=3))
+    q = Quantizer(VQConfig(quantizer="vq", codebook_size=8, code_dim=4, decay=0.5, dead_after=3))
     target = F.normalize(torch.tensor([[1.0, 0, 0, 0]]), dim=-1)
     z = target.repeat(16, 1)
     q.train()
@@ -65,7 +66,7 @@ def test_ema_moves_codes_and_dead_codes_restart():
 
 
 def test_encode_decode_shapes():
-    m = VQVAE(VQConfig(channels=[8, 16, 16], codebook_size=32, code_dim=4)).eval()
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=32, code_dim=4)).eval()
     x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
     ids = m.encode(x)
     assert ids.shape == (3, 64) and ids.dtype == torch.long and 0 <= ids.min() <= ids.max() < 32
@@ -189,7 +190,7 @@ def test_psnr():
 
 
 def test_straight_through_codebook_gets_gradients():
-    m = VQVAE(VQConfig(channels=[8, 16, 16], codebook_size=16, code_dim=4, ema=False))
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=16, code_dim=4, ema=False))
     assert isinstance(m.quantizer.codebook, torch.nn.Parameter)
     x = m.to_input(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
     _, _, losses = m(x)
@@ -200,7 +201,7 @@ def test_straight_through_codebook_gets_gradients():
 
 def test_bf16_convolutions_compute_the_fp32_forward_to_bf16_precision():
     torch.manual_seed(0)
-    m = VQVAE(VQConfig(channels=[8, 16, 16], codebook_size=32, code_dim=4)).eval()  # no EMA
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=32, code_dim=4)).eval()  # no EMA
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     seen = []
     m.quantizer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
@@ -248,7 +249,7 @@ def test_grid_crops_cut_each_image_on_the_code_grid():
     assert len(corners) > 1  # each image its own corner
     for bad in ("crop=12", "crop=72", "crop=-8"):  # off the 8-pixel grid, past the image
         with pytest.raises(OmnimaskError, match="crop must be 0 or a multiple of 8"):
-            load_config(ImageTokenizerConfig, None, [bad])
+            load_config(ImageTokenizerConfig, None, ["vq.downsample=3", bad])
 
 
 def test_trained_on_crops_it_reconstructs_whole_images(shapes_dir, tmp_path):

@@ -27,7 +27,7 @@ from omnimask.train.data.shapesworld.judge import ShapeClassifier
 
 def test_fsq_ids_grid_and_straight_through():
     cfg = VQConfig(quantizer="fsq", fsq_levels=[4, 3, 5])
-    assert cfg.codebook_size == 60 and cfg.code_dim == 3
+    assert cfg.size == 60 and cfg.dim == 3
     q = FSQuantizer(cfg)
     z = (torch.randn(500, 3) * 3).requires_grad_()
     values, ids, losses = q(z)
@@ -50,16 +50,28 @@ def test_fsq_ids_grid_and_straight_through():
     assert z.grad is not None and bool((z.grad != 0).any())
 
 
+def test_defaults_are_the_fsq_on_4px_patches_and_vq_keeps_its_own_sizes():
+    d = load_config(ImageTokenizerConfig)  # what `omnimask tokenizer train image` trains
+    assert (d.vq.quantizer, d.vq.tokens_side, d.vq.size, d.vq.dim) == ("fsq", 16, 1000, 4)
+    assert (d.object_weight, d.edge_weight, d.crop, d.max_steps) == (4.0, 0.5, 32, 3000)
+    # fsq's sizes are derived, not written over vq's: switching back gets vq's defaults
+    vq = load_config(ImageTokenizerConfig, None, ["vq.quantizer=vq"]).vq
+    assert (vq.size, vq.dim) == (1024, 32) and VQVAE(vq).quantizer.codebook.shape == (1024, 32)
+    assert load_config(ImageTokenizerConfig, None, ["vq.quantizer=vq", "vq.codebook_size=128"]
+                       ).vq.size == 128
+
+
 def test_grids_and_quantizers_encode_decode_shapes():
-    for cfg, tokens in ((VQConfig(channels=[8, 8, 8], codebook_size=16, code_dim=4), 64),
-                        (VQConfig(downsample=2, channels=[8, 8], codebook_size=16, code_dim=4),
-                         256),
-                        (VQConfig(channels=[8, 8, 8], quantizer="fsq", fsq_levels=[3, 3]), 64)):
+    vq = dict(quantizer="vq", codebook_size=16, code_dim=4)
+    for cfg, tokens in ((VQConfig(downsample=3, channels=[8, 8, 8], **vq), 64),
+                        (VQConfig(downsample=2, channels=[8, 8], **vq), 256),
+                        (VQConfig(downsample=3, channels=[8, 8, 8], quantizer="fsq",
+                                  fsq_levels=[3, 3]), 64)):
         m = VQVAE(cfg).eval()
         assert cfg.tokens_side ** 2 == tokens
         x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
         ids = m.encode(x)
-        assert ids.shape == (2, tokens) and int(ids.max()) < cfg.codebook_size
+        assert ids.shape == (2, tokens) and int(ids.max()) < cfg.size
         assert m.decode(ids).shape == (2, 3, 64, 64)
         z = m.unit_latents(x)
         assert z.shape == (2, tokens, m.quantizer.codes().shape[1])
@@ -67,10 +79,10 @@ def test_grids_and_quantizers_encode_decode_shapes():
         _, fids, _ = m(m.to_input(x))
         assert torch.equal(fids, ids)
     assert VQConfig(downsample=2).stage_channels == [64, 128]
-    assert VQConfig().stage_channels == [32, 64, 128]
+    assert VQConfig(downsample=3).stage_channels == [32, 64, 128]
     # the tokenizer config's override alone: the stages' default channels follow
-    tc = load_config(ImageTokenizerConfig, None, ["vq.downsample=2"])
-    assert tc.vq.stage_channels == [64, 128] and VQVAE(tc.vq).cfg.tokens_side == 16
+    tc = load_config(ImageTokenizerConfig, None, ["vq.downsample=3"])
+    assert tc.vq.stage_channels == [32, 64, 128] and VQVAE(tc.vq).cfg.tokens_side == 8
     with pytest.raises(ValueError, match="channels must be 2 sizes"):
         VQConfig(downsample=2, channels=[8, 8, 8])
     with pytest.raises(ValueError, match=r"quantizer must be vq\|fsq\|rq"):
@@ -80,7 +92,8 @@ def test_grids_and_quantizers_encode_decode_shapes():
 
 
 def test_residual_quantizer_is_greedy_over_levels_and_decodes_the_sum():
-    cfg = VQConfig(channels=[8, 8, 8], quantizer="rq", rq_depth=3, codebook_size=16, code_dim=4)
+    cfg = VQConfig(downsample=3, channels=[8, 8, 8], quantizer="rq", rq_depth=3,
+                   codebook_size=16, code_dim=4)
     assert cfg.depth == 3 and cfg.tokens_per_image == 192
     q = ResidualQuantizer(cfg)
     torch.manual_seed(0)
@@ -120,11 +133,26 @@ def test_residual_quantizer_is_greedy_over_levels_and_decodes_the_sum():
 
 
 def test_default_layout_keeps_the_saved_tokenizers_keys():
-    keys = set(VQVAE(VQConfig()).state_dict())
+    keys = set(VQVAE(VQConfig(quantizer="vq", downsample=3)).state_dict())
     assert {"encoder.0.weight", "encoder.2.weight", "encoder.4.weight", "encoder.8.weight",
             "decoder.0.weight", "decoder.4.weight", "decoder.7.weight",
             "decoder.10.weight"} <= keys
     assert "decoder.11.weight" not in keys
+
+
+def test_tokenizers_saved_before_the_grid_and_quantizer_fields_load_as_8x8_vq(tmp_path):
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 8, 8], codebook_size=16,
+                       code_dim=4)).eval()
+    ImageTokenizer(m).save(tmp_path)
+    meta = tmp_path / "image_tokenizer.json"
+    info = json.loads(meta.read_text())
+    for k in ("downsample", "quantizer", "rq_depth", "fsq_levels"):  # as older releases wrote
+        del info["vq"][k]
+    meta.write_text(json.dumps(info))
+    tok = ImageTokenizer.load(tmp_path)
+    assert (tok.model.cfg.quantizer, tok.model.cfg.tokens_side, tok.size) == ("vq", 8, 16)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert torch.equal(tok.model.encode(x), m.encode(x))
 
 
 def test_object_weighted_and_edge_losses_by_hand():
@@ -159,7 +187,7 @@ def test_region_psnr_separates_objects_from_background():
 
 def test_eval_reports_regions_and_the_judge(shapes_dir, tmp_path):
     out = tmp_path / "tok"
-    ImageTokenizer(VQVAE(VQConfig(channels=[8, 8, 8], quantizer="fsq", fsq_levels=[3, 3]))
+    ImageTokenizer(VQVAE(VQConfig(downsample=3, channels=[8, 8, 8], fsq_levels=[3, 3]))
                    ).save(out)
     judge = tmp_path / "judge.safetensors"  # an untrained judge: only the plumbing is tested
     save_file(ShapeClassifier().state_dict(), judge)
@@ -172,7 +200,7 @@ def test_eval_reports_regions_and_the_judge(shapes_dir, tmp_path):
     assert 0 <= m["judge_shape_chance"] < 1 and 0 <= m["judge_shape"] <= 1
     assert 0 <= m["judge_shape_originals"] <= 1 and 0 <= m["judge_color"] <= 1
     rq = tmp_path / "rq"  # residual: tokens are positions x depth, usage per level
-    ImageTokenizer(VQVAE(VQConfig(channels=[8, 8, 8], quantizer="rq", rq_depth=2,
+    ImageTokenizer(VQVAE(VQConfig(downsample=3, channels=[8, 8, 8], quantizer="rq", rq_depth=2,
                                   codebook_size=8, code_dim=4))).save(rq)
     assert main(["tokenizer", "eval", "image", "--tokenizer", str(rq), "--data",
                  str(shapes_dir / "test-novel-*.tar"), "--out", str(tmp_path / "r.json"),

@@ -55,7 +55,10 @@ def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
     plans = [("text", [], {}),
              # k-means fitted on a sample of 100k frames (200 per unit), not on every frame
              ("speech", ["kind=kmeans", f"codebook_size={speech_units}", "max_frames=100000"], {}),
-             ("image", [f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
+             # the demo's VQ on 8 px patches (8 x 8 codes), not the 16 x 16 FSQ default: its
+             # pretraining reads 64 codes per image, a quarter of the default's
+             ("image", ["vq.quantizer=vq", "vq.downsample=3", "object_weight=0",
+                        "edge_weight=0", f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
                         f"vq.codebook_size={vq_codes}", f"precision={vq_precision}",
                         f"crop={vq_crop}"],
               {"grid": str(grid) if grid is not None else None})]
