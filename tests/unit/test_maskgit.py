@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omnimask.fusion.packing import IGNORE, pack
 from omnimask.train.evaluate_generate import GenerateEvalConfig, draw_codes
 from omnimask.train.objectives import maskgit as mg
-from omnimask.train.objectives.base import text_segment
+from omnimask.train.objectives.base import ObjectivesConfig, text_segment
 
 from .test_objectives import CODES, P, _batch, _corpus, _ctx, _model
 
@@ -201,6 +201,20 @@ def test_object_mask_masks_every_object_code_and_leaves_the_default_draws_alone(
         full += bool(masked[obj[i]].all())
     # all-masked by the ratio alone: P(r*P covers them) is small but not zero
     assert 0.45 < full / 400 < 0.7, full
+
+
+def test_object_mask_of_boxes_masks_each_object_box_and_checks_the_region():
+    corpus, obj = _with_objects(_corpus())
+    boxes = mg.MaskGIT(_ctx(maskgit_object_mask=1.0, maskgit_object_mask_region="boxes"))
+    want = mg.object_boxes(corpus, list(range(len(corpus))))
+    g = torch.Generator().manual_seed(0)
+    for k in range(40):
+        i = k % len(corpus)
+        masked = boxes.sample(corpus, i, g)[1].ids == boxes.ctx.sp("mask")
+        assert bool(masked[want[i]].all()) and bool(masked[obj[i]].all())
+    assert bool((want & ~obj).any())  # the boxes hold background codes: not the outline
+    with pytest.raises(ValueError, match="objectives.maskgit_object_mask_region"):
+        ObjectivesConfig(maskgit_object_mask_region="outline")
 
 
 def test_object_weight_is_the_weighted_mean_of_the_masked_codes_cross_entropy():

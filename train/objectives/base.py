@@ -68,6 +68,10 @@ class ObjectivesConfig:
     # share of MaskGIT samples that mask every object code (plus the ratio's random share):
     # the objects must then come from the caption, not from the rest of the image
     maskgit_object_mask: float = 0.0
+    # what those samples mask: the object ``codes`` (their outline shows in the mask) or
+    # ``boxes``, each object's bounding box one code wider (where, not which shape: what
+    # ``eval generate --set infill=objects`` draws)
+    maskgit_object_mask_region: str = "codes"
     # span starts per frame, spans of speech_span frames (overlapping): wav2vec2's mask_prob
     # 0.65 / length 10, ~50% of the frames covered (HuBERT's 0.08 covers ~57%)
     speech_start_prob: float = 0.065
@@ -87,6 +91,7 @@ class ObjectivesConfig:
                      "maskgit_object_weight", prefix=p)
         check_fields(self, ">=0", "mix_ramp_steps", "wra_weight", "speech_max_units", prefix=p)
         check_choice(self, "itm_features", ("cls", "pair"), prefix=p)
+        check_choice(self, "maskgit_object_mask_region", ("codes", "boxes"), prefix=p)
         for key in ("mix", "mix_start"):
             for name, v in getattr(self, key).items():
                 if not float(v) >= 0:

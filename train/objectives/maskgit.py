@@ -11,7 +11,8 @@ cross-entropy of the masked codes through the vocabulary head.
 
 Objects (patches with object pixels in ``seg.png``) can weigh more than the background
 (``maskgit_object_weight``), and a share of samples (``maskgit_object_mask``) masks every
-object code: the rest of the image then says nothing of what the caption names.
+object code, or every object's box (``maskgit_object_mask_region=boxes``): the rest of the
+image then says nothing of what the caption names.
 
 ``draw`` decodes in ``steps`` rounds: each round predicts every masked code, samples them,
 and keeps the most confident ones so that cos(pi/2 * (t+1)/steps) of the codes stay masked
@@ -61,17 +62,18 @@ def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
     return corpus.regions[i][:, 1:].float().sum(-1) > 0
 
 
-def object_boxes(corpus, idx: list[int], margin: int = 1) -> torch.Tensor:
+def object_boxes(corpus, idx: list[int], margin: int = 1, setting: str = "infill=objects"
+                 ) -> torch.Tensor:
     """[len(idx), P] bool: the codes within ``margin`` codes of the bounding box of each
     8-connected group of object codes (what ``eval generate``'s ``infill=objects`` draws:
-    where each object is, not its outline)."""
+    where each object is, not its outline); ``setting`` as ``object_codes``'s."""
     import numpy as np
     from scipy import ndimage
 
     rows, cols = corpus.grid
     out = torch.zeros(len(idx), rows * cols, dtype=torch.bool)
     for j, i in enumerate(idx):
-        obj = object_codes(corpus, i, "infill=objects").view(rows, cols).numpy()
+        obj = object_codes(corpus, i, setting).view(rows, cols).numpy()
         box = np.zeros_like(obj)
         for r, c in ndimage.find_objects(ndimage.label(obj, structure=np.ones((3, 3)))[0]):
             box[max(0, r.start - margin):r.stop + margin, max(0, c.start - margin):c.stop + margin] = True
@@ -92,7 +94,9 @@ class MaskGIT(Objective):
         masked[torch.randperm(n, generator=gen)[:k]] = True
         p = self.cfg.maskgit_object_mask
         if p > 0 and float(torch.rand(1, generator=gen)) < p:
-            masked |= object_codes(corpus, i, "objectives.maskgit_object_mask")
+            masked |= (object_boxes(corpus, [i], setting="objectives.maskgit_object_mask")[0]
+                       if self.cfg.maskgit_object_mask_region == "boxes"
+                       else object_codes(corpus, i, "objectives.maskgit_object_mask"))
         uncond = float(torch.rand(1, generator=gen)) < self.cfg.maskgit_uncond
         caption = [] if uncond else pick_caption(corpus, i, gen)
         return [text_segment(self.ctx, caption),
