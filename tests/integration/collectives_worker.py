@@ -26,7 +26,8 @@ def rows(seed: int, n: int = 8, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]
 def quantizer(dead_after: int) -> Quantizer:
     """16 codes; ``latents`` leave most unused (they die after ``dead_after`` idle steps)."""
     torch.manual_seed(0)
-    q = Quantizer(VQConfig(quantizer="vq", codebook_size=16, code_dim=4, dead_after=dead_after)).train()
+    q = Quantizer(VQConfig(quantizer="vq", codebook_size=16, code_dim=4,
+                           dead_after=dead_after)).train()
     q.init_kmeans(F.normalize(torch.randn(64, 4), dim=-1), 0)
     return q
 

@@ -211,7 +211,8 @@ def test_the_image_tokenizer_trains_on_two_ranks(shapes_dir, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node=2", "-m", "omnimask.cli", "tokenizer", "train",
                         "image", "--data", str(shapes_dir / "train-*.tar"), "--out", str(out),
-                        "max_steps=4", "vq.quantizer=vq", "vq.codebook_size=64", "batch_size=8", "parallel=ddp",
+                        "max_steps=4", "vq.quantizer=vq", "vq.codebook_size=64", "batch_size=8",
+                        "parallel=ddp",
                         "threads=1", "-q"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"omnimask": ROOT / "omnimask", "omnimask.modalities": ROOT / "modalities",
                 "omnimask.fusion": ROOT / "fusion", "omnimask.heads": ROOT / "heads",
                 "omnimask.train": ROOT / "train"}
-VQ_TINY = ["vq.quantizer=vq", "vq.downsample=3", "crop=0", "vq.channels=[8,8,8]", "vq.codebook_size=16", "vq.code_dim=4", "batch_size=4",
+VQ_TINY = ["vq.quantizer=vq", "vq.downsample=3", "crop=0", "vq.channels=[8,8,8]",
+           "vq.codebook_size=16", "vq.code_dim=4", "batch_size=4",
            "warmup_steps=0", "max_images=16", "max_steps=1"]
 
 

@@ -20,7 +20,8 @@ from omnimask.errors import ConfigError
 from omnimask.registry import TOKENIZERS
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "shapes_tiny.yaml")
-VQ_TINY = ["vq.quantizer=vq", "vq.downsample=3", "crop=0", "vq.channels=[8,8,8]", "vq.codebook_size=16", "vq.code_dim=4", "batch_size=4",
+VQ_TINY = ["vq.quantizer=vq", "vq.downsample=3", "crop=0", "vq.channels=[8,8,8]",
+           "vq.codebook_size=16", "vq.code_dim=4", "batch_size=4",
            "warmup_steps=0", "max_images=16"]
 
 

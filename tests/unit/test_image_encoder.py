@@ -197,7 +197,8 @@ def tokenizers():
     from omnimask.modalities.text.tokenizer import TextTokenizer, TextTokenizerConfig
 
     torch.manual_seed(0)
-    image = ImageTokenizer(VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[4, 4, 4], code_dim=4, codebook_size=16)))
+    image = ImageTokenizer(VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[4, 4, 4],
+                                          code_dim=4, codebook_size=16)))
     text = TextTokenizer.train(["a red circle left of a blue cross"],
                                TextTokenizerConfig(vocab_size=300, min_frequency=1))
     return {"text": text, "image": image}

@@ -66,7 +66,8 @@ def test_ema_moves_codes_and_dead_codes_restart():
 
 
 def test_encode_decode_shapes():
-    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=32, code_dim=4)).eval()
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=32,
+                       code_dim=4)).eval()
     x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
     ids = m.encode(x)
     assert ids.shape == (3, 64) and ids.dtype == torch.long and 0 <= ids.min() <= ids.max() < 32
@@ -190,7 +191,8 @@ def test_psnr():
 
 
 def test_straight_through_codebook_gets_gradients():
-    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=16, code_dim=4, ema=False))
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=16,
+                       code_dim=4, ema=False))
     assert isinstance(m.quantizer.codebook, torch.nn.Parameter)
     x = m.to_input(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
     _, _, losses = m(x)
@@ -201,7 +203,8 @@ def test_straight_through_codebook_gets_gradients():
 
 def test_bf16_convolutions_compute_the_fp32_forward_to_bf16_precision():
     torch.manual_seed(0)
-    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=32, code_dim=4)).eval()  # no EMA
+    m = VQVAE(VQConfig(quantizer="vq", downsample=3, channels=[8, 16, 16], codebook_size=32,
+                       code_dim=4)).eval()  # no EMA
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     seen = []
     m.quantizer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))

@@ -76,7 +76,8 @@ def object_boxes(corpus, idx: list[int], margin: int = 1, setting: str = "infill
         obj = object_codes(corpus, i, setting).view(rows, cols).numpy()
         box = np.zeros_like(obj)
         for r, c in ndimage.find_objects(ndimage.label(obj, structure=np.ones((3, 3)))[0]):
-            box[max(0, r.start - margin):r.stop + margin, max(0, c.start - margin):c.stop + margin] = True
+            box[max(0, r.start - margin):r.stop + margin,
+                max(0, c.start - margin):c.stop + margin] = True
         out[j] = torch.from_numpy(box.reshape(-1))
     return out
 
@@ -107,7 +108,8 @@ class MaskGIT(Objective):
         out = {"packed": pack(samples)}
         w = self.cfg.maskgit_object_weight
         if w != 1.0:  # one weight per target, in the packed targets' order
-            obj = [object_codes(corpus, i, "objectives.maskgit_object_weight")[s[-1].targets != IGNORE]
+            setting = "objectives.maskgit_object_weight"
+            obj = [object_codes(corpus, i, setting)[s[-1].targets != IGNORE]
                    for i, s in zip(idx, samples)]
             out["weights"] = torch.cat(obj).float() * (w - 1) + 1
         return out
