@@ -240,14 +240,25 @@ def _sdpa(q, k, v, lay: Layout, scale, rows=None):
 
 
 def _varlen(q, k, v, lay: Layout, scale):
+    """``varlen_attn`` in either signature torch has shipped: (..., is_causal) before
+    ``scale``/``window_size`` existed (torch 2.10-2.11), and keyword-only ``scale`` and
+    ``window_size`` after; an argument its signature lacks is only passed when needed."""
     from torch.nn.attention.varlen import varlen_attn
 
     cu, mask = lay.cu, lay.mask
-    kw = {"scale": scale}
+    params = inspect.signature(varlen_attn).parameters
+    kw = {}
+    if scale is not None:
+        if "scale" not in params:
+            raise NotImplementedError("this torch's varlen_attn takes no scale")
+        kw["scale"] = scale
     if mask in ("causal", "cm3"):
-        if "window_size" not in inspect.signature(varlen_attn).parameters:
+        if "window_size" in params:
+            kw["window_size"] = (-1, 0)
+        elif "is_causal" in params:
+            kw["is_causal"] = True
+        else:
             raise NotImplementedError("this torch's varlen_attn has no causal mode")
-        kw["window_size"] = (-1, 0)
     elif mask in ("prefix", "blocks"):
         raise NotImplementedError(f"varlen_attn has no {mask} mask")
     cu = cu.to(device=q.device, dtype=torch.int32)
@@ -367,7 +378,8 @@ def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
             if not torch.allclose(got, want, atol=tol, rtol=tol):
                 raise RuntimeError(f"max error {(got - want).abs().max():.2e}")
             t0 = time.perf_counter()
-            for _ in range(3):
+            for _ in range(3):  # flex pays for its block mask, as with each new batch
+                _FLEX["key"] = None
                 _IMPL[name](q, k, v, Layout(cu, mask, pre), None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

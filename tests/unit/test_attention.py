@@ -270,3 +270,38 @@ def test_cpu_bf16_attention_is_the_fp32_attention_of_its_inputs(mask, lengths, a
     for got, want in zip(*outs):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, want.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def _fake_varlen(keyword_only: bool):
+    """A CPU ``varlen_attn`` in one of the two signatures torch has shipped, computing the
+    reference (what the flash kernel computes)."""
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+        return A.reference(q, k, v, cu_q, "causal" if causal else "bidirectional", None, scale)
+
+    if keyword_only:  # torch >= 2.12
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                        return_aux=None, scale=None, window_size=(-1, -1)):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                       tuple(window_size) == (-1, 0), scale)
+    else:  # torch 2.10-2.11: no scale; causal as a flag
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                        return_aux=None):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None)
+    return type("M", (), {"varlen_attn": staticmethod(varlen_attn)})
+
+
+@pytest.mark.parametrize("keyword_only", [False, True])
+@pytest.mark.parametrize("mask", ["bidirectional", "causal", "cm3"])
+def test_varlen_is_called_in_the_signature_this_torch_has(monkeypatch, keyword_only, mask):
+    monkeypatch.setitem(__import__("sys").modules, "torch.nn.attention.varlen",
+                        _fake_varlen(keyword_only))
+    q, k, v, cu = _problem([5, 1, 9], dtype=torch.float64)
+    want = A.reference(q, k, v, cu, mask)
+    assert torch.allclose(A._varlen(q, k, v, A.Layout(cu, mask), None), want, atol=1e-12)
+    if keyword_only:  # a scale goes through where the signature takes one
+        got = A._varlen(q, k, v, A.Layout(cu, mask), 0.3)
+        assert torch.allclose(got, A.reference(q, k, v, cu, mask, scale=0.3), atol=1e-12)
+    else:  # and is refused (the probe then skips the backend) where it does not
+        with pytest.raises(NotImplementedError, match="scale"):
+            A._varlen(q, k, v, A.Layout(cu, mask), 0.3)
