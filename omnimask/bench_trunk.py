@@ -9,8 +9,8 @@ this machine's matmul peak before and after its steps, in the dtype both sides s
 (forward, backward, fused AdamW on both sides, as transformers' Trainer defaults to on
 torch >= 2.8), counts one step's FLOPs with ``torch.utils.flop_counter`` (the CPU
 flash-attention kernels added) and reports real (non-pad) tokens/s, FLOPs per real token,
-achieved GFLOP/s, the fraction of the peak and peak memory (CUDA: allocated; CPU: the
-process's peak RSS). Our side packs without padding and computes the last layer and the
+achieved GFLOP/s, the fraction of the peak, peak memory (CUDA: allocated; CPU: the
+process's peak RSS) and the attention backend each side ran. Our side packs without padding and computes the last layer and the
 vocabulary projection only at masked positions; theirs pads to the longest sample and
 projects every position. On CUDA both run under bf16 autocast and the fraction is the MFU;
 ``dtype="bf16"`` runs both sides under bf16 autocast on CPU too (CPUs with native bf16
@@ -194,7 +194,16 @@ def measure(spec: dict) -> dict:
             "gflop_per_s": round(per_token * rate / 1e9, 1),
             "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
             "peak_fraction": round(per_token * rate / peak, 3),
-            "peak_mem_mb": round(mem / 2 ** 20, 1), "warmup_s": round(warmup_s, 2)}
+            "peak_mem_mb": round(mem / 2 ** 20, 1), "warmup_s": round(warmup_s, 2),
+            "attention": _attention_used() if ours else "sdpa (padded)"}
+
+
+def _attention_used() -> str:
+    """The backend(s) ``auto`` chose in this process (the probe's pick per mask), or the
+    fallback the masked rows of the last layer take."""
+    from .fusion.attention import _CHOICE
+
+    return ", ".join(sorted(set(_CHOICE.values()))) or "sdpa"
 
 
 def _in_process(spec: dict) -> dict:

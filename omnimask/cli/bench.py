@@ -50,7 +50,7 @@ def trunk_table(res: dict) -> str:
     """The bench's result as a Markdown table: one row per (lengths, side)."""
     lo, hi = res["config"]["lengths"]
     rows = ["| lengths | side | real tokens/s | ratio | MFLOP/token | GFLOP/s | of matmul peak "
-            "| peak memory | warm-up |", "|---|---|---|---|---|---|---|---|---|"]
+            "| peak memory | warm-up | attention |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, name in (("variable", f"{lo}-{hi}"), ("full_length", f"{hi}")):
         for side in ("omnimask", "hf"):
             r = res[key][side]
@@ -58,7 +58,8 @@ def trunk_table(res: dict) -> str:
             rows.append(f"| {name} | {side} | {r['tokens_per_s']:.0f} | {ratio} | "
                         f"{r['mflop_per_token']:.1f} | {r['gflop_per_s']:.0f} | "
                         f"{r['peak_fraction']:.2f} of {r['matmul_peak_gflop_per_s']:.0f} | "
-                        f"{r['peak_mem_mb']:.0f} MB | {r['warmup_s']:.1f} s |")
+                        f"{r['peak_mem_mb']:.0f} MB | {r['warmup_s']:.1f} s | "
+                        f"{r.get('attention', '')} |")
     return "\n".join(rows)
 
 

@@ -115,6 +115,8 @@ def test_bench_trunk_json(tmp_path):
             assert side["matmul_peak_gflop_per_s"] > 0 and side["peak_mem_mb"] > 0
             assert side["peak_fraction"] == pytest.approx(
                 side["gflop_per_s"] / side["matmul_peak_gflop_per_s"], abs=2e-3)
+        # the attention each side ran: the probe's pick on CPU, transformers' padded SDPA
+        assert ours["attention"] == "sdpa" and hf["attention"] == "sdpa (padded)"
 
 
 def test_bench_trunk_bf16_on_cpu():
