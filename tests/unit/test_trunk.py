@@ -415,3 +415,47 @@ def test_compiled_blocks_equal_eager_with_gradients(opts):
         torch.testing.assert_close(losses[1][0], losses[0][0], atol=1e-5, rtol=1e-5)
         for n, g in losses[0][1].items():
             torch.testing.assert_close(losses[1][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def _host_syncs(fn) -> int:
+    """Calls in ``fn`` that make the host wait for the device on CUDA: tensor -> Python
+    scalars or lists, and ops whose output size depends on the data."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"aten._local_scalar_dense.default", "aten.nonzero.default",
+             "aten.repeat_interleave.Tensor", "aten.masked_select.default"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += str(func) in waits
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist  # a CPU tolist dispatches nothing: counted here
+
+    def counted(self, *a):
+        Count.n += 1
+        return tolist(self, *a)
+
+    torch.Tensor.tolist = counted
+    try:
+        with Count():
+            fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    return Count.n
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_host_syncs_per_training_step_do_not_grow_with_depth(backend):
+    """A GPU step stalls at each host sync: the trunk makes a few per forward (lengths,
+    target rows, position check), none per layer."""
+    b = _batch([5, 12, 9])
+    counts = []
+    for layers in (2, 5):
+        t = Trunk(TrunkConfig(vocab_size=100, dim=16, heads=2, layers=layers, ffn_dim=32,
+                              attention_backend=backend))
+        t.mlm_loss(b).backward()  # the backend probe (auto) runs once, before counting
+        counts.append(_host_syncs(lambda t=t: t.mlm_loss(b).backward()))
+    assert counts[0] == counts[1] and 0 < counts[0] <= 8
