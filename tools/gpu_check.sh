@@ -60,8 +60,9 @@ if [[ " $STAGES " == *" draw "* ]]; then
     objectives.maskgit_object_weight=5 objectives.maskgit_object_mask=0.5 \
     objectives.maskgit_object_mask_region=boxes "${TRUNK[@]}" trainer.lr=6e-4 \
     trainer.schedule_by=time trainer.max_minutes="$MINUTES" trainer.checkpoint_every=100000 \
-    trainer.eval_every=500 trainer.keep=1 generate.sampler=maskgit generate.candidates=1 generate.guidance=1 \
-    generate.order=random generate.steps=$ROUNDS generate.images=2 generate.captions=2 \
+    trainer.eval_every=500 trainer.keep=1 generate.sampler=maskgit generate.candidates=1 \
+    generate.guidance=1 generate.order=random generate.steps=$ROUNDS generate.images=2 \
+    generate.captions=2 \
     > "$OUT/pretrain.log" 2>&1
   stamp "pretrain: exit $? ($(tail -n 4 "$OUT/pretrain.log" | tr '\n' ' '))"
   $OM export -q "$R" --out "$M" > "$OUT/export.log" 2>&1
