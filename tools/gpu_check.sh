@@ -4,7 +4,7 @@
 #   2. MaskGIT alone on fresh ShapesWorld scenes, a wider trunk, cosine over MINUTES
 #   3. images drawn from val captions, judged: boxes infilled first, then whole images
 #
-#   tools/gpu_check.sh OUT TEXT_TOKENIZER IMAGE_TOKENIZER
+#   tools/gpu_check.sh OUT TEXT_TOKENIZER IMAGE_TOKENIZER   (from the repository root)
 #
 # env: OMNIMASK (the command; default omnimask), MINUTES (training, default 5), SCENES
 # (training scenes, default 40000), LIMIT (captions judged, default 64), TINY=1 (CPU-sized
