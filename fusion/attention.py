@@ -16,14 +16,17 @@ a boolean mask; CPU and everywhere), ``varlen`` (``torch.nn.attention.varlen.var
 CUDA, no padding), ``xformers`` (``memory_efficient_attention`` with block-diagonal
 masks, CUDA; its kernels only load with the torch it was built for), ``flex``
 (FlexAttention over the packed sequence with a document ``mask_mod``: no padding and
-every mask kind, prefix-LM and blocks included; compiled on CUDA; on CPU unfused and forward only). ``auto`` probes
-the candidates once per (device, dtype, mask) on a tiny problem against a float64
-reference, keeps those that agree, and picks the fastest; the choice is logged. A
-missing or broken xformers never breaks an import.
+every mask kind, prefix-LM and blocks included; compiled on CUDA; on CPU unfused and
+forward only). ``auto`` probes the candidates once per (device, dtype, mask) on a tiny
+problem against a float64 reference: the first packed kernel that agrees (varlen, then
+xformers) is taken, else the faster of flex and SDPA; the choice is logged. With every
+length equal ``auto`` runs SDPA on a view. ``RAN`` counts the paths run. A missing or
+broken xformers never breaks an import.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import logging
@@ -39,6 +42,7 @@ log = logging.getLogger("omnimask.attention")
 MASKS = ("bidirectional", "causal", "prefix", "cm3", "blocks")
 BACKENDS = ("auto", "sdpa", "varlen", "xformers", "flex")
 _CHOICE: dict[tuple, str] = {}
+RAN: collections.Counter = collections.Counter()  # calls per path run (the bench reports it)
 
 
 def _lengths(cu: torch.Tensor) -> list[int]:
@@ -230,22 +234,35 @@ def _sdpa(q, k, v, lay: Layout, scale, rows=None):
             return _sdpa(q.float(), k.float(), v.float(), lay, scale, rows).to(q.dtype)
     plain = lay.mask in ("bidirectional", "causal", "cm3")
     if plain and rows is None and lay.equal:  # a view, no mask: the fused kernel's best case
+        RAN["sdpa view"] += 1
         o = F.scaled_dot_product_attention(lay.pad(q), lay.pad(k), lay.pad(v), scale=scale,
                                            is_causal=lay.mask != "bidirectional")
         return lay.unpad(o)
     if q.device.type == "cpu" and (lay.mask == "bidirectional" or plain and rows is None):
+        RAN["sdpa per sample"] += 1
         return _per_sample(q, k, v, lay, scale, rows)
+    RAN["sdpa padded"] += 1
     qp, kp, vp, m, unpad = _padded_rows(q, k, v, lay, rows)
     return unpad(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m, scale=scale))
 
 
-def _varlen(q, k, v, lay: Layout, scale):
+def _varlen(q, k, v, lay: Layout, scale, rows=None):
     """``varlen_attn`` in either signature torch has shipped: (..., is_causal) before
     ``scale``/``window_size`` existed (torch 2.10-2.11), and keyword-only ``scale`` and
-    ``window_size`` after; an argument its signature lacks is only passed when needed."""
+    ``window_size`` after; an argument its signature lacks is only passed when needed.
+    ``rows`` (bidirectional, every sample with at least one): queries at those sorted
+    packed positions only, each over its sample's keys (``cu_seq_q`` != ``cu_seq_k``)."""
     from torch.nn.attention.varlen import varlen_attn
 
     cu, mask = lay.cu, lay.mask
+    cu_k = cu.to(device=q.device, dtype=torch.int32)
+    cu_q, max_q = cu_k, lay.L
+    if rows is not None:
+        counts = lay.row_samples(rows)[1]
+        fewest, max_q = torch.stack([counts.min(), counts.max()]).tolist()
+        if mask != "bidirectional" or fewest < 1:  # a query-less sample: not to the kernel
+            raise NotImplementedError("varlen_attn query rows: bidirectional, >= 1 per sample")
+        cu_q = F.pad(counts.cumsum(0), (1, 0)).to(device=q.device, dtype=torch.int32)
     params = inspect.signature(varlen_attn).parameters
     kw = {}
     if scale is not None:
@@ -261,8 +278,8 @@ def _varlen(q, k, v, lay: Layout, scale):
             raise NotImplementedError("this torch's varlen_attn has no causal mode")
     elif mask in ("prefix", "blocks"):
         raise NotImplementedError(f"varlen_attn has no {mask} mask")
-    cu = cu.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q, k, v, cu, cu, lay.L, lay.L, **kw)
+    RAN["varlen" if rows is None else "varlen rows"] += 1
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, lay.L, **kw)
 
 
 def _xformers(q, k, v, lay: Layout, scale):
@@ -275,6 +292,7 @@ def _xformers(q, k, v, lay: Layout, scale):
         bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lens)
     else:
         raise NotImplementedError(f"xformers has no block-diagonal {mask} mask")
+    RAN["xformers"] += 1
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
                                            scale=scale)[0]
 
@@ -333,6 +351,7 @@ def _flex(q, k, v, lay: Layout, scale):
             _FLEX["compiled"] = torch.compile(flex_attention, dynamic=True)
         fn = _FLEX["compiled"]
     bm = _flex_mask(lay.cu, lay.mask, lay.prefix_len, q.device)
+    RAN["flex"] += 1
     with warnings.catch_warnings():  # the unfused path warns once; it is still exact
         warnings.simplefilter("ignore", UserWarning)
         o = fn(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=bm, scale=scale)
@@ -360,7 +379,26 @@ def reference(q, k, v, cu, mask="bidirectional", prefix_len=None, scale=None) ->
     return torch.cat(outs).to(q.dtype)
 
 
+FUSED = ("varlen", "xformers")  # packed kernels, no padding: preferred as they come
+
+
+def _candidates(device: torch.device) -> list[str]:
+    """Backends the probe tries on ``device``, in order of preference: the packed flash
+    kernels (the first that passes is taken), then flex (compiled on first use, seconds)
+    and padded SDPA, timed against each other."""
+    return ["varlen", "xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa"]
+
+
 def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
+    ran = RAN.copy()
+    try:
+        return _probe_candidates(device, dtype, mask)
+    finally:  # the probe's own calls are not the model's
+        RAN.clear()
+        RAN.update(ran)
+
+
+def _probe_candidates(device: torch.device, dtype: torch.dtype, mask: str) -> str:
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 5, 17, 24], dtype=torch.int32)
     q, k, v = (torch.randn(24, 2, 16, generator=g).to(device, dtype) for _ in range(3))
@@ -369,14 +407,20 @@ def _probe(device: torch.device, dtype: torch.dtype, mask: str) -> str:
                                   + [1, 1, 2, 2, 2, 1, 1])}.get(mask)
     want = reference(q, k, v, cu, mask, pre).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    candidates = ["sdpa"] if device.type != "cuda" else ["varlen", "xformers", "flex", "sdpa"]
+    rows = torch.tensor([1, 4, 5, 9, 16, 20], device=device)  # query rows: >= 1 per sample
     timed = {}
-    for name in candidates:
+    for name in _candidates(device):
         try:
             lay = Layout(cu, mask, pre)
             got = _IMPL[name](q, k, v, lay, None).float()
             if not torch.allclose(got, want, atol=tol, rtol=tol):
                 raise RuntimeError(f"max error {(got - want).abs().max():.2e}")
+            if name == "varlen" and mask == "bidirectional":  # the last layer's query rows
+                got, sub = _IMPL[name](q[rows], k, v, lay, None, rows).float(), want[rows]
+                if not torch.allclose(got, sub, atol=tol, rtol=tol):
+                    raise RuntimeError(f"query rows: max error {(got - sub).abs().max():.2e}")
+            if name in FUSED:  # no padding and nothing to compile: the first that works
+                return name
             t0 = time.perf_counter()
             for _ in range(3):  # flex pays for its block mask, as with each new batch
                 _FLEX["key"] = None
@@ -426,14 +470,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     """[T, H, D] x3 -> [T, H, D]; see the module docstring. ``layout``: the batch's
     ``Layout`` when the caller has one (every layer of a forward shares it). ``rows``:
     sorted packed positions whose queries ``q`` holds ([P, H, D], keys and values still of
-    every position) -> [P, H, D]; computed by the SDPA path on any backend."""
+    every position) -> [P, H, D]; computed by ``varlen_attn`` where that is the backend (a
+    bidirectional mask, every sample with a row), else by the SDPA path. ``auto`` with
+    every length equal and a plain mask runs SDPA on a view (no padding, no mask)."""
     if mask not in MASKS:
         raise ValueError(f"unknown mask {mask!r}; known: {', '.join(MASKS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(BACKENDS)}")
     lay = layout or Layout(cu_seqlens, mask, prefix_len)
-    if rows is not None:
-        return _sdpa(q, k, v, lay, scale, rows)
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
+        if lay.equal and rows is None and mask in ("bidirectional", "causal", "cm3"):
+            return _sdpa(q, k, v, lay, scale)  # equal lengths: a view, SDPA's best case
         backend = choose_backend(q.device, q.dtype, mask)
-    return _IMPL[backend](q, k, v, lay, scale)
+    if rows is not None:
+        if backend == "varlen" and mask == "bidirectional":
+            try:
+                return _varlen(q, k, v, lay, scale, rows)
+            except NotImplementedError:  # a sample without query rows
+                pass
+        return _sdpa(q, k, v, lay, scale, rows)
+    try:
+        return _IMPL[backend](q, k, v, lay, scale)
+    except NotImplementedError:  # e.g. a scale this torch's varlen_attn does not take
+        if not auto:
+            raise
+        return _sdpa(q, k, v, lay, scale)

@@ -200,11 +200,11 @@ def measure(spec: dict) -> dict:
 
 
 def _attention_used() -> str:
-    """The backend(s) ``auto`` chose in this process (the probe's pick per mask), or the
-    fallback the masked rows of the last layer take."""
-    from .fusion.attention import _CHOICE
+    """The attention paths this process ran, the most called first (e.g. ``varlen, varlen
+    rows``: every layer packed, the last one's masked rows too)."""
+    from .fusion.attention import RAN
 
-    return ", ".join(sorted(set(_CHOICE.values()))) or "sdpa"
+    return ", ".join(name for name, _ in RAN.most_common()) or "none"
 
 
 def _in_process(spec: dict) -> dict:

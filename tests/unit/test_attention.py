@@ -276,8 +276,16 @@ def _fake_varlen(keyword_only: bool):
     """A CPU ``varlen_attn`` in one of the two signatures torch has shipped, computing the
     reference (what the flash kernel computes)."""
     def run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
-        return A.reference(q, k, v, cu_q, "causal" if causal else "bidirectional", None, scale)
+        assert cu_q.dtype == cu_k.dtype == torch.int32
+        for cu, most in ((cu_q, max_q), (cu_k, max_k)):
+            assert most == int((cu[1:] - cu[:-1]).max())
+        if torch.equal(cu_q, cu_k):
+            return A.reference(q, k, v, cu_q, "causal" if causal else "bidirectional", None, scale)
+        assert not causal  # queries at some rows: each sample's over all its keys
+        scale = scale or q.shape[-1] ** -0.5
+        return torch.cat([torch.einsum("hqk,khd->qhd", (torch.einsum(
+            "qhd,khd->hqk", q[a:b], k[c:d]) * scale).softmax(-1), v[c:d])
+            for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])])
 
     if keyword_only:  # torch >= 2.12
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
@@ -305,3 +313,67 @@ def test_varlen_is_called_in_the_signature_this_torch_has(monkeypatch, keyword_o
     else:  # and is refused (the probe then skips the backend) where it does not
         with pytest.raises(NotImplementedError, match="scale"):
             A._varlen(q, k, v, A.Layout(cu, mask), 0.3)
+
+
+@pytest.mark.parametrize("keyword_only", [False, True])
+def test_varlen_query_rows_equal_the_reference_rows(monkeypatch, keyword_only):
+    """The last layer's masked rows through ``varlen_attn`` (queries packed per sample, keys
+    of every position); a sample without rows is not handed to the kernel: SDPA instead."""
+    monkeypatch.setitem(__import__("sys").modules, "torch.nn.attention.varlen",
+                        _fake_varlen(keyword_only))
+    monkeypatch.setattr(A, "RAN", __import__("collections").Counter())
+    q, k, v, cu = _problem([5, 1, 9], dtype=torch.float64)
+    want = A.reference(q, k, v, cu)
+    rows = torch.tensor([0, 3, 5, 7, 8, 14])
+    got = A.attention(q[rows], k, v, cu, None, backend="varlen", rows=rows)
+    torch.testing.assert_close(got, want[rows], atol=1e-12, rtol=0)
+    assert A.RAN == {"varlen rows": 1}
+    rows = torch.tensor([0, 3, 7, 8, 14])  # the second sample has none
+    with pytest.raises(NotImplementedError, match="per sample"):
+        A._varlen(q[rows], k, v, A.Layout(cu), None, rows)
+    got = A.attention(q[rows], k, v, cu, None, backend="varlen", rows=rows)
+    torch.testing.assert_close(got, want[rows], atol=1e-12, rtol=0)
+    assert A.RAN["sdpa per sample"] == 1
+
+
+@pytest.mark.parametrize("rows_work", [True, False])
+def test_probe_takes_the_first_packed_kernel_that_works(monkeypatch, caplog, rows_work):
+    """On CUDA the probe prefers varlen, then xformers (no padding, nothing to compile), and
+    only tries flex and SDPA when neither passes, its rows check included; its own calls
+    are not counted as the model's."""
+    fake = _fake_varlen(True)
+    if not rows_work:
+        real = fake.varlen_attn
+
+        def varlen_attn(q, k, v, cu_q, cu_k, *args, **kwargs):
+            out = real(q, k, v, cu_q, cu_k, *args, **kwargs)
+            return out if torch.equal(cu_q, cu_k) else out + 1
+        fake = type("M", (), {"varlen_attn": staticmethod(varlen_attn)})
+    monkeypatch.setitem(__import__("sys").modules, "torch.nn.attention.varlen", fake)
+    monkeypatch.setattr(A, "_candidates", lambda device: ["varlen", "xformers", "flex", "sdpa"])
+    tried = []
+    for name in ("flex", "sdpa", "xformers"):
+        def spy(*args, _name=name, _real=A._IMPL[name], **kwargs):
+            tried.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setitem(A._IMPL, name, spy)
+    monkeypatch.setattr(A, "RAN", __import__("collections").Counter({"sdpa view": 2}))
+    with caplog.at_level(logging.INFO, logger="omnimask.attention"):
+        picked = A._probe(torch.device("cpu"), torch.float32, "bidirectional")
+    assert A.RAN == {"sdpa view": 2}
+    if rows_work:
+        assert picked == "varlen" and tried == []
+    else:
+        assert picked in ("flex", "sdpa") and {"xformers", "flex", "sdpa"} <= set(tried)
+        assert "varlen unusable" in caplog.text and "query rows" in caplog.text
+
+
+def test_auto_runs_a_view_at_equal_lengths(monkeypatch):
+    """``auto`` with every length equal and a plain mask: SDPA on a view, without a probe."""
+    monkeypatch.setattr(A, "RAN", __import__("collections").Counter())
+    monkeypatch.setattr(A, "_CHOICE", {})
+    q, k, v, cu = _problem([6, 6, 6], dtype=torch.float64)
+    for mask in ("bidirectional", "causal"):
+        got = A.attention(q, k, v, cu, 6, mask)
+        torch.testing.assert_close(got, A.reference(q, k, v, cu, mask), atol=1e-12, rtol=0)
+    assert A.RAN == {"sdpa view": 2} and A._CHOICE == {}

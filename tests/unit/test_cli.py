@@ -100,7 +100,7 @@ def test_bench_tokenizer_json(shapes_dir, tmp_path):
 
 def test_bench_trunk_json(tmp_path):
     out = tmp_path / "t.json"
-    assert main(["bench", "trunk", "--layers", "1", "--dim", "32", "--heads", "2", "--ffn", "64",
+    assert main(["bench", "trunk", "--layers", "2", "--dim", "32", "--heads", "2", "--ffn", "64",
                  "--vocab", "100", "--batch", "3", "--min-len", "4", "--max-len", "16",
                  "--steps", "2", "--warmup", "1", "--device", "cpu", "--rounds", "1",
                  "--out", str(out), "-q"]) == 0
@@ -115,8 +115,12 @@ def test_bench_trunk_json(tmp_path):
             assert side["matmul_peak_gflop_per_s"] > 0 and side["peak_mem_mb"] > 0
             assert side["peak_fraction"] == pytest.approx(
                 side["gflop_per_s"] / side["matmul_peak_gflop_per_s"], abs=2e-3)
-        # the attention each side ran: the probe's pick on CPU, transformers' padded SDPA
-        assert ours["attention"] == "sdpa" and hf["attention"] == "sdpa (padded)"
+        assert hf["attention"] == "sdpa (padded)"
+    # the paths ours ran on CPU: one call per sample, or a view when every length is equal
+    # (the last layer's masked rows: per sample)
+    assert r["variable"]["omnimask"]["attention"] == "sdpa per sample"
+    assert set(r["full_length"]["omnimask"]["attention"].split(", ")) == {
+        "sdpa view", "sdpa per sample"}
 
 
 def test_bench_trunk_bf16_on_cpu():
