@@ -47,18 +47,27 @@ def test_samples_mask_every_ratio_and_target_exactly_the_masked_codes():
     assert b["packed"].num_samples == 8
 
 
+
+def _spy_rounds(monkeypatch, model, ctx) -> list:
+    """What the model reads in each call: per sample, its image's (codes, masked) [P]."""
+    seen, real = [], model.encoder.forward
+    lo, mask = ctx.vocab.ranges()["image"][0], ctx.sp("mask")
+
+    def spy(batch, *args, **kwargs):
+        for e in batch.cu_seqlens[1:].tolist():
+            ids = batch.ids[e - P:e]
+            seen.append(((ids - lo).masked_fill(ids == mask, 0), ids == mask))
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(model.encoder, "forward", spy)
+    return seen
+
 def test_draw_keeps_codes_and_unmasks_on_the_cosine_schedule(monkeypatch):
     ctx = _ctx()
     model = _model(ctx).eval()
     caps = [[20, 21, 22], [30]]
-    seen = []
+    seen = _spy_rounds(monkeypatch, model, ctx)
     real = mg.masked_image_segment
-
-    def spy(ctx_, codes, masked, cols, targets=True):
-        seen.append((codes.clone(), masked.clone()))
-        return real(ctx_, codes, masked, cols, targets)
-
-    monkeypatch.setattr(mg, "masked_image_segment", spy)
     steps = 5
     out = mg.draw(model, ctx, caps, P, 4, steps=steps, guidance=2.0,
                   gen=torch.Generator().manual_seed(0))
@@ -93,14 +102,7 @@ def test_draw_infills_on_each_images_own_schedule(monkeypatch):
     keep = torch.zeros(2, P, dtype=torch.bool)
     keep[0, :4] = True
     keep[1, 3:13] = True
-    seen = []
-    real = mg.masked_image_segment
-
-    def spy(ctx_, codes, masked, cols, targets=True):
-        seen.append(masked.clone())
-        return real(ctx_, codes, masked, cols, targets)
-
-    monkeypatch.setattr(mg, "masked_image_segment", spy)
+    seen = _spy_rounds(monkeypatch, model, ctx)
     steps = 4
     out = mg.draw(model, ctx, caps, P, 4, steps=steps, gen=torch.Generator().manual_seed(0),
                   start=start, keep_known=keep)
@@ -108,12 +110,13 @@ def test_draw_infills_on_each_images_own_schedule(monkeypatch):
     for t in range(steps):
         for k in range(2):
             m = P - int(keep[k].sum())
-            assert int(seen[2 * t + k].sum()) == math.floor(m * math.cos(math.pi / 2 * t / steps))
-            assert not bool(seen[2 * t + k][keep[k]].any())
+            masked = seen[2 * t + k][1]
+            assert int(masked.sum()) == math.floor(m * math.cos(math.pi / 2 * t / steps))
+            assert not bool(masked[keep[k]].any())
     with pytest.raises(ValueError, match="keep_known"):
         mg.draw(model, ctx, caps, P, 4, start=start)
     # eval generate's path: candidates per caption, each infilled around the same codes
-    monkeypatch.setattr(mg, "masked_image_segment", real)
+    monkeypatch.undo()
     g = GenerateEvalConfig(sampler="maskgit", candidates=3, steps=2, infill="objects",
                            order="random")
     out = draw_codes(model, ctx, caps, P, 4, g, gen=torch.Generator().manual_seed(0),

@@ -143,38 +143,53 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
         codes = torch.where(known, start.long(), codes)
     masked = (~known).sum(1, keepdim=True).double()  # [n, 1]: what the rounds draw
     guided = guidance != 1.0
+    prompts = list(captions) + ([[]] * n if guided else [])
+    dev = model.encoder.device
+    # packed once, on the model's device; each round rewrites only the image ids, and
+    # samples there (a GPU round then moves nothing to or from the host)
+    p = pack([[text_segment(ctx, c), masked_image_segment(
+        ctx, codes[k % n], ~known[k % n], cols, targets=False)] for k, c in enumerate(prompts)])
+    p = p.to(dev)
+    pos = ((p.cu_seqlens[1:].long() - num_codes)[:, None]  # each sample ends with its image
+           + torch.arange(num_codes, device=dev)).reshape(-1)
+    codes, known, masked = codes.to(dev), known.to(dev), masked.to(dev)
+    rng = gen if dev.type == "cpu" or gen is None else _device_generator(gen, dev)
     for t in range(steps):
-        prompts = list(captions) + ([[]] * n if guided else [])
-        samples = [[text_segment(ctx, c), masked_image_segment(
-            ctx, codes[k % n], ~known[k % n], cols, targets=False)] for k, c in enumerate(prompts)]
-        p = pack(samples)
+        ids = torch.where(known, codes + lo, ctx.sp("mask"))
+        p.ids[pos] = (ids.repeat(2, 1) if guided else ids).reshape(-1)
         h = model.encoder(p, mask="bidirectional")
-        starts = p.cu_seqlens[1:].long() - num_codes  # each sample ends with its image
-        pos = (starts[:, None] + torch.arange(num_codes)).reshape(-1).to(h.device)
-        logits = model.encoder.vocab_logits(h, pos).float()[:, lo:hi].log_softmax(-1).cpu()
-        logits = logits.view(len(samples), num_codes, -1)
+        logits = model.encoder.vocab_logits(h, pos).float()[:, lo:hi].log_softmax(-1)
+        logits = logits.view(len(prompts), num_codes, -1)
         if guided:
             c, u = logits[:n], logits[n:]
             logits = (u + guidance * (c - u)).log_softmax(-1)
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)
-            pick = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=gen)
+            pick = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=rng)
             pick = pick.view(n, num_codes)
         else:
             pick = logits.argmax(-1)
         conf = logits.gather(-1, pick[..., None])[..., 0]
         if order == "random":  # each round unmasks a uniformly random share
-            conf = torch.rand(conf.shape, generator=gen)
+            conf = torch.rand(conf.shape, generator=rng, device=dev)
         elif temperature > 0:  # MaskGIT's annealed noise: early rounds explore more
-            g = -torch.log(-torch.log(torch.rand(conf.shape, generator=gen).clamp(1e-9, 1)))
-            conf = conf + temperature * (1 - (t + 1) / steps) * g
+            u01 = torch.rand(conf.shape, generator=rng, device=dev).clamp(1e-9, 1)
+            conf = conf + temperature * (1 - (t + 1) / steps) * -torch.log(-torch.log(u01))
         conf = conf.masked_fill(known, float("inf"))  # drawn codes stay
         still = (masked * math.cos(math.pi / 2 * (t + 1) / steps)).floor().long()
         rank = conf.argsort(-1, descending=True).argsort(-1)  # 0: the most confident
         new = (rank < num_codes - still) & ~known
         codes = torch.where(new, pick, codes)
         known |= new
-    return codes
+    return codes.cpu()
+
+
+def _device_generator(gen: torch.Generator, dev: torch.device) -> torch.Generator:
+    """A generator on ``dev`` seeded from ``gen``: the same seed draws the same on one kind
+    of device (CPU and GPU draws differ, as their random streams do)."""
+    out = torch.Generator(device=dev)
+    out.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
+    return out
 
 
 @torch.no_grad()
