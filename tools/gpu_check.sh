@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, every stage time-boxed, results in one folder:
-#   1. `omnimask bench trunk --vs hf` at BERT-base shape (lengths 64-512 and 512, MFU)
+#   1. `omnimask bench trunk --vs hf` at BERT-base shape (lengths 64-512 and 512, MFU);
+#      stage `compile`: the same with `--compile`
 #   2. MaskGIT alone on fresh ShapesWorld scenes, a wider trunk, cosine over MINUTES
 #   3. images drawn from val captions, judged: boxes infilled first, then whole images
 #
@@ -8,7 +9,8 @@
 #
 # env: OMNIMASK (the command; default omnimask), MINUTES (training, default 5), SCENES
 # (training scenes, default 40000), LIMIT (captions judged, default 64), TINY=1 (CPU-sized
-# everything: checks the script, measures nothing), STAGES (default "bench draw").
+# everything: checks the script, measures nothing), STAGES (default "bench draw"; any of
+# "bench compile draw").
 # A stage that fails or overruns is logged in OUT/stages.log and the next one runs.
 # Wall time on an H200: bench ~2 min, draw MINUTES + ~4 min (STAGES=bench, STAGES=draw
 # split it across two calls where one command's time is capped).
@@ -44,6 +46,12 @@ if [[ " $STAGES " == *" bench "* ]]; then
   timeout 300 $OM bench trunk --vs hf -q "${BENCH[@]}" --out "$OUT/trunk.json" \
     > "$OUT/bench.log" 2>&1
   stamp "bench trunk: exit $? (table in bench.log)"
+fi
+
+if [[ " $STAGES " == *" compile "* ]]; then
+  timeout 420 $OM bench trunk --vs hf -q --compile "${BENCH[@]}" \
+    --out "$OUT/trunk-compile.json" > "$OUT/bench-compile.log" 2>&1
+  stamp "bench trunk --compile: exit $? (table in bench-compile.log)"
 fi
 
 if [[ " $STAGES " == *" draw "* ]]; then
