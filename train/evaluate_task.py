@@ -1,6 +1,6 @@
 """``omnimask eval TASK``: a model directory's task head on shards (or, for ``generate``,
 its CM3 drawing images from captions), as the metrics JSON ``{"task", "split", "n",
-"metrics", "model", "data"}``; and the table it prints."""
+"metrics", "model", "data", "device"}``; and the table it prints."""
 
 from __future__ import annotations
 
@@ -21,21 +21,29 @@ def split_name(paths: list[str]) -> str:
 def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None = None,
                    limit: int | None = None, examples: str | None = None,
                    progress: bool = True, settings: dict | None = None,
-                   corpora: dict | None = None) -> dict:
+                   corpora: dict | None = None, device: str = "auto") -> dict:
     """``corpora``: a caller's memo of the corpora built so far, keyed by shards and
     tokenizer fingerprints, so that several models with one set of tokenizers tokenise
-    the data once."""
+    the data once. ``device``: where the model runs (auto: a CUDA GPU when there is one;
+    the tokenizers and metrics stay on the CPU)."""
+    import torch
+
     import omnimask
 
     from .corpus import build_corpus, tokenizer_id
     from .data.shards import expand_shards
+    from .trainer import device_problem
 
     if task not in TASKS and task != "generate":
         raise OmnimaskError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}, "
                             f"generate")
     if limit is not None and limit < 1:
         raise OmnimaskError(f"--limit must be >= 1, got {limit}")
-    model = omnimask.load(model_dir)
+    if device_problem(device):
+        raise OmnimaskError(f"--device {device_problem(device)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = omnimask.load(model_dir).to(device)
     t = None if task == "generate" else task_for(model, task, where=str(model_dir),
                                                  settings=settings)
     toks = model.tokenizers or {}
@@ -62,7 +70,7 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
         metrics = t.evaluate(model, corpus, limit, ex)
     n = len(corpus) if limit is None else min(limit, len(corpus))
     return {"task": task, "split": split or split_name(paths), "n": n, "metrics": metrics,
-            "model": str(model_dir), "data": [str(p) for p in paths]}
+            "model": str(model_dir), "data": [str(p) for p in paths], "device": device}
 
 
 def metrics_table(result: dict) -> str:

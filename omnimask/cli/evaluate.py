@@ -30,7 +30,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     result = evaluate_model(a.task, a.model, a.data, split=a.split, limit=a.limit,
                             examples=a.examples, progress=not a.quiet,
-                            settings=settings(a.set))
+                            settings=settings(a.set), device=a.device)
     print(metrics_table(result))
     if a.out:
         _write_json(result, a.out)
@@ -40,7 +40,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", parents=[QUIET], help="evaluate a task model on shards",
                         description="Evaluate a model directory's task head on shards: "
-                        "prints a table and writes {task, split, n, metrics, model, data} "
+                        "prints a table and writes {task, split, n, metrics, model, data, device} "
                         "as JSON with --out.")
     ev.add_argument("task", choices=TASKS, help="the task to evaluate; generate: images "
                     "drawn from the shards' captions by a CM3-pretrained model, scored by the "
@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=int, help="evaluate only the first N images")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.add_argument("--examples", help="write qualitative PNGs into this folder")
+    ev.add_argument("--device", default="auto", help="where the model runs: auto (a CUDA GPU "
+                    "when there is one), cpu, cuda, cuda:N (default: auto)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a task setting (tasks.<task> of a fine-tuning config), e.g. "
                          "--set noc_max_clicks=20; repeatable")

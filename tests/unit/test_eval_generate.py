@@ -66,3 +66,10 @@ def test_eval_generate_draws_judges_and_writes_the_grid(tiny_model_dir, shapes_d
     # bad settings are one-line errors naming the key
     assert run(tmp_path / "c.json", "--set", "rerank=clip") == 2
     assert run(tmp_path / "c.json", "--set", "guidance=0") == 2
+    # where the model runs: recorded; a device this machine lacks is a one-line error
+    assert r["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert run(tmp_path / "c.json", "--device", "cuda") == 2
+    assert run(tmp_path / "c.json", "--device", "tpu") == 2
+    assert run(tmp_path / "d.json", "--device", "cpu") == 0
+    assert json.loads((tmp_path / "d.json").read_text())["device"] == "cpu"
