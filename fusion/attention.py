@@ -303,13 +303,18 @@ _FLEX: dict = {"compiled": None, "key": None, "mask": None}
 def _flex_mask(cu: torch.Tensor, mask: str, prefix_len, device):
     """A FlexAttention BlockMask for the packed layout; reused while the batch is the same
     (every layer of one forward asks for the same mask)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     lengths = _lengths(cu)
     key = (tuple(lengths), mask, None if prefix_len is None else tuple(
         torch.as_tensor(prefix_len).tolist()), str(device))
     if _FLEX["key"] == key:
         return _FLEX["mask"]
+    mod = doc_mask_mod(lengths, mask, prefix_len, device)
+    _FLEX["key"], _FLEX["mask"] = key, doc_block_mask(lengths, mask, mod, device)
+    return _FLEX["mask"]
+
+
+def doc_mask_mod(lengths: list[int], mask: str, prefix_len, device):
+    """FlexAttention's ``mask_mod`` for samples of ``lengths`` packed in one sequence."""
     lens = torch.tensor(lengths, device=device)
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
     local = torch.arange(doc.numel(), device=device) - (torch.cumsum(lens, 0) - lens)[doc]
@@ -331,9 +336,44 @@ def _flex_mask(cu: torch.Tensor, mask: str, prefix_len, device):
 
         def mod(b, h, qi, ki):
             return (doc[qi] == doc[ki]) & ((qi >= ki) | (local[ki] < pre[doc[ki]]))
-    T = doc.numel()
-    _FLEX["key"], _FLEX["mask"] = key, create_block_mask(mod, None, None, T, T, device=device)
-    return _FLEX["mask"]
+    return mod
+
+
+def doc_block_mask(lengths: list[int], mask: str, mask_mod, device, block: int = 128):
+    """The FlexAttention ``BlockMask`` of packed samples of ``lengths``, built from their
+    boundaries: a query tile's key tiles are those of the samples it overlaps (causal: up
+    to its own), O(tiles^2) index work where ``create_block_mask`` evaluates ``mask_mod`` at
+    all T^2 pairs. Tiles wholly inside one sample are full (``mask_mod`` skipped) where the
+    kind lets every pair attend: bidirectional, and causal below the diagonal; ``prefix`` and
+    ``blocks`` keep ``mask_mod`` on every tile."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T = sum(lengths)
+    n = max(1, -(-T // block))
+    cu = torch.tensor([0, *lengths], device=device).cumsum(0)
+    tile = torch.arange(n, device=device)
+    first, last = tile * block, ((tile + 1) * block).clamp(max=max(T, 1)) - 1
+    d0 = torch.searchsorted(cu, first, right=True) - 1  # the samples each tile spans
+    d1 = torch.searchsorted(cu, last, right=True) - 1
+    lo, hi = cu[d0] // block, (cu[d1 + 1] - 1).clamp(min=0) // block
+    causal = mask in ("causal", "cm3")
+    if causal:
+        hi = torch.minimum(hi, tile)
+    q, k = tile[:, None], tile[None, :]
+    near = (k >= lo[:, None]) & (k <= hi[:, None])  # [query tile, key tile]
+    whole = (d0 == d1) & ((tile + 1) * block <= T)  # one sample, not the ragged last tile
+    full = near & whole[:, None] & whole[None, :] & (d0[:, None] == d0[None, :])
+    if causal:
+        full &= k < q
+    elif mask != "bidirectional":
+        full &= False
+
+    def listed(m):  # per query tile: how many key tiles, and their indices first
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1).int()[None, None], order.int()[None, None]
+
+    return BlockMask.from_kv_blocks(*listed(near & ~full), *listed(full), BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(T, T))
 
 
 def _flex(q, k, v, lay: Layout, scale):

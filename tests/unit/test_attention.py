@@ -377,3 +377,33 @@ def test_auto_runs_a_view_at_equal_lengths(monkeypatch):
         got = A.attention(q, k, v, cu, 6, mask)
         torch.testing.assert_close(got, A.reference(q, k, v, cu, mask), atol=1e-12, rtol=0)
     assert A.RAN == {"sdpa view": 2} and A._CHOICE == {}
+
+
+def _tiles(bm) -> tuple[list[set], list[set]]:
+    """Per query tile: its partial and its full key tiles."""
+    n = bm.kv_num_blocks.shape[-1]
+    return ([set(bm.kv_indices[0, 0, i, :bm.kv_num_blocks[0, 0, i]].tolist()) for i in range(n)],
+            [set(bm.full_kv_indices[0, 0, i, :bm.full_kv_num_blocks[0, 0, i]].tolist())
+             for i in range(n)])
+
+
+@pytest.mark.parametrize("mask", A.MASKS)
+@pytest.mark.parametrize("lengths", [[5, 40, 3, 30, 17], [16, 16, 32], [1], [50], [7, 1, 64]])
+def test_doc_block_mask_lists_every_tile_create_block_mask_finds(mask, lengths):
+    """The block mask built from sample boundaries against torch's ``create_block_mask``
+    (``mask_mod`` at every pair): no tile it attends is missing, none of ours is full that is
+    not full there (both would be wrong answers on a GPU; CPU flex ignores the tiles), and
+    for bidirectional/causal masks the tiles are exactly its (no wasted tiles)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    T = sum(lengths)
+    pre = _pre(mask, lengths, [2, 10, 1, 30, 5][:len(lengths)])
+    if mask == "blocks":  # contexts and blocks spanning tiles
+        pre = torch.randint(0, 3, (T,), generator=torch.Generator().manual_seed(3))
+    mod = A.doc_mask_mod(lengths, mask, pre, "cpu")
+    ours = _tiles(A.doc_block_mask(lengths, mask, mod, "cpu", block=16))
+    want = _tiles(create_block_mask(mod, None, None, T, T, device="cpu", BLOCK_SIZE=16))
+    for p, f, wp, wf in zip(*ours, *want):
+        assert not p & f and p | f >= wp | wf and f <= wf
+    if mask in ("bidirectional", "causal", "cm3"):
+        assert ours == want
