@@ -211,7 +211,7 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
         h = model.encoder(p, mask="bidirectional")
         pos = p.target_positions.to(h.device)
         ce = F.cross_entropy(model.encoder.vocab_logits(h, pos).float(),
-                             p.targets[pos].to(h.device), reduction="none").cpu()
+                             p.targets.to(h.device)[pos], reduction="none").cpu()
         out[f"codes_given_{name}"] = round(float(ce.mean()), 4)
         if obj is not None:
             out[f"object_codes_given_{name}"] = round(float(ce[obj.flatten()].mean()), 4)

@@ -258,7 +258,8 @@ class Segment(Task):
     @torch.no_grad()
     def run(self, model, corpus, idx: list[int], prompts: list[dict] | None = None,
             texts: list[list] | None = None, names: list[str] | None = None) -> dict:
-        """The head's outputs for images ``idx`` (masks upsampled to the image size);
+        """The head's outputs for images ``idx`` (masks upsampled to the image size), on the
+        CPU whatever the model's device (metrics and pictures read them there);
         ``texts[k]``: image k's expression segments, prompts before ``prompts`` in
         ``prompt_masks``; ``names``: class names other than the head's (open vocabulary)."""
         images = [image_segment(corpus, i, self.ctx.pixels) for i in idx]
@@ -276,7 +277,7 @@ class Segment(Task):
         if "prompt_masks" in up:
             up["prompt_masks"] = F.interpolate(up["prompt_masks"].float()[None], size=size,
                                                mode="bilinear", align_corners=False)[0]
-        return up
+        return {k: v.cpu() for k, v in up.items()}
 
     def evaluate(self, model, corpus, limit: int | None = None,
                  examples: Path | None = None) -> dict:
