@@ -11,6 +11,12 @@
 # (training scenes, default 40000), LIMIT (captions judged, default 64), TINY=1 (CPU-sized
 # everything: checks the script, measures nothing), STAGES (default "bench draw"; any of
 # "bench compile draw").
+# BRING=DIR: at the end, what should travel back from a lent machine (at most 8 files of
+# 16 MiB): DIR/results.tar.gz (logs, JSON, PNGs, the run's metrics) and the trained model
+# in bf16 as DIR/model-bf16.tar.part-NN of 15 MiB; here: `cat DIR/model-bf16.tar.part-* |
+# tar -xf - -C MODELS` gives MODELS/drawn, a model directory (`--model MODELS/drawn`). The
+# draw stage's trunk (width 512, 8 layers) is ~56 MB in bf16 with its tokenizers ~63 MB:
+# most of the 64 MiB a call brings back.
 # A stage that fails or overruns is logged in OUT/stages.log and the next one runs.
 # Wall time on an H200: bench ~2 min, draw MINUTES + ~4 min (STAGES=bench, STAGES=draw
 # split it across two calls where one command's time is capped).
@@ -83,5 +89,17 @@ if [[ " $STAGES " == *" draw "* ]]; then
       --examples "$OUT/drawn-$mode" > "$OUT/generate-$mode.log" 2>&1
     stamp "generate ($mode): exit $?"
   done
+fi
+if [ -n "${BRING:-}" ]; then
+  mkdir -p "$BRING"
+  if [ -f "$OUT/model/config.json" ]; then
+    $OM zoo publish "$OUT/model" --name local/drawn --to "$OUT/zoo" --dtype bfloat16 \
+      > "$OUT/publish.log" 2>&1 &&
+      tar -C "$OUT/zoo/local" -cf - drawn | split -b 15m -d - "$BRING/model-bf16.tar.part-"
+    stamp "bring the model: exit $?"
+  fi
+  tar -C "$OUT" -czf "$BRING/results.tar.gz" --exclude=./data --exclude=./model \
+    --exclude=./zoo --exclude=./run/checkpoints --exclude=./run/tb --exclude="./run/corpus-*" .
+  stamp "bring the results: exit $?"
 fi
 stamp "done"
