@@ -565,7 +565,8 @@ class Trainer:
         self.step = st["step"]
         self.schedule = {"by": "steps", "minutes": 0.0, **st["schedule"]}  # older: by steps
         self.nonfinite, self.elapsed = st["nonfinite"], st["elapsed"]
-        self.ema = st["ema"]
+        self.ema = None if st["ema"] is None else {  # loaded on the CPU; the model may not be
+            k: v.to(self.device) for k, v in st["ema"].items()}
         if self.data is not None:
             self.data.load_state_dict(st["data"]["source"])
         want = {"total": self.cfg.max_steps, "by": self.cfg.schedule_by}

@@ -110,18 +110,23 @@ def test_signal_saves_at_the_next_step_boundary(tmp_path):
     assert t2.fit()["step"] == 12  # total length from the checkpoint, not max_steps=99
 
 
-def test_resume_equals_unbroken_run(tmp_path):
-    full = _trainer(tmp_path / "full")
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_resume_equals_unbroken_run(tmp_path, ema):
+    full = _trainer(tmp_path / "full", ema=ema)
     full.fit()
-    part = _trainer(tmp_path / "part", max_minutes=1e-9)  # stops at once after one step
+    part = _trainer(tmp_path / "part", max_minutes=1e-9, ema=ema)  # stops after one step
     part.fit()
-    rest = _trainer(tmp_path / "part")
+    rest = _trainer(tmp_path / "part", ema=ema)
     rest.fit()
     a = [r["reg"] for r in _rows(tmp_path / "full")]
     b = [r["reg"] for r in _rows(tmp_path / "part")]
     assert a == b and len(a) == 12
     for k, v in weights(full.model).items():
         assert torch.equal(v, weights(rest.model)[k])
+    if ema:  # the average resumes too, beside the weights it follows (their device)
+        live = weights(rest.model)
+        for k, v in full.ema.items():
+            assert torch.equal(v, rest.ema[k]) and rest.ema[k].device == live[k].device
 
 
 def test_schedule_warmup_then_cosine():
