@@ -262,7 +262,7 @@ class Block(nn.Module):
         for m, ffn in enumerate(self.ffn):  # each token through its modality's expert
             sel = (modality == m).nonzero(as_tuple=True)[0]
             if sel.numel():
-                out[sel] = ffn(x[sel])
+                out[sel] = ffn(x[sel]).to(out.dtype)  # autocast: bf16 expert, fp32 x
         return out
 
     def forward(self, x, modality, cu, max_seqlen, mask, prefix_len, cache=None, layout=None,

@@ -89,6 +89,7 @@ def match(class_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.T
         e = torch.zeros(0, dtype=torch.long)
         return e, e
     coords = torch.rand(1, points, 2, generator=gen).to(mask_logits.device)
+    masks = masks.to(mask_logits.device)  # targets come from the CPU batch
     out = point_sample(mask_logits[:, None].float(), coords.expand(len(mask_logits), -1, -1))
     tgt = point_sample(masks[:, None].float(), coords.expand(len(masks), -1, -1))
     out, tgt = out[:, 0], tgt[:, 0]

@@ -105,6 +105,11 @@ def test_multiway_routes_tokens_to_their_modality_expert():
         blk.ffn[1].down.bias.add_(1.0)
     out2 = blk._ffn(x, mod)
     assert torch.equal(out[:2], out2[:2]) and not torch.equal(out[2:4], out2[2:4])
+    # under bf16 autocast (CUDA's default) each expert's bf16 output lands in x's dtype
+    with torch.autocast("cpu", torch.bfloat16):
+        out3 = blk._ffn(x, mod)
+        want = torch.cat([blk.ffn[m](x[i:i + 1]) for i, m in enumerate(mod.tolist())])
+    assert out3.dtype == x.dtype and torch.equal(out3, want.float())
 
 
 def test_qk_norm_bounds_logits():
