@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -51,14 +52,15 @@ def _ctx(**kw) -> Context:
                    word_start=torch.rand(TEXT, generator=g) < 0.5, cfg=ObjectivesConfig(**kw))
 
 
-def _model(ctx: Context, **kw) -> OmniModel:
-    """A tiny model with every pretraining head (``kw``: ModelConfig fields; images as the
-    corpus's feature rows unless ``image_input`` says otherwise)."""
+def _model(ctx: Context, trunk: dict | None = None, **kw) -> OmniModel:
+    """A tiny model with every pretraining head (``kw``: ModelConfig fields, ``trunk``:
+    TrunkConfig ones; images as the corpus's feature rows unless ``image_input`` says
+    otherwise)."""
     torch.manual_seed(0)
     kw = {"image_input": "vq_latents", **kw}
     return OmniModel(ModelConfig(
         trunk=TrunkConfig(vocab_size=ctx.vocab.size, dim=32, layers=2, heads=4, ffn_dim=64,
-                          attention_backend="sdpa"),
+                          attention_backend="sdpa", **(trunk or {})),
         image_feature_dim=8, speech_feature_dim=12, image_codes=CODES, speech_units=UNITS,
         code_dim=8, **kw), pretraining_heads(ctx.cfg))
 
@@ -354,3 +356,24 @@ def test_patch_classes_are_each_patch_pixel_fractions():
     with pytest.raises(Exception, match="3x3 patches"):
         patch_classes(seg, 3)
 
+
+
+@pytest.mark.parametrize("multiway", [False, True])
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_every_objective_steps_under_bf16_autocast(name, multiway):
+    """CUDA's default precision is bf16 autocast: every objective's loss and gradients run
+    under it (here on the CPU, the same dtype rules) and stay finite, and the loss is the
+    fp32 loss to bf16's precision."""
+    ctx, c = _ctx(), _corpus()
+    model = _model(ctx, trunk={"multiway": multiway})
+    obj = OBJECTIVES.create(name, ctx)
+    b = obj.batch(c, list(range(8)), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = float(obj.loss(model, b)["loss"])
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = obj.loss(model, b)["loss"]
+    loss.float().backward()
+    got = float(loss.detach())
+    assert math.isfinite(got) and abs(got - want) < 0.05 * max(1.0, abs(want))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
