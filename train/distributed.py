@@ -72,8 +72,10 @@ def export_submitit_env(port_base: int = 20000) -> dict[str, str]:
 
 
 def setup(device: torch.device, timeout_min: float = 30.0) -> bool:
-    """Join the process group the launcher describes (gloo on CPU, nccl on CUDA) when the
-    world has more than one process; True when a group is up. Torn down at exit."""
+    """Join the process group the launcher describes (gloo on CPU; on CUDA nccl for CUDA
+    tensors and gloo for the CPU scalars ``all_max``/``all_mean``/``broadcast_str`` agree on:
+    nccl alone refuses CPU tensors) when the world has more than one process; True when a
+    group is up. Torn down at exit."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -87,7 +89,7 @@ def setup(device: torch.device, timeout_min: float = 30.0) -> bool:
                               "or omnimask submit")
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=timeout_min))
     atexit.register(teardown)

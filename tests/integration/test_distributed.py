@@ -219,3 +219,29 @@ def test_the_image_tokenizer_trains_on_two_ranks(shapes_dir, tmp_path):
     assert p.stdout.count("kind: image") == 1  # rank 0 reports
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
     assert ImageTokenizer.load(out).size == 64
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"])
+def test_the_process_group_carries_cpu_and_cuda_tensors(monkeypatch, device):
+    """On GPUs the group is nccl for CUDA tensors and gloo for the CPU scalars the ranks agree
+    on each step (nccl alone refuses a CPU tensor); gloo on CPU. No GPU needed: the calls
+    into torch are recorded, not made."""
+    import torch.distributed as dist
+
+    from omnimask.train import distributed as D
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(
+        backend=backend, **kw))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.update(cuda=i))
+    monkeypatch.setattr(D.atexit, "register", lambda fn: None)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost",
+                 "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(k, v)
+    assert D.setup(torch.device(device)) is True
+    assert seen["rank"] == 1 and seen["world_size"] == 2
+    if device == "cpu":
+        assert seen["backend"] == "gloo" and "cuda" not in seen
+    else:
+        assert seen["backend"] == "cpu:gloo,cuda:nccl" and seen["cuda"] == 1
