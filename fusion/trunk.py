@@ -193,7 +193,9 @@ class Attention(nn.Module):
             q = F.linear(x[rows], w[:n], b[:n]).view(-1, H, D)
             k, v = F.linear(x, w[n:], b[n:]).view(x.shape[0], 2, H, D).unbind(1)
         if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # CUDA autocast runs norms in fp32: back to v's dtype (fused kernels and flex's
+            # backward need one dtype)
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         return q, k, v
 
     def forward(self, x, cu, max_seqlen, mask, prefix_len, cache: KVCache | None = None,

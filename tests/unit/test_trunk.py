@@ -112,6 +112,20 @@ def test_multiway_routes_tokens_to_their_modality_expert():
     assert out3.dtype == x.dtype and torch.equal(out3, want.float())
 
 
+def test_qk_norm_hands_attention_one_dtype(monkeypatch):
+    """Under CUDA autocast the q/k norms compute in fp32 while v comes out of the bf16
+    projection; attention gets all three in v's dtype (as if the norms ran in fp32 here)."""
+    t = Trunk(TrunkConfig(vocab_size=20, dim=16, heads=2, layers=1, ffn_dim=16, qk_norm=True,
+                          attention_backend="sdpa"))
+    attn = t.blocks[0].attn
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name)
+        monkeypatch.setattr(norm, "forward", lambda x, _f=norm.forward: _f(x.float()).float())
+    with torch.autocast("cpu", torch.bfloat16):
+        q, k, v = attn._qkv(torch.randn(5, 16))
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+
+
 def test_qk_norm_bounds_logits():
     torch.manual_seed(0)
     t = Trunk(TrunkConfig(vocab_size=20, dim=16, heads=2, layers=1, ffn_dim=16, qk_norm=True,
