@@ -674,7 +674,7 @@ class Trainer:
         if self.ema is not None:
             # copied into the tensors themselves: a tied alias (the vocabulary head's
             # embedding) then shows the EMA too; load_state_dict let the live alias win
-            live = self.model.state_dict()
+            live = self.module.state_dict()  # the module's names (DDP's carry "module.")
             backup = {k: live[k].clone() for k in self.ema}
             with torch.no_grad():
                 for k, v in self.ema.items():

@@ -156,6 +156,14 @@ def test_fine_tuning_on_two_ranks_equals_one_process(tiny_model_dir, shapes_dir,
     assert (two / "model" / "model.safetensors").is_file()
 
 
+def test_ddp_validates_with_the_ema(tiny_model_dir, shapes_dir, tmp_path):
+    """Two DDP ranks with an EMA: validation swaps the averaged weights in by the module's
+    own parameter names (the wrapper's carry a "module." prefix)."""
+    run = tmp_path / "ema"
+    _finetune(run, tiny_model_dir, shapes_dir, 2, parallel="ddp", ema=0.9)
+    assert [r["step"] for r in rows(run) if r["split"] == "val"][-1] == 6
+
+
 def test_itc_negatives_and_the_vq_codebook_span_the_ranks(tmp_path):
     """Two ranks with 4 rows each: their mean loss is one process's loss on all 8 rows,
     and each rank's gradients (summed back through the all-gather, then averaged as DDP
