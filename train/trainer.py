@@ -235,8 +235,8 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and torch.cuda.is_available():  # saved where more GPUs were visible:
+        torch.cuda.set_rng_state_all(st["cuda"][:torch.cuda.device_count()])  # those seen
 
 
 def native_bf16(device: str | torch.device) -> bool:

@@ -609,3 +609,18 @@ def test_bf16_asked_of_a_cpu_that_emulates_it_is_warned_by_setting(tmp_path, nat
         assert len(warned) == 2, warned
         assert warned[0].startswith("encoder_warmup.precision=bf16: this CPU has no native bf16")
         assert warned[1].startswith("trainer.precision=bf16: this CPU has no native bf16")
+
+
+def test_rng_state_resumes_where_fewer_gpus_are_visible(monkeypatch):
+    """A checkpoint saved with 4 GPUs visible restores the states of the 2 seen now (setting
+    all 4 would raise: no generator for GPU 2)."""
+    from omnimask.train import trainer as T
+
+    st = T.rng_state()
+    st["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.extend(states))
+    T.set_rng_state(st)
+    assert [int(s[0]) for s in got] == [0, 1]
