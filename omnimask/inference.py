@@ -53,7 +53,7 @@ def _one(x: Any, i: int):
         if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
             raise OmnimaskError(f"image {i}: expected a uint8 tensor [3, H, W], got "
                                 f"{x.dtype} {tuple(x.shape)}")
-        return Image.fromarray(x.permute(1, 2, 0).numpy())
+        return Image.fromarray(x.detach().cpu().permute(1, 2, 0).numpy())  # GPU tensors too
     if isinstance(x, (np.ndarray, Image.Image)):
         return x
     raise OmnimaskError(f"image {i}: expected a path, PIL image, uint8 array or tensor, got "
@@ -142,7 +142,9 @@ def _speech_frames(model, audio, i: int) -> torch.Tensor:
             raise OmnimaskError(f"query {i}: {audio} is not readable audio ({e})") from None
         wave = torch.from_numpy(wave.T.copy())
     elif isinstance(audio, tuple) and len(audio) == 2:
-        wave, rate = torch.as_tensor(np.asarray(audio[0], dtype=np.float32)), int(audio[1])
+        w = audio[0]
+        w = w.detach().float().cpu() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
+        wave, rate = torch.as_tensor(w), int(audio[1])
     else:
         raise OmnimaskError(f"query {i}: a spoken query is an audio file path or a (wave, "
                             f"sample_rate) pair, got {type(audio).__name__}")
