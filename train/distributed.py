@@ -51,6 +51,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_gpu() -> int:
+    """This process's GPU among those it sees: its local rank, modulo the visible count (a
+    launcher that binds one GPU per task leaves each process one, numbered 0)."""
+    return local_rank() % max(1, torch.cuda.device_count())
+
+
 def is_main() -> bool:
     return rank_and_world()[0] == 0
 
@@ -88,7 +94,7 @@ def setup(device: torch.device, timeout_min: float = 30.0) -> bool:
             raise ConfigError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun "
                               "or omnimask submit")
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(local_gpu() if device.index is None else device.index)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=timeout_min))
@@ -105,9 +111,13 @@ def teardown() -> None:
 
 
 def device_for_rank(device: torch.device) -> torch.device:
-    """A CUDA device without an index becomes this process's local GPU."""
-    if device.type == "cuda" and device.index is None and rank_and_world()[1] > 1:
-        return torch.device("cuda", local_rank())
+    """A CUDA device without an index becomes this process's local GPU; with several
+    processes an explicit index (every rank on one GPU) is refused."""
+    if device.type == "cuda" and rank_and_world()[1] > 1:
+        if device.index is not None:
+            raise ConfigError(f"trainer.device={device} puts every process on one GPU; with "
+                              "several processes use cuda or auto (one GPU per process)")
+        return torch.device("cuda", local_gpu())
     return device
 
 

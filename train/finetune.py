@@ -324,7 +324,10 @@ class Finetuning:
 
             tb_add(self.run, step, {f"examples/{p.stem}": p for p in sorted(shown.glob("*.png"))},
                    writer=trainer.tb)
-        if step > 0 and score > self._best_score():
+        better = step > 0 and score > self._best_score()
+        if trainer is not None and trainer.fsdp:  # every rank evaluated: they agree (one
+            better = dist.all_max([float(better)])[0] > 0  # gathering alone would hang)
+        if better:
             self._export(step, score, metrics)
         return {"metrics": metrics}
 

@@ -253,3 +253,19 @@ def test_the_process_group_carries_cpu_and_cuda_tensors(monkeypatch, device):
         assert seen["backend"] == "gloo" and "cuda" not in seen
     else:
         assert seen["backend"] == "cpu:gloo,cuda:nccl" and seen["cuda"] == 1
+
+
+def test_each_process_takes_its_own_visible_gpu(monkeypatch):
+    """torchrun's local ranks over the GPUs a process sees (a launcher binding one GPU per
+    task leaves each process GPU 0); an explicit GPU index with several ranks is refused."""
+    from omnimask.errors import ConfigError
+    from omnimask.train import distributed as D
+
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(k, v)
+    for visible, want in ((4, 3), (1, 0), (2, 1)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=visible: n)
+        assert D.device_for_rank(torch.device("cuda")) == torch.device("cuda", want)
+    assert D.device_for_rank(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="trainer.device=cuda:1"):
+        D.device_for_rank(torch.device("cuda", 1))
