@@ -681,13 +681,14 @@ class Trainer:
                     live[k].copy_(v)
         was = self.module.training
         self.module.eval()
+        units = self._unshard_all() if self.fsdp else []
         try:
             with torch.no_grad(), self.autocast():
-                if self.fsdp:
-                    self.module.unshard()
                 out = self.evaluate(self.module)
         finally:  # the live weights come back even when the evaluation fails
             self.module.train(was)
+            if units:
+                self._reshard_all(units)
             if backup is not None:
                 with torch.no_grad():
                     for k, v in backup.items():
@@ -696,6 +697,27 @@ class Trainer:
         if not self.fsdp:
             self._barrier()
         return out
+
+    def _unshard_all(self) -> list:
+        """FSDP: every unit's whole weights, kept through the evaluation (no resharding
+        after each forward), so that evaluation code may call submodules and methods that
+        are not the root's forward (the encoder alone, ``Trunk.step`` decoding) and run
+        loops of any length without collectives. The root is initialised first: a unit run
+        on its own before it would take itself for the root."""
+        from torch.distributed.fsdp import FSDPModule
+
+        self.module._get_fsdp_state()._lazy_init()
+        self.module.set_reshard_after_forward(False)
+        units = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.unshard()
+        return units
+
+    def _reshard_all(self, units: list) -> None:
+        for m in units:
+            m.reshard()
+        self.module.set_reshard_after_forward(True)  # the units as fully_shard left them,
+        self.module.set_reshard_after_forward(False, recurse=False)  # the root kept whole
 
     # -- the loop ----------------------------------------------------------------------------
     def _train_step(self) -> dict:

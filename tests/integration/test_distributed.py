@@ -272,9 +272,6 @@ def test_each_process_takes_its_own_visible_gpu(monkeypatch):
         D.device_for_rank(torch.device("cuda", 1))
 
 
-@pytest.mark.xfail(strict=True, reason="under FSDP every rank validates on the sharded "
-                   "model; caption decoding calls the encoder and Trunk.step outside the FSDP "
-                   "root's forward (blocks lazily initialised as roots; mixed Tensor/DTensor)")
 def test_caption_validates_under_fsdp(tiny_model_dir, shapes_dir, tmp_path):
     """Caption validation decodes through the KV cache (``Trunk.step``, not a forward): under
     FSDP the blocks it calls must be gathered for it as for a forward."""
