@@ -97,6 +97,23 @@ def tiny_model_dir(shapes_dir, tiny_tokenizers, tmp_path_factory):
     return pre.model.save_pretrained(d / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_task_data(tiny_model_dir, shapes_dir):
+    """(corpus, TaskContext) of ``shapes_dir``'s train split read with the tiny model's
+    tokenizers: what a fine-tuning task builds its batches from."""
+    import omnimask
+    from omnimask.train.corpus import build_corpus
+    from omnimask.train.data.shards import expand_shards
+    from omnimask.train.tasks.base import TaskContext
+
+    model = omnimask.load(tiny_model_dir)
+    toks = model.tokenizers
+    corpus = build_corpus(expand_shards([str(shapes_dir / "train-*.tar")]), toks["text"],
+                          toks["image"], None, progress=False)
+    return corpus, TaskContext(vocab=model.vocab, text=toks["text"],
+                               pixels=model.cfg.image_input == "pixels")
+
+
 REPO = Path(__file__).resolve().parents[1]
 # pyproject.toml's package-dir: repository folder -> package
 PACKAGES = {"omnimask": "omnimask", "modalities": "omnimask/modalities",

@@ -9,25 +9,12 @@ import pytest
 import torch
 
 import omnimask
-from omnimask.train.corpus import build_corpus
-from omnimask.train.data.shards import expand_shards
-from omnimask.train.tasks.base import TASKS, TaskContext, task_config
-
-
-@pytest.fixture(scope="module")
-def corpus_and_ctx(tiny_model_dir, shapes_dir):
-    model = omnimask.load(tiny_model_dir)
-    toks = model.tokenizers
-    corpus = build_corpus(expand_shards([str(shapes_dir / "train-*.tar")]), toks["text"],
-                          toks["image"], None, progress=False)
-    ctx = TaskContext(vocab=model.vocab, text=toks["text"],
-                      pixels=model.cfg.image_input == "pixels")
-    return corpus, ctx
+from omnimask.train.tasks.base import TASKS, task_config
 
 
 @pytest.mark.parametrize("name", TASKS.names())
-def test_every_task_steps_under_bf16_autocast(name, corpus_and_ctx, tiny_model_dir):
-    corpus, ctx = corpus_and_ctx
+def test_every_task_steps_under_bf16_autocast(name, tiny_task_data, tiny_model_dir):
+    corpus, ctx = tiny_task_data
     task = TASKS.create(name, ctx, task_config(name, None))
     torch.manual_seed(0)
     model = omnimask.load(tiny_model_dir, heads={task.head_name: task.head_config(corpus)})

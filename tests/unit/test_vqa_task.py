@@ -7,8 +7,6 @@ import torch
 
 import omnimask
 from omnimask.errors import OmnimaskError
-from omnimask.train.corpus import build_corpus
-from omnimask.train.data.shards import expand_shards
 from omnimask.train.tasks.base import TaskContext
 from omnimask.train.tasks.vqa import VQA, VQAConfig, soft_score
 
@@ -16,12 +14,8 @@ from .test_objectives import fit_fixed_batch
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, shapes_dir):
-    model = omnimask.load(tiny_model_dir)
-    toks = model.tokenizers
-    corpus = build_corpus(expand_shards([str(shapes_dir / "train-*.tar")]), toks["text"],
-                          toks["image"], None, progress=False)
-    ctx = TaskContext(vocab=model.vocab, text=toks["text"], pixels=True)
+def setup(tiny_model_dir, tiny_task_data):
+    corpus, ctx = tiny_task_data
     task = VQA(ctx, VQAConfig(questions_per_sequence=3))
     head = task.head_config(corpus)
     model = omnimask.load(tiny_model_dir, heads={"vqa": head})
