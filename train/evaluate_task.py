@@ -39,8 +39,9 @@ def evaluate_model(task: str, model_dir: str, data: list[str], split: str | None
                             f"generate")
     if limit is not None and limit < 1:
         raise OmnimaskError(f"--limit must be >= 1, got {limit}")
-    if device_problem(device):
-        raise OmnimaskError(f"--device {device_problem(device)}")
+    problem = device_problem(device)
+    if problem:
+        raise OmnimaskError(f"--device {problem}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = omnimask.load(model_dir).to(device)
