@@ -10,7 +10,7 @@ this machine's matmul peak before and after its steps, in the dtype both sides s
 torch >= 2.8), counts one step's FLOPs with ``torch.utils.flop_counter`` (the CPU
 flash-attention kernels added) and reports real (non-pad) tokens/s, FLOPs per real token,
 achieved GFLOP/s, the fraction of the peak, peak memory (CUDA: allocated; CPU: the
-process's peak RSS) and the attention backend each side ran. Our side packs without
+process's peak RSS) and the attention paths each side ran. Our side packs without
 padding and computes the last layer and the vocabulary projection only at masked
 positions; theirs pads to the longest sample and projects every position. On CUDA both
 run under bf16 autocast and the fraction is the MFU; ``dtype="bf16"`` runs both sides
