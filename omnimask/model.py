@@ -75,6 +75,10 @@ class ModelConfig:
     # LayerNorm, the path the VQ latents take in the other objectives (one image input)
     image_code_input: str = "embedding"
     image_code_offset: int = -1  # first image-code id in the shared vocabulary (set from it)
+    # code ids per image position (an rq tokenizer's levels, set from it): level k's codes
+    # are the image_codes / depth vocabulary rows from k * image_codes / depth; a position's
+    # stack enters as the sum of its rows' token embeddings (``Encoder.forward(stack=)``)
+    image_code_depth: int = 1
     # the token ids of each word of image_encoder.tags (set from the text tokenizer): a
     # tag's vector is the mean of its tokens' embeddings
     image_tag_ids: list[list[list[int]]] = field(default_factory=list)
@@ -89,7 +93,10 @@ class ModelConfig:
         p = "model."
         check_fields(self, ">=1", "image_feature_dim", "speech_feature_dim", "image_codes",
                      "speech_units", "itc_dim", "unit_dim", "speech_conv_groups", "code_dim",
-                     prefix=p)
+                     "image_code_depth", prefix=p)
+        if self.image_codes % self.image_code_depth:
+            raise ValueError(f"{p}image_codes ({self.image_codes}) must be a multiple of "
+                             f"{p}image_code_depth ({self.image_code_depth})")
         check_fields(self, ">0", "itc_temperature", "unit_temperature", "mrc_temperature",
                      prefix=p)
         check_fields(self, ">=0", "speech_conv_kernel", "image_color_path", prefix=p)
@@ -207,17 +214,22 @@ class Encoder(nn.Module):
 
     def forward(self, batch: PackedBatch, mask: str = "bidirectional", prefix_len=None,
                 masked: dict[str, torch.Tensor] | None = None, cache=None,
-                maps: list | None = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
+                maps: list | None = None, outputs: torch.Tensor | None = None,
+                stack: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [T, dim] (the batch moves to the encoder's device when elsewhere).
         ``masked``: modality -> [n_m] bool, feature rows replaced by the mask embedding;
         ``cache``: a ``fusion.trunk.KVCache`` to fill (incremental decoding: ``trunk.step``);
         ``maps``: a list that receives the pixel encoder's feature maps (finest first,
         [images, C, H, W] each: the dense features a segmentation head decodes);
         ``outputs``: packed positions [P] -> only their hidden states [P, dim] (the trunk's
-        last layer then computes only those rows)."""
+        last layer then computes only those rows); ``stack``: [T, depth] vocabulary ids, a
+        code id stack per position (-1 rows: none), which enters as its rows' summed token
+        embeddings in place of the position's id."""
         if batch.ids.device != self.device:
             batch = batch.to(self.device)
         feats = self.input_features(batch, masked, maps)
+        if stack is not None:
+            batch, feats = self._stack_features(batch, feats, stack.to(self.device))
         if self.codes_as_features:
             batch, feats = self._code_features(batch, feats)
         return self.trunk(batch, mask, prefix_len, features=feats, cache=cache,
@@ -267,6 +279,18 @@ class Encoder(nn.Module):
                                 dtype=e.dtype)
         feats = feats.index_copy(0, pos, e.to(feats.dtype))
         return replace(batch, ids=batch.ids.masked_fill(is_code, -1)), feats
+
+    def _stack_features(self, batch: PackedBatch, feats: torch.Tensor | None,
+                        stack: torch.Tensor):
+        """Positions with an id stack -> the sum of its token embeddings (feature rows)."""
+        on = stack[:, 0] >= 0
+        pos = on.nonzero(as_tuple=True)[0]
+        e = self.trunk.tok(stack[pos]).sum(1)
+        if feats is None:
+            feats = torch.zeros(batch.num_tokens, self.cfg.trunk.dim, device=e.device,
+                                dtype=e.dtype)
+        feats = feats.index_copy(0, pos, e.to(feats.dtype))
+        return replace(batch, ids=batch.ids.masked_fill(on, -1)), feats
 
     # -- outputs -----------------------------------------------------------------------------
     def pooled(self, hidden: torch.Tensor, batch: PackedBatch,

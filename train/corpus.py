@@ -39,7 +39,7 @@ class Corpus:
     keys: list[str]
     captions: list[list[list[int]]]  # sample -> captions -> text ids (no specials)
     spoken: list[int]  # index of the spoken caption (0 when unknown)
-    codes: torch.Tensor  # [N, P] long, VQ code ids (raster order)
+    codes: torch.Tensor  # [N, P * depth] long, VQ code ids (raster order; rq: id stacks)
     latents: torch.Tensor  # [N, P, code_dim] float16, l2-normalised VQ latents (soft targets)
     features: torch.Tensor  # [N, P, feat_dim] float16, the trunk's image input features
     grid: tuple[int, int]
@@ -75,6 +75,11 @@ class Corpus:
     @property
     def has_speech(self) -> bool:
         return self.speech is not None
+
+    @property
+    def depth(self) -> int:
+        """Code ids per grid position (an rq tokenizer's levels; 1 otherwise)."""
+        return self.codes.shape[1] // (self.grid[0] * self.grid[1])
 
 
 def _fingerprint(shards: list[str], parts: dict) -> str:
@@ -137,7 +142,9 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
             pixels = image_tok.prepare(b["image"])  # at the VQ tokenizer's size
             out["pixels"].append(pixels)
             z = vq.unit_latents(pixels)
-            out["codes"].append(vq.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(n, -1))
+            flat = z.reshape(-1, z.shape[-1])  # rq: each position's id stack, depth innermost
+            out["codes"].append((vq.quantizer.ids(flat) if vq.cfg.depth > 1
+                                 else vq.quantizer.nearest(flat)).reshape(n, -1))
             out["latents"].append(z.half())
             out["features"].append((pe(b["image"]) if pe is not None else z).half())
             if want_seg:

@@ -82,9 +82,10 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     g = load_config(GenerateEvalConfig, None, [f"{k}={v}" for k, v in (settings or {}).items()])
     toks = model.tokenizers
     text, image = toks["text"], toks["image"]
-    if image.model.cfg.depth > 1:
-        raise OmnimaskError("eval generate: the model's image tokenizer gives a stack of ids "
-                            "per position (vq.quantizer=rq), which neither sampler draws")
+    if image.model.cfg.depth > 1 and g.sampler != "maskgit":
+        raise OmnimaskError(f"eval generate: the model's image tokenizer gives a stack of ids "
+                            f"per position (vq.quantizer=rq), which sampler={g.sampler} does "
+                            f"not draw; use --set sampler=maskgit")
     if g.candidates > 1 and g.rerank not in model.heads:
         raise ConfigError(f"rerank={g.rerank}: the model has no {g.rerank} head (heads: "
                           f"{', '.join(sorted(model.heads)) or 'none'}); set candidates=1")

@@ -200,6 +200,7 @@ class Pretraining:
             if not any(float(oc.mix.get(n, 0)) > 0 for n in mix):
                 raise ConfigError("objectives.mix: no objective but speech has a positive "
                                   "ratio, and the training shards have no speech")
+        check_code_depth(mix, self.train.depth, cfg.tokenizers.image)
         pixels = cfg.model.image_input == "pixels"
         if cfg.encoder_warmup.steps > 0:  # before anything is written to the run directory
             if not pixels:
@@ -365,6 +366,17 @@ def samples_to_tb(run: Path, step: int, s: dict) -> None:
     tb_add(run, step, images, texts)
 
 
+def check_code_depth(mix: dict[str, float], depth: int, tokenizer: str) -> None:
+    """The objectives of ``mix`` read the image tokenizer's ``depth`` ids per position:
+    those that read one code per position refuse an rq tokenizer's stacks."""
+    flat = [n for n in sorted(mix) if OBJECTIVES.get(n).one_code_per_position]
+    if depth > 1 and flat:
+        raise ConfigError(f"objectives.mix: {', '.join(flat)} read one image code per "
+                          f"position, and tokenizers.image ({tokenizer}) gives stacks of "
+                          f"{depth} (vq.quantizer=rq); leave them out or use a vq or fsq "
+                          f"tokenizer")
+
+
 def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dirs: dict,
                 seed: int, init_from_tokenizers: bool = True, vq_features: bool = True
                 ) -> OmniModel:
@@ -395,6 +407,7 @@ def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dir
         except ValueError as e:
             raise ConfigError(str(e)) from None
     mc.image_codes = image.size
+    mc.image_code_depth = image.model.cfg.depth
     mc.image_code_offset = vocab.ranges()["image"][0]
     # a tag word's token ids as it reads inside a sentence (after a space)
     mc.image_tag_ids = [[vocab.from_text(torch.tensor(toks["text"].encode(" " + w))).tolist()

@@ -93,7 +93,8 @@ class ImageTokenizer:
 
     @property
     def size(self) -> int:
-        return self.model.cfg.size
+        """Vocabulary rows of the image codes: each rq level its own ``codebook_size``."""
+        return self.model.cfg.size * self.model.cfg.depth
 
     def prepare(self, images, fit: str = "crop") -> torch.Tensor:
         """uint8 [B, 3, S, S] from a tensor batch, or a list of PIL images / HxW(xC) arrays.
@@ -392,8 +393,10 @@ class ImageTokenizerOps:
         p = psnr(images, recon)
         mse = (images.float() - recon.float()).pow(2).mean()
         path = Path(grid) if grid else Path(tokenizer) / "eval_recon.png"
-        recon_grid(images, recon, path, title=f"VQ tokenizer ({ids.shape[1]} codes of "
-                   f"{tok.size}): {len(images)} images, PSNR {float(p.mean()):.1f} dB")
+        d = tok.model.cfg.depth
+        codes = f"{ids.shape[1] // d} x {d}" if d > 1 else f"{ids.shape[1]}"
+        recon_grid(images, recon, path, title=f"VQ tokenizer ({codes} codes of "
+                   f"{tok.model.cfg.size}): {len(images)} images, PSNR {float(p.mean()):.1f} dB")
         judged = {}
         if judge:
             from omnimask.train.data.shapesworld.judge import (
@@ -408,14 +411,14 @@ class ImageTokenizerOps:
             judged = {"judge_shape": scores["shape_hit"], "judge_shape_chance":
                       scores["shape_chance"], "judge_color": scores["colour_present"],
                       "judge_shape_originals": real["shape_hit"]}
-        depth = tok.model.cfg.depth  # rq: each level's own codebook usage
+        depth, size = tok.model.cfg.depth, tok.model.cfg.size  # rq: codes per level
         levels = ({"usage_per_level": [round(code_stats(ids.view(len(ids), -1, depth)[..., k],
-                                                        tok.size)["usage"], 4)
+                                                        size)["usage"], 4)
                                        for k in range(depth)]} if depth > 1 else {})
-        return {"kind": "image", "size": tok.size, "images": len(images),
+        return {"kind": "image", "size": size, "images": len(images),
                 "psnr_db": round(float(p.mean()), 3),
                 "psnr_db_dataset": round(float(10 * torch.log10(255.0 ** 2 / mse)), 3),
                 **region_psnr(images, recon), **judged,
-                **code_stats(ids, tok.size), **levels, "tokens_per_image": ids.shape[1],
+                **code_stats(ids, size), **levels, "tokens_per_image": ids.shape[1],
                 "encode_images_per_s": round(len(images) / max(t_enc, 1e-9), 1),
                 "recon_grid": str(path)}

@@ -289,8 +289,10 @@ class FSQuantizer(nn.Module):
 class ResidualQuantizer(nn.Module):
     """Residual quantisation: ``rq_depth`` Euclidean codebooks, level k quantising the
     residual the levels before it left; the quantised latent is the sum of the levels'
-    codes. Ids are [N, depth]. The pretraining objectives read one vector per token, which
-    an id stack is not: ``codes``/``unit``/``nearest`` refuse."""
+    codes. Ids are [N, depth]; ``codes()`` stacks the levels' codebooks (level k's code c
+    at row k * codebook_size + c: the rows of an id stack's vocabulary); latents are matched
+    by distance, so ``unit`` leaves them as they are, and ``nearest`` (one id per vector)
+    refuses."""
 
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
@@ -321,11 +323,15 @@ class ResidualQuantizer(nn.Module):
     def ids(self, z: torch.Tensor) -> torch.Tensor:
         return self._descend(z)[0]
 
-    def _refuse(self, *args):
-        raise OmnimaskError("an rq image tokenizer (vq.quantizer=rq) gives a stack of ids per "
-                         "position; pretraining reads vq or fsq tokenizers")
+    def codes(self) -> torch.Tensor:
+        return torch.cat([q.codes() for q in self.levels])
 
-    codes = unit = nearest = _refuse
+    def unit(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        raise OmnimaskError("an rq image tokenizer (vq.quantizer=rq) gives a stack of ids per "
+                            "position (quantizer.ids), not one nearest code")
 
     @torch.no_grad()
     def init_kmeans(self, z: torch.Tensor, seed: int = 0) -> None:

@@ -120,8 +120,13 @@ def test_residual_quantizer_is_greedy_over_levels_and_decodes_the_sum():
     assert torch.allclose(zz.grad, torch.ones_like(zz))
     level = q.levels[0]
     assert torch.allclose(level.codebook, level.ema_sum / level.ema_count[:, None], atol=1e-6)
-    with pytest.raises(OmnimaskError, match="pretraining reads vq or fsq"):
-        q.codes()
+    # the vocabulary's rows: level k's code c at row k * 16 + c; a stack's vector their sum
+    rows = q.codes()
+    assert rows.shape == (48, 4) and torch.equal(rows[16:32], q.levels[1].codebook)
+    assert torch.allclose(q.lookup(ids), rows[ids + torch.arange(3) * 16].sum(1))
+    assert torch.equal(q.unit(z), z)  # matched by distance: latents as they are
+    with pytest.raises(OmnimaskError, match="stack of ids per position"):
+        q.nearest(z)
     m = VQVAE(cfg).eval()
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     e = m.encode(x)  # raster order, depth innermost
@@ -245,3 +250,56 @@ def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, t
     assert Path(s["samples"]["images_png"]).is_file()
     mg = s["samples"]["grounding"]["maskgit"]  # the sampler's own grounding, every code
     assert mg["object_codes_given_caption"] > 0 and mg["codes_given_other_caption"] > 0
+
+
+def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny_tokenizers,
+                                                                 tmp_path):
+    """An rq tokenizer's id stacks: the corpus keeps each position's stack (depth innermost,
+    as the tokenizer encodes), the vocabulary gives each level its own rows, MaskGIT trains
+    on them beside the objectives that read pixels, the one-code objectives are refused by
+    name, and ``eval generate`` draws stacks that the tokenizer decodes."""
+    from omnimask.errors import ConfigError
+    from omnimask.train.pretrain import PretrainConfig, Pretraining
+
+    img = tmp_path / "rq"
+    ImageTokenizer(VQVAE(VQConfig(downsample=3, channels=[8, 8, 8], quantizer="rq", rq_depth=2,
+                                  codebook_size=8, code_dim=4))).save(img)
+    tok = ImageTokenizer.load(img)
+    assert tok.size == 16 and tok.model.quantizer.codes().shape == (16, 4)
+    t = tiny_tokenizers
+
+    def config(mix: str, out: str):
+        return load_config(PretrainConfig, None, [
+            "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
+            "trainer.warmup_steps=1", "data.val_batch_size=4", f"objectives.mix={mix}",
+            "objectives.mix_start={}"], **{
+            "out": str(tmp_path / out),
+            "data": {"train": [str(shapes_dir / "train-*.tar")],
+                     "val": [str(shapes_dir / "test-novel-*.tar")]},
+            "tokenizers": {"text": str(t / "text"), "image": str(img)},
+            "model": {"trunk": {"dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64},
+                      "image_input": "pixels",
+                      "image_encoder": {"channels": [8, 16, 32], "stem_channels": 8}}})
+
+    with pytest.raises(ConfigError, match=r"cm3, mim read one image code per position"):
+        Pretraining(config("{maskgit: 1, cm3: 1, mim: 1}", "refused"), progress=False)
+    pre = Pretraining(config("{maskgit: 1, mlm: 1, mrfr: 1, itc: 1}", "run"), progress=False)
+    assert pre.model.cfg.image_code_depth == 2 and pre.train.depth == 2
+    assert torch.equal(pre.train.codes[:3], tok.encode(pre.train.pixels[:3]))
+    lo, hi = pre.vocab.ranges()["image"]
+    assert hi - lo == 16
+    s = pre.fit()
+    assert s["status"] == "done" and s["step"] == 2
+    model = tmp_path / "model"
+    assert main(["export", str(tmp_path / "run"), "--out", str(model), "-q"]) == 0
+    out = tmp_path / "g.json"
+    assert main(["eval", "generate", "--model", str(model), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--limit", "3", "--out", str(out),
+                 "--set", "sampler=maskgit", "--set", "steps=2", "--set", "candidates=2",
+                 "--set", "infill=objects", "-q"]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["images"] == 3 and 0 <= m["judge_color"] <= 1
+    assert all(v > 0 for v in m["grounding"].values())
+    assert main(["eval", "generate", "--model", str(model), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--limit", "3", "--set",
+                 "sampler=cm3", "-q"]) == 2  # CM3 draws one code per position

@@ -124,6 +124,20 @@ def test_draw_infills_on_each_images_own_schedule(monkeypatch):
     assert out.shape == (2, P) and torch.equal(out[keep], start[keep])
 
 
+def train_maskgit(model, ctx, corpus, steps: int):
+    """``model`` trained on the maskgit objective (Adam 3e-3, batches of 8, seeded)."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    obj = mg.MaskGIT(ctx)
+    for _ in range(steps):
+        idx = torch.randint(len(corpus), (8,), generator=g).tolist()
+        loss = model(obj.batch(corpus, idx, g), task="maskgit")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
 def test_maskgit_learns_to_draw_what_the_caption_decides():
     torch.manual_seed(0)
     ctx = _ctx(maskgit_uncond=0.0)
@@ -133,16 +147,7 @@ def test_maskgit_learns_to_draw_what_the_caption_decides():
     caps = [[[words[i % 4]]] * 2 for i in range(16)]
     codes = torch.stack([(torch.arange(P) * 4 + i % 4) % CODES for i in range(16)])
     corpus = replace(corpus, captions=caps, codes=codes)
-    model = _model(ctx)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    obj = mg.MaskGIT(ctx)
-    for _ in range(250):
-        idx = torch.randint(16, (8,), generator=g).tolist()
-        loss = model(obj.batch(corpus, idx, g), task="maskgit")["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = train_maskgit(_model(ctx), ctx, corpus, 250)
     drawn = mg.draw(model, ctx, [[w] for w in words], P, 4, steps=4, temperature=0.0)
     acc = float((drawn == codes[:4]).float().mean())
     assert acc > 0.9, acc

@@ -111,6 +111,8 @@ class Objective:
 
     name = ""
     head: type[torch.nn.Module]
+    # reads one image code per grid position (not an rq tokenizer's id stacks)
+    one_code_per_position = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.cfg = ctx, ctx.cfg

@@ -86,6 +86,7 @@ class CM3Head(TokenPrediction):
 
 @objective("cm3")
 class CM3(Objective):
+    one_code_per_position = True
     head = CM3Head
 
     def __init__(self, ctx: Context) -> None:

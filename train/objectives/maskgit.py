@@ -14,6 +14,12 @@ Objects (patches with object pixels in ``seg.png``) can weigh more than the back
 object code, or every object's box (``maskgit_object_mask_region=boxes``): the rest of the
 image then says nothing of what the caption names.
 
+An rq tokenizer's id stacks (``corpus.depth`` > 1, RQ-Transformer's layout, Lee et al.
+2022): a position enters as the sum of its levels' token embeddings (``<mask>`` when
+masked), and the head predicts its stack level by level, level k from the position's
+hidden state plus a linear map of the embeddings of the levels before it (teacher-forced
+in training, sampled in ``draw``); the loss is the stack's negative log-likelihood.
+
 ``draw`` decodes in ``steps`` rounds: each round predicts every masked code, samples them,
 and keeps the most confident ones so that cos(pi/2 * (t+1)/steps) of the codes stay masked
 (confidence = log-probability of the sampled code plus Gumbel noise annealed to 0), or,
@@ -27,31 +33,101 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import IGNORE, Segment, pack
+from omnimask.model import init_linear
 
 from ..evaluate import ORDERS
 from .base import Context, Objective, TokenPrediction, objective, pick_caption, text_segment
 
 
+def stack_ids(ctx: Context, codes: torch.Tensor, depth: int) -> torch.Tensor:
+    """Codes [..., P * depth] (each level's own ids, depth innermost) -> vocabulary ids
+    [..., P, depth]: level k's code c is the image range's row k * (its size / depth) + c."""
+    lo, hi = ctx.vocab.ranges()["image"]
+    levels = torch.arange(depth, device=codes.device) * ((hi - lo) // depth) + lo
+    return codes.long().unflatten(-1, (-1, depth)) + levels
+
+
 def masked_image_segment(ctx: Context, codes: torch.Tensor, masked: torch.Tensor, cols: int,
-                         targets: bool = True) -> Segment:
-    """Codes [P] as an image segment of vocabulary ids, ``<mask>`` where ``masked`` [P]
-    (bool); with ``targets``, the masked positions' codes are the targets."""
-    ids = ctx.vocab.from_image(codes.long())
+                         targets: bool = True, depth: int = 1) -> Segment:
+    """Codes [P * depth] as an image segment of vocabulary ids, ``<mask>`` where ``masked``
+    [P] (bool); with ``targets``, the masked positions' codes are the targets. With
+    ``depth`` > 1 the ids and targets are each stack's first level (the rest enters
+    through ``image_stacks``)."""
+    ids = (ctx.vocab.from_image(codes.long()) if depth == 1
+           else stack_ids(ctx, codes, depth)[:, 0])
     inp = ids.masked_fill(masked, ctx.sp("mask"))
-    g = torch.arange(len(codes))
+    g = torch.arange(len(ids))
     rc = torch.stack([g // cols, g % cols], 1)
     tgt = ids.masked_fill(~masked, IGNORE) if targets else None
     return Segment("image", ids=inp, targets=tgt, rc=rc)
 
 
+def image_stacks(p, stacks: torch.Tensor) -> torch.Tensor:
+    """The ``stack`` input of packed samples that each end with an image of P positions:
+    [T, depth] vocabulary ids, ``stacks`` [B, P, depth] at the images (-1 rows: masked
+    positions and everything else)."""
+    b, n, depth = stacks.shape
+    out = torch.full((p.num_tokens, depth), -1, dtype=torch.long, device=stacks.device)
+    pos = (p.cu_seqlens[1:].long().to(stacks.device)[:, None] - n
+           + torch.arange(n, device=stacks.device)).reshape(-1)
+    return out.index_copy(0, pos, stacks.reshape(-1, depth))
+
+
 class MaskGITHead(TokenPrediction):
     """Cross-entropy of the masked codes through the vocabulary head, bidirectional (the
-    batch's ``weights``: the object weight per target)."""
+    batch's ``weights``: the object weight per target); id stacks: the summed cross-entropy
+    of their levels, level k (>= 1) read from the hidden state plus ``levels[k - 1]`` of the
+    normalised sum of the embeddings of the levels before it."""
 
     task, mask = "maskgit", "bidirectional"
+
+    def __init__(self, model_cfg=None, cfg=None) -> None:
+        super().__init__()
+        depth = model_cfg.image_code_depth if model_cfg is not None else 1
+        d = model_cfg.trunk.dim if model_cfg is not None else 1
+        self.levels = nn.ModuleList(nn.Linear(d, d) for _ in range(depth - 1))
+        init_linear(*self.levels)
+        self.norm = nn.LayerNorm(d) if depth > 1 else None
+
+    def level_logits(self, encoder, h: torch.Tensor, k: int, before: torch.Tensor | None,
+                     rows: tuple[int, int]) -> torch.Tensor:
+        """Logits [n, rows[1]] of level ``k`` at hidden states ``h`` [n, dim], ``before``
+        [n, dim] the summed token embeddings of levels < k (None for k = 0), over the
+        vocabulary rows ``rows`` = (first, count) of level k's codes."""
+        x = h if k == 0 else h + self.levels[k - 1](self.norm(before))
+        first, count = rows
+        return encoder.vocab_logits(x, torch.arange(len(x), device=x.device))[
+            :, first:first + count]
+
+    def stack_nll(self, encoder, h: torch.Tensor, stacks: torch.Tensor,
+                  image_rows: tuple[int, int]) -> torch.Tensor:
+        """[n] the negative log-likelihood of id stacks [n, depth] (vocabulary ids) at
+        hidden states ``h`` [n, dim], each level given the true levels before it;
+        ``image_rows``: (the image range's first row, codes per level)."""
+        lo, size = image_rows
+        ce, before = 0.0, None
+        for k in range(stacks.shape[1]):
+            first = lo + k * size
+            logits = self.level_logits(encoder, h, k, before, (first, size)).float()
+            ce = ce + F.cross_entropy(logits, stacks[:, k] - first, reduction="none")
+            e = encoder.trunk.tok(stacks[:, k])
+            before = e if before is None else before + e
+        return ce
+
+    def forward(self, encoder, b: dict) -> dict:
+        if "stack" not in b:
+            return super().forward(encoder, b)
+        p = b["packed"]
+        pos = p.target_positions
+        h = encoder(p, mask=self.mask, stack=b["stack"], outputs=pos)
+        ce = self.stack_nll(encoder, h, b["stack_targets"].to(h.device), b["image_rows"])
+        w = b.get("weights")
+        loss = ce.mean() if w is None else (ce * w.to(h.device)).sum() / w.to(h.device).sum()
+        return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
 
 
 def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
@@ -88,7 +164,7 @@ class MaskGIT(Objective):
 
     def sample(self, corpus, i: int, gen: torch.Generator) -> list[Segment]:
         codes = corpus.codes[i]
-        n = len(codes)
+        n = len(codes) // corpus.depth
         ratio = math.cos(math.pi / 2 * float(torch.rand(1, generator=gen)))
         k = min(n, max(1, math.ceil(ratio * n)))
         masked = torch.zeros(n, dtype=torch.bool)
@@ -101,11 +177,19 @@ class MaskGIT(Objective):
         uncond = float(torch.rand(1, generator=gen)) < self.cfg.maskgit_uncond
         caption = [] if uncond else pick_caption(corpus, i, gen)
         return [text_segment(self.ctx, caption),
-                masked_image_segment(self.ctx, codes, masked, corpus.grid[1])]
+                masked_image_segment(self.ctx, codes, masked, corpus.grid[1],
+                                     depth=corpus.depth)]
 
     def batch(self, corpus, idx, gen) -> dict:
         samples = [self.sample(corpus, i, gen) for i in idx]
         out = {"packed": pack(samples)}
+        if corpus.depth > 1:  # the id stacks: known ones as inputs, masked ones as targets
+            stacks = stack_ids(self.ctx, corpus.codes[idx], corpus.depth)
+            masked = torch.stack([s[-1].ids == self.ctx.sp("mask") for s in samples])
+            out["stack"] = image_stacks(out["packed"], stacks.masked_fill(masked[..., None], -1))
+            out["stack_targets"] = stacks[masked]
+            lo, hi = self.ctx.vocab.ranges()["image"]
+            out["image_rows"] = (lo, (hi - lo) // corpus.depth)
         w = self.cfg.maskgit_object_weight
         if w != 1.0:  # one weight per target, in the packed targets' order
             setting = "objectives.maskgit_object_weight"
@@ -120,27 +204,31 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
          steps: int = 12, temperature: float = 1.0, guidance: float = 1.0,
          gen: torch.Generator | None = None, start: torch.Tensor | None = None,
          keep_known: torch.Tensor | None = None, order: str = "confidence") -> torch.Tensor:
-    """Codes [len(captions), num_codes] drawn from the captions in ``steps`` rounds;
-    ``guidance`` s != 1 mixes in the caption-less prediction as u + s * (c - u). Infilling:
-    ``start`` [n, num_codes] codes of which those where ``keep_known`` [n, num_codes] (bool)
-    stay as given, the rest drawn on the same schedule over each image's masked count.
-    ``order``: which sampled codes a round keeps, its most confident (``confidence``,
-    MaskGIT's) or a uniformly ``random`` share."""
+    """Codes [len(captions), num_codes * depth] drawn from the captions in ``steps`` rounds
+    (``num_codes`` positions; depth: the model's ``image_code_depth``, each position's id
+    stack drawn level by level, its confidence the stack's log-probability); ``guidance``
+    s != 1 mixes in the caption-less prediction as u + s * (c - u). Infilling: ``start``
+    [n, num_codes * depth] codes of which the positions where ``keep_known`` [n, num_codes]
+    (bool) stay as given, the rest drawn on the same schedule over each image's masked
+    count. ``order``: which sampled positions a round keeps, its most confident
+    (``confidence``, MaskGIT's) or a uniformly ``random`` share."""
     model.eval()
+    depth = model.cfg.image_code_depth
     lo, hi = ctx.vocab.ranges()["image"]
     n = len(captions)
-    codes = torch.zeros(n, num_codes, dtype=torch.long)
+    codes = torch.zeros(n, num_codes, depth, dtype=torch.long)
     known = torch.zeros(n, num_codes, dtype=torch.bool)
     if order not in ORDERS:
         raise ValueError(f"draw: order must be one of {', '.join(ORDERS)}, got {order!r}")
     if (start is None) != (keep_known is None):
         raise ValueError("draw: start and keep_known come together")
     if start is not None:
-        if start.shape != (n, num_codes) or keep_known.shape != (n, num_codes):
-            raise ValueError(f"draw: start and keep_known must be [{n}, {num_codes}], got "
-                             f"{list(start.shape)} and {list(keep_known.shape)}")
+        if start.shape != (n, num_codes * depth) or keep_known.shape != (n, num_codes):
+            raise ValueError(f"draw: start and keep_known must be [{n}, {num_codes * depth}] "
+                             f"and [{n}, {num_codes}], got {list(start.shape)} and "
+                             f"{list(keep_known.shape)}")
         known = keep_known.clone()
-        codes = torch.where(known, start.long(), codes)
+        codes = torch.where(known[..., None], start.long().view(n, num_codes, depth), codes)
     masked = (~known).sum(1, keepdim=True).double()  # [n, 1]: what the rounds draw
     guided = guidance != 1.0
     prompts = list(captions) + ([[]] * n if guided else [])
@@ -148,28 +236,25 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
     # packed once, on the model's device; each round rewrites only the image ids, and
     # samples there (a GPU round then moves nothing to or from the host)
     p = pack([[text_segment(ctx, c), masked_image_segment(
-        ctx, codes[k % n], ~known[k % n], cols, targets=False)] for k, c in enumerate(prompts)])
+        ctx, codes[k % n].reshape(-1), ~known[k % n], cols, targets=False, depth=depth)]
+        for k, c in enumerate(prompts)])
     p = p.to(dev)
     pos = ((p.cu_seqlens[1:].long() - num_codes)[:, None]  # each sample ends with its image
            + torch.arange(num_codes, device=dev)).reshape(-1)
     codes, known, masked = codes.to(dev), known.to(dev), masked.to(dev)
     rng = gen if dev.type == "cpu" or gen is None else _device_generator(gen, dev)
     for t in range(steps):
-        ids = torch.where(known, codes + lo, ctx.sp("mask"))
-        p.ids[pos] = (ids.repeat(2, 1) if guided else ids).reshape(-1)
-        h = model.encoder(p, mask="bidirectional")
-        logits = model.encoder.vocab_logits(h, pos).float()[:, lo:hi].log_softmax(-1)
-        logits = logits.view(len(prompts), num_codes, -1)
-        if guided:
-            c, u = logits[:n], logits[n:]
-            logits = (u + guidance * (c - u)).log_softmax(-1)
-        if temperature > 0:
-            probs = (logits / temperature).softmax(-1)
-            pick = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=rng)
-            pick = pick.view(n, num_codes)
+        if depth == 1:
+            ids = torch.where(known, codes[..., 0] + lo, ctx.sp("mask"))
+            p.ids[pos] = (ids.repeat(2, 1) if guided else ids).reshape(-1)
+            h = model.encoder(p, mask="bidirectional")
+            logits = model.encoder.vocab_logits(h, pos).float()[:, lo:hi].log_softmax(-1)
+            pick, conf = _sample(logits.view(len(prompts), num_codes, -1), n, guidance,
+                                 temperature, rng)
+            pick = pick[..., None]
         else:
-            pick = logits.argmax(-1)
-        conf = logits.gather(-1, pick[..., None])[..., 0]
+            pick, conf = _sample_stacks(model, ctx, p, pos, codes, known, guidance,
+                                        temperature, rng)
         if order == "random":  # each round unmasks a uniformly random share
             conf = torch.rand(conf.shape, generator=rng, device=dev)
         elif temperature > 0:  # MaskGIT's annealed noise: early rounds explore more
@@ -179,9 +264,53 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
         still = (masked * math.cos(math.pi / 2 * (t + 1) / steps)).floor().long()
         rank = conf.argsort(-1, descending=True).argsort(-1)  # 0: the most confident
         new = (rank < num_codes - still) & ~known
-        codes = torch.where(new, pick, codes)
+        codes = torch.where(new[..., None], pick, codes)
         known |= new
-    return codes.cpu()
+    return codes.reshape(n, -1).cpu()
+
+
+def _sample(logits: torch.Tensor, n: int, guidance: float, temperature: float,
+            rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [n, P] sampled from log-probabilities [n (x2 guided), P, K] and their
+    log-probabilities [n, P] (guided: u + s * (c - u), renormalised)."""
+    if guidance != 1.0:
+        c, u = logits[:n], logits[n:]
+        logits = (u + guidance * (c - u)).log_softmax(-1)
+    if temperature > 0:
+        probs = (logits / temperature).softmax(-1)
+        pick = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=rng)
+        pick = pick.view(logits.shape[:2])
+    else:
+        pick = logits.argmax(-1)
+    return pick, logits.gather(-1, pick[..., None])[..., 0]
+
+
+def _sample_stacks(model, ctx: Context, p, pos: torch.Tensor, codes: torch.Tensor,
+                   known: torch.Tensor, guidance: float, temperature: float, rng
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of ``draw`` over id stacks: (stacks [n, P, depth], their log-probability
+    [n, P]), each level sampled given the levels drawn before it at the same position."""
+    n, num, depth = codes.shape
+    guided = guidance != 1.0
+    stacks = stack_ids(ctx, codes.reshape(n, -1), depth).masked_fill(~known[..., None], -1)
+    stacks = stacks.repeat(2, 1, 1) if guided else stacks
+    p.ids[pos] = torch.where(stacks[..., 0] >= 0, stacks[..., 0], ctx.sp("mask")).reshape(-1)
+    h = model.encoder(p, mask="bidirectional", stack=image_stacks(p, stacks), outputs=pos)
+    head = model.heads["maskgit"]
+    lo, hi = ctx.vocab.ranges()["image"]
+    size = (hi - lo) // depth
+    picks, conf, before = [], 0.0, None
+    for k in range(depth):
+        first = lo + k * size
+        logits = head.level_logits(model.encoder, h, k, before, (first, size)).float()
+        pick, lp = _sample(logits.log_softmax(-1).view(len(stacks), num, size), n, guidance,
+                           temperature, rng)
+        picks.append(pick)
+        conf = conf + lp
+        e = model.encoder.trunk.tok(pick + first).reshape(n * num, -1)
+        e = e.repeat(2, 1) if guided else e
+        before = e if before is None else before + e
+    return torch.stack(picks, -1), conf
 
 
 def _device_generator(gen: torch.Generator, dev: torch.device) -> torch.Generator:
@@ -197,21 +326,29 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
     """Whether drawing reads the caption: the loss of every code of images ``idx``, all
     masked (the first round of ``draw``), after the image's own caption and after another
     sample's (the list rotated by one); with ``seg.png``, also of the object codes alone.
-    Equal pairs: the model draws the same whatever the caption says."""
+    Equal pairs: the model draws the same whatever the caption says. Id stacks: their
+    negative log-likelihood per code (the stack's over its depth)."""
     model.eval()
-    n, cols = corpus.codes.shape[1], corpus.grid[1]
+    depth, cols = corpus.depth, corpus.grid[1]
+    n = corpus.codes.shape[1] // depth
     caps = [corpus.captions[i][0] if corpus.captions[i] else [] for i in idx]
     obj = (torch.stack([object_codes(corpus, i, "") for i in idx])
            if corpus.regions is not None else None)
+    lo, hi = ctx.vocab.ranges()["image"]
     out = {}
     for name, cs in (("caption", caps), ("other_caption", caps[1:] + caps[:1])):
         p = pack([[text_segment(ctx, c), masked_image_segment(
-            ctx, corpus.codes[i], torch.ones(n, dtype=torch.bool), cols)]
+            ctx, corpus.codes[i], torch.ones(n, dtype=torch.bool), cols, depth=depth)]
             for c, i in zip(cs, idx)])
         h = model.encoder(p, mask="bidirectional")
         pos = p.target_positions.to(h.device)
-        ce = F.cross_entropy(model.encoder.vocab_logits(h, pos).float(),
-                             p.targets.to(h.device)[pos], reduction="none").cpu()
+        if depth == 1:
+            ce = F.cross_entropy(model.encoder.vocab_logits(h, pos).float(),
+                                 p.targets.to(h.device)[pos], reduction="none").cpu()
+        else:
+            stacks = stack_ids(ctx, corpus.codes[idx], depth).reshape(-1, depth)
+            ce = model.heads["maskgit"].stack_nll(model.encoder, h[pos], stacks.to(h.device),
+                                                  (lo, (hi - lo) // depth)).cpu() / depth
         out[f"codes_given_{name}"] = round(float(ce.mean()), 4)
         if obj is not None:
             out[f"object_codes_given_{name}"] = round(float(ce[obj.flatten()].mean()), 4)

@@ -140,6 +140,7 @@ class MRCHead(nn.Module):
 
 @objective("mrc")
 class MRC(_MaskedRegions):
+    one_code_per_position = True  # its soft target: one codebook's
     head = MRCHead
 
     def _targets(self, corpus, rows, masks) -> dict:
@@ -161,6 +162,7 @@ class MIM(_MaskedRegions):
     """BEiT masked image modelling: predict the VQ code id of blockwise-masked patches."""
 
     head = MIMHead
+    one_code_per_position = True
 
     def _masks(self, corpus, gen) -> torch.Tensor:
         r, c = corpus.grid
