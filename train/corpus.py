@@ -142,9 +142,13 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
             pixels = image_tok.prepare(b["image"])  # at the VQ tokenizer's size
             out["pixels"].append(pixels)
             z = vq.unit_latents(pixels)
-            flat = z.reshape(-1, z.shape[-1])  # rq: each position's id stack, depth innermost
-            out["codes"].append((vq.quantizer.ids(flat) if vq.cfg.depth > 1
-                                 else vq.quantizer.nearest(flat)).reshape(n, -1))
+            flat = z.reshape(-1, z.shape[-1])
+            if vq.cfg.depth > 1:  # rq: each position's id stack (depth innermost), matched
+                # by distance on the latents as they are; kept l2-normalised as the others
+                out["codes"].append(vq.quantizer.ids(flat).reshape(n, -1))
+                z = torch.nn.functional.normalize(z, dim=-1)
+            else:
+                out["codes"].append(vq.quantizer.nearest(flat).reshape(n, -1))
             out["latents"].append(z.half())
             out["features"].append((pe(b["image"]) if pe is not None else z).half())
             if want_seg:

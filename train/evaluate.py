@@ -64,8 +64,9 @@ def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run
                      **{f"chance_{k}": v for k, v in chance.items() if k != "recall"}})
     n = min(g.images, len(val))
     score = cg.image_scorer(model, ctx, toks["image"], g.rerank) if g.candidates > 1 else None
-    codes = draw_codes(model, ctx, [val.captions[i][0] for i in range(n)], val.codes.shape[1],
-                       val.grid[1], g, score, torch.Generator().manual_seed(0))
+    codes = draw_codes(model, ctx, [val.captions[i][0] for i in range(n)],
+                       val.grid[0] * val.grid[1], val.grid[1], g, score,
+                       torch.Generator().manual_seed(0))
     vq = toks["image"].model
     with torch.no_grad():  # decoded once for the PNG and the judge
         drawn, recon = vq.decode(codes), vq.decode(val.codes[:n])

@@ -82,10 +82,6 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     g = load_config(GenerateEvalConfig, None, [f"{k}={v}" for k, v in (settings or {}).items()])
     toks = model.tokenizers
     text, image = toks["text"], toks["image"]
-    if image.model.cfg.depth > 1 and g.sampler != "maskgit":
-        raise OmnimaskError(f"eval generate: the model's image tokenizer gives a stack of ids "
-                            f"per position (vq.quantizer=rq), which sampler={g.sampler} does "
-                            f"not draw; use --set sampler=maskgit")
     if g.candidates > 1 and g.rerank not in model.heads:
         raise ConfigError(f"rerank={g.rerank}: the model has no {g.rerank} head (heads: "
                           f"{', '.join(sorted(model.heads)) or 'none'}); set candidates=1")
@@ -96,7 +92,7 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
                             "none of its (colour, shape) pairs")
     pixels = model.cfg.image_input == "pixels"
     ctx = Context(vocab=model.vocab, codebook=torch.empty(0), word_start=torch.empty(0),
-                  cfg=None, pixels=pixels)
+                  cfg=None, pixels=pixels, depth=model.cfg.image_code_depth)
     model.eval()
     score = cg.image_scorer(model, ctx, image, g.rerank) if g.candidates > 1 else None
     gen = torch.Generator().manual_seed(g.seed)
@@ -141,11 +137,12 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
 def draw_codes(model, ctx, captions: list[list[int]], num_codes: int, cols: int, g,
                score=None, gen: torch.Generator | None = None,
                given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Codes [len(captions), num_codes] drawn by ``g.sampler`` (cm3: left to right over the
-    KV cache; maskgit: ``g.steps`` parallel rounds in ``g.order``) with ``g.temperature``,
-    ``g.top_k`` (cm3), ``g.guidance`` and ``g.candidates`` per caption, the one
-    ``score(caption, codes)`` rates best kept (the first without ``score``). ``given``
-    (maskgit): (codes, keep) [len(captions), num_codes], the codes where ``keep`` stay."""
+    """Codes [len(captions), num_codes * depth] (``num_codes`` positions, ``depth`` ids
+    each) drawn by ``g.sampler`` (cm3: left to right over the KV cache; maskgit:
+    ``g.steps`` parallel rounds in ``g.order``) with ``g.temperature``, ``g.top_k`` (cm3),
+    ``g.guidance`` and ``g.candidates`` per caption, the one ``score(caption, codes)``
+    rates best kept (the first without ``score``). ``given`` (maskgit): (codes [len(captions),
+    num_codes * depth], keep [len(captions), num_codes]), the positions where ``keep`` stay."""
     from .objectives import cm3_generate as cg
     from .objectives.maskgit import draw
 

@@ -200,7 +200,6 @@ class Pretraining:
             if not any(float(oc.mix.get(n, 0)) > 0 for n in mix):
                 raise ConfigError("objectives.mix: no objective but speech has a positive "
                                   "ratio, and the training shards have no speech")
-        check_code_depth(mix, self.train.depth, cfg.tokenizers.image)
         pixels = cfg.model.image_input == "pixels"
         if cfg.encoder_warmup.steps > 0:  # before anything is written to the run directory
             if not pixels:
@@ -209,7 +208,8 @@ class Pretraining:
                                   f"'pixels'")
             check_labels(self.train, self.val, cfg.encoder_warmup)
         self.ctx = Context(vocab=self.vocab, codebook=image.model.quantizer.codes().detach(),
-                           word_start=word_starts(text), cfg=cfg.objectives, pixels=pixels)
+                           word_start=word_starts(text), cfg=cfg.objectives, pixels=pixels,
+                           depth=self.train.depth)
         self.names = sorted(mix)  # every objective with a positive ratio at some step
         self.objectives = {n: OBJECTIVES.create(n, self.ctx) for n in self.names}
         cfg.model.mrc_temperature = cfg.objectives.mrc_temperature
@@ -364,17 +364,6 @@ def samples_to_tb(run: Path, step: int, s: dict) -> None:
     texts = {"samples/captions": "\n".join(rows)} if s.get("captions") else {}
     images = {"samples/generated_images": s["images_png"]} if s.get("images_png") else {}
     tb_add(run, step, images, texts)
-
-
-def check_code_depth(mix: dict[str, float], depth: int, tokenizer: str) -> None:
-    """The objectives of ``mix`` read the image tokenizer's ``depth`` ids per position:
-    those that read one code per position refuse an rq tokenizer's stacks."""
-    flat = [n for n in sorted(mix) if OBJECTIVES.get(n).one_code_per_position]
-    if depth > 1 and flat:
-        raise ConfigError(f"objectives.mix: {', '.join(flat)} read one image code per "
-                          f"position, and tokenizers.image ({tokenizer}) gives stacks of "
-                          f"{depth} (vq.quantizer=rq); leave them out or use a vq or fsq "
-                          f"tokenizer")
 
 
 def build_model(mc: ModelConfig, toks: dict, vocab, corpus, heads, tokenizer_dirs: dict,

@@ -255,10 +255,9 @@ def test_pretraining_reads_a_16x16_fsq_tokenizer_and_draws_with_it(shapes_dir, t
 def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny_tokenizers,
                                                                  tmp_path):
     """An rq tokenizer's id stacks: the corpus keeps each position's stack (depth innermost,
-    as the tokenizer encodes), the vocabulary gives each level its own rows, MaskGIT trains
-    on them beside the objectives that read pixels, the one-code objectives are refused by
-    name, and ``eval generate`` draws stacks that the tokenizer decodes."""
-    from omnimask.errors import ConfigError
+    as the tokenizer encodes), the vocabulary gives each level its own rows, every image-code
+    objective trains on them, the end of the run captions and draws with CM3 over the
+    stacks, and ``eval generate`` draws stacks with both samplers."""
     from omnimask.train.pretrain import PretrainConfig, Pretraining
 
     img = tmp_path / "rq"
@@ -272,7 +271,8 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
         return load_config(PretrainConfig, None, [
             "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
             "trainer.warmup_steps=1", "data.val_batch_size=4", f"objectives.mix={mix}",
-            "objectives.mix_start={}"], **{
+            "objectives.mix_start={}", "generate.captions=2", "generate.images=2",
+            "generate.candidates=2"], **{
             "out": str(tmp_path / out),
             "data": {"train": [str(shapes_dir / "train-*.tar")],
                      "val": [str(shapes_dir / "test-novel-*.tar")]},
@@ -281,15 +281,15 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
                       "image_input": "pixels",
                       "image_encoder": {"channels": [8, 16, 32], "stem_channels": 8}}})
 
-    with pytest.raises(ConfigError, match=r"cm3, mim read one image code per position"):
-        Pretraining(config("{maskgit: 1, cm3: 1, mim: 1}", "refused"), progress=False)
-    pre = Pretraining(config("{maskgit: 1, mlm: 1, mrfr: 1, itc: 1}", "run"), progress=False)
+    pre = Pretraining(config("{maskgit: 1, cm3: 1, mim: 1, mrc: 1, mrfr: 1, itc: 1}", "run"),
+                      progress=False)
     assert pre.model.cfg.image_code_depth == 2 and pre.train.depth == 2
     assert torch.equal(pre.train.codes[:3], tok.encode(pre.train.pixels[:3]))
     lo, hi = pre.vocab.ranges()["image"]
     assert hi - lo == 16
     s = pre.fit()
     assert s["status"] == "done" and s["step"] == 2
+    assert Path(s["samples"]["images_png"]).is_file() and len(s["samples"]["captions"]) == 2
     model = tmp_path / "model"
     assert main(["export", str(tmp_path / "run"), "--out", str(model), "-q"]) == 0
     out = tmp_path / "g.json"
@@ -301,5 +301,6 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
     assert m["images"] == 3 and 0 <= m["judge_color"] <= 1
     assert all(v > 0 for v in m["grounding"].values())
     assert main(["eval", "generate", "--model", str(model), "--data",
-                 str(shapes_dir / "test-novel-*.tar"), "--limit", "3", "--set",
-                 "sampler=cm3", "-q"]) == 2  # CM3 draws one code per position
+                 str(shapes_dir / "test-novel-*.tar"), "--limit", "3", "--out", str(out),
+                 "--set", "sampler=cm3", "--set", "candidates=2", "-q"]) == 0
+    assert json.loads(out.read_text())["metrics"]["images"] == 3

@@ -111,8 +111,6 @@ class Objective:
 
     name = ""
     head: type[torch.nn.Module]
-    # reads one image code per grid position (not an rq tokenizer's id stacks)
-    one_code_per_position = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.cfg = ctx, ctx.cfg
@@ -142,9 +140,23 @@ class Context:
     word_start: torch.Tensor  # [text_size] bool, token begins a word (whole-word masking)
     cfg: ObjectivesConfig
     pixels: bool = False  # images enter as uint8 pixels (model.image_input=pixels)
+    depth: int = 1  # image code ids per grid position (an rq tokenizer's levels)
 
     def sp(self, role: str) -> int:
         return self.vocab.special(role)
+
+    def level_size(self) -> int:
+        """Vocabulary rows of one level of the image codes."""
+        lo, hi = self.vocab.ranges()["image"]
+        return (hi - lo) // self.depth
+
+
+def stack_ids(ctx: Context, codes: torch.Tensor, depth: int) -> torch.Tensor:
+    """Codes [..., P * depth] (each level's own ids, depth innermost) -> vocabulary ids
+    [..., P, depth]: level k's code c is the image range's row k * (its size / depth) + c."""
+    lo, hi = ctx.vocab.ranges()["image"]
+    levels = torch.arange(depth, device=codes.device) * ((hi - lo) // depth) + lo
+    return codes.long().unflatten(-1, (-1, depth)) + levels
 
 
 class TokenPrediction(nn.Module):

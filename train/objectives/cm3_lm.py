@@ -12,7 +12,10 @@ span and ``<eod>`` the document. The trunk runs causally; the loss is next-token
 cross-entropy everywhere except where the next token is a sentinel (weight 0).
 
 Image tokens keep 2-D (row, col) positions of where they were in the image, also after
-the transform moved them; position ids count within the document.
+the transform moved them; position ids count within the document. An rq tokenizer's id
+stacks are written out level by level (depth innermost, each level its own vocabulary
+rows), the levels of a position sharing its (row, col): CM3 predicts each stack as the
+next ``depth`` tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from omnimask.fusion.packing import IGNORE, Segment, pack
 
-from .base import Context, Objective, TokenPrediction, objective, pick_caption
+from .base import Context, Objective, TokenPrediction, objective, pick_caption, stack_ids
 from .cm3 import cm3_transform, sample_spans
 
 
@@ -31,8 +34,11 @@ def text_part(ctx: Context, ids) -> list[int]:
 
 
 def image_part(ctx: Context, codes: torch.Tensor) -> list[int]:
-    """An image's VQ codes [P] as a document part: ``<image> codes </image>``."""
-    return [ctx.sp("image"), *ctx.vocab.from_image(codes).tolist(), ctx.sp("/image")]
+    """An image's VQ codes [P * depth] as a document part: ``<image> codes </image>`` (id
+    stacks level by level, each level in its own rows)."""
+    ids = (ctx.vocab.from_image(codes) if ctx.depth == 1
+           else stack_ids(ctx, codes, ctx.depth).reshape(-1))
+    return [ctx.sp("image"), *ids.tolist(), ctx.sp("/image")]
 
 
 def _runs(ctx: Context, tokens: list[int]) -> list[tuple[str, int, int]]:
@@ -63,15 +69,17 @@ def doc_segments(ctx: Context, tokens: list[int], grid_index: list[int], cols: i
     return segs
 
 
-def grid_indices(ctx: Context, tokens: list[int]) -> list[int]:
-    """For a document in reading order: each image token's index within its image."""
+def grid_indices(ctx: Context, tokens: list[int], per_token: bool = False) -> list[int]:
+    """For a document in reading order: each image token's grid position within its image
+    (the levels of an id stack share one), or with ``per_token`` its token count there."""
     lo, hi = ctx.vocab.ranges()["image"]
     out, k = [], 0
+    step = 1 if per_token else ctx.depth
     for t in tokens:
         if t == ctx.sp("image"):
             k = 0
         if lo <= t < hi:
-            out.append(k)
+            out.append(k // step)
             k += 1
         else:
             out.append(-1)
@@ -86,7 +94,6 @@ class CM3Head(TokenPrediction):
 
 @objective("cm3")
 class CM3(Objective):
-    one_code_per_position = True
     head = CM3Head
 
     def __init__(self, ctx: Context) -> None:

@@ -40,15 +40,15 @@ from omnimask.fusion.packing import IGNORE, Segment, pack
 from omnimask.model import init_linear
 
 from ..evaluate import ORDERS
-from .base import Context, Objective, TokenPrediction, objective, pick_caption, text_segment
-
-
-def stack_ids(ctx: Context, codes: torch.Tensor, depth: int) -> torch.Tensor:
-    """Codes [..., P * depth] (each level's own ids, depth innermost) -> vocabulary ids
-    [..., P, depth]: level k's code c is the image range's row k * (its size / depth) + c."""
-    lo, hi = ctx.vocab.ranges()["image"]
-    levels = torch.arange(depth, device=codes.device) * ((hi - lo) // depth) + lo
-    return codes.long().unflatten(-1, (-1, depth)) + levels
+from .base import (
+    Context,
+    Objective,
+    TokenPrediction,
+    objective,
+    pick_caption,
+    stack_ids,
+    text_segment,
+)
 
 
 def masked_image_segment(ctx: Context, codes: torch.Tensor, masked: torch.Tensor, cols: int,

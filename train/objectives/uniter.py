@@ -8,9 +8,9 @@
   patch's frozen VQ latent.
 - ``mrc``: same masking; KL(target || model) against a soft target. UNITER's target is
   the detector's class distribution; ours is the VQ tokenizer's code distribution,
-  ``softmax(cos(latent, codes) / t)``.
+  ``softmax(cos(latent, codes) / t)`` (an rq tokenizer: over its first level's codes).
 - ``mim``: BEiT: blockwise-masked patches (~40%) predict their VQ code ids through the
-  vocabulary head.
+  vocabulary head (an rq tokenizer's stacks: their first level, one code per patch).
 - ``itm``: with p=0.5 the image is replaced by another one (random or, as an option,
   sampled by ITC similarity); Linear(H, 2) on the pooled ``<cls>``; plus word-region
   alignment by optimal transport (IPOT) with weight 0.1 on the signed OT distance.
@@ -126,9 +126,10 @@ class MRCHead(nn.Module):
                                        nn.Linear(model_cfg.trunk.dim, model_cfg.code_dim))
         init_linear(self.transform[1])
         self.temperature = model_cfg.mrc_temperature
+        self.codes = model_cfg.image_codes // model_cfg.image_code_depth  # rq: the first level
 
     def logits(self, encoder, h: torch.Tensor) -> torch.Tensor:
-        codes = encoder.embedders["image"].codebook
+        codes = encoder.embedders["image"].codebook[:self.codes]
         return F.normalize(self.transform(h), dim=-1) @ codes.T / self.temperature
 
     def forward(self, encoder, b: dict) -> dict:
@@ -140,12 +141,12 @@ class MRCHead(nn.Module):
 
 @objective("mrc")
 class MRC(_MaskedRegions):
-    one_code_per_position = True  # its soft target: one codebook's
     head = MRCHead
 
     def _targets(self, corpus, rows, masks) -> dict:
         z = torch.cat([corpus.latents[i].float()[m] for i, m in zip(rows, masks)])
-        soft = (z @ self.ctx.codebook.T / self.cfg.mrc_temperature).softmax(-1)
+        codes = self.ctx.codebook[:self.ctx.level_size()]  # rq: the first level's codes
+        soft = (z @ F.normalize(codes, dim=-1).T / self.cfg.mrc_temperature).softmax(-1)
         return {"target": soft}
 
 
@@ -162,7 +163,6 @@ class MIM(_MaskedRegions):
     """BEiT masked image modelling: predict the VQ code id of blockwise-masked patches."""
 
     head = MIMHead
-    one_code_per_position = True
 
     def _masks(self, corpus, gen) -> torch.Tensor:
         r, c = corpus.grid
@@ -170,7 +170,9 @@ class MIM(_MaskedRegions):
                               min_block=self.cfg.mim_min_block)
 
     def _targets(self, corpus, rows, masks) -> dict:
-        codes = torch.cat([corpus.codes[i][m] for i, m in zip(rows, masks)])
+        # an rq tokenizer's stacks: the first level (one code per patch, as BEiT's)
+        d = corpus.depth
+        codes = torch.cat([corpus.codes[i].view(-1, d)[m, 0] for i, m in zip(rows, masks)])
         return {"target": self.ctx.vocab.from_image(codes)}
 
 

@@ -1,6 +1,7 @@
-"""MaskGIT over an rq tokenizer's id stacks: the stacked input, the level-by-level loss
-against a hand-written chain, the data side, and a learning check that draws stacks whose
-second level depends on the first."""
+"""An rq tokenizer's id stacks in every image-code objective: MaskGIT's stacked input, its
+level-by-level loss against a hand-written chain, its data side and a learning check that
+draws stacks whose second level depends on the first; CM3's documents that write stacks
+level by level (cached decoding against full sequences); MIM's and MRC's first level."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from omnimask.errors import ConfigError
 from omnimask.fusion.packing import IGNORE, pack
+from omnimask.train.objectives import cm3_generate as cg
 from omnimask.train.objectives import maskgit as mg
-from omnimask.train.objectives.base import text_segment
+from omnimask.train.objectives.base import OBJECTIVES, text_segment
 
 from .test_maskgit import train_maskgit
-from .test_objectives import CODES, P, _corpus, _ctx, _model
+from .test_objectives import CODES, P, _batch, _corpus, _ctx, _model
 
 DEPTH = 2
 K = CODES // DEPTH  # codes per level
@@ -154,16 +156,76 @@ def test_maskgit_learns_to_draw_stacks_whose_levels_depend_on_each_other():
         mg.draw(model, ctx, [[w] for w in words], P, 4, start=codes[:4, :P], keep_known=keep)
 
 
-def test_pretraining_refuses_one_code_objectives_over_stacks():
-    from omnimask.train.pretrain import check_code_depth
-
-    check_code_depth({"maskgit": 1, "mlm": 1, "mrfr": 1, "itc": 1}, 4, "tok")
-    check_code_depth({"cm3": 1, "mim": 1}, 1, "tok")
-    with pytest.raises(ConfigError, match=r"cm3, mim, mrc read one image code per position.*"
-                                          r"tokenizers.image \(tok\) gives stacks of 4"):
-        check_code_depth({"mrc": 1, "cm3": 2, "mim": 1, "maskgit": 1}, 4, "tok")
-
-
 def test_depth_one_heads_have_no_level_parameters():
     model = _model(_ctx())
     assert not list(model.heads["maskgit"].parameters())
+
+
+def _ctx2(**kw):
+    return replace(_ctx(**kw), depth=DEPTH)
+
+
+def test_cm3_documents_write_each_stack_level_by_level_at_its_position():
+    ctx, corpus = _ctx2(), _stacked()
+    lo = ctx.vocab.ranges()["image"][0]
+    part = cg.image_part(ctx, corpus.codes[0])
+    assert part[1:-1] == mg.stack_ids(ctx, corpus.codes[0], DEPTH).reshape(-1).tolist()
+    assert cg.grid_indices(ctx, part)[1:5] == [0, 0, 1, 1]
+    assert cg.grid_indices(ctx, part, per_token=True)[1:5] == [0, 1, 2, 3]
+    obj = OBJECTIVES.create("cm3", ctx)
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for i in range(6):  # spans moved or not, every image token keeps its stack's position
+        for s in obj.sample(corpus, i, g):
+            if s.modality != "image":
+                continue
+            for t, (r, c) in zip(s.ids.tolist(), s.rc.tolist()):
+                level = (t - lo) // K
+                assert corpus.codes[i][(r * 4 + c) * DEPTH + level] == t - lo - level * K
+                seen += 1
+    assert seen == 6 * P * DEPTH
+
+
+def test_cm3_draws_stacks_level_by_level_the_same_with_and_without_the_cache():
+    ctx = _ctx2()
+    lo = ctx.vocab.ranges()["image"][0]
+    model = _model(ctx, image_code_depth=DEPTH).eval()
+    b, im = ctx.sp("bos"), ctx.sp("image")
+    seqs = [[b, 20, 31, ctx.sp("sep"), im], [b, im, lo + 3, lo + K + 7, lo + 1]]
+    dec = cg.CachedDecoder(model, ctx, seqs, 4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert torch.allclose(dec.logits, cg.next_logits(model, ctx, seqs, 4), atol=1e-5)
+        new = [lo + int(torch.randint(CODES, (1,), generator=g)) for _ in seqs]
+        for s, t in zip(seqs, new):
+            s.append(t)
+        dec.advance(new)
+    caps = [[20, 21, 22], [23]]
+    out = cg.images_from_captions(model, ctx, caps, P, 4, guidance=3.0,
+                                  gen=torch.Generator().manual_seed(1))
+    assert out.shape == (2, P * DEPTH) and int(out.min()) >= 0 and int(out.max()) < K
+    allowed = torch.zeros(DEPTH, ctx.vocab.size, dtype=torch.bool)
+    allowed[0, lo:lo + K] = allowed[1, lo + K:lo + 2 * K] = True
+    slow = torch.tensor(cg.generate(
+        model, ctx, [[b, *cg.text_part(ctx, c), im] for c in caps], P * DEPTH, allowed, cols=4,
+        temperature=1.0, gen=torch.Generator().manual_seed(1), uncond=[[b, im]] * 2,
+        guidance=3.0, use_cache=False))
+    assert bool(((slow[:, 0::2] - lo) < K).all()) and bool(((slow[:, 1::2] - lo) >= K).all())
+    assert torch.equal((slow - lo) % K, out)
+
+
+def test_mim_predicts_the_first_level_and_mrc_scores_the_first_levels_codes():
+    ctx, corpus = _ctx2(), _stacked()
+    lo = ctx.vocab.ranges()["image"][0]
+    b = _batch("mim", ctx, corpus)
+    m = b["masked"]["image"].view(8, P)
+    first = corpus.codes[:8].view(8, P, DEPTH)[..., 0]
+    assert torch.equal(b["target"], first[m] + lo)
+    c = _batch("mrc", ctx, corpus)
+    z = corpus.latents[:8].float()[c["masked"]["image"].view(8, P)]
+    codes = F.normalize(ctx.codebook[:K], dim=-1)
+    assert c["target"].shape == (len(z), K)
+    assert torch.allclose(c["target"], (z @ codes.T / 0.1).softmax(-1), atol=1e-6)
+    model = _model(ctx, image_code_depth=DEPTH)
+    out = model(c, task="mrc")
+    assert out["loss"].isfinite() and model.heads["mrc"].codes == K
