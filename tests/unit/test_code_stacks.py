@@ -106,15 +106,19 @@ def test_stack_loss_is_the_chain_of_level_cross_entropies():
         x1 = h + head.levels[0](head.norm(enc.trunk.tok(t)))
         return enc.vocab_logits(x1, torch.arange(len(h)))[:, lo + K:lo + 2 * K].log_softmax(-1)
 
-    nll = -(lp0.gather(1, tgt[:, :1] - lo) + level1(tgt[:, 0]).gather(1, tgt[:, 1:] - lo - K))
-    assert torch.allclose(loss, nll.mean(), atol=1e-5)
+    nll = -torch.cat([lp0.gather(1, tgt[:, :1] - lo),
+                      level1(tgt[:, 0]).gather(1, tgt[:, 1:] - lo - K)], 1)  # [n, levels]
+    assert torch.allclose(loss, nll.sum(1).mean(), atol=1e-5)
+    out = model(b, task="maskgit")  # each level's mean is logged beside the loss
+    assert torch.allclose(torch.stack([out["maskgit_level0"], out["maskgit_level1"]]),
+                          nll.mean(0), atol=1e-5)
     # level 1 reads level 0: another first level gives other level-1 probabilities
     other = lo + (tgt[:, 0] - lo + 1) % K
     assert (level1(other) - level1(tgt[:, 0])).abs().max() > 1e-3
     # object weights: the weighted mean of the stacks' NLL
     w = torch.rand(len(tgt), generator=torch.Generator().manual_seed(2)) + 0.5
     wl = model(dict(b, weights=w), task="maskgit")["loss"]
-    assert torch.allclose(wl, (nll[:, 0] * w).sum() / w.sum(), atol=1e-5)
+    assert torch.allclose(wl, (nll.sum(1) * w).sum() / w.sum(), atol=1e-5)
 
 
 def test_maskgit_learns_to_draw_stacks_whose_levels_depend_on_each_other():

@@ -105,18 +105,18 @@ class MaskGITHead(TokenPrediction):
 
     def stack_nll(self, encoder, h: torch.Tensor, stacks: torch.Tensor,
                   image_rows: tuple[int, int]) -> torch.Tensor:
-        """[n] the negative log-likelihood of id stacks [n, depth] (vocabulary ids) at
-        hidden states ``h`` [n, dim], each level given the true levels before it;
+        """[n, depth] each level's negative log-likelihood in id stacks [n, depth]
+        (vocabulary ids) at hidden states ``h`` [n, dim], given the true levels before it;
         ``image_rows``: (the image range's first row, codes per level)."""
         lo, size = image_rows
-        ce, before = 0.0, None
+        ce, before = [], None
         for k in range(stacks.shape[1]):
             first = lo + k * size
             logits = self.level_logits(encoder, h, k, before, (first, size)).float()
-            ce = ce + F.cross_entropy(logits, stacks[:, k] - first, reduction="none")
+            ce.append(F.cross_entropy(logits, stacks[:, k] - first, reduction="none"))
             e = encoder.trunk.tok(stacks[:, k])
             before = e if before is None else before + e
-        return ce
+        return torch.stack(ce, 1)
 
     def forward(self, encoder, b: dict) -> dict:
         if "stack" not in b:
@@ -124,10 +124,12 @@ class MaskGITHead(TokenPrediction):
         p = b["packed"]
         pos = p.target_positions
         h = encoder(p, mask=self.mask, stack=b["stack"], outputs=pos)
-        ce = self.stack_nll(encoder, h, b["stack_targets"].to(h.device), b["image_rows"])
-        w = b.get("weights")
+        levels = self.stack_nll(encoder, h, b["stack_targets"].to(h.device), b["image_rows"])
+        ce, w = levels.sum(1), b.get("weights")
         loss = ce.mean() if w is None else (ce * w.to(h.device)).sum() / w.to(h.device).sum()
-        return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens}
+        # each level's mean (unweighted): where a stack's uncertainty sits
+        per = {f"{self.task}_level{k}": v.detach() for k, v in enumerate(levels.mean(0))}
+        return {"loss": loss, self.task: loss.detach(), "tokens": p.num_tokens, **per}
 
 
 def object_codes(corpus, i: int, setting: str) -> torch.Tensor:
@@ -348,7 +350,7 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
         else:
             stacks = stack_ids(ctx, corpus.codes[idx], depth).reshape(-1, depth)
             ce = model.heads["maskgit"].stack_nll(model.encoder, h[pos], stacks.to(h.device),
-                                                  (lo, (hi - lo) // depth)).cpu() / depth
+                                                  (lo, (hi - lo) // depth)).mean(1).cpu()
         out[f"codes_given_{name}"] = round(float(ce.mean()), 4)
         if obj is not None:
             out[f"object_codes_given_{name}"] = round(float(ce[obj.flatten()].mean()), 4)
