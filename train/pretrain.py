@@ -200,6 +200,12 @@ class Pretraining:
             if not any(float(oc.mix.get(n, 0)) > 0 for n in mix):
                 raise ConfigError("objectives.mix: no objective but speech has a positive "
                                   "ratio, and the training shards have no speech")
+        g = cfg.generate
+        if self.train.depth > 1 and "cm3" in mix and g.images > 0 and g.sampler == "cm3":
+            raise ConfigError(f"generate.sampler=cm3 draws one image code per position, and "
+                              f"tokenizers.image ({cfg.tokenizers.image}) gives stacks of "
+                              f"{self.train.depth} (vq.quantizer=rq): set generate.sampler="
+                              f"maskgit, or generate.images=0")
         pixels = cfg.model.image_input == "pixels"
         if cfg.encoder_warmup.steps > 0:  # before anything is written to the run directory
             if not pixels:

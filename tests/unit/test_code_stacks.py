@@ -1,7 +1,7 @@
 """An rq tokenizer's id stacks in every image-code objective: MaskGIT's stacked input, its
 level-by-level loss against a hand-written chain, its data side and a learning check that
-draws stacks whose second level depends on the first; CM3's documents that write stacks
-level by level (cached decoding against full sequences); MIM's and MRC's first level."""
+draws stacks whose second level depends on the first; CM3's documents of one stack token
+per position (cached decoding against full sequences); MIM's and MRC's first level."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import IGNORE, pack
 from omnimask.train.objectives import cm3_generate as cg
+from omnimask.train.objectives import cm3_lm
 from omnimask.train.objectives import maskgit as mg
 from omnimask.train.objectives.base import OBJECTIVES, text_segment
 
@@ -169,53 +171,61 @@ def _ctx2(**kw):
     return replace(_ctx(**kw), depth=DEPTH)
 
 
-def test_cm3_documents_write_each_stack_level_by_level_at_its_position():
+def test_cm3_documents_hold_one_stack_token_per_position():
     ctx, corpus = _ctx2(), _stacked()
     lo = ctx.vocab.ranges()["image"][0]
+    stacks = mg.stack_ids(ctx, corpus.codes[0], DEPTH)  # [P, DEPTH] vocabulary ids
     part = cg.image_part(ctx, corpus.codes[0])
-    assert part[1:-1] == mg.stack_ids(ctx, corpus.codes[0], DEPTH).reshape(-1).tolist()
-    assert cg.grid_indices(ctx, part)[1:5] == [0, 0, 1, 1]
-    assert cg.grid_indices(ctx, part, per_token=True)[1:5] == [0, 1, 2, 3]
+    assert len(part) == P + 2 and min(part[1:-1]) >= ctx.vocab.size
+    assert torch.equal(cm3_lm.doc_stacks(ctx, [part])[1:-1], stacks)  # the tokens' stacks
+    segs = cm3_lm.doc_segments(ctx, part, cg.grid_indices(ctx, part), 4, targets=part)
+    image = [s for s in segs if s.modality == "image"][0]
+    assert torch.equal(image.ids, stacks[:, 0]) and torch.equal(image.targets, stacks[:, 0])
     obj = OBJECTIVES.create("cm3", ctx)
-    g = torch.Generator().manual_seed(0)
-    seen = 0
-    for i in range(6):  # spans moved or not, every image token keeps its stack's position
-        for s in obj.sample(corpus, i, g):
-            if s.modality != "image":
-                continue
-            for t, (r, c) in zip(s.ids.tolist(), s.rc.tolist()):
-                level = (t - lo) // K
-                assert corpus.codes[i][(r * 4 + c) * DEPTH + level] == t - lo - level * K
-                seen += 1
-    assert seen == 6 * P * DEPTH
+    b = obj.batch(corpus, list(range(6)), torch.Generator().manual_seed(0))
+    p, stack = b["packed"], b["stack"]
+    on = stack[:, 0] >= 0
+    assert int(on.sum()) == 6 * P  # every position once, spans moved or not
+    assert torch.equal(p.ids[on], stack[on, 0])  # it reads the first level's id there
+    t = p.targets[p.targets != IGNORE]
+    img = (t >= lo) & (t < lo + CODES)
+    assert img.any() and bool((t[img] < lo + K).all())  # image targets: a first level
+    for k, e in enumerate(p.cu_seqlens[1:].tolist()):  # each stack at its own position
+        s = p.cu_seqlens[k]
+        rows = on[s:e].nonzero()[:, 0] + s
+        rc = p.position_2d[rows]
+        want = mg.stack_ids(ctx, corpus.codes[k], DEPTH)[rc[:, 0] * 4 + rc[:, 1]]
+        assert torch.equal(stack[rows], want)
+    # the stacks are what the trunk reads: the loss differs from first levels alone
+    model = _model(ctx, image_code_depth=DEPTH)
+    with_stacks = model(b, task="cm3")["loss"]
+    first_only = model({"packed": p}, task="cm3")["loss"]
+    assert with_stacks.isfinite() and abs(float((with_stacks - first_only).detach())) > 1e-4
 
 
-def test_cm3_draws_stacks_level_by_level_the_same_with_and_without_the_cache():
+def test_cm3_captions_images_of_stacks_the_same_with_and_without_the_cache():
     ctx = _ctx2()
-    lo = ctx.vocab.ranges()["image"][0]
     model = _model(ctx, image_code_depth=DEPTH).eval()
+    corpus = _stacked()
     b, im = ctx.sp("bos"), ctx.sp("image")
-    seqs = [[b, 20, 31, ctx.sp("sep"), im], [b, im, lo + 3, lo + K + 7, lo + 1]]
+    seqs = [[b, *cg.image_part(ctx, corpus.codes[0]), 20], [b, 20, 31, ctx.sp("sep"), im],
+            [b, *cg.image_part(ctx, corpus.codes[1])]]
     dec = cg.CachedDecoder(model, ctx, seqs, 4)
     g = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    for _ in range(3):
         assert torch.allclose(dec.logits, cg.next_logits(model, ctx, seqs, 4), atol=1e-5)
-        new = [lo + int(torch.randint(CODES, (1,), generator=g)) for _ in seqs]
+        new = [20 + int(torch.randint(30, (1,), generator=g)) for _ in seqs]
         for s, t in zip(seqs, new):
             s.append(t)
         dec.advance(new)
-    caps = [[20, 21, 22], [23]]
-    out = cg.images_from_captions(model, ctx, caps, P, 4, guidance=3.0,
-                                  gen=torch.Generator().manual_seed(1))
-    assert out.shape == (2, P * DEPTH) and int(out.min()) >= 0 and int(out.max()) < K
-    allowed = torch.zeros(DEPTH, ctx.vocab.size, dtype=torch.bool)
-    allowed[0, lo:lo + K] = allowed[1, lo + K:lo + 2 * K] = True
-    slow = torch.tensor(cg.generate(
-        model, ctx, [[b, *cg.text_part(ctx, c), im] for c in caps], P * DEPTH, allowed, cols=4,
-        temperature=1.0, gen=torch.Generator().manual_seed(1), uncond=[[b, im]] * 2,
-        guidance=3.0, use_cache=False))
-    assert bool(((slow[:, 0::2] - lo) < K).all()) and bool(((slow[:, 1::2] - lo) >= K).all())
-    assert torch.equal((slow - lo) % K, out)
+    # the stacks reach the trunk: another deeper level changes the next-token logits
+    other = corpus.codes[0].clone()
+    other[1::DEPTH] = (other[1::DEPTH] + 1) % K
+    a = cg.next_logits(model, ctx, [[b, *cg.image_part(ctx, corpus.codes[0])]], 4)
+    c = cg.next_logits(model, ctx, [[b, *cg.image_part(ctx, other)]], 4)
+    assert not torch.allclose(a, c, atol=1e-4)
+    with pytest.raises(OmnimaskError, match="sampler=maskgit"):
+        cg.images_from_captions(model, ctx, [[20]], P, 4)
 
 
 def test_mim_predicts_the_first_level_and_mrc_scores_the_first_levels_codes():

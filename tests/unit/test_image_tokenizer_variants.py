@@ -256,8 +256,10 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
                                                                  tmp_path):
     """An rq tokenizer's id stacks: the corpus keeps each position's stack (depth innermost,
     as the tokenizer encodes), the vocabulary gives each level its own rows, every image-code
-    objective trains on them, the end of the run captions and draws with CM3 over the
-    stacks, and ``eval generate`` draws stacks with both samplers."""
+    objective trains on them, the end of the run captions with CM3 and draws with MaskGIT
+    (CM3, one code per position, is refused as the sampler), and ``eval generate`` draws
+    stacks."""
+    from omnimask.errors import ConfigError
     from omnimask.train.pretrain import PretrainConfig, Pretraining
 
     img = tmp_path / "rq"
@@ -267,12 +269,12 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
     assert tok.size == 16 and tok.model.quantizer.codes().shape == (16, 4)
     t = tiny_tokenizers
 
-    def config(mix: str, out: str):
+    def config(mix: str, out: str, sampler: str = "maskgit"):
         return load_config(PretrainConfig, None, [
             "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
             "trainer.warmup_steps=1", "data.val_batch_size=4", f"objectives.mix={mix}",
             "objectives.mix_start={}", "generate.captions=2", "generate.images=2",
-            "generate.candidates=2"], **{
+            "generate.candidates=2", f"generate.sampler={sampler}"], **{
             "out": str(tmp_path / out),
             "data": {"train": [str(shapes_dir / "train-*.tar")],
                      "val": [str(shapes_dir / "test-novel-*.tar")]},
@@ -281,8 +283,10 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
                       "image_input": "pixels",
                       "image_encoder": {"channels": [8, 16, 32], "stem_channels": 8}}})
 
-    pre = Pretraining(config("{maskgit: 1, cm3: 1, mim: 1, mrc: 1, mrfr: 1, itc: 1}", "run"),
-                      progress=False)
+    mix = "{maskgit: 1, cm3: 1, mim: 1, mrc: 1, mrfr: 1, itc: 1}"
+    with pytest.raises(ConfigError, match="generate.sampler=cm3 draws one image code"):
+        Pretraining(config(mix, "refused", sampler="cm3"), progress=False)
+    pre = Pretraining(config(mix, "run"), progress=False)
     assert pre.model.cfg.image_code_depth == 2 and pre.train.depth == 2
     assert torch.equal(pre.train.codes[:3], tok.encode(pre.train.pixels[:3]))
     lo, hi = pre.vocab.ranges()["image"]
@@ -302,5 +306,4 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
     assert all(v > 0 for v in m["grounding"].values())
     assert main(["eval", "generate", "--model", str(model), "--data",
                  str(shapes_dir / "test-novel-*.tar"), "--limit", "3", "--out", str(out),
-                 "--set", "sampler=cm3", "--set", "candidates=2", "-q"]) == 0
-    assert json.loads(out.read_text())["metrics"]["images"] == 3
+                 "--set", "sampler=cm3", "-q"]) == 2  # CM3 draws one code per position

@@ -179,7 +179,8 @@ class TokenPrediction(nn.Module):
     def forward(self, encoder, b: dict) -> dict:
         p = b["packed"]
         pos, target = self.targets(b)
-        h = encoder(p, mask=self.mask, masked=b.get("masked"), outputs=pos)  # [P, dim]
+        h = encoder(p, mask=self.mask, masked=b.get("masked"), outputs=pos,
+                    stack=b.get("stack"))  # [P, dim]
         logits = encoder.vocab_logits(h, torch.arange(len(h), device=h.device)).float()
         w = b.get("weights")
         if w is None:

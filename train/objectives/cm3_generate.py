@@ -27,18 +27,19 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from omnimask.errors import OmnimaskError
 from omnimask.fusion.packing import Segment, pack
 from omnimask.heads.captioning import banned_tokens, image_input
 
 from .base import Context, text_segment
-from .cm3_lm import doc_segments, grid_indices, image_part, text_part
+from .cm3_lm import doc_segments, doc_stacks, grid_indices, image_part, text_part, vocab_id
 
 
 @torch.no_grad()
 def next_logits(model, ctx: Context, seqs: list[list[int]], cols: int) -> torch.Tensor:
     """[len(seqs), vocab] float logits for the token after each sequence (causal)."""
     p = pack([doc_segments(ctx, s, grid_indices(ctx, s), cols) for s in seqs])
-    h = model.encoder(p, mask="causal")  # moves the batch to the model's device
+    h = model.encoder(p, mask="causal", stack=doc_stacks(ctx, seqs))  # moves it to the model
     return model.encoder.vocab_logits(h, p.cu_seqlens[1:].long().to(h.device) - 1).float()
 
 
@@ -53,8 +54,8 @@ class CachedDecoder:
         self.model, self.ctx, self.cols = model, ctx, cols
         self.lo, self.hi = ctx.vocab.ranges()["image"]
         self.start = ctx.sp("image")
-        # per sequence, the token count within its image the next image token gets
-        self.k = [grid_indices(ctx, [*s, self.lo], per_token=True)[-1] for s in seqs]
+        # per sequence, the index within its image the next image token gets
+        self.k = [grid_indices(ctx, [*s, self.lo])[-1] for s in seqs]
         by_len: dict[int, list[int]] = {}
         for r, s in enumerate(seqs):
             by_len.setdefault(len(s), []).append(r)
@@ -63,7 +64,8 @@ class CachedDecoder:
             cache = KVCache()
             p = pack([doc_segments(ctx, seqs[r], grid_indices(ctx, seqs[r]), cols)
                       for r in rows])
-            h = model.encoder(p, mask="causal", cache=cache)
+            h = model.encoder(p, mask="causal", cache=cache,
+                              stack=doc_stacks(ctx, [seqs[r] for r in rows]))
             last = p.cu_seqlens[1:].long().to(h.device) - 1
             rows_logits.append(model.encoder.vocab_logits(h, last).float())
             self.groups.append((rows, cache))
@@ -81,7 +83,7 @@ class CachedDecoder:
         grid = []
         for r, t in enumerate(tokens):
             image = self.lo <= t < self.hi
-            grid.append(self.k[r] // self.ctx.depth if image else -1)
+            grid.append(self.k[r] if image else -1)
             self.k[r] = 0 if t == self.start else self.k[r] + image
         per_group = []
         for rows, cache in self.groups:
@@ -101,8 +103,7 @@ def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
              guidance: float = 1.0, use_cache: bool = True) -> list[list[int]]:
     """Continue every prompt (up to ``max_new`` tokens, or through a ``stop`` token).
 
-    ``allowed``: [vocab] bool, the ids that may be produced, or [c, vocab]: those of
-    step i are row i mod c (an id stack's levels in turn). Greedy when temperature=0.
+    ``allowed``: [vocab] bool, the ids that may be produced. Greedy when temperature=0.
     ``uncond`` (one prompt per row) with ``guidance`` s: classifier-free guidance.
     ``use_cache=False`` runs every sequence in full at each step (the reference).
     Returns the generated ids per prompt (the stop token included when reached)."""
@@ -110,17 +111,16 @@ def generate(model, ctx: Context, prompts: list[list[int]], max_new: int,
         raise ValueError(f"uncond has {len(uncond)} prompts, prompts {len(prompts)}")
     model.eval()
     dev = next(model.parameters()).device
-    bans = ~allowed.to(dev).view(-1, allowed.shape[-1])
+    ban = ~allowed.to(dev)
     outs: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
     guided = uncond is not None and guidance != 1.0
     n = len(prompts)
     dec = (CachedDecoder(model, ctx, [*prompts, *(uncond if guided else [])], cols)
            if use_cache and max_new > 0 and prompts else None)
-    for step in range(max_new):
+    for _ in range(max_new):
         if not live:
             break
-        ban = bans[step % len(bans)]
         if dec is not None:  # every sequence advances; only the live ones are read
             rows = torch.tensor(live + ([n + k for k in live] if guided else []),
                                 device=dec.logits.device)
@@ -207,23 +207,23 @@ def images_from_captions(model, ctx: Context, captions: list[list[int]], num_cod
                          guidance: float = 1.0, candidates: int = 1,
                          score: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
                          gen: torch.Generator | None = None) -> torch.Tensor:
-    """VQ codes [len(captions), num_codes * depth] (``num_codes`` positions; id stacks
-    level by level), prompt ``<bos> caption <sep> <image>``.
+    """VQ codes [len(captions), num_codes], prompt ``<bos> caption <sep> <image>``.
 
     ``candidates`` > 1 samples that many per caption and keeps the one ``score(caption,
-    codes [candidates, num_codes * depth]) -> [candidates]`` rates highest (the first
-    without ``score``)."""
-    lo, d, size = ctx.vocab.ranges()["image"][0], ctx.depth, ctx.level_size()
-    allowed = torch.zeros(d, ctx.vocab.size, dtype=torch.bool)
-    for k in range(d):  # step i draws level i mod depth
-        allowed[k, lo + k * size:lo + (k + 1) * size] = True
+    codes [candidates, num_codes]) -> [candidates]`` rates highest (the first without
+    ``score``). One code per position: an rq tokenizer's stacks are drawn by MaskGIT."""
+    if ctx.depth > 1:
+        raise OmnimaskError("CM3 draws one image code per position; an rq tokenizer's id "
+                            "stacks are drawn by MaskGIT (sampler=maskgit)")
+    lo, hi = ctx.vocab.ranges()["image"]
+    allowed = torch.zeros(ctx.vocab.size, dtype=torch.bool)
+    allowed[lo:hi] = True
     prompts = [[ctx.sp("bos"), *text_part(ctx, c), ctx.sp("image")]
                for c in captions for _ in range(candidates)]
     uncond = [[ctx.sp("bos"), ctx.sp("image")]] * len(prompts)
-    outs = generate(model, ctx, prompts, num_codes * d, allowed, cols=cols,
-                    temperature=temperature, top_k=top_k, gen=gen, uncond=uncond,
-                    guidance=guidance)
-    codes = (ctx.vocab.to_image(torch.tensor(outs)) % size).view(len(captions), candidates, -1)
+    outs = generate(model, ctx, prompts, num_codes, allowed, cols=cols, temperature=temperature,
+                    top_k=top_k, gen=gen, uncond=uncond, guidance=guidance)
+    codes = ctx.vocab.to_image(torch.tensor(outs)).view(len(captions), candidates, num_codes)
     if candidates == 1 or score is None:
         return codes[:, 0]
     best = [int(score(c, codes[k]).argmax()) for k, c in enumerate(captions)]
@@ -315,8 +315,9 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
             ("caption_given_other_image", [[bos, *m, *c] for c, m in zip(caps, other_img)],
              False)):
         p = pack([doc_segments(ctx, d, grid_indices(ctx, d), corpus.grid[1]) for d in docs])
-        h = model.encoder(p, mask="causal")
-        nxt = torch.cat([torch.tensor(d[1:] + [-1]) for d in docs]).to(dev)
+        h = model.encoder(p, mask="causal", stack=doc_stacks(ctx, docs))
+        nxt = torch.cat([torch.tensor([vocab_id(ctx, t) for t in d[1:]] + [-1])
+                         for d in docs]).to(dev)
         is_image = (nxt >= lo) & (nxt < hi)
         words = (nxt >= 0) & (nxt < ctx.vocab.text_size) & ~torch.isin(nxt, specials)
         keep = is_image if want_image else words

@@ -13,9 +13,11 @@ cross-entropy everywhere except where the next token is a sentinel (weight 0).
 
 Image tokens keep 2-D (row, col) positions of where they were in the image, also after
 the transform moved them; position ids count within the document. An rq tokenizer's id
-stacks are written out level by level (depth innermost, each level its own vocabulary
-rows), the levels of a position sharing its (row, col): CM3 predicts each stack as the
-next ``depth`` tokens.
+stacks: a position is one token that enters as the sum of its levels' embeddings (as in
+MaskGIT), and CM3 predicts the next position's first level; in the token lists such a
+token is an id past the vocabulary that encodes the stack (``stack_tokens``), turned into
+its first level's id and the trunk's ``stack`` input when packed (``doc_segments``,
+``doc_stacks``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,42 @@ import torch
 
 from omnimask.fusion.packing import IGNORE, Segment, pack
 
-from .base import Context, Objective, TokenPrediction, objective, pick_caption, stack_ids
+from .base import Context, Objective, TokenPrediction, objective, pick_caption
 from .cm3 import cm3_transform, sample_spans
+
+
+def stack_tokens(ctx: Context, codes: torch.Tensor) -> list[int]:
+    """Id stacks [P * depth] (each level's own codes) -> one token per position: the
+    vocabulary size plus the stack's mixed-radix number (level k's code times size^k)."""
+    size = ctx.level_size()
+    radix = size ** torch.arange(ctx.depth)
+    return (codes.long().view(-1, ctx.depth) * radix).sum(1).add(ctx.vocab.size).tolist()
+
+
+def is_image_token(ctx: Context):
+    """A test of tokens: an image code, or a stack token."""
+    (lo, hi), v = ctx.vocab.ranges()["image"], ctx.vocab.size
+    return lambda t: lo <= t < hi or t >= v
+
+
+def _levels(ctx: Context, t: int) -> list[int]:
+    """A stack token's vocabulary ids, level by level."""
+    lo, size, n = ctx.vocab.ranges()["image"][0], ctx.level_size(), t - ctx.vocab.size
+    return [lo + k * size + (n // size ** k) % size for k in range(ctx.depth)]
+
+
+def vocab_id(ctx: Context, t: int) -> int:
+    """The id the trunk reads and predicts for a token: a stack's first level."""
+    return _levels(ctx, t)[0] if t >= ctx.vocab.size else t
+
+
+def doc_stacks(ctx: Context, docs: list[list[int]]) -> torch.Tensor | None:
+    """The trunk's ``stack`` input [sum of lengths, depth] of token lists packed in order
+    (-1 rows: not a stack); None without id stacks."""
+    if ctx.depth == 1:
+        return None
+    return torch.tensor([_levels(ctx, t) if t >= ctx.vocab.size else [-1] * ctx.depth
+                         for d in docs for t in d], dtype=torch.long)
 
 
 def text_part(ctx: Context, ids) -> list[int]:
@@ -35,16 +71,15 @@ def text_part(ctx: Context, ids) -> list[int]:
 
 def image_part(ctx: Context, codes: torch.Tensor) -> list[int]:
     """An image's VQ codes [P * depth] as a document part: ``<image> codes </image>`` (id
-    stacks level by level, each level in its own rows)."""
-    ids = (ctx.vocab.from_image(codes) if ctx.depth == 1
-           else stack_ids(ctx, codes, ctx.depth).reshape(-1))
-    return [ctx.sp("image"), *ids.tolist(), ctx.sp("/image")]
+    stacks: one ``stack_tokens`` token per position)."""
+    ids = ctx.vocab.from_image(codes).tolist() if ctx.depth == 1 else stack_tokens(ctx, codes)
+    return [ctx.sp("image"), *ids, ctx.sp("/image")]
 
 
 def _runs(ctx: Context, tokens: list[int]) -> list[tuple[str, int, int]]:
     """(modality, start, end) of each run of same-modality tokens."""
-    r = ctx.vocab.ranges()
-    mods = ["image" if r["image"][0] <= t < r["image"][1] else
+    r, image = ctx.vocab.ranges(), is_image_token(ctx)
+    mods = ["image" if image(t) else
             "speech" if r["speech"][0] <= t < r["speech"][1] else "text" for t in tokens]
     runs, s = [], 0
     for k in range(1, len(tokens) + 1):
@@ -56,11 +91,13 @@ def _runs(ctx: Context, tokens: list[int]) -> list[tuple[str, int, int]]:
 
 def doc_segments(ctx: Context, tokens: list[int], grid_index: list[int], cols: int,
                  targets: list[int] | None = None) -> list[Segment]:
-    """A token list as segments; image tokens get (row, col) from ``grid_index``."""
+    """A token list as segments; image tokens get (row, col) from ``grid_index``; stack
+    tokens (ids and targets) become their first level's id."""
     segs = []
     for mod, s, e in _runs(ctx, tokens):
-        ids = torch.tensor(tokens[s:e])
-        tgt = None if targets is None else torch.tensor(targets[s:e])
+        ids = torch.tensor([vocab_id(ctx, t) for t in tokens[s:e]])
+        tgt = (None if targets is None
+               else torch.tensor([vocab_id(ctx, t) for t in targets[s:e]]))
         rc = None
         if mod == "image":
             g = torch.tensor(grid_index[s:e])
@@ -69,17 +106,14 @@ def doc_segments(ctx: Context, tokens: list[int], grid_index: list[int], cols: i
     return segs
 
 
-def grid_indices(ctx: Context, tokens: list[int], per_token: bool = False) -> list[int]:
-    """For a document in reading order: each image token's grid position within its image
-    (the levels of an id stack share one), or with ``per_token`` its token count there."""
-    lo, hi = ctx.vocab.ranges()["image"]
-    out, k = [], 0
-    step = 1 if per_token else ctx.depth
+def grid_indices(ctx: Context, tokens: list[int]) -> list[int]:
+    """For a document in reading order: each image token's index within its image."""
+    out, k, image, start = [], 0, is_image_token(ctx), ctx.sp("image")
     for t in tokens:
-        if t == ctx.sp("image"):
+        if t == start:
             k = 0
-        if lo <= t < hi:
-            out.append(k // step)
+        if image(t):
+            out.append(k)
             k += 1
         else:
             out.append(-1)
@@ -87,7 +121,8 @@ def grid_indices(ctx: Context, tokens: list[int], per_token: bool = False) -> li
 
 
 class CM3Head(TokenPrediction):
-    """Next-token cross-entropy through the vocabulary head, the trunk run with CM3's mask."""
+    """Next-token cross-entropy through the vocabulary head, the trunk run with CM3's mask
+    (id stacks: the batch's ``stack`` input; a stack's first level is its target)."""
 
     task, mask = "cm3", "cm3"
 
@@ -113,7 +148,8 @@ class CM3(Objective):
                           c.sp("/speech")])
         return [c.sp("bos")] + [t for p in parts for t in p]
 
-    def sample(self, corpus, i: int, gen: torch.Generator) -> list[Segment]:
+    def tokens(self, corpus, i: int, gen: torch.Generator):
+        """A transformed document: (tokens, each one's grid index, next-token targets)."""
         doc = self.document(corpus, i, gen)
         allowed = [t not in self.brackets for t in doc]
         spans = sample_spans(len(doc), gen, max_spans=self.cfg.cm3_max_spans,
@@ -127,7 +163,14 @@ class CM3(Objective):
         grid = [gi[o] if o >= 0 else -1 for o in origin]
         targets = [tokens[k + 1] if weight[k + 1] > 0 else IGNORE
                    for k in range(len(tokens) - 1)] + [IGNORE]
+        return tokens, grid, targets
+
+    def sample(self, corpus, i: int, gen: torch.Generator) -> list[Segment]:
+        tokens, grid, targets = self.tokens(corpus, i, gen)
         return doc_segments(self.ctx, tokens, grid, corpus.grid[1], targets)
 
     def batch(self, corpus, idx, gen) -> dict:
-        return {"packed": pack([self.sample(corpus, i, gen) for i in idx])}
+        docs = [self.tokens(corpus, i, gen) for i in idx]
+        p = pack([doc_segments(self.ctx, t, g, corpus.grid[1], y) for t, g, y in docs])
+        stack = doc_stacks(self.ctx, [t for t, _, _ in docs])
+        return {"packed": p} if stack is None else {"packed": p, "stack": stack}
