@@ -128,9 +128,12 @@ class DemoConfig:
     speech_units: int = 500  # k-means units
     # training stages are sized in steps, so a busy machine takes longer but learns the
     # same; stage_max_minutes only stops a stuck one (the report says when it cut a stage)
-    vq_steps: int = 800  # VQ image tokenizer (quick: a tenth)
-    # VQ codes: more reconstruct better (1024: +0.7 dB), fewer make learnable MIM targets
-    vq_codes: int = 128
+    vq_steps: int = 3000  # the image tokenizer (quick: a tenth)
+    # codes per level: more reconstruct better, fewer make learnable MIM targets (MIM and MRC
+    # read the first level)
+    vq_codes: int = 256
+    # residual levels per position (rq: its reconstructions keep the shapes); 1: a plain VQ
+    vq_depth: int = 4
     # the VQ trains on random crops of this side in pixels (0: whole images): a step costs
     # the crop's share of the pixels, and the codes are local to a few patches
     vq_crop: int = 32
@@ -167,7 +170,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, ">=1", "num_train", "num_val", "num_test", "num_test_novel",
-                     "shard_size", "train_question_rounds", "speech_units", "vq_codes", "vq_steps", "pretrain_steps",
+                     "shard_size", "train_question_rounds", "speech_units", "vq_codes", "vq_steps",
+                     "vq_depth", "pretrain_steps",
                      "finetune_vqa_steps", "finetune_steps")
         check_fields(self, ">=0", "workers", "encoder_warmup_steps", "finetune_segment_steps",
                      "finetune_final_steps", "vq_crop")

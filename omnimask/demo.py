@@ -4,7 +4,8 @@ Stages so far: generate the data (all splits, with speech), inspect every shard,
 the dataset (objects, questions, answer priors, speech), read it through the resumable
 pipeline (throughput, and a mid-epoch resume that must continue with the same samples),
 draw a contact sheet, train and evaluate the tokenizers (text BPE, k-means speech units,
-VQ image codes with a reconstruction grid), pretrain (``pretrain/shapes_tiny``), and
+image codes (residual levels) with a reconstruction grid), pretrain
+(``pretrain/shapes_tiny``; with id stacks MaskGIT joins the mix and draws), and
 fine-tune and evaluate the task heads (``demo_tasks.py``). Training stages are sized in
 steps; ``stage_max_minutes`` only stops a stuck machine, and the report says so.
 Writes ``config.yaml``, ``report.json``, ``report.md``, ``report.html`` and PNGs.
@@ -111,7 +112,8 @@ def _stage_tokenizers(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -
                             vq_steps=max(1, cfg.vq_steps // (10 if quick else 1)),
                             vq_max_minutes=cfg.stage_max_minutes,
                             grid=run / "vq_reconstructions.png", progress=progress,
-                            vq_precision=cfg.precision, vq_crop=cfg.vq_crop)
+                            vq_precision=cfg.precision, vq_crop=cfg.vq_crop,
+                            vq_depth=cfg.vq_depth)
 
 
 def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> dict:
@@ -141,6 +143,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
                  f"trainer.eval_every={max(10, steps // 4)}",
                  f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}",
                  f"objectives.mix_ramp_steps={base.objectives.mix_ramp_steps * steps // base.trainer.max_steps}"]
+    if cfg.vq_depth > 1:  # id stacks: MaskGIT draws them (CM3 writes captions)
+        over += ["generate.sampler=maskgit", "objectives.mix.maskgit=2"]
     warm = min(5, cfg.encoder_warmup_steps) if quick else cfg.encoder_warmup_steps
     if warm:  # the encoder learns what to see first, then keeps it (train/encoder_warmup.py)
         over += [f"encoder_warmup.steps={warm}", "model.image_encoder.frozen=true"]
@@ -264,9 +268,11 @@ def _write_reports(run: Path, report: dict) -> None:
         if "image" in t:
             x = t["image"]
             conv = f", {x['precision']} convolutions" if x.get("precision") else ""
-            lines.append(f"| image VQ | {x['size']} | PSNR {x['psnr_db']:.1f} dB, usage "
-                         f"{x['usage']:.0%}, {x['tokens_per_image']} tokens/image{conv} | "
-                         f"{x['train_and_eval_seconds']} |")
+            depth = len(x.get("usage_per_level", [])) or 1
+            kind = f"image RQ, {depth} levels of" if depth > 1 else "image VQ"
+            lines.append(f"| {kind} | {x['size']} | PSNR {x['psnr_db']:.1f} dB, usage "
+                         f"{x['usage']:.0%}, {x['tokens_per_image'] // depth} positions x "
+                         f"{depth} codes/image{conv} | {x['train_and_eval_seconds']} |")
             lines += ["", *cut_note("the VQ", x)]
             lines += ["", "![vq_reconstructions.png](vq_reconstructions.png)"]
     if "pretrain" in m:
@@ -381,7 +387,7 @@ def _print_summary(report: dict) -> None:
     if t:
         print(f"tokenizers on val: text {t['text']['tokens_per_caption']} tokens/caption "
               f"(round trip {t['text']['roundtrip_exact']:.0%}); speech k-means usage "
-              f"{t['speech']['usage']:.0%}; image VQ PSNR {t['image']['psnr_db']:.1f} dB, "
+              f"{t['speech']['usage']:.0%}; image codes PSNR {t['image']['psnr_db']:.1f} dB, "
               f"usage {t['image']['usage']:.0%}")
     if "pretrain" in m:
         x = m["pretrain"]

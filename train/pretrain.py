@@ -454,4 +454,5 @@ def prepare_shapes(cfg: PretrainConfig, progress: bool) -> None:
                          vq_codes=demo.vq_codes,
                          vq_steps=demo.vq_steps,
                          vq_max_minutes=demo.stage_max_minutes, grid=run / "vq_reconstructions.png",
-                         progress=progress, vq_precision=demo.precision, vq_crop=demo.vq_crop)
+                         progress=progress, vq_precision=demo.precision, vq_crop=demo.vq_crop,
+                         vq_depth=demo.vq_depth)

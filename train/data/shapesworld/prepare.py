@@ -42,12 +42,14 @@ def generate_splits(out: str | Path, sizes: dict[str, int], seed: int = 0,
 def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
                      vq_codes: int = 128, vq_steps: int = 1400, vq_max_minutes: float = 0.0,
                      grid: str | Path | None = None,
-                     progress: bool = True, vq_precision: str = "fp32", vq_crop: int = 0) -> dict:
+                     progress: bool = True, vq_precision: str = "fp32", vq_crop: int = 0,
+                     vq_depth: int = 1) -> dict:
     """Train the text BPE, k-means speech units and the image VQ on ``data``'s train split
     into ``out/<kind>`` and measure each on the val split; ``grid``: where the VQ's
     reconstruction grid goes; ``vq_precision``: the VQ's training convolutions (fp32, bf16,
-    auto); ``vq_crop``: its training crops' side in pixels (0: whole images). Per kind: its
-    metrics and ``train_and_eval_seconds``."""
+    auto); ``vq_crop``: its training crops' side in pixels (0: whole images); ``vq_depth`` >
+    1: residual quantisation, that many levels of ``vq_codes`` codes per position. Per
+    kind: its metrics and ``train_and_eval_seconds``."""
     from omnimask.registry import TOKENIZERS
 
     data, out = Path(data), Path(out)
@@ -55,10 +57,13 @@ def train_tokenizers(data: str | Path, out: str | Path, speech_units: int = 500,
     plans = [("text", [], {}),
              # k-means fitted on a sample of 100k frames (200 per unit), not on every frame
              ("speech", ["kind=kmeans", f"codebook_size={speech_units}", "max_frames=100000"], {}),
-             # the demo's VQ on 8 px patches (8 x 8 codes), not the 16 x 16 FSQ default: its
-             # pretraining reads 64 codes per image, a quarter of the default's
-             ("image", ["vq.quantizer=vq", "vq.downsample=3", "object_weight=0",
-                        "edge_weight=0", f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
+             # the demo's tokens on 8 px patches (8 x 8 positions), not the 16 x 16 FSQ
+             # default: its pretraining reads 64 positions per image, a quarter of the
+             # default's; residual levels (rq, losses weighted to objects) keep the shapes
+             ("image", [*(["vq.quantizer=rq", f"vq.rq_depth={vq_depth}", "object_weight=4",
+                           "edge_weight=0.5"] if vq_depth > 1 else
+                          ["vq.quantizer=vq", "object_weight=0", "edge_weight=0"]),
+                        "vq.downsample=3", f"max_steps={vq_steps}", f"max_minutes={vq_max_minutes}",
                         f"vq.codebook_size={vq_codes}", f"precision={vq_precision}",
                         f"crop={vq_crop}"],
               {"grid": str(grid) if grid is not None else None})]
