@@ -143,8 +143,8 @@ def _stage_pretrain(cfg: DemoConfig, run: Path, quick: bool, progress: bool) -> 
                  f"trainer.eval_every={max(10, steps // 4)}",
                  f"trainer.warmup_steps={max(2, base.trainer.warmup_steps * steps // base.trainer.max_steps)}",
                  f"objectives.mix_ramp_steps={base.objectives.mix_ramp_steps * steps // base.trainer.max_steps}"]
-    if cfg.vq_depth > 1:  # id stacks: MaskGIT draws them (CM3 writes captions)
-        over += ["generate.sampler=maskgit", "objectives.mix.maskgit=2"]
+    if cfg.vq_depth > 1:  # id stacks: MaskGIT draws them (generate.sampler auto), CM3 captions
+        over += ["objectives.mix.maskgit=2"]
     warm = min(5, cfg.encoder_warmup_steps) if quick else cfg.encoder_warmup_steps
     if warm:  # the encoder learns what to see first, then keeps it (train/encoder_warmup.py)
         over += [f"encoder_warmup.steps={warm}", "model.image_encoder.frozen=true"]

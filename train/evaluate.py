@@ -18,7 +18,7 @@ import torch
 
 # how drawn images are drawn (left to right, or MaskGIT's parallel rounds) and which head
 # reranks the candidates: settings of pretraining's samples and of `eval generate`
-SAMPLERS = ("cm3", "maskgit")
+SAMPLERS = ("auto", "cm3", "maskgit")  # auto: resolve_sampler
 ORDERS = ("confidence", "random")  # maskgit: which sampled codes a round keeps
 RERANKERS = ("itc", "itm")
 
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from .objectives.base import Context
     from .pretrain import GenerateConfig
 
+
+
+def resolve_sampler(sampler: str, depth: int) -> str:
+    """``auto``: CM3 for one image code per position, MaskGIT for an rq tokenizer's
+    ``depth`` > 1 id stacks (CM3 reads stacks but draws one code per position)."""
+    return ("maskgit" if depth > 1 else "cm3") if sampler == "auto" else sampler
 
 def samples(model, ctx: Context, toks: dict, val: Corpus, g: GenerateConfig, run: Path,
             progress: bool = True) -> dict:

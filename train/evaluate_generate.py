@@ -21,7 +21,7 @@ import torch
 from omnimask.config import check_choice, check_fields, load_config
 from omnimask.errors import ConfigError, OmnimaskError
 
-from .evaluate import ORDERS, RERANKERS, SAMPLERS
+from .evaluate import ORDERS, RERANKERS, SAMPLERS, resolve_sampler
 
 INFILLS = ("none", "objects")
 
@@ -30,7 +30,9 @@ INFILLS = ("none", "objects")
 class GenerateEvalConfig:
     """``--set KEY=VALUE`` settings of ``omnimask eval generate``."""
 
-    sampler: str = "cm3"  # cm3: left to right; maskgit: parallel rounds (objective maskgit)
+    # cm3: left to right; maskgit: parallel rounds (objective maskgit); auto: maskgit with
+    # infill or an rq tokenizer's id stacks, else cm3
+    sampler: str = "auto"
     steps: int = 12  # maskgit's rounds
     # maskgit: which drawn codes a round keeps: its most confident (MaskGIT's) or a uniformly
     # random share (any-order sampling: confidence keeps the background first)
@@ -55,7 +57,7 @@ class GenerateEvalConfig:
         check_choice(self, "sampler", SAMPLERS)
         check_choice(self, "order", ORDERS)
         check_choice(self, "infill", INFILLS)
-        if self.infill != "none" and self.sampler != "maskgit":
+        if self.infill != "none" and self.sampler == "cm3":
             raise ConfigError(f"infill={self.infill} needs sampler=maskgit (cm3 draws left "
                               f"to right)")
         check_fields(self, ">=1", "candidates", "batch", "grid_images", "steps")
@@ -82,6 +84,8 @@ def generation_metrics(model, corpus, limit: int | None, examples: Path | None,
     g = load_config(GenerateEvalConfig, None, [f"{k}={v}" for k, v in (settings or {}).items()])
     toks = model.tokenizers
     text, image = toks["text"], toks["image"]
+    g.sampler = resolve_sampler("maskgit" if g.infill != "none" and g.sampler == "auto"
+                                else g.sampler, image.model.cfg.depth)
     if g.candidates > 1 and g.rerank not in model.heads:
         raise ConfigError(f"rerank={g.rerank}: the model has no {g.rerank} head (heads: "
                           f"{', '.join(sorted(model.heads)) or 'none'}); set candidates=1")

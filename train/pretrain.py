@@ -25,7 +25,7 @@ from omnimask.safeio import atomic_write_bytes
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .encoder_warmup import EncoderWarmupConfig, check_labels, tag_words, warm_up_encoder
-from .evaluate import ORDERS, RERANKERS, SAMPLERS, samples, val_history
+from .evaluate import ORDERS, RERANKERS, SAMPLERS, resolve_sampler, samples, val_history
 from .objectives.base import (
     OBJECTIVES,
     Context,
@@ -65,7 +65,9 @@ class TokenizerPaths:
 class GenerateConfig:
     captions: int = 8  # val images to caption at the end
     images: int = 8  # val captions to draw
-    sampler: str = "cm3"  # cm3: left to right; maskgit: parallel rounds (objective maskgit)
+    # cm3: left to right; maskgit: parallel rounds (objective maskgit); auto: cm3, or
+    # maskgit for an rq tokenizer's id stacks
+    sampler: str = "auto"
     steps: int = 12  # maskgit's rounds
     order: str = "confidence"  # maskgit: a round keeps its most confident codes, or random ones
     temperature: float = 1.0  # image sampling
@@ -201,11 +203,15 @@ class Pretraining:
                 raise ConfigError("objectives.mix: no objective but speech has a positive "
                                   "ratio, and the training shards have no speech")
         g = cfg.generate
+        g.sampler = resolve_sampler(g.sampler, self.train.depth)
         if self.train.depth > 1 and "cm3" in mix and g.images > 0 and g.sampler == "cm3":
             raise ConfigError(f"generate.sampler=cm3 draws one image code per position, and "
                               f"tokenizers.image ({cfg.tokenizers.image}) gives stacks of "
                               f"{self.train.depth} (vq.quantizer=rq): set generate.sampler="
-                              f"maskgit, or generate.images=0")
+                              f"maskgit (or auto), or generate.images=0")
+        if "cm3" in mix and g.images > 0 and g.sampler == "maskgit" and "maskgit" not in mix:
+            log.warning("generate.sampler=maskgit draws with a head that objectives.mix does "
+                        "not train: add objectives.mix.maskgit")
         pixels = cfg.model.image_input == "pixels"
         if cfg.encoder_warmup.steps > 0:  # before anything is written to the run directory
             if not pixels:

@@ -60,7 +60,13 @@ def test_eval_generate_draws_judges_and_writes_the_grid(tiny_model_dir, shapes_d
     mi = json.loads((tmp_path / "i.json").read_text())["metrics"]
     assert mi["settings"]["infill"] == "objects" and mi["settings"]["order"] == "random"
     assert mi["judge_shape_reconstructions"] == mm["judge_shape_reconstructions"]
-    assert run(tmp_path / "c.json", "--set", "infill=objects") == 2  # cm3 cannot infill
+    assert run(tmp_path / "c.json", "--set", "sampler=cm3", "--set",
+               "infill=objects") == 2  # cm3 cannot infill
+    # the default sampler (auto): cm3 for one code per position, maskgit to infill
+    assert m["settings"]["sampler"] == "cm3"
+    assert run(tmp_path / "a2.json", "--set", "steps=2", "--set", "infill=objects") == 0
+    assert json.loads((tmp_path / "a2.json").read_text())["metrics"]["settings"][
+        "sampler"] == "maskgit"
     assert run(tmp_path / "c.json", "--set", "sampler=maskgit", "--set", "order=best") == 2
     assert run(tmp_path / "c.json", "--set", "sampler=diffusion") == 2
     # bad settings are one-line errors naming the key

@@ -269,7 +269,7 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
     assert tok.size == 16 and tok.model.quantizer.codes().shape == (16, 4)
     t = tiny_tokenizers
 
-    def config(mix: str, out: str, sampler: str = "maskgit"):
+    def config(mix: str, out: str, sampler: str = "auto"):
         return load_config(PretrainConfig, None, [
             "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
             "trainer.warmup_steps=1", "data.val_batch_size=4", f"objectives.mix={mix}",
@@ -287,6 +287,7 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
     with pytest.raises(ConfigError, match="generate.sampler=cm3 draws one image code"):
         Pretraining(config(mix, "refused", sampler="cm3"), progress=False)
     pre = Pretraining(config(mix, "run"), progress=False)
+    assert pre.cfg.generate.sampler == "maskgit"  # auto: MaskGIT draws stacks
     assert pre.model.cfg.image_code_depth == 2 and pre.train.depth == 2
     assert torch.equal(pre.train.codes[:3], tok.encode(pre.train.pixels[:3]))
     lo, hi = pre.vocab.ranges()["image"]
@@ -307,3 +308,7 @@ def test_pretraining_reads_an_rq_tokenizer_and_draws_its_stacks(shapes_dir, tiny
     assert main(["eval", "generate", "--model", str(model), "--data",
                  str(shapes_dir / "test-novel-*.tar"), "--limit", "3", "--out", str(out),
                  "--set", "sampler=cm3", "-q"]) == 2  # CM3 draws one code per position
+    assert main(["eval", "generate", "--model", str(model), "--data",
+                 str(shapes_dir / "test-novel-*.tar"), "--limit", "2", "--out", str(out),
+                 "--set", "steps=2", "--set", "candidates=1", "-q"]) == 0
+    assert json.loads(out.read_text())["metrics"]["settings"]["sampler"] == "maskgit"
