@@ -34,11 +34,13 @@ def test_quick_demo(tmp_path, capsys):
     assert t["text"]["roundtrip_exact"] == 1.0 and t["speech"]["size"] == 32
     assert t["image"]["images"] == 10 and (run / "vq_reconstructions.png").is_file()
     assert t["image"]["steps"] == t["image"]["max_steps"] == 2  # a tenth of vq_steps
+    assert len(t["image"]["usage_per_level"]) == 4  # residual levels: id stacks
     assert set(rep["models"]) == {"tokenizer_text", "tokenizer_speech", "tokenizer_image",
                                   "pretrained", "pretrained_model", "vqa", "retrieval", "caption",
                                   "segment", "zoo"}
     p = m["pretrain"]
-    assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech"}
+    assert p["steps"] == 10 and set(p["val"]) >= {"mlm", "itm", "itc", "cm3", "speech",
+                                                  "maskgit"}  # MaskGIT draws the stacks
     assert (run / "pretrain" / "generated_images.png").is_file()
     # the encoder's warm-up ran first (a few steps when quick), then the encoder was frozen
     assert p["encoder_warmup"]["steps"] == 5 and p["encoder_warmup"]["classes"] == 7

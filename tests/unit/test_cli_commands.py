@@ -254,4 +254,5 @@ def test_prepare_shapes_uses_the_shared_preparation(tmp_path, monkeypatch):
     assert dk["seed"] == d.seed and dk["shard_size"] == d.shard_size
     assert tk["speech_units"] == d.speech_units and tk["vq_steps"] == d.vq_steps
     assert tk["vq_codes"] == d.vq_codes and tk["vq_crop"] == d.vq_crop
+    assert tk["vq_depth"] == d.vq_depth == 4  # residual levels: the demo's image tokens
     assert tk["vq_precision"] == d.precision
