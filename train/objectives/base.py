@@ -145,17 +145,18 @@ class Context:
     def sp(self, role: str) -> int:
         return self.vocab.special(role)
 
-    def level_size(self) -> int:
-        """Vocabulary rows of one level of the image codes."""
+    def level_size(self, depth: int | None = None) -> int:
+        """Vocabulary rows of one level of the image codes (of ``depth`` levels; default
+        ``self.depth``)."""
         lo, hi = self.vocab.ranges()["image"]
-        return (hi - lo) // self.depth
+        return (hi - lo) // (depth or self.depth)
 
 
 def stack_ids(ctx: Context, codes: torch.Tensor, depth: int) -> torch.Tensor:
     """Codes [..., P * depth] (each level's own ids, depth innermost) -> vocabulary ids
     [..., P, depth]: level k's code c is the image range's row k * (its size / depth) + c."""
-    lo, hi = ctx.vocab.ranges()["image"]
-    levels = torch.arange(depth, device=codes.device) * ((hi - lo) // depth) + lo
+    lo = ctx.vocab.ranges()["image"][0]
+    levels = torch.arange(depth, device=codes.device) * ctx.level_size(depth) + lo
     return codes.long().unflatten(-1, (-1, depth)) + levels
 
 

@@ -190,8 +190,8 @@ class MaskGIT(Objective):
             masked = torch.stack([s[-1].ids == self.ctx.sp("mask") for s in samples])
             out["stack"] = image_stacks(out["packed"], stacks.masked_fill(masked[..., None], -1))
             out["stack_targets"] = stacks[masked]
-            lo, hi = self.ctx.vocab.ranges()["image"]
-            out["image_rows"] = (lo, (hi - lo) // corpus.depth)
+            lo = self.ctx.vocab.ranges()["image"][0]
+            out["image_rows"] = (lo, self.ctx.level_size(corpus.depth))
         w = self.cfg.maskgit_object_weight
         if w != 1.0:  # one weight per target, in the packed targets' order
             setting = "objectives.maskgit_object_weight"
@@ -299,8 +299,7 @@ def _sample_stacks(model, ctx: Context, p, pos: torch.Tensor, codes: torch.Tenso
     p.ids[pos] = torch.where(stacks[..., 0] >= 0, stacks[..., 0], ctx.sp("mask")).reshape(-1)
     h = model.encoder(p, mask="bidirectional", stack=image_stacks(p, stacks), outputs=pos)
     head = model.heads["maskgit"]
-    lo, hi = ctx.vocab.ranges()["image"]
-    size = (hi - lo) // depth
+    lo, size = ctx.vocab.ranges()["image"][0], ctx.level_size(depth)
     picks, conf, before = [], 0.0, None
     for k in range(depth):
         first = lo + k * size
@@ -336,7 +335,7 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
     caps = [corpus.captions[i][0] if corpus.captions[i] else [] for i in idx]
     obj = (torch.stack([object_codes(corpus, i, "") for i in idx])
            if corpus.regions is not None else None)
-    lo, hi = ctx.vocab.ranges()["image"]
+    lo = ctx.vocab.ranges()["image"][0]
     out = {}
     for name, cs in (("caption", caps), ("other_caption", caps[1:] + caps[:1])):
         p = pack([[text_segment(ctx, c), masked_image_segment(
@@ -350,7 +349,7 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
         else:
             stacks = stack_ids(ctx, corpus.codes[idx], depth).reshape(-1, depth)
             ce = model.heads["maskgit"].stack_nll(model.encoder, h[pos], stacks.to(h.device),
-                                                  (lo, (hi - lo) // depth)).mean(1).cpu()
+                                                  (lo, ctx.level_size(depth))).mean(1).cpu()
         out[f"codes_given_{name}"] = round(float(ce.mean()), 4)
         if obj is not None:
             out[f"object_codes_given_{name}"] = round(float(ce[obj.flatten()].mean()), 4)
