@@ -102,18 +102,30 @@ def state(job: str) -> tuple[str, str]:
 
 
 def wait(job: str, timeout: float = 600) -> str:
-    """Until the job ends; a requeued job is released at once (SLURM holds requeued jobs
-    for two minutes before they are eligible again)."""
+    """Until the job ends; a requeued job is released early (SLURM holds requeued jobs for
+    two minutes before they are eligible again), but only once the node has finished the
+    old allocation and a few seconds have passed: slurmd refuses a launch whose credential
+    dates from the second its predecessor's was revoked ("Job credential revoked")."""
     end = time.monotonic() + timeout
+    held_since = None
     while time.monotonic() < end:
         st, reason = state(job)
         if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return st
         if st == "PENDING" and reason == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                           capture_output=True)
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= 3 and node_idle():
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                               capture_output=True)
+        else:
+            held_since = None
         time.sleep(1)
     raise AssertionError(f"job {job} still {state(job)} after {timeout} s")
+
+
+def node_idle() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and set(out.stdout.split()) == {"idle"}
 
 
 def train_steps(run: Path) -> list[int]:
