@@ -32,25 +32,29 @@ def _stacked(n: int = 12, seed: int = 0):
     return replace(c, codes=torch.randint(0, K, (n, P * DEPTH), generator=g))
 
 
+def _ctx2(**kw):
+    """A context whose image codes are stacks of ``DEPTH`` levels."""
+    return replace(_ctx(**kw), depth=DEPTH)
+
+
 def _stack_model(ctx):
     return _model(ctx, image_code_depth=DEPTH)
 
 
 def test_stack_ids_put_each_level_in_its_own_rows():
-    ctx = _ctx()
+    ctx = _ctx2()
     lo = ctx.vocab.ranges()["image"][0]
     codes = torch.tensor([[3, 5, 0, 15]])  # two positions, two levels each
-    assert mg.stack_ids(ctx, codes, 2).tolist() == [[[lo + 3, lo + K + 5], [lo, lo + K + 15]]]
+    assert mg.stack_ids(ctx, codes).tolist() == [[[lo + 3, lo + K + 5], [lo, lo + K + 15]]]
 
 
 def test_a_stack_enters_as_the_sum_of_its_levels_embeddings():
-    ctx = _ctx()
+    ctx = _ctx2()
     model = _stack_model(ctx).eval()
     corpus = _stacked()
-    seg = mg.masked_image_segment(ctx, corpus.codes[0], torch.zeros(P, dtype=torch.bool), 4,
-                                  depth=DEPTH)
+    seg = mg.masked_image_segment(ctx, corpus.codes[0], torch.zeros(P, dtype=torch.bool), 4)
     p = pack([[text_segment(ctx, [20, 21]), seg]])
-    stacks = mg.stack_ids(ctx, corpus.codes[:1], DEPTH)
+    stacks = mg.stack_ids(ctx, corpus.codes[:1])
     with torch.no_grad():
         got = model.encoder(p, stack=mg.image_stacks(p, stacks))
         # by hand: the image positions as feature rows holding the summed embeddings
@@ -67,13 +71,13 @@ def test_a_stack_enters_as_the_sum_of_its_levels_embeddings():
 
 
 def test_samples_feed_the_known_stacks_and_target_every_level_of_the_masked_ones():
-    ctx = _ctx(maskgit_uncond=0.0)
+    ctx = _ctx2(maskgit_uncond=0.0)
     corpus = _stacked()
     b = mg.MaskGIT(ctx).batch(corpus, list(range(6)), torch.Generator().manual_seed(0))
     p, stack = b["packed"], b["stack"]
     lo, hi = ctx.vocab.ranges()["image"]
     assert b["image_rows"] == (lo, K) and stack.shape == (p.num_tokens, DEPTH)
-    want = mg.stack_ids(ctx, corpus.codes[:6], DEPTH)
+    want = mg.stack_ids(ctx, corpus.codes[:6])
     targets = []
     for j, e in enumerate(p.cu_seqlens[1:].tolist()):
         ids, st, tg = p.ids[e - P:e], stack[e - P:e], p.targets[e - P:e]
@@ -89,7 +93,7 @@ def test_samples_feed_the_known_stacks_and_target_every_level_of_the_masked_ones
 
 
 def test_stack_loss_is_the_chain_of_level_cross_entropies():
-    ctx = _ctx(maskgit_uncond=0.0)
+    ctx = _ctx2(maskgit_uncond=0.0)
     model = _stack_model(ctx)
     corpus = _stacked()
     b = mg.MaskGIT(ctx).batch(corpus, list(range(6)), torch.Generator().manual_seed(1))
@@ -125,7 +129,7 @@ def test_stack_loss_is_the_chain_of_level_cross_entropies():
 
 def test_maskgit_learns_to_draw_stacks_whose_levels_depend_on_each_other():
     torch.manual_seed(0)
-    ctx = _ctx(maskgit_uncond=0.0)
+    ctx = _ctx2(maskgit_uncond=0.0)
     words = [20 + k for k in range(4)]
     # the caption's word decides the first level up to a coin per position (+0 or +8); the
     # second level is a function of the first, so it must read the level drawn before it
@@ -167,14 +171,10 @@ def test_depth_one_heads_have_no_level_parameters():
     assert not list(model.heads["maskgit"].parameters())
 
 
-def _ctx2(**kw):
-    return replace(_ctx(**kw), depth=DEPTH)
-
-
 def test_cm3_documents_hold_one_stack_token_per_position():
     ctx, corpus = _ctx2(), _stacked()
     lo = ctx.vocab.ranges()["image"][0]
-    stacks = mg.stack_ids(ctx, corpus.codes[0], DEPTH)  # [P, DEPTH] vocabulary ids
+    stacks = mg.stack_ids(ctx, corpus.codes[0])  # [P, DEPTH] vocabulary ids
     part = cg.image_part(ctx, corpus.codes[0])
     assert len(part) == P + 2 and min(part[1:-1]) >= ctx.vocab.size
     assert torch.equal(cm3_lm.doc_stacks(ctx, [part])[1:-1], stacks)  # the tokens' stacks
@@ -194,7 +194,7 @@ def test_cm3_documents_hold_one_stack_token_per_position():
         s = p.cu_seqlens[k]
         rows = on[s:e].nonzero()[:, 0] + s
         rc = p.position_2d[rows]
-        want = mg.stack_ids(ctx, corpus.codes[k], DEPTH)[rc[:, 0] * 4 + rc[:, 1]]
+        want = mg.stack_ids(ctx, corpus.codes[k])[rc[:, 0] * 4 + rc[:, 1]]
         assert torch.equal(stack[rows], want)
     # the stacks are what the trunk reads: the loss differs from first levels alone
     model = _model(ctx, image_code_depth=DEPTH)

@@ -145,18 +145,17 @@ class Context:
     def sp(self, role: str) -> int:
         return self.vocab.special(role)
 
-    def level_size(self, depth: int | None = None) -> int:
-        """Vocabulary rows of one level of the image codes (of ``depth`` levels; default
-        ``self.depth``)."""
+    def level_size(self) -> int:
+        """Vocabulary rows of one level of the image codes."""
         lo, hi = self.vocab.ranges()["image"]
-        return (hi - lo) // (depth or self.depth)
+        return (hi - lo) // self.depth
 
 
-def stack_ids(ctx: Context, codes: torch.Tensor, depth: int) -> torch.Tensor:
-    """Codes [..., P * depth] (each level's own ids, depth innermost) -> vocabulary ids
-    [..., P, depth]: level k's code c is the image range's row k * (its size / depth) + c."""
-    lo = ctx.vocab.ranges()["image"][0]
-    levels = torch.arange(depth, device=codes.device) * ctx.level_size(depth) + lo
+def stack_ids(ctx: Context, codes: torch.Tensor) -> torch.Tensor:
+    """Codes [..., P * depth] (each level's own ids, depth innermost; ``ctx.depth``) ->
+    vocabulary ids [..., P, depth]: level k's code c is at row k * ``level_size()`` + c."""
+    lo, depth = ctx.vocab.ranges()["image"][0], ctx.depth
+    levels = torch.arange(depth, device=codes.device) * ctx.level_size() + lo
     return codes.long().unflatten(-1, (-1, depth)) + levels
 
 

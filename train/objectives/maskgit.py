@@ -14,7 +14,7 @@ Objects (patches with object pixels in ``seg.png``) can weigh more than the back
 object code, or every object's box (``maskgit_object_mask_region=boxes``): the rest of the
 image then says nothing of what the caption names.
 
-An rq tokenizer's id stacks (``corpus.depth`` > 1, RQ-Transformer's layout, Lee et al.
+An rq tokenizer's id stacks (``ctx.depth`` > 1, RQ-Transformer's layout, Lee et al.
 2022): a position enters as the sum of its levels' token embeddings (``<mask>`` when
 masked), and the head predicts its stack level by level, level k from the position's
 hidden state plus a linear map of the embeddings of the levels before it (teacher-forced
@@ -52,13 +52,13 @@ from .base import (
 
 
 def masked_image_segment(ctx: Context, codes: torch.Tensor, masked: torch.Tensor, cols: int,
-                         targets: bool = True, depth: int = 1) -> Segment:
+                         targets: bool = True) -> Segment:
     """Codes [P * depth] as an image segment of vocabulary ids, ``<mask>`` where ``masked``
     [P] (bool); with ``targets``, the masked positions' codes are the targets. With
-    ``depth`` > 1 the ids and targets are each stack's first level (the rest enters
+    ``ctx.depth`` > 1 the ids and targets are each stack's first level (the rest enters
     through ``image_stacks``)."""
-    ids = (ctx.vocab.from_image(codes.long()) if depth == 1
-           else stack_ids(ctx, codes, depth)[:, 0])
+    ids = (ctx.vocab.from_image(codes.long()) if ctx.depth == 1
+           else stack_ids(ctx, codes)[:, 0])
     inp = ids.masked_fill(masked, ctx.sp("mask"))
     g = torch.arange(len(ids))
     rc = torch.stack([g // cols, g % cols], 1)
@@ -166,7 +166,7 @@ class MaskGIT(Objective):
 
     def sample(self, corpus, i: int, gen: torch.Generator) -> list[Segment]:
         codes = corpus.codes[i]
-        n = len(codes) // corpus.depth
+        n = len(codes) // self.ctx.depth
         ratio = math.cos(math.pi / 2 * float(torch.rand(1, generator=gen)))
         k = min(n, max(1, math.ceil(ratio * n)))
         masked = torch.zeros(n, dtype=torch.bool)
@@ -179,19 +179,18 @@ class MaskGIT(Objective):
         uncond = float(torch.rand(1, generator=gen)) < self.cfg.maskgit_uncond
         caption = [] if uncond else pick_caption(corpus, i, gen)
         return [text_segment(self.ctx, caption),
-                masked_image_segment(self.ctx, codes, masked, corpus.grid[1],
-                                     depth=corpus.depth)]
+                masked_image_segment(self.ctx, codes, masked, corpus.grid[1])]
 
     def batch(self, corpus, idx, gen) -> dict:
         samples = [self.sample(corpus, i, gen) for i in idx]
         out = {"packed": pack(samples)}
-        if corpus.depth > 1:  # the id stacks: known ones as inputs, masked ones as targets
-            stacks = stack_ids(self.ctx, corpus.codes[idx], corpus.depth)
+        if self.ctx.depth > 1:  # the id stacks: known ones as inputs, masked ones as targets
+            stacks = stack_ids(self.ctx, corpus.codes[idx])
             masked = torch.stack([s[-1].ids == self.ctx.sp("mask") for s in samples])
             out["stack"] = image_stacks(out["packed"], stacks.masked_fill(masked[..., None], -1))
             out["stack_targets"] = stacks[masked]
             lo = self.ctx.vocab.ranges()["image"][0]
-            out["image_rows"] = (lo, self.ctx.level_size(corpus.depth))
+            out["image_rows"] = (lo, self.ctx.level_size())
         w = self.cfg.maskgit_object_weight
         if w != 1.0:  # one weight per target, in the packed targets' order
             setting = "objectives.maskgit_object_weight"
@@ -207,7 +206,7 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
          gen: torch.Generator | None = None, start: torch.Tensor | None = None,
          keep_known: torch.Tensor | None = None, order: str = "confidence") -> torch.Tensor:
     """Codes [len(captions), num_codes * depth] drawn from the captions in ``steps`` rounds
-    (``num_codes`` positions; depth: the model's ``image_code_depth``, each position's id
+    (``num_codes`` positions; depth: ``ctx.depth``, the model's ``image_code_depth``; each id
     stack drawn level by level, its confidence the stack's log-probability); ``guidance``
     s != 1 mixes in the caption-less prediction as u + s * (c - u). Infilling: ``start``
     [n, num_codes * depth] codes of which the positions where ``keep_known`` [n, num_codes]
@@ -215,7 +214,10 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
     count. ``order``: which sampled positions a round keeps, its most confident
     (``confidence``, MaskGIT's) or a uniformly ``random`` share."""
     model.eval()
-    depth = model.cfg.image_code_depth
+    depth = ctx.depth
+    if model.cfg.image_code_depth != depth:
+        raise ValueError(f"draw: the model reads stacks of {model.cfg.image_code_depth} image "
+                         f"codes, the context {depth}")
     lo, hi = ctx.vocab.ranges()["image"]
     n = len(captions)
     codes = torch.zeros(n, num_codes, depth, dtype=torch.long)
@@ -238,7 +240,7 @@ def draw(model, ctx: Context, captions: list[list[int]], num_codes: int, cols: i
     # packed once, on the model's device; each round rewrites only the image ids, and
     # samples there (a GPU round then moves nothing to or from the host)
     p = pack([[text_segment(ctx, c), masked_image_segment(
-        ctx, codes[k % n].reshape(-1), ~known[k % n], cols, targets=False, depth=depth)]
+        ctx, codes[k % n].reshape(-1), ~known[k % n], cols, targets=False)]
         for k, c in enumerate(prompts)])
     p = p.to(dev)
     pos = ((p.cu_seqlens[1:].long() - num_codes)[:, None]  # each sample ends with its image
@@ -294,12 +296,12 @@ def _sample_stacks(model, ctx: Context, p, pos: torch.Tensor, codes: torch.Tenso
     [n, P]), each level sampled given the levels drawn before it at the same position."""
     n, num, depth = codes.shape
     guided = guidance != 1.0
-    stacks = stack_ids(ctx, codes.reshape(n, -1), depth).masked_fill(~known[..., None], -1)
+    stacks = stack_ids(ctx, codes.reshape(n, -1)).masked_fill(~known[..., None], -1)
     stacks = stacks.repeat(2, 1, 1) if guided else stacks
     p.ids[pos] = torch.where(stacks[..., 0] >= 0, stacks[..., 0], ctx.sp("mask")).reshape(-1)
     h = model.encoder(p, mask="bidirectional", stack=image_stacks(p, stacks), outputs=pos)
     head = model.heads["maskgit"]
-    lo, size = ctx.vocab.ranges()["image"][0], ctx.level_size(depth)
+    lo, size = ctx.vocab.ranges()["image"][0], ctx.level_size()
     picks, conf, before = [], 0.0, None
     for k in range(depth):
         first = lo + k * size
@@ -330,7 +332,7 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
     Equal pairs: the model draws the same whatever the caption says. Id stacks: their
     negative log-likelihood per code (the stack's over its depth)."""
     model.eval()
-    depth, cols = corpus.depth, corpus.grid[1]
+    depth, cols = ctx.depth, corpus.grid[1]
     n = corpus.codes.shape[1] // depth
     caps = [corpus.captions[i][0] if corpus.captions[i] else [] for i in idx]
     obj = (torch.stack([object_codes(corpus, i, "") for i in idx])
@@ -339,7 +341,7 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
     out = {}
     for name, cs in (("caption", caps), ("other_caption", caps[1:] + caps[:1])):
         p = pack([[text_segment(ctx, c), masked_image_segment(
-            ctx, corpus.codes[i], torch.ones(n, dtype=torch.bool), cols, depth=depth)]
+            ctx, corpus.codes[i], torch.ones(n, dtype=torch.bool), cols)]
             for c, i in zip(cs, idx)])
         h = model.encoder(p, mask="bidirectional")
         pos = p.target_positions.to(h.device)
@@ -347,9 +349,9 @@ def grounding(model, ctx: Context, corpus, idx: list[int]) -> dict[str, float]:
             ce = F.cross_entropy(model.encoder.vocab_logits(h, pos).float(),
                                  p.targets.to(h.device)[pos], reduction="none").cpu()
         else:
-            stacks = stack_ids(ctx, corpus.codes[idx], depth).reshape(-1, depth)
+            stacks = stack_ids(ctx, corpus.codes[idx]).reshape(-1, depth)
             ce = model.heads["maskgit"].stack_nll(model.encoder, h[pos], stacks.to(h.device),
-                                                  (lo, ctx.level_size(depth))).mean(1).cpu()
+                                                  (lo, ctx.level_size())).mean(1).cpu()
         out[f"codes_given_{name}"] = round(float(ce.mean()), 4)
         if obj is not None:
             out[f"object_codes_given_{name}"] = round(float(ce[obj.flatten()].mean()), 4)

@@ -171,7 +171,7 @@ class MIM(_MaskedRegions):
 
     def _targets(self, corpus, rows, masks) -> dict:
         # an rq tokenizer's stacks: the first level (one code per patch, as BEiT's)
-        d = corpus.depth
+        d = self.ctx.depth
         codes = torch.cat([corpus.codes[i].view(-1, d)[m, 0] for i, m in zip(rows, masks)])
         return {"target": self.ctx.vocab.from_image(codes)}
 
