@@ -54,6 +54,10 @@ class TrunkConfig:
     multiway: bool = False  # one FFN per modality
     modality_embeddings: bool = True
     grid_positions: bool = True  # learned row + column embeddings on 2-D grids (images)
+    # 2-D rotary queries/keys on grids: image-to-image attention sees only (row, col)
+    # offsets, so what is learned at one place of an image holds at every other
+    rope_2d: bool = False
+    rope_base: float = 100.0
     max_grid: int = 64
     token_type_embedding: bool = False  # BERT's token type embeddings, for imported models
     type_vocab_size: int = 1  # token types 0..n-1 (BERT: 2, sentence A/B)
@@ -66,12 +70,15 @@ class TrunkConfig:
         p = "model.trunk."  # where it sits in a pretraining config
         check_fields(self, ">=1", "vocab_size", "dim", "layers", "heads", "ffn_dim",
                      "max_positions", "max_grid", "type_vocab_size", prefix=p)
-        check_fields(self, ">0", "norm_eps", prefix=p)
+        check_fields(self, ">0", "norm_eps", "rope_base", prefix=p)
         check_fields(self, "[0,1)", "dropout", prefix=p)
         check_fields(self, "(0,1)", "gate_init_prob", prefix=p)
         if self.dim % self.heads:
             raise ValueError(f"{p}dim must be divisible by {p}heads, got {self.dim} and "
                              f"{self.heads}")
+        if self.rope_2d and (self.dim // self.heads) % 4:
+            raise ValueError(f"{p}rope_2d needs a head size ({p}dim / {p}heads) divisible by "
+                             f"4, got {self.dim // self.heads}")
         if self.clip_zeta <= self.clip_gamma:
             raise ValueError(f"{p}clip_zeta must be > {p}clip_gamma, got {self.clip_zeta} "
                              f"and {self.clip_gamma}")
@@ -111,6 +118,24 @@ def _token_types_2d(state_dict, prefix, *args) -> None:
     v = state_dict.get(prefix + "token_type")
     if v is not None and v.ndim == 1:
         state_dict[prefix + "token_type"] = v[None]
+
+
+def rope_2d_angles(rc: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """Rotation angles [T, head_dim / 2] of 2-D rotary embeddings: the first half of the
+    pairs turn with the row, the second with the column (frequencies base^(-i/n)); tokens
+    off the grid (rc -1) are not turned."""
+    n = head_dim // 4
+    inv = base ** (-torch.arange(n, device=rc.device, dtype=torch.float32) / n)
+    on = (rc[:, :1] >= 0).float()
+    rc = rc.clamp_min(0).float()
+    return torch.cat([rc[:, :1] * inv, rc[:, 1:] * inv], -1) * on
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] turned pairwise: (x[i], x[i + D/2]) by ``angles`` [T, D/2]."""
+    a, b = x.chunk(2, dim=-1)
+    c, s = angles.cos()[:, None].to(x.dtype), angles.sin()[:, None].to(x.dtype)
+    return torch.cat([a * c - b * s, a * s + b * c], -1)
 
 
 def _norm(cfg: TrunkConfig, dim: int) -> nn.Module:
@@ -182,9 +207,9 @@ class Attention(nn.Module):
             p = self.cfg.gate_init_prob
             nn.init.constant_(self.gate.bias, math.log(p / (1 - p)))
 
-    def _qkv(self, x, rows=None):
+    def _qkv(self, x, rows=None, rope=None):
         """q, k, v [T, H, D]; with ``rows``, q only at those positions (its share of the
-        fused projection is skipped elsewhere)."""
+        fused projection is skipped elsewhere); ``rope``: 2-D rotary angles [T, D / 2]."""
         H, D = self.cfg.heads, self.head_dim
         if rows is None:
             q, k, v = self.qkv(x).view(x.shape[0], 3, H, D).unbind(1)
@@ -196,13 +221,15 @@ class Attention(nn.Module):
             # CUDA autocast runs norms in fp32: back to v's dtype (fused kernels and flex's
             # backward need one dtype)
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        if rope is not None:
+            q, k = rotate(q, rope if rows is None else rope[rows]), rotate(k, rope)
         return q, k, v
 
     def forward(self, x, cu, max_seqlen, mask, prefix_len, cache: KVCache | None = None,
-                layout: Layout | None = None, rows: torch.Tensor | None = None):
+                layout: Layout | None = None, rows: torch.Tensor | None = None, rope=None):
         """[T, dim] -> [T, dim], or [P, dim] at the sorted positions ``rows`` (their queries
         over every key)."""
-        q, k, v = self._qkv(x, rows)
+        q, k, v = self._qkv(x, rows, rope)
         if cache is not None:
             cache.add(k, v, cu)
         lay = layout or Layout(cu, mask, prefix_len)
@@ -217,9 +244,9 @@ class Attention(nn.Module):
             o = o * torch.sigmoid(self.gate(x if rows is None else x[rows]))[..., None]
         return self.out(o.reshape(o.shape[0], -1))
 
-    def step(self, x, cache: KVCache, layer: int):
+    def step(self, x, cache: KVCache, layer: int, rope=None):
         """One new position per cached sequence ([B, dim]): attends to all it follows."""
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rope=rope)
         k, v = cache.extend(layer, k, v)  # [B, H, L + 1, D]
         s = (q[:, :, None] @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, 1, L+1]
         if self.cfg.plain_softmax:
@@ -268,14 +295,14 @@ class Block(nn.Module):
         return out
 
     def forward(self, x, modality, cu, max_seqlen, mask, prefix_len, cache=None, layout=None,
-                rows=None):
+                rows=None, rope=None):
         """[T, dim] -> [T, dim], or [P, dim] at the sorted positions ``rows`` only."""
         def attn(y):
-            return self.attn(y, cu, max_seqlen, mask, prefix_len, cache, layout, rows)
+            return self.attn(y, cu, max_seqlen, mask, prefix_len, cache, layout, rows, rope)
         return self._residual(x, modality, attn, rows)
 
-    def step(self, x, modality, cache: KVCache, layer: int):
-        return self._residual(x, modality, lambda y: self.attn.step(y, cache, layer))
+    def step(self, x, modality, cache: KVCache, layer: int, rope=None):
+        return self._residual(x, modality, lambda y: self.attn.step(y, cache, layer, rope))
 
     def _residual(self, x, modality, attn, rows=None):
         keep, mod = (x, modality) if rows is None else (x[rows], modality[rows])
@@ -427,6 +454,7 @@ class Trunk(nn.Module):
             raise ValueError("a KV cache starts empty, and not under mask='blocks' or with "
                              "outputs= (later tokens attend to every earlier position)")
         x = self.embed(batch, features, blocks)
+        rope = self._rope(batch, x.device)
         cu = batch.cu_seqlens
         lay = Layout(cu, mask, prefix_len)
         order = None
@@ -435,7 +463,7 @@ class Trunk(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             args = (x, batch.modality, cu, batch.max_seqlen, mask, prefix_len, cache, lay,
-                    outputs if i == last else None)
+                    outputs if i == last else None, rope)
             if self.cfg.checkpointing and self.training and cache is None:
                 x = checkpoint(blk, *args, use_reentrant=False)
             else:
@@ -463,9 +491,16 @@ class Trunk(nn.Module):
             x = self.embed_norm(x)
         return self._step_blocks(self.drop(x), m, cache)
 
-    def _step_blocks(self, x, modality, cache: KVCache) -> torch.Tensor:
+    def _rope(self, batch: PackedBatch, device) -> torch.Tensor | None:
+        """2-D rotary angles [T, head size / 2] of the batch (``rope_2d``), else None."""
+        if not self.cfg.rope_2d:
+            return None
+        return rope_2d_angles(batch.position_2d.to(device), self.cfg.dim // self.cfg.heads,
+                              self.cfg.rope_base)
+
+    def _step_blocks(self, x, modality, cache: KVCache, rope=None) -> torch.Tensor:
         for i, blk in enumerate(self.blocks):
-            x = blk.step(x, modality, cache, i)
+            x = blk.step(x, modality, cache, i, rope)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def step_packed(self, batch: PackedBatch, cache: KVCache,
@@ -479,7 +514,8 @@ class Trunk(nn.Module):
                              f"({cache.batch_size}), got {batch.num_tokens} tokens in "
                              f"{batch.num_samples} samples")
         x = self.embed(batch, features, pos_offset=len(cache))
-        return self._step_blocks(x, batch.modality.to(x.device), cache)
+        return self._step_blocks(x, batch.modality.to(x.device), cache,
+                                 self._rope(batch, x.device))
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits at ``positions`` only: gather first, then project (no logits elsewhere)."""

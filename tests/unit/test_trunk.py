@@ -317,7 +317,8 @@ def test_encoder_passes_block_ids_through():
                                        "token_type_embedding": True},
                                   {"norm": "rmsnorm", "activation": "swiglu", "qk_norm": True},
                                   {"gated_attention": True, "clip_gamma": -0.03, "clip_zeta": 1.02},
-                                  {"multiway": True}, {"attention_backend": "flex"}])
+                                  {"multiway": True}, {"attention_backend": "flex"},
+                                  {"rope_2d": True}])
 def test_kv_cache_decoding_equals_full_prefix_forward(opts):
     """Prefill [image + bos] once, then one token at a time: the hidden states and logits at
     every step equal the full forward with mask='prefix' (prefix = image + bos); after
