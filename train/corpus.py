@@ -108,11 +108,10 @@ def build_corpus(shards: list[str], text_tok, image_tok, speech_tok=None,
                  progress: bool = True) -> Corpus:
     """Read ``shards`` once (shard order) and tokenise every modality."""
     from omnimask.train.data.pipeline import ShardLoader
-    from omnimask.train.data.shards import expand_shards, manifest_entries
+    from omnimask.train.data.shards import expand_shards, shard_keys
 
     paths = expand_shards(shards)
-    keys_present = set.intersection(*[set(r.get("keys", [])) for r in
-                                      manifest_entries(paths).values()] or [set()])
+    keys_present = shard_keys(paths)
     want_speech = speech_tok is not None and "speech.flac" in keys_present
     want_qa = "qa.json" in keys_present
     want_refs = "refs.json" in keys_present

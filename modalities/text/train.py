@@ -21,11 +21,10 @@ def iter_texts(shards: list[str]) -> Iterator[str]:
 def iter_labelled_texts(shards: list[str]) -> Iterator[tuple[str, str]]:
     """``(kind, text)`` with kind caption, question, answer or expression."""
     from omnimask.train.data.pipeline import ShardLoader
-    from omnimask.train.data.shards import expand_shards, manifest_entries
+    from omnimask.train.data.shards import expand_shards, shard_keys
 
     paths = expand_shards(shards)
-    keys = set.intersection(*[set(r.get("keys", [])) for r in manifest_entries(paths).values()]
-                            or [set()])
+    keys = shard_keys(paths)
     procs = ["text"] + [p for p, k in (("qa", "qa.json"), ("refs", "refs.json")) if k in keys]
     cfg = DataConfig(shards=paths, processors=procs, batch_size=256, shuffle_buffer=0,
                      shuffle_shards=False)

@@ -16,6 +16,7 @@ import pytest
 
 from omnimask.cli import main
 from omnimask.config import DataConfig
+from omnimask.errors import DataError
 from omnimask.train.data.inspect import inspect_shards
 from omnimask.train.data.pipeline import ShardLoader
 from omnimask.train.data.schema import (
@@ -401,6 +402,25 @@ def test_manifest_entries_ignores_an_unusable_manifest(tmp_path, manifest, caplo
     with caplog.at_level("WARNING"):
         assert manifest_entries([str(shard)]) == {}
     assert "manifest" in caplog.text
+
+
+def test_shard_keys_of_a_shard_copied_without_its_manifest(small_shards, tmp_path):
+    from omnimask.train.data.shards import shard_keys
+
+    listed = sorted(str(p) for p in small_shards.glob("train-*.tar"))[:2]
+    want = shard_keys(listed)  # from the manifest
+    assert {"caption.txt", "image.png", "seg.png", "inst.png", "qa.json"} <= want
+    copied = tmp_path / "val-000000.tar"  # no manifest lists it: its members say
+    shutil.copy(listed[0], copied)
+    assert shard_keys([str(copied)]) == want
+    assert shard_keys([listed[1], str(copied)]) == want
+    with tarfile.open(tmp_path / "bare.tar", "w") as tar:  # one sample of caption + image
+        for name in ("a.caption.txt", "a.image.png", "b.caption.txt", "b.seg.png"):
+            tar.add(copied, arcname=name)
+    assert shard_keys([str(tmp_path / "bare.tar")]) == {"caption.txt", "image.png"}
+    (tmp_path / "junk.tar").write_bytes(b"not a tar")
+    with pytest.raises(DataError, match="junk.tar"):
+        shard_keys([str(tmp_path / "junk.tar")])
 
 
 def test_a_split_without_speech_is_one_warning_not_one_per_sample(small_shards, caplog):

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -396,3 +397,34 @@ def manifest_entries(shards: list[str]) -> dict[str, dict]:
                     found[s] = {**rec, "split": split, "keys": entry.get("keys", []),
                                 "schema_version": man.get("schema_version")}
     return found
+
+
+def _first_sample_keys(shard: str) -> set[str]:
+    """The keys (``caption.txt``, ``seg.png``, ...) of a shard's first sample, read from
+    the tar's member names (webdataset's ``<sample>.<key>``)."""
+    keys: set[str] = set()
+    first = None
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for m in tar:
+                base = Path(m.name).name
+                stem, _, key = base.partition(".")
+                if not m.isfile() or not key:
+                    continue
+                if first is None:
+                    first = (str(Path(m.name).parent), stem)
+                elif first != (str(Path(m.name).parent), stem):
+                    break
+                keys.add(key)
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"{shard}: not a readable tar shard ({e})") from e
+    return keys
+
+
+def shard_keys(shards: list[str]) -> set[str]:
+    """The sample keys every shard holds: its manifest's record where one lists it, else
+    its first sample's members (a shard copied without its manifest keeps its keys)."""
+    recs = manifest_entries(shards)
+    per = [set(recs[s].get("keys", [])) if s in recs else _first_sample_keys(s)
+           for s in shards]
+    return set.intersection(*per) if per else set()
