@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -400,25 +399,20 @@ def manifest_entries(shards: list[str]) -> dict[str, dict]:
 
 
 def _first_sample_keys(shard: str) -> set[str]:
-    """The keys (``caption.txt``, ``seg.png``, ...) of a shard's first sample, read from
-    the tar's member names (webdataset's ``<sample>.<key>``)."""
-    keys: set[str] = set()
-    first = None
+    """The keys (``caption.txt``, ``seg.png``, ...) of a shard's first sample, read as the
+    loader reads it (``tario.iter_samples``)."""
+    from .tario import RawSample, iter_samples, open_shard
+
+    problem = "no members"
     try:
-        with tarfile.open(shard, "r|*") as tar:
-            for m in tar:
-                base = Path(m.name).name
-                stem, _, key = base.partition(".")
-                if not m.isfile() or not key:
-                    continue
-                if first is None:
-                    first = (str(Path(m.name).parent), stem)
-                elif first != (str(Path(m.name).parent), stem):
-                    break
-                keys.add(key)
-    except (OSError, tarfile.TarError) as e:
-        raise DataError(f"{shard}: not a readable tar shard ({e})") from e
-    return keys
+        with open_shard(shard) as buf:
+            for item in iter_samples(buf, limit=1):
+                if isinstance(item, RawSample):
+                    return set(item.files)
+                problem = item.reason
+    except OSError as e:
+        problem = str(e)
+    raise DataError(f"{shard}: not a readable tar shard ({problem})")
 
 
 def shard_keys(shards: list[str]) -> set[str]:
